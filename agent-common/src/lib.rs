@@ -1,0 +1,144 @@
+//! Types shared between the kernel programs (`agent-ebpf`) and the userspace agent.
+//!
+//! Every type is `#[repr(C)]`, `Copy`, fixed-size with explicit padding, and checked at compile
+//! time so both sides cannot drift.
+#![no_std]
+
+#[cfg(feature = "user")]
+mod user;
+
+/// Largest payload prefix the kernel can copy per syscall. Power of two: the kernel masks offsets
+/// with `MAX_PAYLOAD - 1` to prove bounds to the verifier.
+pub const MAX_PAYLOAD: usize = 8192;
+/// Default payload prefix per syscall: enough for request/response heads, including a
+/// `traceparent` that follows 1.5 KiB of other headers.
+pub const DEFAULT_PAYLOAD_LIMIT: u32 = 4096;
+/// At most this many iovecs are copied from a `readv`/`writev`/`sendmsg`/`recvmsg`.
+pub const MAX_IOVECS: u32 = 8;
+
+/// Ring buffer item kinds (first `u32` of every item).
+pub const EVENT_DATA: u32 = 1;
+pub const EVENT_CLOSE: u32 = 2;
+
+/// Direction of a data event, seen from the traced process.
+pub const DIR_INGRESS: u32 = 0;
+pub const DIR_EGRESS: u32 = 1;
+
+/// Connection role learned from the syscall that created the socket.
+pub const ROLE_UNKNOWN: u32 = 0;
+pub const ROLE_SERVER: u32 = 1;
+pub const ROLE_CLIENT: u32 = 2;
+
+/// Filter switches (global `FILTER_FLAGS`).
+pub const FILTER_PIDS: u32 = 1;
+pub const FILTER_PORTS: u32 = 2;
+
+/// Map names, shared so both sides cannot drift.
+pub const MAP_EVENTS: &str = "EVENTS";
+pub const MAP_COUNTERS: &str = "COUNTERS";
+pub const MAP_PIDS: &str = "TRACED_PIDS";
+pub const MAP_PORTS: &str = "TRACED_PORTS";
+pub const MAP_EXCLUDED: &str = "EXCLUDED_ENDPOINTS";
+pub const MAP_CONNS: &str = "CONNS";
+
+/// Kernel counters: indices into the per-CPU `COUNTERS` array. Each is something that could not
+/// be sent or tracked; userspace sums the CPUs and exposes them under the given names.
+pub const CNT_RINGBUF_FULL: u32 = 0;
+pub const CNT_ACTIVE_IO_FULL: u32 = 1;
+pub const CNT_CLOSE_RINGBUF_FULL: u32 = 2;
+pub const CNT_READ_FAULT: u32 = 3;
+pub const CNT_TRUNCATED: u32 = 4;
+pub const CNT_CONNS_FULL: u32 = 5;
+pub const NUM_COUNTERS: u32 = 8;
+pub const COUNTER_NAMES: [&str; 6] = [
+    "kernel_ringbuf_full_events",
+    "kernel_inflight_syscall_map_full",
+    "kernel_close_ringbuf_full_events",
+    "kernel_payload_read_faults",
+    "kernel_payload_truncated",
+    "kernel_conn_map_full",
+];
+
+/// Addresses of one TCP connection, seen from the traced process. IPv4 addresses occupy the
+/// first four bytes of the 16-byte fields.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ConnTuple {
+    pub local_addr: [u8; 16],
+    pub peer_addr: [u8; 16],
+    pub local_port: u16,
+    pub peer_port: u16,
+    /// AF_INET (2) or AF_INET6 (10).
+    pub family: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<ConnTuple>() == 40);
+
+/// Header of an `EVENT_DATA` ring item; `captured` payload bytes follow it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DataHeader {
+    pub kind: u32,
+    pub direction: u32,
+    /// Thread group id (the process id users see).
+    pub pid: u32,
+    pub tid: u32,
+    pub fd: u32,
+    /// Payload bytes that follow the header (a prefix of what the syscall moved).
+    pub captured: u32,
+    /// Kernel `struct sock` address: identity of the connection while it lives.
+    pub sk: u64,
+    /// Bytes the syscall moved.
+    pub len: u64,
+    /// `bpf_ktime_get_boot_ns` at syscall entry and exit.
+    pub ts_enter: u64,
+    pub ts_exit: u64,
+    pub role: u32,
+    pub _pad: u32,
+    pub tuple: ConnTuple,
+}
+pub const DATA_HEADER_SIZE: usize = core::mem::size_of::<DataHeader>();
+const _: () = assert!(DATA_HEADER_SIZE == 104);
+
+/// An `EVENT_CLOSE` ring item: a tracked socket fd was closed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CloseEvent {
+    pub kind: u32,
+    pub pid: u32,
+    pub fd: u32,
+    pub _pad: u32,
+    pub sk: u64,
+    pub ts: u64,
+}
+const _: () = assert!(core::mem::size_of::<CloseEvent>() == 32);
+
+/// Kernel per-connection state, keyed by `(pid << 32) | fd`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConnInfo {
+    /// 0 until the first data syscall names the socket.
+    pub sk: u64,
+    pub role: u32,
+    /// 1: traced, 2: ignored (not TCP, filtered out, or the OTLP endpoint).
+    pub verdict: u32,
+    pub tuple: ConnTuple,
+}
+pub const VERDICT_UNKNOWN: u32 = 0;
+pub const VERDICT_TRACE: u32 = 1;
+pub const VERDICT_IGNORE: u32 = 2;
+const _: () = assert!(core::mem::size_of::<ConnInfo>() == 56);
+
+/// Key of the excluded-endpoint map: an address and port whose traffic is never traced, on
+/// either side of a connection (the OTLP backend).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EndpointKey {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<EndpointKey>() == 24);
+
+/// Key for excluding a port on any address (a wildcard endpoint such as `0.0.0.0:4317`).
+pub const ANY_ADDR: [u8; 16] = [0xff; 16];

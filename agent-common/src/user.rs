@@ -1,0 +1,7 @@
+//! Userspace-only trait impls.
+use crate::{ConnInfo, ConnTuple, EndpointKey};
+
+// SAFETY: plain-old-data `#[repr(C)]` types with explicit padding and no pointers.
+unsafe impl aya::Pod for ConnTuple {}
+unsafe impl aya::Pod for ConnInfo {}
+unsafe impl aya::Pod for EndpointKey {}

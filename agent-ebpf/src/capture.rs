@@ -1,0 +1,137 @@
+//! Payload capture: copy a bounded prefix of what a data syscall moved into the per-CPU scratch,
+//! behind a `DataHeader`, then into the ring buffer in one `bpf_ringbuf_output`.
+use agent_common::{
+    DataHeader, CNT_READ_FAULT, CNT_RINGBUF_FULL, CNT_TRUNCATED, DATA_HEADER_SIZE, EVENT_DATA,
+    MAX_IOVECS, MAX_PAYLOAD,
+};
+use aya_ebpf::helpers::{
+    bpf_probe_read_user,
+    generated::{bpf_ktime_get_boot_ns, bpf_probe_read_user as raw_read_user, bpf_ringbuf_output},
+};
+
+use crate::maps::{conn_key, count, global, IoArgs, BUF_IOVEC, CONNS, EVENTS, PAYLOAD_LIMIT, SCRATCH};
+
+const MASK: usize = MAX_PAYLOAD - 1;
+
+#[inline(always)]
+pub fn emit_data(args: &IoArgs, pid_tgid: u64, moved: u64) {
+    let tgid = (pid_tgid >> 32) as u32;
+    let Some(conn) = CONNS.get_ptr(&conn_key(tgid, args.fd)) else {
+        return;
+    };
+    // SAFETY: live map value, copied.
+    let conn = unsafe { *conn };
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU scratch, exclusively ours for the duration of this program.
+    let buf = unsafe { &mut (*scratch).buf };
+
+    let mut limit = global(&PAYLOAD_LIMIT) as u64;
+    if limit > MAX_PAYLOAD as u64 {
+        limit = MAX_PAYLOAD as u64;
+    }
+    let want = if moved < limit { moved } else { limit };
+    if moved > want {
+        count(CNT_TRUNCATED);
+    }
+    let payload = unsafe { buf.as_mut_ptr().add(DATA_HEADER_SIZE) };
+    let captured = if args.buf_kind == BUF_IOVEC {
+        copy_iovecs(payload, args.buf, args.count, want as usize)
+    } else {
+        copy_plain(payload, args.buf, want as usize)
+    };
+
+    let header = DataHeader {
+        kind: EVENT_DATA,
+        direction: args.direction,
+        pid: tgid,
+        tid: pid_tgid as u32,
+        fd: args.fd,
+        captured: captured as u32,
+        sk: args.sk,
+        len: moved,
+        ts_enter: args.ts_enter,
+        // SAFETY: helper without preconditions.
+        ts_exit: unsafe { bpf_ktime_get_boot_ns() },
+        role: conn.role,
+        _pad: 0,
+        tuple: conn.tuple,
+    };
+    // SAFETY: the scratch buffer is larger than the header and 8-byte aligned.
+    unsafe { core::ptr::write_unaligned(buf.as_mut_ptr() as *mut DataHeader, header) };
+    let total = (DATA_HEADER_SIZE + (captured & MASK)) as u64;
+    let total = if captured == MAX_PAYLOAD {
+        (DATA_HEADER_SIZE + MAX_PAYLOAD) as u64
+    } else {
+        total
+    };
+    // SAFETY: `total` is bounded by the scratch size; the map pointer is the ring buffer.
+    let ret = unsafe {
+        bpf_ringbuf_output(
+            core::ptr::addr_of!(EVENTS) as *mut _,
+            buf.as_mut_ptr() as *mut _,
+            total,
+            0,
+        )
+    };
+    if ret < 0 {
+        count(CNT_RINGBUF_FULL);
+    }
+}
+
+#[inline(always)]
+fn copy_plain(dst: *mut u8, src: u64, want: usize) -> usize {
+    let n = if want > MAX_PAYLOAD { MAX_PAYLOAD } else { want };
+    if n == 0 {
+        return 0;
+    }
+    // SAFETY: dst has room for MAX_PAYLOAD bytes; the helper faults safely on bad user memory.
+    let r = unsafe { raw_read_user(dst as *mut _, n as u32, src as *const _) };
+    if r < 0 {
+        count(CNT_READ_FAULT);
+        return 0;
+    }
+    n
+}
+
+#[inline(always)]
+fn copy_iovecs(dst: *mut u8, iov: u64, iovcnt: u64, want: usize) -> usize {
+    let mut off: usize = 0;
+    let mut i: u32 = 0;
+    while i < MAX_IOVECS {
+        if (i as u64) >= iovcnt || off >= want || off >= MAX_PAYLOAD {
+            break;
+        }
+        // SAFETY: struct iovec { void *iov_base; size_t iov_len; } read from user memory.
+        let Ok(entry) = (unsafe { bpf_probe_read_user((iov + i as u64 * 16) as *const [u64; 2]) })
+        else {
+            count(CNT_READ_FAULT);
+            break;
+        };
+        let mut len = entry[1] as usize;
+        let room = want - off;
+        if len > room {
+            len = room;
+        }
+        if len > MAX_PAYLOAD {
+            len = MAX_PAYLOAD;
+        }
+        let at = off & MASK;
+        if len > 0 {
+            // SAFETY: at < MAX_PAYLOAD and len <= MAX_PAYLOAD: within the 2*MAX_PAYLOAD area.
+            let r = unsafe { raw_read_user(dst.add(at) as *mut _, len as u32, entry[0] as *const _) };
+            if r < 0 {
+                count(CNT_READ_FAULT);
+                break;
+            }
+        }
+        off += len;
+        i += 1;
+    }
+    if off > MAX_PAYLOAD {
+        MAX_PAYLOAD
+    } else {
+        off
+    }
+}

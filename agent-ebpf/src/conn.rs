@@ -1,0 +1,116 @@
+//! Connection set-up and teardown: `accept`/`accept4` and `connect` record the socket's role
+//! (server or client side); `close` tells userspace a tracked connection ended.
+//!
+//! Formats: `sys_exit_accept{,4}`: `long ret` @16. `sys_enter_connect`: `int fd` @16,
+//! `struct sockaddr *uservaddr` @24. `sys_enter_close`: `unsigned int fd` @16.
+use agent_common::{
+    CloseEvent, ConnInfo, ConnTuple, EVENT_CLOSE, ROLE_CLIENT, ROLE_SERVER, VERDICT_TRACE,
+    VERDICT_UNKNOWN,
+};
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, generated::bpf_ktime_get_boot_ns},
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+
+use crate::maps::{conn_key, count, process_traced, ACTIVE_CONNECT, CONNS, EVENTS};
+
+const EINPROGRESS: i64 = -115;
+
+#[inline(always)]
+fn read(ctx: &TracePointContext, off: usize) -> u64 {
+    // SAFETY: offsets from the tracepoint format.
+    unsafe { ctx.read_at::<u64>(off) }.unwrap_or(0)
+}
+
+#[inline(always)]
+fn remember(tgid: u32, fd: u32, role: u32) {
+    let info = ConnInfo { sk: 0, role, verdict: VERDICT_UNKNOWN, tuple: ConnTuple::default() };
+    if CONNS.insert(&conn_key(tgid, fd), &info, 0).is_err() {
+        count(agent_common::CNT_CONNS_FULL);
+    }
+}
+
+#[inline(always)]
+fn accepted(ctx: &TracePointContext) -> u32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let ret = read(ctx, 16) as i64;
+    if ret >= 0 && process_traced(tgid) {
+        remember(tgid, ret as u32, ROLE_SERVER);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
+    accepted(&ctx)
+}
+
+#[tracepoint]
+pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
+    accepted(&ctx)
+}
+
+#[tracepoint]
+pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !process_traced((pid_tgid >> 32) as u32) {
+        return 0;
+    }
+    let fd = read(&ctx, 16);
+    let addr = read(&ctx, 24);
+    // SAFETY: user memory through the fault-tolerant helper.
+    let family = unsafe { bpf_probe_read_user(addr as *const u16) }.unwrap_or(0);
+    if family == 2 || family == 10 {
+        let _ = ACTIVE_CONNECT.insert(&pid_tgid, &fd, 0);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(fd) = ACTIVE_CONNECT.get_ptr(&pid_tgid) else {
+        return 0;
+    };
+    // SAFETY: live map value copied before removal.
+    let fd = unsafe { *fd };
+    let _ = ACTIVE_CONNECT.remove(&pid_tgid);
+    let ret = read(&ctx, 16) as i64;
+    if ret == 0 || ret == EINPROGRESS {
+        remember((pid_tgid >> 32) as u32, fd as u32, ROLE_CLIENT);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if !process_traced(tgid) {
+        return 0;
+    }
+    let fd = read(&ctx, 16) as u32;
+    let key = conn_key(tgid, fd);
+    let Some(info) = CONNS.get_ptr(&key) else {
+        return 0;
+    };
+    // SAFETY: live map value copied before removal.
+    let info = unsafe { *info };
+    let _ = CONNS.remove(&key);
+    if info.verdict != VERDICT_TRACE {
+        return 0;
+    }
+    let ev = CloseEvent {
+        kind: EVENT_CLOSE,
+        pid: tgid,
+        fd,
+        _pad: 0,
+        sk: info.sk,
+        // SAFETY: helper without preconditions.
+        ts: unsafe { bpf_ktime_get_boot_ns() },
+    };
+    if EVENTS.output::<CloseEvent>(&ev, 0).is_err() {
+        count(agent_common::CNT_CLOSE_RINGBUF_FULL);
+    }
+    0
+}

@@ -1,0 +1,112 @@
+//! Every map and load-time setting of the kernel side, in one place.
+use agent_common::{ConnInfo, EndpointKey, DATA_HEADER_SIZE, MAX_PAYLOAD, NUM_COUNTERS};
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+};
+
+/// Set by userspace at load time (`EbpfLoader::set_global`).
+#[unsafe(no_mangle)]
+pub static AGENT_TGID: u32 = 0;
+#[unsafe(no_mangle)]
+pub static PAYLOAD_LIMIT: u32 = agent_common::DEFAULT_PAYLOAD_LIMIT;
+#[unsafe(no_mangle)]
+pub static FILTER_FLAGS: u32 = 0;
+
+#[inline(always)]
+pub fn global(v: &'static u32) -> u32 {
+    // SAFETY: read of a constant the loader patched; volatile keeps the compiler from folding it.
+    unsafe { core::ptr::read_volatile(v) }
+}
+
+/// Data and close events to userspace. Userspace may resize it (`--ring-size`).
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
+
+/// Per-CPU counters of everything that could not be sent or tracked (see `agent_common::CNT_*`).
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NUM_COUNTERS, 0);
+
+/// Arguments of a data syscall in flight, keyed by pid_tgid (saved at entry, used at exit).
+#[map]
+pub static ACTIVE_IO: HashMap<u64, IoArgs> = HashMap::with_max_entries(16384, 0);
+
+/// Socket fd of a `connect` in flight, keyed by pid_tgid.
+#[map]
+pub static ACTIVE_CONNECT: HashMap<u64, u64> = HashMap::with_max_entries(4096, 0);
+
+/// Known sockets keyed by `(pid << 32) | fd`: role, verdict and addresses, computed once.
+/// LRU: an evicted entry is recomputed from the socket on its next syscall, so nothing is lost.
+#[map]
+pub static CONNS: LruHashMap<u64, ConnInfo> = LruHashMap::with_max_entries(65536, 0);
+
+/// Process allow-list, used when `FILTER_FLAGS & FILTER_PIDS`.
+#[map]
+pub static TRACED_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(16384, 0);
+
+/// Port allow-list (local or peer port), used when `FILTER_FLAGS & FILTER_PORTS`.
+#[map]
+pub static TRACED_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(1024, 0);
+
+/// Endpoints never traced on either side of a connection (the OTLP backend).
+#[map]
+pub static EXCLUDED_ENDPOINTS: HashMap<EndpointKey, u8> = HashMap::with_max_entries(64, 0);
+
+/// Per-CPU scratch where an event is assembled before it is copied into the ring buffer.
+/// The payload area is twice the maximum so the verifier can bound `offset + len`.
+#[map]
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+pub const SCRATCH_SIZE: usize = DATA_HEADER_SIZE + 2 * MAX_PAYLOAD;
+
+#[repr(C, align(8))]
+pub struct Scratch {
+    pub buf: [u8; SCRATCH_SIZE],
+}
+
+/// How a data syscall names its buffer.
+pub const BUF_PLAIN: u32 = 0;
+pub const BUF_IOVEC: u32 = 1;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct IoArgs {
+    /// Buffer address, or iovec array address for `BUF_IOVEC`.
+    pub buf: u64,
+    /// Buffer size, or iovec count for `BUF_IOVEC`.
+    pub count: u64,
+    pub ts_enter: u64,
+    /// Socket seen by `sock:sock_{send,recv}_length` during this syscall (0: not a socket).
+    pub sk: u64,
+    pub fd: u32,
+    pub buf_kind: u32,
+    pub direction: u32,
+    pub verdict: u32,
+}
+
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(c) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *c += 1 };
+    }
+}
+
+/// Whether the calling process may be traced at all: never the agent itself, and only the
+/// allow-listed processes when a pid filter is active.
+#[inline(always)]
+pub fn process_traced(tgid: u32) -> bool {
+    if tgid == global(&AGENT_TGID) {
+        return false;
+    }
+    if global(&FILTER_FLAGS) & agent_common::FILTER_PIDS != 0 {
+        // SAFETY: value is only tested for presence.
+        return unsafe { TRACED_PIDS.get(&tgid) }.is_some();
+    }
+    true
+}
+
+#[inline(always)]
+pub fn conn_key(tgid: u32, fd: u32) -> u64 {
+    ((tgid as u64) << 32) | fd as u64
+}

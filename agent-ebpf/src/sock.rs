@@ -1,0 +1,126 @@
+//! `sock:sock_send_length` / `sock:sock_recv_length` fire inside `sock_sendmsg`/`sock_recvmsg`, in
+//! the task that made the data syscall, with the socket, its family and protocol. That tells us,
+//! with no kprobe, whether the syscall in flight is on a TCP socket, including sockets opened
+//! before the agent started.
+//!
+//! Format: `void *sk` @8, `__u16 family` @16, `__u16 protocol` @18, `int ret` @20, `int flags` @24.
+//! Addresses come from `struct sock_common`: `skc_daddr` @0, `skc_rcv_saddr` @4, `skc_dport` @12
+//! (big endian), `skc_num` @14 (host order), `skc_v6_daddr` @56, `skc_v6_rcv_saddr` @72. These
+//! offsets are checked against the running kernel's BTF by `agent check`.
+use agent_common::{
+    ConnInfo, ConnTuple, EndpointKey, ANY_ADDR, FILTER_PORTS, ROLE_UNKNOWN, VERDICT_IGNORE,
+    VERDICT_TRACE,
+};
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+
+use crate::maps::{
+    conn_key, count, global, ACTIVE_IO, CONNS, EXCLUDED_ENDPOINTS, FILTER_FLAGS, TRACED_PORTS,
+};
+
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const IPPROTO_TCP: u16 = 6;
+
+#[tracepoint]
+pub fn sock_send_length(ctx: TracePointContext) -> u32 {
+    classify(&ctx);
+    0
+}
+
+#[tracepoint]
+pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
+    classify(&ctx);
+    0
+}
+
+#[inline(always)]
+fn classify(ctx: &TracePointContext) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(io) = ACTIVE_IO.get_ptr_mut(&pid_tgid) else {
+        return;
+    };
+    // SAFETY: tracepoint fields at offsets from the format file; `io` is a live map value.
+    let (sk, family, protocol) = unsafe {
+        (
+            ctx.read_at::<u64>(8).unwrap_or(0),
+            ctx.read_at::<u16>(16).unwrap_or(0),
+            ctx.read_at::<u16>(18).unwrap_or(0),
+        )
+    };
+    let io = unsafe { &mut *io };
+    if io.sk != 0 || sk == 0 {
+        return;
+    }
+    io.sk = sk;
+    let key = conn_key((pid_tgid >> 32) as u32, io.fd);
+    let mut role = ROLE_UNKNOWN;
+    if let Some(c) = CONNS.get_ptr(&key) {
+        // SAFETY: live map value, read once.
+        let c = unsafe { &*c };
+        if c.sk == sk {
+            io.verdict = c.verdict;
+            return;
+        }
+        if c.sk == 0 {
+            role = c.role; // set by accept/connect, first data on this socket
+        }
+    }
+    let mut info = ConnInfo { sk, role, verdict: VERDICT_IGNORE, tuple: ConnTuple::default() };
+    if (family == AF_INET || family == AF_INET6) && protocol == IPPROTO_TCP {
+        if read_tuple(sk, family, &mut info.tuple).is_ok() && wanted(&info.tuple) {
+            info.verdict = VERDICT_TRACE;
+        }
+    }
+    io.verdict = info.verdict;
+    if CONNS.insert(&key, &info, 0).is_err() {
+        count(agent_common::CNT_CONNS_FULL);
+    }
+}
+
+#[inline(always)]
+fn read_tuple(sk: u64, family: u16, t: &mut ConnTuple) -> Result<(), i64> {
+    // SAFETY: kernel reads through the fault-tolerant helper.
+    unsafe {
+        let ports = bpf_probe_read_kernel((sk + 12) as *const u32).map_err(|e| e as i64)?;
+        t.peer_port = u16::from_be((ports & 0xffff) as u16);
+        t.local_port = (ports >> 16) as u16;
+        t.family = family;
+        if family == AF_INET {
+            let peer = bpf_probe_read_kernel(sk as *const [u8; 4]).map_err(|e| e as i64)?;
+            let local = bpf_probe_read_kernel((sk + 4) as *const [u8; 4]).map_err(|e| e as i64)?;
+            t.peer_addr[..4].copy_from_slice(&peer);
+            t.local_addr[..4].copy_from_slice(&local);
+        } else {
+            t.peer_addr = bpf_probe_read_kernel((sk + 56) as *const [u8; 16]).map_err(|e| e as i64)?;
+            t.local_addr = bpf_probe_read_kernel((sk + 72) as *const [u8; 16]).map_err(|e| e as i64)?;
+        }
+    }
+    Ok(())
+}
+
+/// Port filter and the excluded OTLP endpoints, checked once per connection.
+#[inline(always)]
+fn wanted(t: &ConnTuple) -> bool {
+    if global(&FILTER_FLAGS) & FILTER_PORTS != 0 {
+        // SAFETY: presence tests only.
+        let hit = unsafe {
+            TRACED_PORTS.get(&t.local_port).is_some() || TRACED_PORTS.get(&t.peer_port).is_some()
+        };
+        if !hit {
+            return false;
+        }
+    }
+    !(excluded(t.peer_addr, t.peer_port) || excluded(t.local_addr, t.local_port))
+}
+
+#[inline(always)]
+fn excluded(addr: [u8; 16], port: u16) -> bool {
+    let exact = EndpointKey { addr, port, _pad: [0; 6] };
+    let any = EndpointKey { addr: ANY_ADDR, port, _pad: [0; 6] };
+    // SAFETY: presence tests only.
+    unsafe { EXCLUDED_ENDPOINTS.get(&exact).is_some() || EXCLUDED_ENDPOINTS.get(&any).is_some() }
+}

@@ -1,0 +1,10 @@
+//! The userspace agent: a pipeline from kernel events to OTLP spans.
+//!
+//! loader -> pipeline::reader -> pipeline::tracker (protocol parsers) -> span -> export
+pub mod clock;
+pub mod pipeline;
+pub mod process;
+pub mod protocol;
+pub mod span;
+pub mod telemetry;
+pub mod trace_context;

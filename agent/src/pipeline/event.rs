@@ -1,0 +1,78 @@
+//! Kernel ring-buffer items decoded into owned values.
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use agent_common::{CloseEvent, ConnTuple, DataHeader, DATA_HEADER_SIZE, EVENT_CLOSE, EVENT_DATA};
+use bytes::Bytes;
+
+#[derive(Debug)]
+pub enum KernelEvent {
+    Data { header: DataHeader, payload: Bytes },
+    Close(CloseEvent),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("ring item of {0} bytes is too short")]
+    Short(usize),
+    #[error("unknown ring item kind {0}")]
+    Kind(u32),
+}
+
+impl KernelEvent {
+    /// Decodes one ring item; the payload is copied once, out of the ring.
+    pub fn decode(item: &[u8]) -> Result<KernelEvent, DecodeError> {
+        if item.len() < 4 {
+            return Err(DecodeError::Short(item.len()));
+        }
+        let kind = u32::from_ne_bytes([item[0], item[1], item[2], item[3]]);
+        match kind {
+            EVENT_DATA => {
+                if item.len() < DATA_HEADER_SIZE {
+                    return Err(DecodeError::Short(item.len()));
+                }
+                // SAFETY: length checked; `DataHeader` is plain old data.
+                let header: DataHeader = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                let end = (DATA_HEADER_SIZE + header.captured as usize).min(item.len());
+                let payload = Bytes::copy_from_slice(&item[DATA_HEADER_SIZE..end]);
+                Ok(KernelEvent::Data { header, payload })
+            }
+            EVENT_CLOSE => {
+                if item.len() < std::mem::size_of::<CloseEvent>() {
+                    return Err(DecodeError::Short(item.len()));
+                }
+                // SAFETY: length checked; `CloseEvent` is plain old data.
+                Ok(KernelEvent::Close(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) }))
+            }
+            other => Err(DecodeError::Kind(other)),
+        }
+    }
+}
+
+/// Addresses of a connection as the span builder needs them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Endpoints {
+    pub local: IpAddr,
+    pub local_port: u16,
+    pub peer: IpAddr,
+    pub peer_port: u16,
+}
+
+pub fn endpoints(t: &ConnTuple) -> Endpoints {
+    let ip = |a: [u8; 16]| -> IpAddr {
+        if t.family == 2 {
+            IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]))
+        } else {
+            let v6 = Ipv6Addr::from(a);
+            match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6(v6),
+            }
+        }
+    };
+    Endpoints {
+        local: ip(t.local_addr),
+        local_port: t.local_port,
+        peer: ip(t.peer_addr),
+        peer_port: t.peer_port,
+    }
+}

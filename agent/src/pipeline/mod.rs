@@ -1,0 +1,2 @@
+//! The running pipeline: ring reader -> connection tracker -> span queue.
+pub mod event;

@@ -1,0 +1,173 @@
+//! HTTP/1.x: pairs requests with responses on one connection, in both roles, with keep-alive and
+//! pipelining. Pure and synchronous.
+mod chunked;
+mod head;
+mod message;
+#[cfg(test)]
+mod tests;
+
+use std::collections::VecDeque;
+
+pub use head::{Framing, RequestHead, RequestKind, ResponseHead};
+use message::{Event, Sink, StreamParser};
+
+use super::{Dir, Segment};
+
+/// Requests waiting for their response on one connection (pipelining depth).
+pub const MAX_PENDING: usize = 64;
+
+/// Which end of the exchange the traced process is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Server,
+    Client,
+}
+
+/// A request and its response, with the times a span needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Exchange {
+    pub side: Side,
+    pub request: RequestHead,
+    pub response: ResponseHead,
+    /// First request byte (read for a server, written for a client).
+    pub start_ns: u64,
+    /// Last response byte (written for a server, read for a client).
+    pub end_ns: u64,
+}
+
+/// What went wrong on a connection, for the agent's counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub skipped_bytes: u64,
+    pub orphan_responses: u64,
+    pub unanswered_requests: u64,
+    pub pending_overflow: u64,
+}
+
+#[derive(Debug, Default)]
+struct Pairing {
+    side: Option<Side>,
+    pending: VecDeque<(RequestHead, u64)>,
+    dir: Option<Dir>,
+    out: Vec<Exchange>,
+    stats: Stats,
+    new_request: bool,
+}
+
+impl Sink for Pairing {
+    fn answers(&mut self) -> RequestKind {
+        match self.pending.front().map(|(r, _)| r.method.as_str()) {
+            Some("HEAD") => RequestKind::Head,
+            Some("CONNECT") => RequestKind::Connect,
+            _ => RequestKind::Normal,
+        }
+    }
+
+    fn event(&mut self, event: Event) {
+        let dir = self.dir.unwrap_or(Dir::Ingress);
+        match event {
+            Event::Request { head, start_ns } => {
+                let side = if dir == Dir::Ingress { Side::Server } else { Side::Client };
+                if self.side.is_some_and(|s| s != side) {
+                    return; // a request in the response direction: not HTTP we can pair
+                }
+                self.side = Some(side);
+                if self.pending.len() == MAX_PENDING {
+                    self.pending.pop_front();
+                    self.stats.pending_overflow += 1;
+                }
+                self.pending.push_back((head, start_ns));
+                self.new_request = true;
+            }
+            Event::Response { head, end_ns, .. } => {
+                if (100..200).contains(&head.status) && head.status != 101 {
+                    return; // informational: the final response follows
+                }
+                let Some(side) = self.side else {
+                    self.stats.orphan_responses += 1;
+                    return;
+                };
+                let expected = if side == Side::Server { Dir::Egress } else { Dir::Ingress };
+                if dir != expected {
+                    self.stats.orphan_responses += 1;
+                    return;
+                }
+                match self.pending.pop_front() {
+                    Some((request, start_ns)) => self.out.push(Exchange {
+                        side,
+                        request,
+                        response: head,
+                        start_ns,
+                        end_ns,
+                    }),
+                    None => self.stats.orphan_responses += 1,
+                }
+            }
+        }
+    }
+
+    fn skipped(&mut self, bytes: u64) {
+        self.stats.skipped_bytes += bytes;
+    }
+}
+
+/// Both directions of one connection.
+#[derive(Debug, Default)]
+pub struct Http1Conn {
+    ingress: StreamParser,
+    egress: StreamParser,
+    pairing: Pairing,
+}
+
+impl Http1Conn {
+    /// Feeds one syscall's bytes; completed exchanges are appended to `out`.
+    pub fn feed(&mut self, dir: Dir, seg: Segment<'_>, out: &mut Vec<Exchange>) {
+        self.pairing.dir = Some(dir);
+        self.pairing.new_request = false;
+        let (this, other) = match dir {
+            Dir::Ingress => (&mut self.ingress, &mut self.egress),
+            Dir::Egress => (&mut self.egress, &mut self.ingress),
+        };
+        this.feed(seg, &mut self.pairing);
+        // A new request ends a response whose framing was lost.
+        if self.pairing.new_request && other.needs_flush() && self.pairing.pending.len() > 1 {
+            self.pairing.dir = Some(opposite(dir));
+            other.flush(&mut self.pairing);
+        }
+        if self.ingress.is_tunnel() || self.egress.is_tunnel() {
+            self.ingress.enter_tunnel();
+            self.egress.enter_tunnel();
+        }
+        out.append(&mut self.pairing.out);
+    }
+
+    /// The connection closed (or went idle for good): ends until-close responses.
+    pub fn close(&mut self, out: &mut Vec<Exchange>) {
+        for dir in [Dir::Ingress, Dir::Egress] {
+            self.pairing.dir = Some(dir);
+            match dir {
+                Dir::Ingress => self.ingress.flush(&mut self.pairing),
+                Dir::Egress => self.egress.flush(&mut self.pairing),
+            }
+        }
+        self.pairing.stats.unanswered_requests += self.pairing.pending.len() as u64;
+        self.pairing.pending.clear();
+        out.append(&mut self.pairing.out);
+    }
+
+    /// Takes the counters gathered since the last call.
+    pub fn take_stats(&mut self) -> Stats {
+        std::mem::take(&mut self.pairing.stats)
+    }
+
+    pub fn side(&self) -> Option<Side> {
+        self.pairing.side
+    }
+}
+
+fn opposite(dir: Dir) -> Dir {
+    match dir {
+        Dir::Ingress => Dir::Egress,
+        Dir::Egress => Dir::Ingress,
+    }
+}

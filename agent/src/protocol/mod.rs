@@ -1,0 +1,5 @@
+//! Pure, synchronous protocol parsers: bytes in, messages out. No tokio, no aya.
+pub mod http1;
+mod stream;
+
+pub use stream::{Dir, Segment};

@@ -1,0 +1,222 @@
+//! An HTTP exchange becomes a span: kind, name, stable HTTP semantic-convention attributes,
+//! status and trace context.
+use std::{net::IpAddr, sync::Arc};
+
+use rand::Rng;
+
+use super::{KeyValue, Kind, Span, Status, Value};
+use crate::{
+    pipeline::event::Endpoints,
+    process::Resource,
+    protocol::http1::{Exchange, Side},
+    trace_context::TraceParent,
+};
+
+const KNOWN_METHODS: [&str; 9] = ["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "CONNECT", "TRACE"];
+
+pub enum Built {
+    Span(Box<Span>),
+    /// The incoming context says the trace is not sampled.
+    Unsampled,
+}
+
+/// Splits a Host header into host and port.
+fn split_host(host: &str) -> (&str, Option<u16>) {
+    if let Some(rest) = host.strip_prefix('[') {
+        // [v6]:port
+        if let Some((h, p)) = rest.split_once(']') {
+            return (h, p.strip_prefix(':').and_then(|p| p.parse().ok()));
+        }
+    }
+    match host.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => (h, p.parse().ok()),
+        _ => (host, None),
+    }
+}
+
+fn ip_str(ip: IpAddr) -> String {
+    ip.to_string()
+}
+
+pub fn build_span(
+    ex: &Exchange,
+    ends: &Endpoints,
+    resource: Arc<Resource>,
+    to_unix: impl Fn(u64) -> u64,
+) -> Built {
+    let req = &ex.request;
+    let mut rng = rand::rng();
+    let parent = req.traceparent.as_deref().and_then(TraceParent::parse);
+    if parent.is_some_and(|p| !p.sampled()) {
+        return Built::Unsampled;
+    }
+    let (trace_id, parent_span_id, flags) = match parent {
+        Some(p) => (p.trace_id, Some(p.parent_id), p.flags),
+        None => (rng.random::<[u8; 16]>(), None, 1),
+    };
+    let trace_state = if parent.is_some() { req.tracestate.clone().unwrap_or_default() } else { String::new() };
+    let mut span_id: [u8; 8] = rng.random();
+    if span_id == [0; 8] {
+        span_id[7] = 1;
+    }
+
+    let known = KNOWN_METHODS.contains(&req.method.as_str());
+    let method = if known { req.method.as_str() } else { "_OTHER" };
+    let path = req.target.split(['?', '#']).next().unwrap_or("/");
+    let status = ex.response.status;
+    let version = format!("1.{}", req.minor_version);
+    let mut attrs = Vec::with_capacity(14);
+    attrs.push(KeyValue::new("http.request.method", Value::Str(method.into())));
+    if !known {
+        attrs.push(KeyValue::new("http.request.method_original", Value::Str(req.method.clone())));
+    }
+    attrs.push(KeyValue::new("url.path", Value::Str(path.into())));
+    attrs.push(KeyValue::new("url.scheme", Value::Str("http".into())));
+    attrs.push(KeyValue::new("http.response.status_code", Value::Int(status as i64)));
+    attrs.push(KeyValue::new("network.protocol.version", Value::Str(version)));
+    attrs.push(KeyValue::new("network.peer.address", Value::Str(ip_str(ends.peer))));
+    attrs.push(KeyValue::new("network.peer.port", Value::Int(ends.peer_port as i64)));
+    let host = req.host.as_deref().map(split_host);
+    let kind = match ex.side {
+        Side::Server => {
+            let (addr, port) = match host {
+                Some((h, p)) if !h.is_empty() => (h.to_owned(), p.unwrap_or(ends.local_port)),
+                _ => (ip_str(ends.local), ends.local_port),
+            };
+            attrs.push(KeyValue::new("server.address", Value::Str(addr)));
+            attrs.push(KeyValue::new("server.port", Value::Int(port as i64)));
+            attrs.push(KeyValue::new("client.address", Value::Str(ip_str(ends.peer))));
+            Kind::Server
+        }
+        Side::Client => {
+            let addr = match host {
+                Some((h, _)) if !h.is_empty() => h.to_owned(),
+                _ => ip_str(ends.peer),
+            };
+            let authority = req.host.clone().unwrap_or_else(|| format!("{}:{}", ends.peer, ends.peer_port));
+            let full = if req.target.starts_with("http://") || req.target.starts_with("https://") {
+                req.target.clone()
+            } else {
+                format!("http://{authority}{}", req.target)
+            };
+            attrs.push(KeyValue::new("url.full", Value::Str(full)));
+            attrs.push(KeyValue::new("server.address", Value::Str(addr)));
+            attrs.push(KeyValue::new("server.port", Value::Int(ends.peer_port as i64)));
+            Kind::Client
+        }
+    };
+    if let Some(ua) = &req.user_agent {
+        attrs.push(KeyValue::new("user_agent.original", Value::Str(ua.clone())));
+    }
+    let error = match kind {
+        Kind::Server => status >= 500,
+        Kind::Client => status >= 400,
+    };
+    if error {
+        attrs.push(KeyValue::new("error.type", Value::Str(status.to_string())));
+    }
+    let start = to_unix(ex.start_ns);
+    let end = to_unix(ex.end_ns).max(start);
+    Built::Span(Box::new(Span {
+        trace_id,
+        span_id,
+        parent_span_id,
+        trace_state,
+        flags,
+        name: if known { req.method.clone() } else { "HTTP".into() },
+        kind,
+        start_unix_ns: start,
+        end_unix_ns: end,
+        attributes: attrs,
+        status: if error { Status::Error } else { Status::Unset },
+        resource,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::protocol::http1::{Framing, RequestHead, ResponseHead};
+
+    fn exchange(side: Side, status: u16, tp: Option<&str>) -> Exchange {
+        Exchange {
+            side,
+            request: RequestHead {
+                method: "GET".into(),
+                target: "/api/users/42?q=1".into(),
+                minor_version: 1,
+                host: Some("shop.local:8080".into()),
+                user_agent: Some("curl/7.88.1".into()),
+                traceparent: tp.map(Into::into),
+                tracestate: Some("vendor=x".into()),
+                framing: Framing::None,
+            },
+            response: ResponseHead { status, minor_version: 1, framing: Framing::None },
+            start_ns: 1_000,
+            end_ns: 5_000,
+        }
+    }
+
+    fn ends() -> Endpoints {
+        Endpoints {
+            local: Ipv4Addr::new(127, 0, 0, 1).into(),
+            local_port: 8080,
+            peer: Ipv4Addr::new(127, 0, 0, 2).into(),
+            peer_port: 50000,
+        }
+    }
+
+    fn resource() -> Arc<Resource> {
+        Arc::new(Resource { service_name: "svc".into(), attributes: vec![] })
+    }
+
+    fn span(ex: &Exchange) -> Span {
+        match build_span(ex, &ends(), resource(), |t| t + 10) {
+            Built::Span(s) => *s,
+            Built::Unsampled => panic!("unexpectedly unsampled"),
+        }
+    }
+
+    #[test]
+    fn server_span() {
+        let s = span(&exchange(Side::Server, 503, None));
+        assert_eq!(s.name, "GET");
+        assert_eq!(s.kind, Kind::Server);
+        assert_eq!(s.status, Status::Error);
+        assert_eq!((s.start_unix_ns, s.end_unix_ns), (1_010, 5_010));
+        assert_eq!(s.parent_span_id, None);
+        assert_eq!(s.trace_state, "");
+        assert_eq!(s.attr("url.path"), Some(&Value::Str("/api/users/42".into())));
+        assert_eq!(s.attr("server.address"), Some(&Value::Str("shop.local".into())));
+        assert_eq!(s.attr("server.port"), Some(&Value::Int(8080)));
+        assert_eq!(s.attr("client.address"), Some(&Value::Str("127.0.0.2".into())));
+        assert_eq!(s.attr("http.response.status_code"), Some(&Value::Int(503)));
+        assert_eq!(s.attr("user_agent.original"), Some(&Value::Str("curl/7.88.1".into())));
+    }
+
+    #[test]
+    fn client_span_and_status() {
+        let s = span(&exchange(Side::Client, 404, None));
+        assert_eq!(s.kind, Kind::Client);
+        assert_eq!(s.status, Status::Error);
+        assert_eq!(s.attr("url.full"), Some(&Value::Str("http://shop.local:8080/api/users/42?q=1".into())));
+        assert_eq!(s.attr("server.port"), Some(&Value::Int(50000)));
+        let ok = span(&exchange(Side::Server, 404, None));
+        assert_eq!(ok.status, Status::Unset);
+    }
+
+    #[test]
+    fn honours_traceparent() {
+        let s = span(&exchange(Side::Server, 200, Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")));
+        assert_eq!(crate::trace_context::w3c::hex(&s.trace_id), "0af7651916cd43dd8448eb211c80319c");
+        assert_eq!(s.parent_span_id.map(|p| crate::trace_context::w3c::hex(&p)), Some("b7ad6b7169203331".into()));
+        assert_eq!(s.trace_state, "vendor=x");
+        let unsampled = exchange(Side::Server, 200, Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"));
+        assert!(matches!(build_span(&unsampled, &ends(), resource(), |t| t), Built::Unsampled));
+        let garbage = span(&exchange(Side::Server, 200, Some("00-zzzz")));
+        assert_eq!(garbage.parent_span_id, None);
+        assert_ne!(garbage.trace_id, [0; 16]);
+    }
+}

@@ -1,0 +1,63 @@
+//! Our span model: built from observed traffic, not from SDK tracer calls.
+mod build;
+
+use std::{borrow::Cow, sync::Arc};
+
+pub use build::{build_span, Built};
+
+use crate::process::Resource;
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    Str(String),
+    Int(i64),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct KeyValue {
+    pub key: Cow<'static, str>,
+    pub value: Value,
+}
+
+impl KeyValue {
+    pub fn new(key: &'static str, value: Value) -> Self {
+        KeyValue { key: Cow::Borrowed(key), value }
+    }
+    pub fn owned(key: String, value: Value) -> Self {
+        KeyValue { key: Cow::Owned(key), value }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Server,
+    Client,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    Unset,
+    Error,
+}
+
+#[derive(Clone, Debug)]
+pub struct Span {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub parent_span_id: Option<[u8; 8]>,
+    pub trace_state: String,
+    pub flags: u8,
+    pub name: String,
+    pub kind: Kind,
+    pub start_unix_ns: u64,
+    pub end_unix_ns: u64,
+    pub attributes: Vec<KeyValue>,
+    pub status: Status,
+    pub resource: Arc<Resource>,
+}
+
+impl Span {
+    pub fn attr(&self, key: &str) -> Option<&Value> {
+        self.attributes.iter().find(|a| a.key == key).map(|a| &a.value)
+    }
+}

@@ -1,0 +1,75 @@
+//! The agent's own counters: every drop, retry and parse problem is counted here and exposed in
+//! Prometheus text format (`--metrics-addr`), and summarised in the log.
+use std::sync::Arc;
+
+use prometheus_client::{metrics::counter::Counter, registry::Registry};
+
+macro_rules! counters {
+    ($($field:ident: $help:literal,)*) => {
+        #[derive(Default, Clone)]
+        pub struct Metrics {
+            $(pub $field: Counter,)*
+            pub kernel: [Counter; agent_common::COUNTER_NAMES.len()],
+        }
+
+        impl Metrics {
+            pub fn registry(&self) -> Registry {
+                let mut r = Registry::with_prefix("agent");
+                $(r.register(stringify!($field), $help, self.$field.clone());)*
+                for (name, c) in agent_common::COUNTER_NAMES.iter().zip(&self.kernel) {
+                    r.register(*name, "kernel-side count (see agent-common CNT_*)", c.clone());
+                }
+                r
+            }
+
+            /// `(name, value)` of every counter, for logs and tests.
+            pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+                let mut v = vec![$((stringify!($field), self.$field.get()),)*];
+                v.extend(agent_common::COUNTER_NAMES.iter().zip(&self.kernel).map(|(n, c)| (*n, c.get())));
+                v
+            }
+        }
+    };
+}
+
+counters! {
+    ring_events: "kernel events read from the ring buffer",
+    ring_decode_errors: "ring items that could not be decoded",
+    events_channel_full: "kernel events dropped: tracker channel full",
+    tracker_conns_full: "kernel events dropped: connection table full",
+    conns_evicted_idle: "connections forgotten after being idle",
+    http_skipped_bytes: "bytes skipped because a stream could not be followed",
+    http_orphan_responses: "responses without a request (stream started mid-exchange)",
+    http_unanswered_requests: "requests whose connection ended before a response",
+    http_pending_overflow: "pipelined requests dropped: too many waiting",
+    spans_created: "spans built",
+    spans_unsampled: "spans not recorded because their trace is not sampled",
+    spans_queue_full: "spans dropped: export queue full",
+    spans_exported: "spans accepted by the backend (or printed)",
+    spans_export_failed: "spans dropped after export retries ran out",
+    spans_rejected: "spans the backend reported as rejected (partial success)",
+    export_retries: "export attempts retried",
+}
+
+/// Sum of every counter that stands for a lost span or event.
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        Arc::new(Metrics::default())
+    }
+
+    pub fn losses(&self) -> Vec<(&'static str, u64)> {
+        const LOSSES: [&str; 10] = [
+            "events_channel_full",
+            "tracker_conns_full",
+            "spans_queue_full",
+            "spans_export_failed",
+            "spans_rejected",
+            "kernel_ringbuf_full_events",
+            "kernel_inflight_syscall_map_full",
+            "kernel_close_ringbuf_full_events",
+            "kernel_conn_map_full",
+            "http_pending_overflow",
+        ];
+        self.snapshot().into_iter().filter(|(n, v)| *v > 0 && LOSSES.contains(n)).collect()
+    }
+}

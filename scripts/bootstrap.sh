@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Idempotent set-up of everything the build and the tests need on a fresh Debian 12 machine.
+#   scripts/bootstrap.sh          toolchain only (nightly rust-src + bpf-linker)
+#   scripts/bootstrap.sh --test   toolchain + the real programs the integration tests drive
+# When everything is present this costs a few seconds.
+set -euo pipefail
+
+want_test=0
+[[ "${1:-}" == "--test" ]] && want_test=1
+
+log() { printf '[bootstrap] %s\n' "$*" >&2; }
+SUDO=""
+if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
+
+# --- Rust: nightly with rust-src for the kernel crate --------------------------------------------
+if ! command -v rustup >/dev/null; then
+  log "rustup is missing: install Rust from https://rustup.rs first"; exit 1
+fi
+if ! rustup toolchain list | grep -q '^nightly'; then
+  log "installing nightly toolchain"; rustup toolchain install nightly --profile minimal
+fi
+if ! rustup component list --toolchain nightly --installed | grep -q '^rust-src'; then
+  log "adding rust-src to nightly"; rustup component add rust-src --toolchain nightly
+fi
+
+# --- bpf-linker linked against nightly's own LLVM -------------------------------------------------
+CARGO_BIN="${CARGO_HOME:-$HOME/.cargo}/bin"
+LLVM_DIR="${CARGO_HOME:-$HOME/.cargo}/bpf-linker-llvm"   # must outlive the binary: it holds the rpath'd libLLVM link
+NL="$(rustc +nightly --print sysroot)/lib"
+need_linker=1
+if [[ -x "$CARGO_BIN/bpf-linker" ]] && "$CARGO_BIN/bpf-linker" --version >/dev/null 2>&1; then
+  need_linker=0
+fi
+if [[ $need_linker -eq 1 ]]; then
+  log "building bpf-linker against nightly's LLVM (about a minute)"
+  mkdir -p "$LLVM_DIR/lib"
+  for f in "$NL"/libLLVM.so.* "$NL"/libLLVM-*.so; do
+    [[ -e "$f" ]] || continue
+    ln -sf "$f" "$LLVM_DIR/lib/libLLVM.so"
+    ln -sf "$f" "$LLVM_DIR/lib/$(basename "$f")"
+  done
+  llvm_major=$(ls "$NL" | sed -n 's/^libLLVM\.so\.\([0-9]*\).*/\1/p' | head -n1)
+  LLVM_PREFIX="$LLVM_DIR" cargo +stable install bpf-linker --locked --version '^0.13' \
+    --no-default-features --features "llvm-${llvm_major:-22}"
+fi
+
+if [[ $want_test -eq 0 ]]; then exit 0; fi
+
+# --- Debian packages the integration tests drive ---------------------------------------------------
+pkgs=(nginx wrk curl iproute2 procps)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [[ ${#missing[@]} -gt 0 ]]; then
+  log "installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq || log "apt-get update failed; trying the install anyway"
+  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+# Debian starts nginx on install; the tests run their own instances on their own ports.
+if command -v systemctl >/dev/null && systemctl is-active --quiet nginx 2>/dev/null; then
+  $SUDO systemctl stop nginx || true
+fi
+pkill -f 'nginx: master process /usr/sbin/nginx' 2>/dev/null || true
+exit 0
