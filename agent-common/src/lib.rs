@@ -142,3 +142,28 @@ const _: () = assert!(core::mem::size_of::<EndpointKey>() == 24);
 
 /// Key for excluding a port on any address (a wildcard endpoint such as `0.0.0.0:4317`).
 pub const ANY_ADDR: [u8; 16] = [0xff; 16];
+
+/// How a data syscall names its buffer.
+pub const BUF_PLAIN: u32 = 0;
+pub const BUF_IOVEC: u32 = 1;
+
+/// Arguments of a data syscall in flight (kernel map `ACTIVE_IO`, keyed by pid_tgid).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct IoArgs {
+    /// Buffer address, or iovec array address for `BUF_IOVEC`.
+    pub buf: u64,
+    /// Buffer size, or iovec count for `BUF_IOVEC`.
+    pub count: u64,
+    pub ts_enter: u64,
+    /// Socket seen by `sock:sock_{send,recv}_length` during this syscall (0: not a socket).
+    pub sk: u64,
+    pub fd: u32,
+    pub buf_kind: u32,
+    pub direction: u32,
+    pub verdict: u32,
+}
+const _: () = assert!(core::mem::size_of::<IoArgs>() == 48);
+
+pub const MAP_ACTIVE_IO: &str = "ACTIVE_IO";
+pub const MAP_ACTIVE_CONNECT: &str = "ACTIVE_CONNECT";

@@ -1,7 +1,8 @@
 //! Userspace-only trait impls.
-use crate::{ConnInfo, ConnTuple, EndpointKey};
+use crate::{ConnInfo, ConnTuple, EndpointKey, IoArgs};
 
 // SAFETY: plain-old-data `#[repr(C)]` types with explicit padding and no pointers.
 unsafe impl aya::Pod for ConnTuple {}
 unsafe impl aya::Pod for ConnInfo {}
 unsafe impl aya::Pod for EndpointKey {}
+unsafe impl aya::Pod for IoArgs {}

@@ -64,25 +64,7 @@ pub struct Scratch {
     pub buf: [u8; SCRATCH_SIZE],
 }
 
-/// How a data syscall names its buffer.
-pub const BUF_PLAIN: u32 = 0;
-pub const BUF_IOVEC: u32 = 1;
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct IoArgs {
-    /// Buffer address, or iovec array address for `BUF_IOVEC`.
-    pub buf: u64,
-    /// Buffer size, or iovec count for `BUF_IOVEC`.
-    pub count: u64,
-    pub ts_enter: u64,
-    /// Socket seen by `sock:sock_{send,recv}_length` during this syscall (0: not a socket).
-    pub sk: u64,
-    pub fd: u32,
-    pub buf_kind: u32,
-    pub direction: u32,
-    pub verdict: u32,
-}
+pub use agent_common::{IoArgs, BUF_IOVEC, BUF_PLAIN};
 
 #[inline(always)]
 pub fn count(index: u32) {

@@ -6,7 +6,7 @@
 //! Format: `void *sk` @8, `__u16 family` @16, `__u16 protocol` @18, `int ret` @20, `int flags` @24.
 //! Addresses come from `struct sock_common`: `skc_daddr` @0, `skc_rcv_saddr` @4, `skc_dport` @12
 //! (big endian), `skc_num` @14 (host order), `skc_v6_daddr` @56, `skc_v6_rcv_saddr` @72. These
-//! offsets are checked against the running kernel's BTF by `agent check`.
+//! offsets have been stable across 5.x and 6.x kernels; `agent check` compares them with BTF.
 use agent_common::{
     ConnInfo, ConnTuple, EndpointKey, ANY_ADDR, FILTER_PORTS, ROLE_UNKNOWN, VERDICT_IGNORE,
     VERDICT_TRACE,

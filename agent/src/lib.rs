@@ -1,7 +1,12 @@
 //! The userspace agent: a pipeline from kernel events to OTLP spans.
 //!
 //! loader -> pipeline::reader -> pipeline::tracker (protocol parsers) -> span -> export
+pub mod app;
+pub mod cli;
 pub mod clock;
+pub mod export;
+pub mod loader;
+pub mod metrics_server;
 pub mod pipeline;
 pub mod process;
 pub mod protocol;

@@ -15,7 +15,7 @@ fn kv(a: &KeyValue) -> PKeyValue {
         Value::Str(s) => any_value::Value::StringValue(s.clone()),
         Value::Int(i) => any_value::Value::IntValue(*i),
     };
-    PKeyValue { key: a.key.to_string(), value: Some(AnyValue { value: Some(value) }) }
+    PKeyValue { key: a.key.to_string(), value: Some(AnyValue { value: Some(value) }), ..Default::default() }
 }
 
 fn span(s: &Span) -> PSpan {

@@ -1,2 +1,5 @@
 //! The running pipeline: ring reader -> connection tracker -> span queue.
+pub mod discovery;
 pub mod event;
+pub mod reader;
+pub mod tracker;

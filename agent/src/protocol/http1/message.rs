@@ -28,7 +28,6 @@ pub trait Sink {
 #[derive(Debug)]
 struct Open {
     head: ResponseHead,
-    start_ns: u64,
     end_ns: u64,
 }
 
@@ -212,7 +211,7 @@ impl StreamParser {
             }
             HeadKind::Response(head) => {
                 let framing = head.framing;
-                let open = Open { head, start_ns, end_ns };
+                let open = Open { head, end_ns };
                 match framing {
                     Framing::Length(n) => State::Body { open: Some(open), left: n },
                     Framing::Chunked => State::Chunked { open: Some(open), chunk: ChunkState::default() },

@@ -1,0 +1,177 @@
+//! Wires the pipeline together and runs it until SIGINT/SIGTERM.
+use std::{
+    collections::HashSet,
+    net::{IpAddr, ToSocketAddrs},
+    time::Duration,
+};
+
+use anyhow::Context;
+use tokio::{signal::unix::SignalKind, sync::{mpsc, watch}};
+
+use crate::{
+    cli::{MetricsAddr, RunArgs},
+    export::{self, config::ExportConfig},
+    loader::{self, Settings},
+    pipeline::{discovery::Snapshot, reader, tracker::Tracker},
+    telemetry::Metrics,
+};
+
+/// Kernel events waiting for the tracker.
+const EVENT_QUEUE: usize = 65_536;
+
+fn is_privileged() -> bool {
+    // SAFETY: no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Processes whose executable path or name matches one of the globs.
+fn matching_pids(globs: &globset::GlobSet) -> Vec<u32> {
+    let me = std::process::id() as i32;
+    procfs::process::all_processes()
+        .map(|all| {
+            all.filter_map(Result::ok)
+                .filter(|p| p.pid != me)
+                .filter(|p| {
+                    p.exe().ok().is_some_and(|e| {
+                        globs.is_match(&e) || e.file_name().is_some_and(|n| globs.is_match(n))
+                    })
+                })
+                .map(|p| p.pid as u32)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn excluded_endpoints(cfg: &ExportConfig) -> (Vec<(IpAddr, u16)>, Vec<u16>) {
+    let Some(ep) = &cfg.endpoint else { return (Vec::new(), Vec::new()) };
+    let Some((host, port)) = export::config::host_port(&ep.url) else { return (Vec::new(), Vec::new()) };
+    match (host.as_str(), port).to_socket_addrs() {
+        Ok(addrs) => {
+            let mut v: Vec<(IpAddr, u16)> = addrs.map(|a| (a.ip(), port)).collect();
+            v.sort();
+            v.dedup();
+            (v, Vec::new())
+        }
+        Err(e) => {
+            tracing::warn!("cannot resolve OTLP host {host:?} ({e}); excluding port {port} on every address from tracing");
+            (Vec::new(), vec![port])
+        }
+    }
+}
+
+async fn probe_backend(cfg: &ExportConfig) {
+    let Some(ep) = &cfg.endpoint else { return };
+    let Some((host, port)) = export::config::host_port(&ep.url) else { return };
+    let target = format!("{host}:{port}");
+    match tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(&target)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!("OTLP backend {} is unreachable now ({e}); the agent keeps tracing and retries", ep.url),
+        Err(_) => tracing::warn!("OTLP backend {} did not answer within 2 s; the agent keeps tracing and retries", ep.url),
+    }
+}
+
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    if !is_privileged() {
+        anyhow::bail!("the agent must run as root (it loads eBPF programs): try `sudo agent`, or `agent check` to see what is missing");
+    }
+    let cfg = ExportConfig::from_env().context("invalid OpenTelemetry exporter configuration")?;
+    let metrics = Metrics::new();
+
+    let globs = {
+        let mut b = globset::GlobSetBuilder::new();
+        for g in &args.exe {
+            b.add(globset::Glob::new(g).with_context(|| format!("--exe {g:?} is not a valid glob"))?);
+        }
+        b.build().context("building --exe globs")?
+    };
+    let mut pids: HashSet<u32> = args.pids.iter().copied().collect();
+    if !args.exe.is_empty() {
+        pids.extend(matching_pids(&globs));
+    }
+    let (excluded, excluded_any_port) = excluded_endpoints(&cfg);
+    let settings = Settings {
+        payload_limit: args.payload_limit,
+        ring_bytes: args.ring_size,
+        pids: pids.iter().copied().collect(),
+        filter_pids: !args.pids.is_empty() || !args.exe.is_empty(),
+        ports: args.ports.clone(),
+        excluded,
+        excluded_any_port,
+    };
+    let snapshot = Snapshot::scan();
+    let loader::Loaded { mut ebpf, ring } = loader::load(&settings)?;
+    match &cfg.endpoint {
+        None => tracing::info!("no OTEL_EXPORTER_OTLP_ENDPOINT set: printing spans to the console"),
+        Some(ep) => tracing::info!(protocol = ?ep.protocol, "exporting spans to {}", ep.url),
+    }
+    tracing::info!(
+        connections_open_before_start = snapshot.established_count(),
+        "tracing HTTP/1.x on {}",
+        if settings.filter_pids { format!("{} selected process(es)", settings.pids.len()) } else { "the whole host".into() }
+    );
+    probe_backend(&cfg).await;
+
+    let sink = export::Sink::new(&cfg).context("setting up the OTLP exporter")?;
+    let (span_tx, span_rx) = export::queue(&cfg);
+    let (ev_tx, ev_rx) = mpsc::channel(EVENT_QUEUE);
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let exporter = tokio::spawn(export::run(span_rx, sink, cfg.clone(), metrics.clone(), Duration::from_secs(10)));
+    let tracker = tokio::spawn(Tracker::new(metrics.clone(), span_tx, snapshot).run(ev_rx));
+    let reader = tokio::spawn(reader::run(ring, ev_tx, metrics.clone(), stop_rx));
+    if let MetricsAddr::At(addr) = args.metrics_addr {
+        tokio::spawn(crate::metrics_server::serve(addr, metrics.clone()));
+    }
+
+    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut ticks: u64 = 0;
+    let mut last_kernel = vec![0u64; agent_common::COUNTER_NAMES.len()];
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+            _ = tick.tick() => {
+                ticks += 1;
+                sync_kernel_counters(&ebpf, &metrics, &mut last_kernel);
+                if !args.exe.is_empty() && ticks % 2 == 0 {
+                    let new: Vec<u32> = matching_pids(&globs).into_iter().filter(|p| pids.insert(*p)).collect();
+                    if !new.is_empty() {
+                        tracing::info!(?new, "tracing new processes matching --exe");
+                        if let Err(e) = loader::allow_pids(&mut ebpf, &new) {
+                            tracing::warn!("cannot add processes to the filter: {e}");
+                        }
+                    }
+                }
+                if ticks % 30 == 0 {
+                    loader::sweep_dead(&mut ebpf);
+                    let losses = metrics.losses();
+                    if !losses.is_empty() {
+                        tracing::warn!(?losses, "events or spans were dropped (see the agent metrics)");
+                    }
+                }
+            }
+        }
+    }
+    tracing::info!("stopping: flushing queued spans");
+    let _ = stop_tx.send(true);
+    let _ = reader.await;
+    let _ = tracker.await;
+    let _ = tokio::time::timeout(Duration::from_secs(15), exporter).await;
+    sync_kernel_counters(&ebpf, &metrics, &mut last_kernel);
+    let summary: Vec<String> = metrics.snapshot().into_iter().filter(|(_, v)| *v > 0).map(|(k, v)| format!("{k}={v}")).collect();
+    tracing::info!("final counters: {}", summary.join(" "));
+    drop(ebpf); // detaches every program
+    Ok(())
+}
+
+fn sync_kernel_counters(ebpf: &aya::Ebpf, metrics: &Metrics, last: &mut [u64]) {
+    for (i, v) in loader::kernel_counters(ebpf).into_iter().enumerate() {
+        if let (Some(prev), Some(c)) = (last.get_mut(i), metrics.kernel.get(i)) {
+            if v > *prev {
+                c.inc_by(v - *prev);
+                *prev = v;
+            }
+        }
+    }
+}

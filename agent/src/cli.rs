@@ -1,0 +1,59 @@
+//! Command line.
+use std::net::SocketAddr;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "agent", version, about = "Traces HTTP traffic of unmodified programs with eBPF and exports OpenTelemetry spans.\n\n\
+Export is configured with the standard OTEL_EXPORTER_OTLP_* variables; with no endpoint set, spans are printed to the console.")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Trace (the default).
+    Run(RunArgs),
+    /// Report each kernel feature the agent needs and whether this host has it.
+    Check,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// Trace only these processes (repeatable).
+    #[arg(long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+    /// Trace only connections with this local or peer port (repeatable).
+    #[arg(long = "port", value_name = "PORT")]
+    pub ports: Vec<u16>,
+    /// Trace only processes whose executable path or name matches this glob, e.g. `*nginx*`
+    /// (repeatable; new processes are picked up every 2 s).
+    #[arg(long = "exe", value_name = "GLOB")]
+    pub exe: Vec<String>,
+    /// Bytes of each read/write copied from the kernel: enough for request and response heads.
+    #[arg(long, value_name = "BYTES", default_value_t = agent_common::DEFAULT_PAYLOAD_LIMIT,
+          value_parser = clap::value_parser!(u32).range(64..=agent_common::MAX_PAYLOAD as i64))]
+    pub payload_limit: u32,
+    /// Kernel ring buffer size in bytes (rounded up to a power of two).
+    #[arg(long, value_name = "BYTES", default_value_t = 8 << 20)]
+    pub ring_size: u32,
+    /// Where the agent's own Prometheus metrics are served; `off` to disable.
+    #[arg(long, value_name = "ADDR|off", default_value = "127.0.0.1:9464", value_parser = parse_metrics_addr)]
+    pub metrics_addr: MetricsAddr,
+}
+
+#[derive(Debug, Clone)]
+pub enum MetricsAddr {
+    Off,
+    At(SocketAddr),
+}
+
+fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
+    if s == "off" {
+        return Ok(MetricsAddr::Off);
+    }
+    s.parse().map(MetricsAddr::At).map_err(|e| format!("{s:?}: {e} (expected host:port or off)"))
+}

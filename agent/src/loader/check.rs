@@ -1,0 +1,109 @@
+//! `agent check`: every kernel feature the agent needs, and whether this host has it.
+use std::path::Path;
+
+use aya::{programs::TracePoint, EbpfLoader};
+
+use super::{btf, ensure_tracefs, raise_memlock, PROGRAMS};
+
+struct Report {
+    failed: usize,
+}
+
+impl Report {
+    fn line(&mut self, ok: bool, what: &str, detail: &str) {
+        if ok {
+            println!("[ ok ] {what}{}", if detail.is_empty() { String::new() } else { format!(": {detail}") });
+        } else {
+            self.failed += 1;
+            println!("[FAIL] {what}: {detail}");
+        }
+    }
+}
+
+fn capabilities() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Prints the report; returns whether everything the agent needs is there.
+pub fn run() -> bool {
+    let mut r = Report { failed: 0 };
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    println!("kernel {}", release.trim());
+    let caps = capabilities();
+    let has = |bit: u32| caps & (1u64 << bit) != 0;
+    let (sys_admin, perfmon, bpf) = (has(21), has(38), has(39));
+    r.line(
+        sys_admin || (perfmon && bpf),
+        "privileges (root, or CAP_BPF + CAP_PERFMON)",
+        &if sys_admin || (perfmon && bpf) {
+            format!("CAP_SYS_ADMIN={sys_admin} CAP_BPF={bpf} CAP_PERFMON={perfmon}")
+        } else {
+            "missing: run as root, or grant CAP_BPF, CAP_PERFMON (and CAP_SYS_ADMIN to mount tracefs); in Kubernetes use a privileged DaemonSet".into()
+        },
+    );
+    let lockdown = std::fs::read_to_string("/sys/kernel/security/lockdown").unwrap_or_default();
+    if !lockdown.is_empty() {
+        println!("       lockdown: {} (the agent never needs bpf_probe_write_user)", lockdown.trim());
+    }
+    let btf_ok = Path::new("/sys/kernel/btf/vmlinux").exists();
+    r.line(btf_ok, "kernel BTF (/sys/kernel/btf/vmlinux)", if btf_ok { "" } else { "missing: needs CONFIG_DEBUG_INFO_BTF=y" });
+    if btf_ok {
+        match btf::check_sock_common() {
+            Ok(()) => r.line(true, "struct sock_common layout matches the kernel programs", ""),
+            Err(e) => r.line(false, "struct sock_common layout", &e),
+        }
+    }
+    match ensure_tracefs() {
+        Ok(()) => r.line(true, "tracefs", "mounted"),
+        Err(e) => r.line(false, "tracefs", &e.to_string()),
+    }
+    let events = ["/sys/kernel/tracing/events", "/sys/kernel/debug/tracing/events"]
+        .into_iter()
+        .find(|p| Path::new(p).exists());
+    for (name, category) in PROGRAMS {
+        let found = events.is_some_and(|e| Path::new(&format!("{e}/{category}/{name}")).exists());
+        if !found {
+            r.line(false, &format!("tracepoint {category}:{name}"), "not present in tracefs (sock:* needs Linux >= 6.3)");
+        }
+    }
+    raise_memlock();
+    if super::OBJECT.is_empty() {
+        r.line(false, "kernel programs", "this binary was built without them (AYA_BUILD_SKIP)");
+    } else {
+        match EbpfLoader::new().load(super::OBJECT) {
+            Err(e) => r.line(false, "load kernel programs and maps (ring buffer, hash, LRU, per-CPU)", &e.to_string()),
+            Ok(mut ebpf) => {
+                r.line(true, "load kernel programs and maps (ring buffer, hash, LRU, per-CPU)", "");
+                let mut attached = 0;
+                for (name, category) in PROGRAMS {
+                    let res = ebpf
+                        .program_mut(name)
+                        .ok_or_else(|| "missing".to_string())
+                        .and_then(|p| <&mut TracePoint>::try_from(p).map_err(|e| e.to_string()))
+                        .and_then(|p| {
+                            p.load().map_err(|e| e.to_string())?;
+                            p.attach(category, name).map(|_| ()).map_err(|e| e.to_string())
+                        });
+                    match res {
+                        Ok(()) => attached += 1,
+                        Err(e) => r.line(false, &format!("attach {category}:{name}"), &e),
+                    }
+                }
+                r.line(attached == PROGRAMS.len(), "verifier accepted and attached tracepoint programs", &format!("{attached}/{}", PROGRAMS.len()));
+            }
+        }
+    }
+    if r.failed == 0 {
+        println!("all checks passed: this host can run the agent");
+    } else {
+        println!("{} check(s) failed", r.failed);
+    }
+    r.failed == 0
+}

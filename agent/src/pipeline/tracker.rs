@@ -1,0 +1,194 @@
+//! Connection tracker: routes each kernel event to its connection's parser, turns completed
+//! exchanges into spans, and forgets connections on close or after they go idle.
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use agent_common::{DataHeader, DIR_INGRESS, ROLE_CLIENT, ROLE_SERVER};
+use tokio::sync::mpsc;
+
+use super::{
+    discovery::Snapshot,
+    event::{endpoints, Endpoints, KernelEvent},
+};
+use crate::{
+    clock::Clock,
+    process::{ProcessCache, Resource},
+    protocol::{
+        http1::{Exchange, Http1Conn, Side},
+        Dir, Segment,
+    },
+    span::{build_span, Built, Span},
+    telemetry::Metrics,
+};
+
+/// Connections followed at once; events of further connections are dropped and counted.
+pub const MAX_CONNS: usize = 65_536;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct ConnId {
+    pid: u32,
+    fd: u32,
+    sk: u64,
+}
+
+struct Conn {
+    http: Http1Conn,
+    ends: Endpoints,
+    resource: Arc<Resource>,
+    /// The side the socket's origin says this process is on (accept/connect, or /proc).
+    expected: Option<Side>,
+    last_boot_ns: u64,
+}
+
+pub struct Tracker {
+    conns: HashMap<ConnId, Conn>,
+    processes: ProcessCache,
+    clock: Clock,
+    metrics: Arc<Metrics>,
+    spans: mpsc::Sender<Span>,
+    preexisting: Snapshot,
+    idle: Duration,
+    exchanges: Vec<Exchange>,
+}
+
+impl Tracker {
+    pub fn new(metrics: Arc<Metrics>, spans: mpsc::Sender<Span>, preexisting: Snapshot) -> Tracker {
+        Tracker {
+            conns: HashMap::new(),
+            processes: ProcessCache::new(),
+            clock: Clock::sample(),
+            metrics,
+            spans,
+            preexisting,
+            idle: Duration::from_secs(60),
+            exchanges: Vec::new(),
+        }
+    }
+
+    /// Consumes events until the channel closes, sweeping idle connections now and then.
+    pub async fn run(mut self, mut events: mpsc::Receiver<KernelEvent>) {
+        let mut sweep = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                ev = events.recv() => match ev {
+                    Some(ev) => self.handle(ev),
+                    None => break,
+                },
+                _ = sweep.tick() => {
+                    self.clock = Clock::sample();
+                    self.sweep(Clock::boot_now_ns());
+                }
+            }
+        }
+    }
+
+    pub fn handle(&mut self, ev: KernelEvent) {
+        match ev {
+            KernelEvent::Data { header, payload } => self.data(&header, &payload),
+            KernelEvent::Close(c) => {
+                let id = ConnId { pid: c.pid, fd: c.fd, sk: c.sk };
+                if let Some(mut conn) = self.conns.remove(&id) {
+                    conn.http.close(&mut self.exchanges);
+                    self.finish(&mut conn);
+                }
+            }
+        }
+    }
+
+    fn data(&mut self, h: &DataHeader, payload: &[u8]) {
+        let id = ConnId { pid: h.pid, fd: h.fd, sk: h.sk };
+        if !self.conns.contains_key(&id) {
+            if self.conns.len() >= MAX_CONNS {
+                self.metrics.tracker_conns_full.inc();
+                return;
+            }
+            let ends = endpoints(&h.tuple);
+            let expected = match h.role {
+                ROLE_SERVER => Some(Side::Server),
+                ROLE_CLIENT => Some(Side::Client),
+                _ => self.preexisting.side_of(&ends),
+            };
+            let resource = self.processes.resource(h.pid);
+            self.conns.insert(id, Conn { http: Http1Conn::default(), ends, resource, expected, last_boot_ns: h.ts_exit });
+        }
+        let Some(conn) = self.conns.get_mut(&id) else { return };
+        let dir = if h.direction == DIR_INGRESS { Dir::Ingress } else { Dir::Egress };
+        // Bytes count as received when the read returns, and as sent when the write starts.
+        let start_ns = if dir == Dir::Ingress { h.ts_exit } else { h.ts_enter };
+        let seg = Segment { data: payload, len: h.len, start_ns, end_ns: h.ts_exit };
+        conn.http.feed(dir, seg, &mut self.exchanges);
+        conn.last_boot_ns = h.ts_exit;
+        if !self.exchanges.is_empty() {
+            self.emit(id);
+        }
+    }
+
+    fn emit(&mut self, id: ConnId) {
+        let Some(conn) = self.conns.get_mut(&id) else { return };
+        let clock = self.clock;
+        for ex in self.exchanges.drain(..) {
+            if conn.expected.is_some_and(|s| s != ex.side) {
+                // A request seen in the wrong direction for this socket: not a real exchange.
+                self.metrics.http_orphan_responses.inc();
+                continue;
+            }
+            match build_span(&ex, &conn.ends, conn.resource.clone(), |t| clock.to_unix_ns(t)) {
+                Built::Unsampled => {
+                    self.metrics.spans_unsampled.inc();
+                }
+                Built::Span(span) => {
+                    self.metrics.spans_created.inc();
+                    if self.spans.try_send(*span).is_err() {
+                        self.metrics.spans_queue_full.inc();
+                    }
+                }
+            };
+        }
+        Self::count_stats(&self.metrics, conn);
+    }
+
+    fn finish(&mut self, conn: &mut Conn) {
+        let clock = self.clock;
+        for ex in self.exchanges.drain(..) {
+            if let Built::Span(span) = build_span(&ex, &conn.ends, conn.resource.clone(), |t| clock.to_unix_ns(t)) {
+                self.metrics.spans_created.inc();
+                if self.spans.try_send(*span).is_err() {
+                    self.metrics.spans_queue_full.inc();
+                }
+            } else {
+                self.metrics.spans_unsampled.inc();
+            }
+        }
+        Self::count_stats(&self.metrics, conn);
+    }
+
+    fn count_stats(metrics: &Metrics, conn: &mut Conn) {
+        let s = conn.http.take_stats();
+        metrics.http_skipped_bytes.inc_by(s.skipped_bytes);
+        metrics.http_orphan_responses.inc_by(s.orphan_responses);
+        metrics.http_unanswered_requests.inc_by(s.unanswered_requests);
+        metrics.http_pending_overflow.inc_by(s.pending_overflow);
+    }
+
+    /// Forgets connections idle for longer than the idle timeout (their process may have exited
+    /// without `close`), ending until-close responses first.
+    pub fn sweep(&mut self, now_boot_ns: u64) {
+        let idle_ns = self.idle.as_nanos() as u64;
+        let stale: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| now_boot_ns.saturating_sub(c.last_boot_ns) > idle_ns)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in stale {
+            if let Some(mut conn) = self.conns.remove(&id) {
+                self.metrics.conns_evicted_idle.inc();
+                conn.http.close(&mut self.exchanges);
+                self.finish(&mut conn);
+            }
+        }
+    }
+
+    pub fn conns(&self) -> usize {
+        self.conns.len()
+    }
+}
