@@ -9,7 +9,9 @@ use aya_ebpf::helpers::{
     generated::{bpf_ktime_get_boot_ns, bpf_probe_read_user as raw_read_user, bpf_ringbuf_output},
 };
 
-use crate::maps::{conn_key, count, global, IoArgs, BUF_IOVEC, CONNS, EVENTS, PAYLOAD_LIMIT, SCRATCH};
+use crate::maps::{
+    conn_key, count, global, IoArgs, BUF_IOVEC, CONNS, EVENTS, PAYLOAD_LIMIT, SCRATCH,
+};
 
 const MASK: usize = MAX_PAYLOAD - 1;
 
@@ -82,7 +84,11 @@ pub fn emit_data(args: &IoArgs, pid_tgid: u64, moved: u64) {
 
 #[inline(always)]
 fn copy_plain(dst: *mut u8, src: u64, want: usize) -> usize {
-    let n = if want > MAX_PAYLOAD { MAX_PAYLOAD } else { want };
+    let n = if want > MAX_PAYLOAD {
+        MAX_PAYLOAD
+    } else {
+        want
+    };
     if n == 0 {
         return 0;
     }
@@ -120,7 +126,8 @@ fn copy_iovecs(dst: *mut u8, iov: u64, iovcnt: u64, want: usize) -> usize {
         let at = off & MASK;
         if len > 0 {
             // SAFETY: at < MAX_PAYLOAD and len <= MAX_PAYLOAD: within the 2*MAX_PAYLOAD area.
-            let r = unsafe { raw_read_user(dst.add(at) as *mut _, len as u32, entry[0] as *const _) };
+            let r =
+                unsafe { raw_read_user(dst.add(at) as *mut _, len as u32, entry[0] as *const _) };
             if r < 0 {
                 count(CNT_READ_FAULT);
                 break;

@@ -25,7 +25,12 @@ fn read(ctx: &TracePointContext, off: usize) -> u64 {
 
 #[inline(always)]
 fn remember(tgid: u32, fd: u32, role: u32) {
-    let info = ConnInfo { sk: 0, role, verdict: VERDICT_UNKNOWN, tuple: ConnTuple::default() };
+    let info = ConnInfo {
+        sk: 0,
+        role,
+        verdict: VERDICT_UNKNOWN,
+        tuple: ConnTuple::default(),
+    };
     if CONNS.insert(&conn_key(tgid, fd), &info, 0).is_err() {
         count(agent_common::CNT_CONNS_FULL);
     }

@@ -52,14 +52,26 @@ fn save(buf: u64, count: u64, fd: u64, buf_kind: u32, direction: u32) {
 /// `(fd, buf, count)`: read, write, recvfrom, sendto.
 #[inline(always)]
 fn enter_plain(ctx: &TracePointContext, direction: u32) -> u32 {
-    save(arg(ctx, ARG1), arg(ctx, ARG2), arg(ctx, ARG0), BUF_PLAIN, direction);
+    save(
+        arg(ctx, ARG1),
+        arg(ctx, ARG2),
+        arg(ctx, ARG0),
+        BUF_PLAIN,
+        direction,
+    );
     0
 }
 
 /// `(fd, iov, iovcnt)`: readv, writev.
 #[inline(always)]
 fn enter_iov(ctx: &TracePointContext, direction: u32) -> u32 {
-    save(arg(ctx, ARG1), arg(ctx, ARG2), arg(ctx, ARG0), BUF_IOVEC, direction);
+    save(
+        arg(ctx, ARG1),
+        arg(ctx, ARG2),
+        arg(ctx, ARG0),
+        BUF_IOVEC,
+        direction,
+    );
     0
 }
 
@@ -106,7 +118,12 @@ macro_rules! syscall_pair {
 }
 
 syscall_pair!(sys_enter_read, sys_exit_read, enter_plain, DIR_INGRESS);
-syscall_pair!(sys_enter_recvfrom, sys_exit_recvfrom, enter_plain, DIR_INGRESS);
+syscall_pair!(
+    sys_enter_recvfrom,
+    sys_exit_recvfrom,
+    enter_plain,
+    DIR_INGRESS
+);
 syscall_pair!(sys_enter_readv, sys_exit_readv, enter_iov, DIR_INGRESS);
 syscall_pair!(sys_enter_recvmsg, sys_exit_recvmsg, enter_msg, DIR_INGRESS);
 syscall_pair!(sys_enter_write, sys_exit_write, enter_plain, DIR_EGRESS);

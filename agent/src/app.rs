@@ -6,7 +6,10 @@ use std::{
 };
 
 use anyhow::Context;
-use tokio::{signal::unix::SignalKind, sync::{mpsc, watch}};
+use tokio::{
+    signal::unix::SignalKind,
+    sync::{mpsc, watch},
+};
 
 use crate::{
     cli::{MetricsAddr, RunArgs},
@@ -43,8 +46,12 @@ fn matching_pids(globs: &globset::GlobSet) -> Vec<u32> {
 }
 
 fn excluded_endpoints(cfg: &ExportConfig) -> (Vec<(IpAddr, u16)>, Vec<u16>) {
-    let Some(ep) = &cfg.endpoint else { return (Vec::new(), Vec::new()) };
-    let Some((host, port)) = export::config::host_port(&ep.url) else { return (Vec::new(), Vec::new()) };
+    let Some(ep) = &cfg.endpoint else {
+        return (Vec::new(), Vec::new());
+    };
+    let Some((host, port)) = export::config::host_port(&ep.url) else {
+        return (Vec::new(), Vec::new());
+    };
     match (host.as_str(), port).to_socket_addrs() {
         Ok(addrs) => {
             let mut v: Vec<(IpAddr, u16)> = addrs.map(|a| (a.ip(), port)).collect();
@@ -61,12 +68,25 @@ fn excluded_endpoints(cfg: &ExportConfig) -> (Vec<(IpAddr, u16)>, Vec<u16>) {
 
 async fn probe_backend(cfg: &ExportConfig) {
     let Some(ep) = &cfg.endpoint else { return };
-    let Some((host, port)) = export::config::host_port(&ep.url) else { return };
+    let Some((host, port)) = export::config::host_port(&ep.url) else {
+        return;
+    };
     let target = format!("{host}:{port}");
-    match tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(&target)).await {
+    match tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::net::TcpStream::connect(&target),
+    )
+    .await
+    {
         Ok(Ok(_)) => {}
-        Ok(Err(e)) => tracing::warn!("OTLP backend {} is unreachable now ({e}); the agent keeps tracing and retries", ep.url),
-        Err(_) => tracing::warn!("OTLP backend {} did not answer within 2 s; the agent keeps tracing and retries", ep.url),
+        Ok(Err(e)) => tracing::warn!(
+            "OTLP backend {} is unreachable now ({e}); the agent keeps tracing and retries",
+            ep.url
+        ),
+        Err(_) => tracing::warn!(
+            "OTLP backend {} did not answer within 2 s; the agent keeps tracing and retries",
+            ep.url
+        ),
     }
 }
 
@@ -80,7 +100,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let globs = {
         let mut b = globset::GlobSetBuilder::new();
         for g in &args.exe {
-            b.add(globset::Glob::new(g).with_context(|| format!("--exe {g:?} is not a valid glob"))?);
+            b.add(
+                globset::Glob::new(g)
+                    .with_context(|| format!("--exe {g:?} is not a valid glob"))?,
+            );
         }
         b.build().context("building --exe globs")?
     };
@@ -107,7 +130,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!(
         connections_open_before_start = snapshot.established_count(),
         "tracing HTTP/1.x on {}",
-        if settings.filter_pids { format!("{} selected process(es)", settings.pids.len()) } else { "the whole host".into() }
+        if settings.filter_pids {
+            format!("{} selected process(es)", settings.pids.len())
+        } else {
+            "the whole host".into()
+        }
     );
     probe_backend(&cfg).await;
 
@@ -116,14 +143,21 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (ev_tx, ev_rx) = mpsc::channel(EVENT_QUEUE);
     let (stop_tx, stop_rx) = watch::channel(false);
 
-    let exporter = tokio::spawn(export::run(span_rx, sink, cfg.clone(), metrics.clone(), Duration::from_secs(10)));
+    let exporter = tokio::spawn(export::run(
+        span_rx,
+        sink,
+        cfg.clone(),
+        metrics.clone(),
+        Duration::from_secs(10),
+    ));
     let tracker = tokio::spawn(Tracker::new(metrics.clone(), span_tx, snapshot).run(ev_rx));
     let reader = tokio::spawn(reader::run(ring, ev_tx, metrics.clone(), stop_rx));
     if let MetricsAddr::At(addr) = args.metrics_addr {
         tokio::spawn(crate::metrics_server::serve(addr, metrics.clone()));
     }
 
-    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())
+        .context("installing SIGTERM handler")?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut ticks: u64 = 0;
     let mut last_kernel = vec![0u64; agent_common::COUNTER_NAMES.len()];
@@ -134,7 +168,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = tick.tick() => {
                 ticks += 1;
                 sync_kernel_counters(&ebpf, &metrics, &mut last_kernel);
-                if !args.exe.is_empty() && ticks % 2 == 0 {
+                if !args.exe.is_empty() && ticks.is_multiple_of(2) {
                     let new: Vec<u32> = matching_pids(&globs).into_iter().filter(|p| pids.insert(*p)).collect();
                     if !new.is_empty() {
                         tracing::info!(?new, "tracing new processes matching --exe");
@@ -143,7 +177,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                         }
                     }
                 }
-                if ticks % 30 == 0 {
+                if ticks.is_multiple_of(30) {
                     loader::sweep_dead(&mut ebpf);
                     let losses = metrics.losses();
                     if !losses.is_empty() {
@@ -159,7 +193,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let _ = tracker.await;
     let _ = tokio::time::timeout(Duration::from_secs(15), exporter).await;
     sync_kernel_counters(&ebpf, &metrics, &mut last_kernel);
-    let summary: Vec<String> = metrics.snapshot().into_iter().filter(|(_, v)| *v > 0).map(|(k, v)| format!("{k}={v}")).collect();
+    let summary: Vec<String> = metrics
+        .snapshot()
+        .into_iter()
+        .filter(|(_, v)| *v > 0)
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
     tracing::info!("final counters: {}", summary.join(" "));
     drop(ebpf); // detaches every program
     Ok(())

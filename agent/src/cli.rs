@@ -4,8 +4,12 @@ use std::net::SocketAddr;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "agent", version, about = "Traces HTTP traffic of unmodified programs with eBPF and exports OpenTelemetry spans.\n\n\
-Export is configured with the standard OTEL_EXPORTER_OTLP_* variables; with no endpoint set, spans are printed to the console.")]
+#[command(
+    name = "agent",
+    version,
+    about = "Traces HTTP traffic of unmodified programs with eBPF and exports OpenTelemetry spans.\n\n\
+Export is configured with the standard OTEL_EXPORTER_OTLP_* variables; with no endpoint set, spans are printed to the console."
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -55,5 +59,7 @@ fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
     if s == "off" {
         return Ok(MetricsAddr::Off);
     }
-    s.parse().map(MetricsAddr::At).map_err(|e| format!("{s:?}: {e} (expected host:port or off)"))
+    s.parse()
+        .map(MetricsAddr::At)
+        .map_err(|e| format!("{s:?}: {e} (expected host:port or off)"))
 }

@@ -7,7 +7,10 @@ pub struct Clock {
 }
 
 fn now(clock: libc::clockid_t) -> i128 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid pointer to a timespec.
     unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
@@ -43,7 +46,14 @@ mod tests {
     fn boot_to_unix_matches_system_time() {
         let c = super::Clock::sample();
         let unix = c.to_unix_ns(super::Clock::boot_now_ns());
-        let sys = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i128;
-        assert!((unix as i128 - sys).abs() < 5_000_000, "off by {} ns", unix as i128 - sys);
+        let sys = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as i128;
+        assert!(
+            (unix as i128 - sys).abs() < 5_000_000,
+            "off by {} ns",
+            unix as i128 - sys
+        );
     }
 }

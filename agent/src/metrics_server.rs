@@ -18,7 +18,9 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) {
     tracing::info!("agent metrics at http://{addr}/metrics");
     let registry = Arc::new(metrics.registry());
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let registry = registry.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |_req| {
@@ -28,13 +30,18 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) {
                     let _ = prometheus_client::encoding::text::encode(&mut body, &registry);
                     Ok::<_, std::convert::Infallible>(
                         Response::builder()
-                            .header("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")
+                            .header(
+                                "content-type",
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )
                             .body(Full::new(Bytes::from(body)))
                             .unwrap_or_default(),
                     )
                 }
             });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
         });
     }
 }

@@ -22,20 +22,28 @@ impl ProcessCache {
         let host_name = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|s| s.trim().to_owned())
             .unwrap_or_else(|_| "unknown".into());
-        ProcessCache { host_name, by_pid: HashMap::new() }
+        ProcessCache {
+            host_name,
+            by_pid: HashMap::new(),
+        }
     }
 
     /// The resource of `pid`, rebuilt when the pid now names another process (pid reuse).
     pub fn resource(&mut self, pid: u32) -> Arc<Resource> {
         let proc_ = procfs::process::Process::new(pid as i32).ok();
-        let start = proc_.as_ref().and_then(|p| p.stat().ok()).map(|s| s.starttime).unwrap_or(0);
+        let start = proc_
+            .as_ref()
+            .and_then(|p| p.stat().ok())
+            .map(|s| s.starttime)
+            .unwrap_or(0);
         if let Some((s, r)) = self.by_pid.get(&pid) {
             if *s == start {
                 return r.clone();
             }
         }
         if self.by_pid.len() >= MAX_PROCESSES {
-            self.by_pid.retain(|pid, _| std::path::Path::new(&format!("/proc/{pid}")).exists());
+            self.by_pid
+                .retain(|pid, _| std::path::Path::new(&format!("/proc/{pid}")).exists());
             if self.by_pid.len() >= MAX_PROCESSES {
                 self.by_pid.clear();
             }
@@ -55,8 +63,14 @@ impl ProcessCache {
             .or_else(|| p.and_then(|p| p.stat().ok()).map(|s| s.comm))
             .unwrap_or_else(|| format!("pid-{pid}"));
         let environ = p.and_then(|p| p.environ().ok()).unwrap_or_default();
-        let env = |k: &str| environ.get(std::ffi::OsStr::new(k)).map(|v| v.to_string_lossy().into_owned());
-        let service_name = env("OTEL_SERVICE_NAME").filter(|s| !s.is_empty()).unwrap_or_else(|| exe_name.clone());
+        let env = |k: &str| {
+            environ
+                .get(std::ffi::OsStr::new(k))
+                .map(|v| v.to_string_lossy().into_owned())
+        };
+        let service_name = env("OTEL_SERVICE_NAME")
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| exe_name.clone());
         let mut attributes = vec![
             KeyValue::new("service.name", Value::Str(service_name.clone())),
             KeyValue::new("process.pid", Value::Int(pid as i64)),
@@ -67,9 +81,15 @@ impl ProcessCache {
         }
         attributes.extend([
             KeyValue::new("host.name", Value::Str(self.host_name.clone())),
-            KeyValue::new("telemetry.sdk.name", Value::Str("beholder-ebpf-agent".into())),
+            KeyValue::new(
+                "telemetry.sdk.name",
+                Value::Str("beholder-ebpf-agent".into()),
+            ),
             KeyValue::new("telemetry.sdk.language", Value::Str("rust".into())),
-            KeyValue::new("telemetry.sdk.version", Value::Str(env!("CARGO_PKG_VERSION").into())),
+            KeyValue::new(
+                "telemetry.sdk.version",
+                Value::Str(env!("CARGO_PKG_VERSION").into()),
+            ),
         ]);
         // The target's own OTEL_RESOURCE_ATTRIBUTES (key=value,...), where it does not clash.
         if let Some(extra) = env("OTEL_RESOURCE_ATTRIBUTES") {
@@ -77,12 +97,18 @@ impl ProcessCache {
                 if let Some((k, v)) = pair.split_once('=') {
                     let k = k.trim();
                     if !k.is_empty() && !attributes.iter().any(|a| a.key == k) {
-                        attributes.push(KeyValue::owned(k.to_owned(), Value::Str(v.trim().to_owned())));
+                        attributes.push(KeyValue::owned(
+                            k.to_owned(),
+                            Value::Str(v.trim().to_owned()),
+                        ));
                     }
                 }
             }
         }
-        Resource { service_name, attributes }
+        Resource {
+            service_name,
+            attributes,
+        }
     }
 }
 

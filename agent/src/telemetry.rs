@@ -70,6 +70,9 @@ impl Metrics {
             "kernel_conn_map_full",
             "http_pending_overflow",
         ];
-        self.snapshot().into_iter().filter(|(n, v)| *v > 0 && LOSSES.contains(n)).collect()
+        self.snapshot()
+            .into_iter()
+            .filter(|(n, v)| *v > 0 && LOSSES.contains(n))
+            .collect()
     }
 }

@@ -1,1 +1,145 @@
-fn main() {}
+//! Project tasks: `cargo xtask run | test | build | check | bench`.
+//!
+//! Each bootstraps what it needs (nightly rust-src, bpf-linker on nightly's LLVM, and for tests
+//! the real programs they drive) through `scripts/bootstrap.sh`, which is idempotent and takes
+//! seconds when everything is already there.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Build the agent (release) and run it as root; arguments after `--` go to the agent.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build the agent (release).
+    Build,
+    /// Run `agent check`.
+    Check,
+    /// Run the whole test suite: unit and golden tests, then root integration tests with real programs.
+    Test {
+        /// Only run integration tests whose name contains this.
+        filter: Option<String>,
+    },
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("[xtask] {:?}", cmd);
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn bootstrap(tests: bool) -> Result<()> {
+    let mut cmd = Command::new("bash");
+    cmd.arg(root().join("scripts/bootstrap.sh"));
+    if tests {
+        cmd.arg("--test");
+    }
+    run(&mut cmd)
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn build_agent() -> Result<PathBuf> {
+    run(cargo().args(["build", "--release", "-p", "agent"]))?;
+    Ok(root().join("target/release/agent"))
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .map(|u| u.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+fn as_root(bin: &Path) -> Command {
+    if is_root() {
+        Command::new(bin)
+    } else {
+        let mut c = Command::new("sudo");
+        c.arg("-E").arg(bin);
+        c
+    }
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Build => {
+            bootstrap(false)?;
+            build_agent()?;
+        }
+        Task::Check => {
+            bootstrap(false)?;
+            let bin = build_agent()?;
+            run(as_root(&bin).arg("check"))?;
+        }
+        Task::Run { args } => {
+            bootstrap(false)?;
+            let bin = build_agent()?;
+            run(as_root(&bin).args(args))?;
+        }
+        Task::Test { filter } => {
+            bootstrap(true)?;
+            if !is_root() {
+                bail!("the integration tests load eBPF programs: run `sudo -E cargo xtask test` (or as root)");
+            }
+            // Unit and golden tests (no kernel needed).
+            run(cargo().args([
+                "test",
+                "--workspace",
+                "--exclude",
+                "tests",
+                "--exclude",
+                "agent-ebpf",
+            ]))?;
+            let bin = build_agent()?;
+            // Root integration tests: one at a time, since each runs an agent tracing the host.
+            let mut cmd = cargo();
+            cmd.args([
+                "test",
+                "--release",
+                "-p",
+                "tests",
+                "--",
+                "--test-threads=1",
+                "--nocapture",
+            ]);
+            if let Some(f) = filter {
+                cmd.arg(f);
+            }
+            cmd.env("AGENT_BIN", &bin);
+            run(&mut cmd)?;
+        }
+    }
+    Ok(())
+}

@@ -39,22 +39,43 @@ pub enum ConfigError {
     #[error("{var}={value:?} is not a URL with an http:// or https:// scheme and a host")]
     Url { var: &'static str, value: String },
     #[error("{var}={value:?} is not a whole number of {unit}")]
-    Number { var: &'static str, value: String, unit: &'static str },
+    Number {
+        var: &'static str,
+        value: String,
+        unit: &'static str,
+    },
     #[error("OTEL_EXPORTER_OTLP_HEADERS entry {0:?} is not key=value")]
     Header(String),
 }
 
-fn var(env: &dyn Fn(&str) -> Option<String>, specific: &'static str, general: &'static str) -> Option<(&'static str, String)> {
+fn var(
+    env: &dyn Fn(&str) -> Option<String>,
+    specific: &'static str,
+    general: &'static str,
+) -> Option<(&'static str, String)> {
     env(specific)
         .filter(|v| !v.trim().is_empty())
         .map(|v| (specific, v))
-        .or_else(|| env(general).filter(|v| !v.trim().is_empty()).map(|v| (general, v)))
+        .or_else(|| {
+            env(general)
+                .filter(|v| !v.trim().is_empty())
+                .map(|v| (general, v))
+        })
 }
 
-fn number(env: &dyn Fn(&str) -> Option<String>, name: &'static str, default: u64, unit: &'static str) -> Result<u64, ConfigError> {
+fn number(
+    env: &dyn Fn(&str) -> Option<String>,
+    name: &'static str,
+    default: u64,
+    unit: &'static str,
+) -> Result<u64, ConfigError> {
     match env(name).filter(|v| !v.trim().is_empty()) {
         None => Ok(default),
-        Some(v) => v.trim().parse().map_err(|_| ConfigError::Number { var: name, value: v, unit }),
+        Some(v) => v.trim().parse().map_err(|_| ConfigError::Number {
+            var: name,
+            value: v,
+            unit,
+        }),
     }
 }
 
@@ -64,7 +85,10 @@ fn percent_decode(s: &str) -> String {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' && i + 2 < b.len() {
-            if let Some(v) = std::str::from_utf8(&b[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok()) {
+            if let Some(v) = std::str::from_utf8(&b[i + 1..i + 3])
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            {
                 out.push(v);
                 i += 3;
                 continue;
@@ -87,19 +111,31 @@ impl ExportConfig {
             max_queue: number(env, "OTEL_BSP_MAX_QUEUE_SIZE", 8192, "spans")?.max(1) as usize,
             max_batch: number(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512, "spans")?.max(1) as usize,
             // 1 s rather than the SDK's 5 s: traces of observed traffic show up promptly.
-            delay: Duration::from_millis(number(env, "OTEL_BSP_SCHEDULE_DELAY", 1000, "milliseconds")?),
+            delay: Duration::from_millis(number(
+                env,
+                "OTEL_BSP_SCHEDULE_DELAY",
+                1000,
+                "milliseconds",
+            )?),
             retry_for: Duration::from_secs(60),
         };
-        let protocol = match var(env, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL") {
+        let protocol = match var(
+            env,
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+        ) {
             None => Protocol::HttpProtobuf,
             Some((_, v)) if v.trim() == "grpc" => Protocol::Grpc,
             Some((_, v)) if v.trim() == "http/protobuf" => Protocol::HttpProtobuf,
             Some((var, value)) => return Err(ConfigError::Protocol { var, value }),
         };
-        let url = if let Some(v) = env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").filter(|v| !v.trim().is_empty()) {
+        let url = if let Some(v) =
+            env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").filter(|v| !v.trim().is_empty())
+        {
             // Signal-specific endpoints are used as they are.
             Some(check_url("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", v.trim())?)
-        } else if let Some(v) = env("OTEL_EXPORTER_OTLP_ENDPOINT").filter(|v| !v.trim().is_empty()) {
+        } else if let Some(v) = env("OTEL_EXPORTER_OTLP_ENDPOINT").filter(|v| !v.trim().is_empty())
+        {
             let base = check_url("OTEL_EXPORTER_OTLP_ENDPOINT", v.trim())?;
             Some(match protocol {
                 Protocol::HttpProtobuf => format!("{}/v1/traces", base.trim_end_matches('/')),
@@ -109,29 +145,60 @@ impl ExportConfig {
             None
         };
         let Some(url) = url else {
-            return Ok(ExportConfig { endpoint: None, batch });
+            return Ok(ExportConfig {
+                endpoint: None,
+                batch,
+            });
         };
         let mut headers = Vec::new();
-        if let Some((_, h)) = var(env, "OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS") {
+        if let Some((_, h)) = var(
+            env,
+            "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+            "OTEL_EXPORTER_OTLP_HEADERS",
+        ) {
             for pair in h.split(',').filter(|p| !p.trim().is_empty()) {
-                let (k, v) = pair.split_once('=').ok_or_else(|| ConfigError::Header(pair.to_owned()))?;
-                headers.push((percent_decode(k.trim()).to_ascii_lowercase(), percent_decode(v.trim())));
+                let (k, v) = pair
+                    .split_once('=')
+                    .ok_or_else(|| ConfigError::Header(pair.to_owned()))?;
+                headers.push((
+                    percent_decode(k.trim()).to_ascii_lowercase(),
+                    percent_decode(v.trim()),
+                ));
             }
         }
-        let timeout_ms = match var(env, "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT") {
+        let timeout_ms = match var(
+            env,
+            "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+            "OTEL_EXPORTER_OTLP_TIMEOUT",
+        ) {
             None => 10_000,
-            Some((var, value)) => value.trim().parse().map_err(|_| ConfigError::Number { var, value, unit: "milliseconds" })?,
+            Some((var, value)) => value.trim().parse().map_err(|_| ConfigError::Number {
+                var,
+                value,
+                unit: "milliseconds",
+            })?,
         };
         Ok(ExportConfig {
-            endpoint: Some(Endpoint { protocol, url, headers, timeout: Duration::from_millis(timeout_ms) }),
+            endpoint: Some(Endpoint {
+                protocol,
+                url,
+                headers,
+                timeout: Duration::from_millis(timeout_ms),
+            }),
             batch,
         })
     }
 }
 
 fn check_url(var: &'static str, v: &str) -> Result<String, ConfigError> {
-    let bad = || ConfigError::Url { var, value: v.to_owned() };
-    let rest = v.strip_prefix("http://").or_else(|| v.strip_prefix("https://")).ok_or_else(bad)?;
+    let bad = || ConfigError::Url {
+        var,
+        value: v.to_owned(),
+    };
+    let rest = v
+        .strip_prefix("http://")
+        .or_else(|| v.strip_prefix("https://"))
+        .ok_or_else(bad)?;
     if rest.is_empty() || rest.starts_with('/') {
         return Err(bad());
     }
@@ -142,11 +209,19 @@ fn check_url(var: &'static str, v: &str) -> Result<String, ConfigError> {
 pub fn host_port(url: &str) -> Option<(String, u16)> {
     let (scheme, rest) = url.split_once("://")?;
     let authority = rest.split('/').next()?;
-    let authority = authority.rsplit_once('@').map(|(_, a)| a).unwrap_or(authority);
+    let authority = authority
+        .rsplit_once('@')
+        .map(|(_, a)| a)
+        .unwrap_or(authority);
     let default = if scheme == "https" { 443 } else { 80 };
     if let Some(v6) = authority.strip_prefix('[') {
         let (h, p) = v6.split_once(']')?;
-        return Some((h.to_owned(), p.strip_prefix(':').and_then(|p| p.parse().ok()).unwrap_or(default)));
+        return Some((
+            h.to_owned(),
+            p.strip_prefix(':')
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(default),
+        ));
     }
     match authority.rsplit_once(':') {
         Some((h, p)) => Some((h.to_owned(), p.parse().ok()?)),
@@ -161,7 +236,10 @@ mod tests {
     use super::*;
 
     fn cfg(vars: &[(&str, &str)]) -> Result<ExportConfig, ConfigError> {
-        let m: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let m: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         ExportConfig::from_lookup(&|k| m.get(k).cloned())
     }
 
@@ -172,24 +250,45 @@ mod tests {
 
     #[test]
     fn endpoints() {
-        let c = cfg(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318/")]).unwrap().endpoint.unwrap();
-        assert_eq!((c.protocol, c.url.as_str()), (Protocol::HttpProtobuf, "http://collector:4318/v1/traces"));
-        let c = cfg(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"), ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")])
+        let c = cfg(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318/")])
             .unwrap()
             .endpoint
             .unwrap();
-        assert_eq!((c.protocol, c.url.as_str()), (Protocol::Grpc, "http://c:4317"));
+        assert_eq!(
+            (c.protocol, c.url.as_str()),
+            (Protocol::HttpProtobuf, "http://collector:4318/v1/traces")
+        );
+        let c = cfg(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ])
+        .unwrap()
+        .endpoint
+        .unwrap();
+        assert_eq!(
+            (c.protocol, c.url.as_str()),
+            (Protocol::Grpc, "http://c:4317")
+        );
         let c = cfg(&[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://ignored:1"),
             ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "https://x/custom"),
-            ("OTEL_EXPORTER_OTLP_HEADERS", "Authorization=Bearer%20abc, x-tenant = t1"),
+            (
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                "Authorization=Bearer%20abc, x-tenant = t1",
+            ),
             ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500"),
         ])
         .unwrap()
         .endpoint
         .unwrap();
         assert_eq!(c.url, "https://x/custom");
-        assert_eq!(c.headers, vec![("authorization".into(), "Bearer abc".into()), ("x-tenant".into(), "t1".into())]);
+        assert_eq!(
+            c.headers,
+            vec![
+                ("authorization".into(), "Bearer abc".into()),
+                ("x-tenant".into(), "t1".into())
+            ]
+        );
         assert_eq!(c.timeout, Duration::from_millis(2500));
     }
 
@@ -198,8 +297,14 @@ mod tests {
         for vars in [
             &[("OTEL_EXPORTER_OTLP_PROTOCOL", "carrier-pigeon")][..],
             &[("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4317")],
-            &[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c"), ("OTEL_EXPORTER_OTLP_TIMEOUT", "soon")],
-            &[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c"), ("OTEL_EXPORTER_OTLP_HEADERS", "novalue")],
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c"),
+                ("OTEL_EXPORTER_OTLP_TIMEOUT", "soon"),
+            ],
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c"),
+                ("OTEL_EXPORTER_OTLP_HEADERS", "novalue"),
+            ],
             &[("OTEL_BSP_MAX_QUEUE_SIZE", "-1")],
         ] {
             let e = cfg(vars).unwrap_err().to_string();
@@ -209,7 +314,10 @@ mod tests {
 
     #[test]
     fn host_ports() {
-        assert_eq!(host_port("http://127.0.0.1:4318/v1/traces"), Some(("127.0.0.1".into(), 4318)));
+        assert_eq!(
+            host_port("http://127.0.0.1:4318/v1/traces"),
+            Some(("127.0.0.1".into(), 4318))
+        );
         assert_eq!(host_port("https://x"), Some(("x".into(), 443)));
         assert_eq!(host_port("http://[::1]:4317"), Some(("::1".into(), 4317)));
     }

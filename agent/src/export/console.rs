@@ -17,7 +17,11 @@ pub fn format_span(s: &Span) -> String {
         None => "-".into(),
     };
     let ms = (s.end_unix_ns.saturating_sub(s.start_unix_ns)) as f64 / 1e6;
-    let status = if s.status == Status::Error { " ERROR" } else { "" };
+    let status = if s.status == Status::Error {
+        " ERROR"
+    } else {
+        ""
+    };
     let mut out = format!(
         "{kind} {name} {path} -> {code}{status}  {ms:.3} ms  [{svc} pid {pid}]\n    trace_id={trace} span_id={span} parent_id={parent}\n   ",
         name = s.name,

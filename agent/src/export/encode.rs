@@ -5,7 +5,10 @@ use opentelemetry_proto::tonic::{
     collector::trace::v1::ExportTraceServiceRequest,
     common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue as PKeyValue},
     resource::v1::Resource as PResource,
-    trace::v1::{span::SpanKind, status::StatusCode, ResourceSpans, ScopeSpans, Span as PSpan, Status as PStatus},
+    trace::v1::{
+        span::SpanKind, status::StatusCode, ResourceSpans, ScopeSpans, Span as PSpan,
+        Status as PStatus,
+    },
 };
 
 use crate::span::{KeyValue, Kind, Span, Status, Value};
@@ -15,7 +18,11 @@ fn kv(a: &KeyValue) -> PKeyValue {
         Value::Str(s) => any_value::Value::StringValue(s.clone()),
         Value::Int(i) => any_value::Value::IntValue(*i),
     };
-    PKeyValue { key: a.key.to_string(), value: Some(AnyValue { value: Some(value) }), ..Default::default() }
+    PKeyValue {
+        key: a.key.to_string(),
+        value: Some(AnyValue { value: Some(value) }),
+        ..Default::default()
+    }
 }
 
 fn span(s: &Span) -> PSpan {
@@ -59,7 +66,10 @@ pub fn request(spans: &[Span]) -> ExportTraceServiceRequest {
         resource_spans: groups
             .into_iter()
             .map(|(r, spans)| ResourceSpans {
-                resource: Some(PResource { attributes: r.attributes.iter().map(kv).collect(), ..Default::default() }),
+                resource: Some(PResource {
+                    attributes: r.attributes.iter().map(kv).collect(),
+                    ..Default::default()
+                }),
                 scope_spans: vec![ScopeSpans {
                     scope: Some(InstrumentationScope {
                         name: "beholder.http".into(),

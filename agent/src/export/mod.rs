@@ -5,24 +5,36 @@ pub mod console;
 pub mod encode;
 pub mod transport;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
-use tokio::{sync::mpsc, time::Instant};
+use tokio::{
+    sync::{mpsc, Semaphore},
+    time::Instant,
+};
 
-use self::{config::ExportConfig, transport::{SendError, Transport}};
+use self::{
+    config::ExportConfig,
+    transport::{SendError, Transport},
+};
 use crate::{span::Span, telemetry::Metrics};
 
 /// Where batches go.
 pub enum Sink {
     Console,
-    Otlp(Transport),
+    Otlp(Box<Transport>),
 }
 
 impl Sink {
     pub fn new(cfg: &ExportConfig) -> Result<Sink, SendError> {
         match &cfg.endpoint {
             None => Ok(Sink::Console),
-            Some(ep) => Ok(Sink::Otlp(Transport::new(ep)?)),
+            Some(ep) => Ok(Sink::Otlp(Box::new(Transport::new(ep)?))),
         }
     }
 }
@@ -32,12 +44,26 @@ pub fn queue(cfg: &ExportConfig) -> (mpsc::Sender<Span>, mpsc::Receiver<Span>) {
     mpsc::channel(cfg.batch.max_queue)
 }
 
+/// Batches exported at once: enough to keep up with bursts while one request is in flight.
+const MAX_IN_FLIGHT: u32 = 4;
+
 /// Runs until the queue's senders are all dropped, then flushes what is left (bounded by
 /// `final_flush`) and returns.
-pub async fn run(mut rx: mpsc::Receiver<Span>, mut sink: Sink, cfg: ExportConfig, metrics: Arc<Metrics>, final_flush: Duration) {
+pub async fn run(
+    mut rx: mpsc::Receiver<Span>,
+    sink: Sink,
+    cfg: ExportConfig,
+    metrics: Arc<Metrics>,
+    final_flush: Duration,
+) {
     let max = cfg.batch.max_batch;
     let mut batch: Vec<Span> = Vec::with_capacity(max);
-    let mut exporter = Exporter { metrics, failing: false };
+    let exporter = Exporter {
+        metrics,
+        failing: Arc::new(AtomicBool::new(false)),
+        in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT as usize)),
+        sink,
+    };
     let mut deadline = Instant::now() + cfg.batch.delay;
     loop {
         tokio::select! {
@@ -45,7 +71,7 @@ pub async fn run(mut rx: mpsc::Receiver<Span>, mut sink: Sink, cfg: ExportConfig
                 Some(span) => {
                     batch.push(span);
                     if batch.len() >= max {
-                        exporter.flush(&mut sink, &mut batch, cfg.batch.retry_for).await;
+                        exporter.flush(&mut batch, cfg.batch.retry_for).await;
                         deadline = Instant::now() + cfg.batch.delay;
                     }
                 }
@@ -53,7 +79,7 @@ pub async fn run(mut rx: mpsc::Receiver<Span>, mut sink: Sink, cfg: ExportConfig
             },
             _ = tokio::time::sleep_until(deadline) => {
                 if !batch.is_empty() {
-                    exporter.flush(&mut sink, &mut batch, cfg.batch.retry_for).await;
+                    exporter.flush(&mut batch, cfg.batch.retry_for).await;
                 }
                 deadline = Instant::now() + cfg.batch.delay;
             }
@@ -64,64 +90,89 @@ pub async fn run(mut rx: mpsc::Receiver<Span>, mut sink: Sink, cfg: ExportConfig
     while let Ok(span) = rx.try_recv() {
         batch.push(span);
         if batch.len() >= max {
-            let left = stop.saturating_duration_since(Instant::now());
-            exporter.flush(&mut sink, &mut batch, left).await;
+            exporter
+                .flush(&mut batch, stop.saturating_duration_since(Instant::now()))
+                .await;
         }
     }
     if !batch.is_empty() {
-        let left = stop.saturating_duration_since(Instant::now());
-        exporter.flush(&mut sink, &mut batch, left).await;
+        exporter
+            .flush(&mut batch, stop.saturating_duration_since(Instant::now()))
+            .await;
     }
+    let left = stop.saturating_duration_since(Instant::now()) + Duration::from_secs(1);
+    let _ = tokio::time::timeout(left, exporter.in_flight.acquire_many(MAX_IN_FLIGHT)).await;
 }
 
 struct Exporter {
     metrics: Arc<Metrics>,
-    failing: bool,
+    failing: Arc<AtomicBool>,
+    in_flight: Arc<Semaphore>,
+    sink: Sink,
 }
 
 impl Exporter {
-    async fn flush(&mut self, sink: &mut Sink, batch: &mut Vec<Span>, retry_for: Duration) {
+    /// Hands the batch to a sender task once fewer than `MAX_IN_FLIGHT` are exporting.
+    async fn flush(&self, batch: &mut Vec<Span>, retry_for: Duration) {
         let n = batch.len() as u64;
-        let transport = match sink {
+        let transport = match &self.sink {
             Sink::Console => {
                 console::print(batch);
                 self.metrics.spans_exported.inc_by(n);
                 batch.clear();
                 return;
             }
-            Sink::Otlp(t) => t,
+            Sink::Otlp(t) => (**t).clone(),
         };
         let req = encode::request(batch);
         batch.clear();
-        let give_up = Instant::now() + retry_for;
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match transport.send(req.clone()).await {
-                Ok(rejected) => {
-                    if self.failing {
-                        tracing::info!("OTLP backend reachable again; export resumed");
-                        self.failing = false;
-                    }
-                    let rejected = (rejected.max(0) as u64).min(n);
-                    self.metrics.spans_rejected.inc_by(rejected);
-                    self.metrics.spans_exported.inc_by(n - rejected);
-                    return;
+        let Ok(permit) = self.in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        let (metrics, failing) = (self.metrics.clone(), self.failing.clone());
+        tokio::spawn(async move {
+            send_with_retry(transport, req, n, retry_for, &metrics, &failing).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn send_with_retry(
+    mut transport: Transport,
+    req: opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+    n: u64,
+    retry_for: Duration,
+    metrics: &Metrics,
+    failing: &AtomicBool,
+) {
+    let give_up = Instant::now() + retry_for;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match transport.send(req.clone()).await {
+            Ok(rejected) => {
+                if failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!("OTLP backend reachable again; export resumed");
                 }
-                Err(SendError::Retryable(e)) if Instant::now() + backoff < give_up => {
-                    if !self.failing {
-                        tracing::warn!("cannot export spans ({e}); retrying with backoff, the agent keeps tracing and counts what it must drop");
-                        self.failing = true;
-                    }
-                    self.metrics.export_retries.inc();
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                let rejected = (rejected.max(0) as u64).min(n);
+                metrics.spans_rejected.inc_by(rejected);
+                metrics.spans_exported.inc_by(n - rejected);
+                return;
+            }
+            Err(SendError::Retryable(e)) if Instant::now() + backoff < give_up => {
+                if !failing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!("cannot export spans ({e}); retrying with backoff, the agent keeps tracing and counts what it must drop");
                 }
-                Err(e) => {
-                    tracing::warn!(spans = n, "dropping a batch: {e}");
-                    self.failing = true;
-                    self.metrics.spans_export_failed.inc_by(n);
-                    return;
+                metrics.export_retries.inc();
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                if !failing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!("cannot export spans ({e})");
                 }
+                tracing::warn!(spans = n, "dropping a batch: {e}");
+                metrics.spans_export_failed.inc_by(n);
+                return;
             }
         }
     }

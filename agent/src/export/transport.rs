@@ -27,9 +27,21 @@ pub enum SendError {
     Setup(String),
 }
 
+#[derive(Clone)]
 pub enum Transport {
-    Grpc { client: TraceServiceClient<Channel>, headers: Vec<(MetadataKey<tonic::metadata::Ascii>, MetadataValue<tonic::metadata::Ascii>)>, timeout: std::time::Duration },
-    Http { client: reqwest::Client, url: String, headers: Vec<(String, String)> },
+    Grpc {
+        client: TraceServiceClient<Channel>,
+        headers: Vec<(
+            MetadataKey<tonic::metadata::Ascii>,
+            MetadataValue<tonic::metadata::Ascii>,
+        )>,
+        timeout: std::time::Duration,
+    },
+    Http {
+        client: reqwest::Client,
+        url: String,
+        headers: Vec<(String, String)>,
+    },
 }
 
 impl Transport {
@@ -47,18 +59,28 @@ impl Transport {
                 }
                 let mut headers = Vec::new();
                 for (k, v) in &ep.headers {
-                    let key = MetadataKey::from_str(k).map_err(|e| SendError::Setup(format!("header {k}: {e}")))?;
-                    let val = MetadataValue::from_str(v).map_err(|e| SendError::Setup(format!("header {k}: {e}")))?;
+                    let key = MetadataKey::from_str(k)
+                        .map_err(|e| SendError::Setup(format!("header {k}: {e}")))?;
+                    let val = MetadataValue::from_str(v)
+                        .map_err(|e| SendError::Setup(format!("header {k}: {e}")))?;
                     headers.push((key, val));
                 }
-                Ok(Transport::Grpc { client: TraceServiceClient::new(builder.connect_lazy()), headers, timeout: ep.timeout })
+                Ok(Transport::Grpc {
+                    client: TraceServiceClient::new(builder.connect_lazy()),
+                    headers,
+                    timeout: ep.timeout,
+                })
             }
             Protocol::HttpProtobuf => {
                 let client = reqwest::Client::builder()
                     .timeout(ep.timeout)
                     .build()
                     .map_err(|e| SendError::Setup(e.to_string()))?;
-                Ok(Transport::Http { client, url: ep.url.clone(), headers: ep.headers.clone() })
+                Ok(Transport::Http {
+                    client,
+                    url: ep.url.clone(),
+                    headers: ep.headers.clone(),
+                })
             }
         }
     }
@@ -66,7 +88,11 @@ impl Transport {
     /// Sends one request; returns how many spans the backend rejected (partial success).
     pub async fn send(&mut self, req: ExportTraceServiceRequest) -> Result<i64, SendError> {
         match self {
-            Transport::Grpc { client, headers, timeout } => {
+            Transport::Grpc {
+                client,
+                headers,
+                timeout,
+            } => {
                 let mut r = tonic::Request::new(req);
                 r.set_timeout(*timeout);
                 for (k, v) in headers.iter() {
@@ -78,14 +104,20 @@ impl Transport {
                         use tonic::Code::*;
                         let msg = format!("gRPC {:?}: {}", status.code(), status.message());
                         match status.code() {
-                            Unavailable | DeadlineExceeded | ResourceExhausted | Aborted | Cancelled | OutOfRange
-                            | DataLoss | Unknown => Err(SendError::Retryable(msg)),
+                            Unavailable | DeadlineExceeded | ResourceExhausted | Aborted
+                            | Cancelled | OutOfRange | DataLoss | Unknown => {
+                                Err(SendError::Retryable(msg))
+                            }
                             _ => Err(SendError::Permanent(msg)),
                         }
                     }
                 }
             }
-            Transport::Http { client, url, headers } => {
+            Transport::Http {
+                client,
+                url,
+                headers,
+            } => {
                 let mut rb = client
                     .post(url.as_str())
                     .header("content-type", "application/x-protobuf")
@@ -93,11 +125,16 @@ impl Transport {
                 for (k, v) in headers.iter() {
                     rb = rb.header(k.as_str(), v.as_str());
                 }
-                let resp = rb.send().await.map_err(|e| SendError::Retryable(format!("{url}: {e}")))?;
+                let resp = rb
+                    .send()
+                    .await
+                    .map_err(|e| SendError::Retryable(format!("{url}: {e}")))?;
                 let status = resp.status();
                 let body = resp.bytes().await.unwrap_or_default();
                 if status.is_success() {
-                    return Ok(ExportTraceServiceResponse::decode(body.as_ref()).map(rejected).unwrap_or(0));
+                    return Ok(ExportTraceServiceResponse::decode(body.as_ref())
+                        .map(rejected)
+                        .unwrap_or(0));
                 }
                 let msg = format!("HTTP {status} from {url}");
                 match status.as_u16() {

@@ -66,10 +66,16 @@ pub fn struct_offsets(btf: &[u8], name: &str) -> Option<HashMap<String, u32>> {
     let mut out = HashMap::new();
     for (member, ty, off) in members(target) {
         if member.is_empty() {
-            if let Some(inner) = records.get(ty as usize).filter(|r| r.2 == BTF_KIND_STRUCT || r.2 == BTF_KIND_UNION) {
+            if let Some(inner) = records
+                .get(ty as usize)
+                .filter(|r| r.2 == BTF_KIND_STRUCT || r.2 == BTF_KIND_UNION)
+            {
                 for (m, ty2, off2) in members(inner) {
                     if m.is_empty() {
-                        if let Some(inner2) = records.get(ty2 as usize).filter(|r| r.2 == BTF_KIND_STRUCT || r.2 == BTF_KIND_UNION) {
+                        if let Some(inner2) = records
+                            .get(ty2 as usize)
+                            .filter(|r| r.2 == BTF_KIND_STRUCT || r.2 == BTF_KIND_UNION)
+                        {
                             for (m3, _, off3) in members(inner2) {
                                 out.insert(m3, off + off2 + off3);
                             }
@@ -98,12 +104,17 @@ pub const SOCK_COMMON_OFFSETS: [(&str, u32); 6] = [
 
 /// Compares the running kernel's layout with what the kernel programs assume.
 pub fn check_sock_common() -> Result<(), String> {
-    let btf = std::fs::read("/sys/kernel/btf/vmlinux").map_err(|e| format!("/sys/kernel/btf/vmlinux: {e}"))?;
+    let btf = std::fs::read("/sys/kernel/btf/vmlinux")
+        .map_err(|e| format!("/sys/kernel/btf/vmlinux: {e}"))?;
     let offs = struct_offsets(&btf, "sock_common").ok_or("struct sock_common not found in BTF")?;
     for (name, want) in SOCK_COMMON_OFFSETS {
         match offs.get(name) {
             Some(got) if *got == want => {}
-            Some(got) => return Err(format!("{name} is at {got}, the kernel programs read {want}")),
+            Some(got) => {
+                return Err(format!(
+                    "{name} is at {got}, the kernel programs read {want}"
+                ))
+            }
             None => return Err(format!("{name} missing from struct sock_common")),
         }
     }

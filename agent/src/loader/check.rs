@@ -12,7 +12,14 @@ struct Report {
 impl Report {
     fn line(&mut self, ok: bool, what: &str, detail: &str) {
         if ok {
-            println!("[ ok ] {what}{}", if detail.is_empty() { String::new() } else { format!(": {detail}") });
+            println!(
+                "[ ok ] {what}{}",
+                if detail.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {detail}")
+                }
+            );
         } else {
             self.failed += 1;
             println!("[FAIL] {what}: {detail}");
@@ -50,13 +57,28 @@ pub fn run() -> bool {
     );
     let lockdown = std::fs::read_to_string("/sys/kernel/security/lockdown").unwrap_or_default();
     if !lockdown.is_empty() {
-        println!("       lockdown: {} (the agent never needs bpf_probe_write_user)", lockdown.trim());
+        println!(
+            "       lockdown: {} (the agent never needs bpf_probe_write_user)",
+            lockdown.trim()
+        );
     }
     let btf_ok = Path::new("/sys/kernel/btf/vmlinux").exists();
-    r.line(btf_ok, "kernel BTF (/sys/kernel/btf/vmlinux)", if btf_ok { "" } else { "missing: needs CONFIG_DEBUG_INFO_BTF=y" });
+    r.line(
+        btf_ok,
+        "kernel BTF (/sys/kernel/btf/vmlinux)",
+        if btf_ok {
+            ""
+        } else {
+            "missing: needs CONFIG_DEBUG_INFO_BTF=y"
+        },
+    );
     if btf_ok {
         match btf::check_sock_common() {
-            Ok(()) => r.line(true, "struct sock_common layout matches the kernel programs", ""),
+            Ok(()) => r.line(
+                true,
+                "struct sock_common layout matches the kernel programs",
+                "",
+            ),
             Err(e) => r.line(false, "struct sock_common layout", &e),
         }
     }
@@ -64,23 +86,42 @@ pub fn run() -> bool {
         Ok(()) => r.line(true, "tracefs", "mounted"),
         Err(e) => r.line(false, "tracefs", &e.to_string()),
     }
-    let events = ["/sys/kernel/tracing/events", "/sys/kernel/debug/tracing/events"]
-        .into_iter()
-        .find(|p| Path::new(p).exists());
+    let events = [
+        "/sys/kernel/tracing/events",
+        "/sys/kernel/debug/tracing/events",
+    ]
+    .into_iter()
+    .find(|p| Path::new(p).exists());
     for (name, category) in PROGRAMS {
         let found = events.is_some_and(|e| Path::new(&format!("{e}/{category}/{name}")).exists());
         if !found {
-            r.line(false, &format!("tracepoint {category}:{name}"), "not present in tracefs (sock:* needs Linux >= 6.3)");
+            r.line(
+                false,
+                &format!("tracepoint {category}:{name}"),
+                "not present in tracefs (sock:* needs Linux >= 6.3)",
+            );
         }
     }
     raise_memlock();
     if super::OBJECT.is_empty() {
-        r.line(false, "kernel programs", "this binary was built without them (AYA_BUILD_SKIP)");
+        r.line(
+            false,
+            "kernel programs",
+            "this binary was built without them (AYA_BUILD_SKIP)",
+        );
     } else {
         match EbpfLoader::new().load(super::OBJECT) {
-            Err(e) => r.line(false, "load kernel programs and maps (ring buffer, hash, LRU, per-CPU)", &e.to_string()),
+            Err(e) => r.line(
+                false,
+                "load kernel programs and maps (ring buffer, hash, LRU, per-CPU)",
+                &e.to_string(),
+            ),
             Ok(mut ebpf) => {
-                r.line(true, "load kernel programs and maps (ring buffer, hash, LRU, per-CPU)", "");
+                r.line(
+                    true,
+                    "load kernel programs and maps (ring buffer, hash, LRU, per-CPU)",
+                    "",
+                );
                 let mut attached = 0;
                 for (name, category) in PROGRAMS {
                     let res = ebpf
@@ -89,14 +130,20 @@ pub fn run() -> bool {
                         .and_then(|p| <&mut TracePoint>::try_from(p).map_err(|e| e.to_string()))
                         .and_then(|p| {
                             p.load().map_err(|e| e.to_string())?;
-                            p.attach(category, name).map(|_| ()).map_err(|e| e.to_string())
+                            p.attach(category, name)
+                                .map(|_| ())
+                                .map_err(|e| e.to_string())
                         });
                     match res {
                         Ok(()) => attached += 1,
                         Err(e) => r.line(false, &format!("attach {category}:{name}"), &e),
                     }
                 }
-                r.line(attached == PROGRAMS.len(), "verifier accepted and attached tracepoint programs", &format!("{attached}/{}", PROGRAMS.len()));
+                r.line(
+                    attached == PROGRAMS.len(),
+                    "verifier accepted and attached tracepoint programs",
+                    &format!("{attached}/{}", PROGRAMS.len()),
+                );
             }
         }
     }

@@ -5,8 +5,9 @@ pub mod check;
 use std::net::IpAddr;
 
 use agent_common::{
-    ConnInfo, EndpointKey, IoArgs, ANY_ADDR, FILTER_PIDS, FILTER_PORTS, MAP_ACTIVE_CONNECT, MAP_ACTIVE_IO,
-    MAP_CONNS, MAP_COUNTERS, MAP_EVENTS, MAP_EXCLUDED, MAP_PIDS, MAP_PORTS, MAX_PAYLOAD,
+    ConnInfo, EndpointKey, IoArgs, ANY_ADDR, FILTER_PIDS, FILTER_PORTS, MAP_ACTIVE_CONNECT,
+    MAP_ACTIVE_IO, MAP_CONNS, MAP_COUNTERS, MAP_EVENTS, MAP_EXCLUDED, MAP_PIDS, MAP_PORTS,
+    MAX_PAYLOAD,
 };
 use aya::{
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
@@ -54,7 +55,11 @@ pub enum LoadError {
     #[error("program {0} is missing from the kernel object")]
     Missing(&'static str),
     #[error("attaching {name} to tracepoint {category}:{name} failed: {source}. Run `agent check` to see which kernel features this host lacks")]
-    Attach { name: &'static str, category: &'static str, source: aya::programs::ProgramError },
+    Attach {
+        name: &'static str,
+        category: &'static str,
+        source: aya::programs::ProgramError,
+    },
     #[error("tracefs is not mounted and could not be mounted at /sys/kernel/tracing: {0}. Mount it with `mount -t tracefs nodev /sys/kernel/tracing`")]
     Tracefs(std::io::Error),
     #[error("map {0}: {1}")]
@@ -79,13 +84,22 @@ pub struct Loaded {
 
 /// Mounts tracefs if it is not there; tracepoints cannot be attached without it.
 pub fn ensure_tracefs() -> Result<(), LoadError> {
-    for p in ["/sys/kernel/tracing/events", "/sys/kernel/debug/tracing/events"] {
+    for p in [
+        "/sys/kernel/tracing/events",
+        "/sys/kernel/debug/tracing/events",
+    ] {
         if std::path::Path::new(p).exists() {
             return Ok(());
         }
     }
     let r = unsafe {
-        libc::mount(c"nodev".as_ptr(), c"/sys/kernel/tracing".as_ptr(), c"tracefs".as_ptr(), 0, std::ptr::null())
+        libc::mount(
+            c"nodev".as_ptr(),
+            c"/sys/kernel/tracing".as_ptr(),
+            c"tracefs".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
     };
     if r != 0 {
         return Err(LoadError::Tracefs(std::io::Error::last_os_error()));
@@ -97,7 +111,10 @@ pub fn ensure_tracefs() -> Result<(), LoadError> {
 /// Raises RLIMIT_MEMLOCK where allowed; newer kernels charge BPF memory to the cgroup instead,
 /// so failing is only a warning.
 pub fn raise_memlock() {
-    let lim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let lim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) } != 0 {
         tracing::debug!(
             "could not raise RLIMIT_MEMLOCK ({}); fine on kernels >= 5.11, which account BPF memory to the cgroup",
@@ -136,12 +153,28 @@ pub fn load(s: &Settings) -> Result<Loaded, LoadError> {
             .program_mut(name)
             .ok_or(LoadError::Missing(name))?
             .try_into()
-            .map_err(|source| LoadError::Attach { name, category, source })?;
-        prog.load().map_err(|source| LoadError::Attach { name, category, source })?;
-        prog.attach(category, name).map_err(|source| LoadError::Attach { name, category, source })?;
+            .map_err(|source| LoadError::Attach {
+                name,
+                category,
+                source,
+            })?;
+        prog.load().map_err(|source| LoadError::Attach {
+            name,
+            category,
+            source,
+        })?;
+        prog.attach(category, name)
+            .map_err(|source| LoadError::Attach {
+                name,
+                category,
+                source,
+            })?;
     }
-    let ring = RingBuf::try_from(ebpf.take_map(MAP_EVENTS).ok_or(LoadError::Missing(MAP_EVENTS))?)
-        .map_err(|e| LoadError::Map(MAP_EVENTS, e))?;
+    let ring = RingBuf::try_from(
+        ebpf.take_map(MAP_EVENTS)
+            .ok_or(LoadError::Missing(MAP_EVENTS))?,
+    )
+    .map_err(|e| LoadError::Map(MAP_EVENTS, e))?;
     Ok(Loaded { ebpf, ring })
 }
 
@@ -151,36 +184,67 @@ fn endpoint_key(ip: IpAddr, port: u16) -> Vec<EndpointKey> {
         IpAddr::V4(v4) => {
             let mut a = [0u8; 16];
             a[..4].copy_from_slice(&v4.octets());
-            keys.push(EndpointKey { addr: a, port, _pad: [0; 6] });
+            keys.push(EndpointKey {
+                addr: a,
+                port,
+                _pad: [0; 6],
+            });
             // The same endpoint as seen by an IPv6 socket (v4-mapped).
-            keys.push(EndpointKey { addr: v4.to_ipv6_mapped().octets(), port, _pad: [0; 6] });
+            keys.push(EndpointKey {
+                addr: v4.to_ipv6_mapped().octets(),
+                port,
+                _pad: [0; 6],
+            });
         }
-        IpAddr::V6(v6) => keys.push(EndpointKey { addr: v6.octets(), port, _pad: [0; 6] }),
+        IpAddr::V6(v6) => keys.push(EndpointKey {
+            addr: v6.octets(),
+            port,
+            _pad: [0; 6],
+        }),
     }
     keys
 }
 
 fn fill_maps(ebpf: &mut Ebpf, s: &Settings) -> Result<(), LoadError> {
     let mut pids: HashMap<_, u32, u8> =
-        HashMap::try_from(ebpf.map_mut(MAP_PIDS).ok_or(LoadError::Missing(MAP_PIDS))?).map_err(|e| LoadError::Map(MAP_PIDS, e))?;
+        HashMap::try_from(ebpf.map_mut(MAP_PIDS).ok_or(LoadError::Missing(MAP_PIDS))?)
+            .map_err(|e| LoadError::Map(MAP_PIDS, e))?;
     for p in &s.pids {
-        pids.insert(p, 1, 0).map_err(|e| LoadError::Map(MAP_PIDS, e))?;
+        pids.insert(p, 1, 0)
+            .map_err(|e| LoadError::Map(MAP_PIDS, e))?;
     }
-    let mut ports: HashMap<_, u16, u8> =
-        HashMap::try_from(ebpf.map_mut(MAP_PORTS).ok_or(LoadError::Missing(MAP_PORTS))?).map_err(|e| LoadError::Map(MAP_PORTS, e))?;
+    let mut ports: HashMap<_, u16, u8> = HashMap::try_from(
+        ebpf.map_mut(MAP_PORTS)
+            .ok_or(LoadError::Missing(MAP_PORTS))?,
+    )
+    .map_err(|e| LoadError::Map(MAP_PORTS, e))?;
     for p in &s.ports {
-        ports.insert(p, 1, 0).map_err(|e| LoadError::Map(MAP_PORTS, e))?;
+        ports
+            .insert(p, 1, 0)
+            .map_err(|e| LoadError::Map(MAP_PORTS, e))?;
     }
-    let mut ex: HashMap<_, EndpointKey, u8> = HashMap::try_from(ebpf.map_mut(MAP_EXCLUDED).ok_or(LoadError::Missing(MAP_EXCLUDED))?)
-        .map_err(|e| LoadError::Map(MAP_EXCLUDED, e))?;
+    let mut ex: HashMap<_, EndpointKey, u8> = HashMap::try_from(
+        ebpf.map_mut(MAP_EXCLUDED)
+            .ok_or(LoadError::Missing(MAP_EXCLUDED))?,
+    )
+    .map_err(|e| LoadError::Map(MAP_EXCLUDED, e))?;
     for (ip, port) in &s.excluded {
         for k in endpoint_key(*ip, *port) {
-            ex.insert(k, 1, 0).map_err(|e| LoadError::Map(MAP_EXCLUDED, e))?;
+            ex.insert(k, 1, 0)
+                .map_err(|e| LoadError::Map(MAP_EXCLUDED, e))?;
         }
     }
     for port in &s.excluded_any_port {
-        ex.insert(EndpointKey { addr: ANY_ADDR, port: *port, _pad: [0; 6] }, 1, 0)
-            .map_err(|e| LoadError::Map(MAP_EXCLUDED, e))?;
+        ex.insert(
+            EndpointKey {
+                addr: ANY_ADDR,
+                port: *port,
+                _pad: [0; 6],
+            },
+            1,
+            0,
+        )
+        .map_err(|e| LoadError::Map(MAP_EXCLUDED, e))?;
     }
     Ok(())
 }
@@ -188,17 +252,23 @@ fn fill_maps(ebpf: &mut Ebpf, s: &Settings) -> Result<(), LoadError> {
 /// Adds processes to the allow-list while running (executable globs matching new processes).
 pub fn allow_pids(ebpf: &mut Ebpf, new: &[u32]) -> Result<(), LoadError> {
     let mut pids: HashMap<_, u32, u8> =
-        HashMap::try_from(ebpf.map_mut(MAP_PIDS).ok_or(LoadError::Missing(MAP_PIDS))?).map_err(|e| LoadError::Map(MAP_PIDS, e))?;
+        HashMap::try_from(ebpf.map_mut(MAP_PIDS).ok_or(LoadError::Missing(MAP_PIDS))?)
+            .map_err(|e| LoadError::Map(MAP_PIDS, e))?;
     for p in new {
-        pids.insert(p, 1, 0).map_err(|e| LoadError::Map(MAP_PIDS, e))?;
+        pids.insert(p, 1, 0)
+            .map_err(|e| LoadError::Map(MAP_PIDS, e))?;
     }
     Ok(())
 }
 
 /// Sums the kernel's per-CPU counters.
 pub fn kernel_counters(ebpf: &Ebpf) -> Vec<u64> {
-    let Some(map) = ebpf.map(MAP_COUNTERS) else { return Vec::new() };
-    let Ok(arr) = PerCpuArray::<_, u64>::try_from(map) else { return Vec::new() };
+    let Some(map) = ebpf.map(MAP_COUNTERS) else {
+        return Vec::new();
+    };
+    let Ok(arr) = PerCpuArray::<_, u64>::try_from(map) else {
+        return Vec::new();
+    };
     (0..agent_common::COUNTER_NAMES.len() as u32)
         .map(|i| arr.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0))
         .collect()
@@ -207,22 +277,44 @@ pub fn kernel_counters(ebpf: &Ebpf) -> Vec<u64> {
 /// Removes in-flight entries of threads that died inside a syscall and conn entries of
 /// processes that exited without closing, so the bounded maps never fill with the dead.
 pub fn sweep_dead(ebpf: &mut Ebpf) {
-    let alive_thread = |k: u64| std::path::Path::new(&format!("/proc/{}/task/{}", k >> 32, k as u32)).exists();
+    let alive_thread =
+        |k: u64| std::path::Path::new(&format!("/proc/{}/task/{}", k >> 32, k as u32)).exists();
     let alive_process = |k: u64| std::path::Path::new(&format!("/proc/{}", k >> 32)).exists();
-    if let Some(Ok(mut m)) = ebpf.map_mut(MAP_ACTIVE_IO).map(HashMap::<_, u64, IoArgs>::try_from) {
-        let dead: Vec<u64> = m.keys().filter_map(Result::ok).filter(|k| !alive_thread(*k)).collect();
+    if let Some(Ok(mut m)) = ebpf
+        .map_mut(MAP_ACTIVE_IO)
+        .map(HashMap::<_, u64, IoArgs>::try_from)
+    {
+        let dead: Vec<u64> = m
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !alive_thread(*k))
+            .collect();
         for k in dead {
             let _ = m.remove(&k);
         }
     }
-    if let Some(Ok(mut m)) = ebpf.map_mut(MAP_ACTIVE_CONNECT).map(HashMap::<_, u64, u64>::try_from) {
-        let dead: Vec<u64> = m.keys().filter_map(Result::ok).filter(|k| !alive_thread(*k)).collect();
+    if let Some(Ok(mut m)) = ebpf
+        .map_mut(MAP_ACTIVE_CONNECT)
+        .map(HashMap::<_, u64, u64>::try_from)
+    {
+        let dead: Vec<u64> = m
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !alive_thread(*k))
+            .collect();
         for k in dead {
             let _ = m.remove(&k);
         }
     }
-    if let Some(Ok(mut m)) = ebpf.map_mut(MAP_CONNS).map(HashMap::<_, u64, ConnInfo>::try_from) {
-        let dead: Vec<u64> = m.keys().filter_map(Result::ok).filter(|k| !alive_process(*k)).collect();
+    if let Some(Ok(mut m)) = ebpf
+        .map_mut(MAP_CONNS)
+        .map(HashMap::<_, u64, ConnInfo>::try_from)
+    {
+        let dead: Vec<u64> = m
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !alive_process(*k))
+            .collect();
         for k in dead {
             let _ = m.remove(&k);
         }

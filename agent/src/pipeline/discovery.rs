@@ -37,7 +37,8 @@ impl Snapshot {
                     }
                 }
                 procfs::net::TcpState::Established => {
-                    s.established.insert((norm(l.ip()), l.port(), norm(r.ip()), r.port()));
+                    s.established
+                        .insert((norm(l.ip()), l.port(), norm(r.ip()), r.port()));
                 }
                 _ => {}
             }
@@ -51,10 +52,15 @@ impl Snapshot {
 
     /// The side of a connection that was open before the agent started, if /proc knew it.
     pub fn side_of(&self, e: &Endpoints) -> Option<Side> {
-        if !self.established.contains(&(e.local, e.local_port, e.peer, e.peer_port)) {
+        if !self
+            .established
+            .contains(&(e.local, e.local_port, e.peer, e.peer_port))
+        {
             return None;
         }
-        if self.listening_any.contains(&e.local_port) || self.listening.contains(&(e.local, e.local_port)) {
+        if self.listening_any.contains(&e.local_port)
+            || self.listening.contains(&(e.local, e.local_port))
+        {
             Some(Side::Server)
         } else {
             Some(Side::Client)

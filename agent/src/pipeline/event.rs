@@ -41,7 +41,9 @@ impl KernelEvent {
                     return Err(DecodeError::Short(item.len()));
                 }
                 // SAFETY: length checked; `CloseEvent` is plain old data.
-                Ok(KernelEvent::Close(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) }))
+                Ok(KernelEvent::Close(unsafe {
+                    std::ptr::read_unaligned(item.as_ptr().cast())
+                }))
             }
             other => Err(DecodeError::Kind(other)),
         }

@@ -3,7 +3,10 @@
 use std::sync::Arc;
 
 use aya::maps::{MapData, RingBuf};
-use tokio::{io::unix::AsyncFd, sync::{mpsc, watch}};
+use tokio::{
+    io::unix::AsyncFd,
+    sync::{mpsc, watch},
+};
 
 use super::event::KernelEvent;
 use crate::telemetry::Metrics;

@@ -85,7 +85,11 @@ impl Tracker {
         match ev {
             KernelEvent::Data { header, payload } => self.data(&header, &payload),
             KernelEvent::Close(c) => {
-                let id = ConnId { pid: c.pid, fd: c.fd, sk: c.sk };
+                let id = ConnId {
+                    pid: c.pid,
+                    fd: c.fd,
+                    sk: c.sk,
+                };
                 if let Some(mut conn) = self.conns.remove(&id) {
                     conn.http.close(&mut self.exchanges);
                     self.finish(&mut conn);
@@ -95,7 +99,11 @@ impl Tracker {
     }
 
     fn data(&mut self, h: &DataHeader, payload: &[u8]) {
-        let id = ConnId { pid: h.pid, fd: h.fd, sk: h.sk };
+        let id = ConnId {
+            pid: h.pid,
+            fd: h.fd,
+            sk: h.sk,
+        };
         if !self.conns.contains_key(&id) {
             if self.conns.len() >= MAX_CONNS {
                 self.metrics.tracker_conns_full.inc();
@@ -108,13 +116,37 @@ impl Tracker {
                 _ => self.preexisting.side_of(&ends),
             };
             let resource = self.processes.resource(h.pid);
-            self.conns.insert(id, Conn { http: Http1Conn::default(), ends, resource, expected, last_boot_ns: h.ts_exit });
+            self.conns.insert(
+                id,
+                Conn {
+                    http: Http1Conn::default(),
+                    ends,
+                    resource,
+                    expected,
+                    last_boot_ns: h.ts_exit,
+                },
+            );
         }
-        let Some(conn) = self.conns.get_mut(&id) else { return };
-        let dir = if h.direction == DIR_INGRESS { Dir::Ingress } else { Dir::Egress };
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let dir = if h.direction == DIR_INGRESS {
+            Dir::Ingress
+        } else {
+            Dir::Egress
+        };
         // Bytes count as received when the read returns, and as sent when the write starts.
-        let start_ns = if dir == Dir::Ingress { h.ts_exit } else { h.ts_enter };
-        let seg = Segment { data: payload, len: h.len, start_ns, end_ns: h.ts_exit };
+        let start_ns = if dir == Dir::Ingress {
+            h.ts_exit
+        } else {
+            h.ts_enter
+        };
+        let seg = Segment {
+            data: payload,
+            len: h.len,
+            start_ns,
+            end_ns: h.ts_exit,
+        };
         conn.http.feed(dir, seg, &mut self.exchanges);
         conn.last_boot_ns = h.ts_exit;
         if !self.exchanges.is_empty() {
@@ -123,7 +155,9 @@ impl Tracker {
     }
 
     fn emit(&mut self, id: ConnId) {
-        let Some(conn) = self.conns.get_mut(&id) else { return };
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
         let clock = self.clock;
         for ex in self.exchanges.drain(..) {
             if conn.expected.is_some_and(|s| s != ex.side) {
@@ -131,7 +165,9 @@ impl Tracker {
                 self.metrics.http_orphan_responses.inc();
                 continue;
             }
-            match build_span(&ex, &conn.ends, conn.resource.clone(), |t| clock.to_unix_ns(t)) {
+            match build_span(&ex, &conn.ends, conn.resource.clone(), |t| {
+                clock.to_unix_ns(t)
+            }) {
                 Built::Unsampled => {
                     self.metrics.spans_unsampled.inc();
                 }
@@ -149,7 +185,9 @@ impl Tracker {
     fn finish(&mut self, conn: &mut Conn) {
         let clock = self.clock;
         for ex in self.exchanges.drain(..) {
-            if let Built::Span(span) = build_span(&ex, &conn.ends, conn.resource.clone(), |t| clock.to_unix_ns(t)) {
+            if let Built::Span(span) = build_span(&ex, &conn.ends, conn.resource.clone(), |t| {
+                clock.to_unix_ns(t)
+            }) {
                 self.metrics.spans_created.inc();
                 if self.spans.try_send(*span).is_err() {
                     self.metrics.spans_queue_full.inc();
@@ -165,7 +203,9 @@ impl Tracker {
         let s = conn.http.take_stats();
         metrics.http_skipped_bytes.inc_by(s.skipped_bytes);
         metrics.http_orphan_responses.inc_by(s.orphan_responses);
-        metrics.http_unanswered_requests.inc_by(s.unanswered_requests);
+        metrics
+            .http_unanswered_requests
+            .inc_by(s.unanswered_requests);
         metrics.http_pending_overflow.inc_by(s.pending_overflow);
     }
 

@@ -25,6 +25,11 @@ pub struct Segment<'a> {
 impl<'a> Segment<'a> {
     /// A fully captured segment at one instant (tests, replay).
     pub fn whole(data: &'a [u8], ts: u64) -> Self {
-        Segment { data, len: data.len() as u64, start_ns: ts, end_ns: ts }
+        Segment {
+            data,
+            len: data.len() as u64,
+            start_ns: ts,
+            end_ns: ts,
+        }
     }
 }

@@ -12,7 +12,9 @@ use crate::{
     trace_context::TraceParent,
 };
 
-const KNOWN_METHODS: [&str; 9] = ["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "CONNECT", "TRACE"];
+const KNOWN_METHODS: [&str; 9] = [
+    "GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "CONNECT", "TRACE",
+];
 
 pub enum Built {
     Span(Box<Span>),
@@ -54,7 +56,11 @@ pub fn build_span(
         Some(p) => (p.trace_id, Some(p.parent_id), p.flags),
         None => (rng.random::<[u8; 16]>(), None, 1),
     };
-    let trace_state = if parent.is_some() { req.tracestate.clone().unwrap_or_default() } else { String::new() };
+    let trace_state = if parent.is_some() {
+        req.tracestate.clone().unwrap_or_default()
+    } else {
+        String::new()
+    };
     let mut span_id: [u8; 8] = rng.random();
     if span_id == [0; 8] {
         span_id[7] = 1;
@@ -66,16 +72,34 @@ pub fn build_span(
     let status = ex.response.status;
     let version = format!("1.{}", req.minor_version);
     let mut attrs = Vec::with_capacity(14);
-    attrs.push(KeyValue::new("http.request.method", Value::Str(method.into())));
+    attrs.push(KeyValue::new(
+        "http.request.method",
+        Value::Str(method.into()),
+    ));
     if !known {
-        attrs.push(KeyValue::new("http.request.method_original", Value::Str(req.method.clone())));
+        attrs.push(KeyValue::new(
+            "http.request.method_original",
+            Value::Str(req.method.clone()),
+        ));
     }
     attrs.push(KeyValue::new("url.path", Value::Str(path.into())));
     attrs.push(KeyValue::new("url.scheme", Value::Str("http".into())));
-    attrs.push(KeyValue::new("http.response.status_code", Value::Int(status as i64)));
-    attrs.push(KeyValue::new("network.protocol.version", Value::Str(version)));
-    attrs.push(KeyValue::new("network.peer.address", Value::Str(ip_str(ends.peer))));
-    attrs.push(KeyValue::new("network.peer.port", Value::Int(ends.peer_port as i64)));
+    attrs.push(KeyValue::new(
+        "http.response.status_code",
+        Value::Int(status as i64),
+    ));
+    attrs.push(KeyValue::new(
+        "network.protocol.version",
+        Value::Str(version),
+    ));
+    attrs.push(KeyValue::new(
+        "network.peer.address",
+        Value::Str(ip_str(ends.peer)),
+    ));
+    attrs.push(KeyValue::new(
+        "network.peer.port",
+        Value::Int(ends.peer_port as i64),
+    ));
     let host = req.host.as_deref().map(split_host);
     let kind = match ex.side {
         Side::Server => {
@@ -85,7 +109,10 @@ pub fn build_span(
             };
             attrs.push(KeyValue::new("server.address", Value::Str(addr)));
             attrs.push(KeyValue::new("server.port", Value::Int(port as i64)));
-            attrs.push(KeyValue::new("client.address", Value::Str(ip_str(ends.peer))));
+            attrs.push(KeyValue::new(
+                "client.address",
+                Value::Str(ip_str(ends.peer)),
+            ));
             Kind::Server
         }
         Side::Client => {
@@ -93,7 +120,10 @@ pub fn build_span(
                 Some((h, _)) if !h.is_empty() => h.to_owned(),
                 _ => ip_str(ends.peer),
             };
-            let authority = req.host.clone().unwrap_or_else(|| format!("{}:{}", ends.peer, ends.peer_port));
+            let authority = req
+                .host
+                .clone()
+                .unwrap_or_else(|| format!("{}:{}", ends.peer, ends.peer_port));
             let full = if req.target.starts_with("http://") || req.target.starts_with("https://") {
                 req.target.clone()
             } else {
@@ -101,7 +131,10 @@ pub fn build_span(
             };
             attrs.push(KeyValue::new("url.full", Value::Str(full)));
             attrs.push(KeyValue::new("server.address", Value::Str(addr)));
-            attrs.push(KeyValue::new("server.port", Value::Int(ends.peer_port as i64)));
+            attrs.push(KeyValue::new(
+                "server.port",
+                Value::Int(ends.peer_port as i64),
+            ));
             Kind::Client
         }
     };
@@ -123,7 +156,11 @@ pub fn build_span(
         parent_span_id,
         trace_state,
         flags,
-        name: if known { req.method.clone() } else { "HTTP".into() },
+        name: if known {
+            req.method.clone()
+        } else {
+            "HTTP".into()
+        },
         kind,
         start_unix_ns: start,
         end_unix_ns: end,
@@ -153,7 +190,11 @@ mod tests {
                 tracestate: Some("vendor=x".into()),
                 framing: Framing::None,
             },
-            response: ResponseHead { status, minor_version: 1, framing: Framing::None },
+            response: ResponseHead {
+                status,
+                minor_version: 1,
+                framing: Framing::None,
+            },
             start_ns: 1_000,
             end_ns: 5_000,
         }
@@ -169,7 +210,10 @@ mod tests {
     }
 
     fn resource() -> Arc<Resource> {
-        Arc::new(Resource { service_name: "svc".into(), attributes: vec![] })
+        Arc::new(Resource {
+            service_name: "svc".into(),
+            attributes: vec![],
+        })
     }
 
     fn span(ex: &Exchange) -> Span {
@@ -188,12 +232,24 @@ mod tests {
         assert_eq!((s.start_unix_ns, s.end_unix_ns), (1_010, 5_010));
         assert_eq!(s.parent_span_id, None);
         assert_eq!(s.trace_state, "");
-        assert_eq!(s.attr("url.path"), Some(&Value::Str("/api/users/42".into())));
-        assert_eq!(s.attr("server.address"), Some(&Value::Str("shop.local".into())));
+        assert_eq!(
+            s.attr("url.path"),
+            Some(&Value::Str("/api/users/42".into()))
+        );
+        assert_eq!(
+            s.attr("server.address"),
+            Some(&Value::Str("shop.local".into()))
+        );
         assert_eq!(s.attr("server.port"), Some(&Value::Int(8080)));
-        assert_eq!(s.attr("client.address"), Some(&Value::Str("127.0.0.2".into())));
+        assert_eq!(
+            s.attr("client.address"),
+            Some(&Value::Str("127.0.0.2".into()))
+        );
         assert_eq!(s.attr("http.response.status_code"), Some(&Value::Int(503)));
-        assert_eq!(s.attr("user_agent.original"), Some(&Value::Str("curl/7.88.1".into())));
+        assert_eq!(
+            s.attr("user_agent.original"),
+            Some(&Value::Str("curl/7.88.1".into()))
+        );
     }
 
     #[test]
@@ -201,7 +257,12 @@ mod tests {
         let s = span(&exchange(Side::Client, 404, None));
         assert_eq!(s.kind, Kind::Client);
         assert_eq!(s.status, Status::Error);
-        assert_eq!(s.attr("url.full"), Some(&Value::Str("http://shop.local:8080/api/users/42?q=1".into())));
+        assert_eq!(
+            s.attr("url.full"),
+            Some(&Value::Str(
+                "http://shop.local:8080/api/users/42?q=1".into()
+            ))
+        );
         assert_eq!(s.attr("server.port"), Some(&Value::Int(50000)));
         let ok = span(&exchange(Side::Server, 404, None));
         assert_eq!(ok.status, Status::Unset);
@@ -209,12 +270,29 @@ mod tests {
 
     #[test]
     fn honours_traceparent() {
-        let s = span(&exchange(Side::Server, 200, Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")));
-        assert_eq!(crate::trace_context::w3c::hex(&s.trace_id), "0af7651916cd43dd8448eb211c80319c");
-        assert_eq!(s.parent_span_id.map(|p| crate::trace_context::w3c::hex(&p)), Some("b7ad6b7169203331".into()));
+        let s = span(&exchange(
+            Side::Server,
+            200,
+            Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+        ));
+        assert_eq!(
+            crate::trace_context::w3c::hex(&s.trace_id),
+            "0af7651916cd43dd8448eb211c80319c"
+        );
+        assert_eq!(
+            s.parent_span_id.map(|p| crate::trace_context::w3c::hex(&p)),
+            Some("b7ad6b7169203331".into())
+        );
         assert_eq!(s.trace_state, "vendor=x");
-        let unsampled = exchange(Side::Server, 200, Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"));
-        assert!(matches!(build_span(&unsampled, &ends(), resource(), |t| t), Built::Unsampled));
+        let unsampled = exchange(
+            Side::Server,
+            200,
+            Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"),
+        );
+        assert!(matches!(
+            build_span(&unsampled, &ends(), resource(), |t| t),
+            Built::Unsampled
+        ));
         let garbage = span(&exchange(Side::Server, 200, Some("00-zzzz")));
         assert_eq!(garbage.parent_span_id, None);
         assert_ne!(garbage.trace_id, [0; 16]);

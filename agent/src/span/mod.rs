@@ -21,10 +21,16 @@ pub struct KeyValue {
 
 impl KeyValue {
     pub fn new(key: &'static str, value: Value) -> Self {
-        KeyValue { key: Cow::Borrowed(key), value }
+        KeyValue {
+            key: Cow::Borrowed(key),
+            value,
+        }
     }
     pub fn owned(key: String, value: Value) -> Self {
-        KeyValue { key: Cow::Owned(key), value }
+        KeyValue {
+            key: Cow::Owned(key),
+            value,
+        }
     }
 }
 
@@ -58,6 +64,9 @@ pub struct Span {
 
 impl Span {
     pub fn attr(&self, key: &str) -> Option<&Value> {
-        self.attributes.iter().find(|a| a.key == key).map(|a| &a.value)
+        self.attributes
+            .iter()
+            .find(|a| a.key == key)
+            .map(|a| &a.value)
     }
 }

@@ -21,7 +21,10 @@ impl TraceParent {
             return None;
         }
         let version = hex_byte(&v[0..2])?;
-        if version == 0xff || (version == 0 && v.len() != 55) || (version > 0 && v.len() > 55 && v[55] != b'-') {
+        if version == 0xff
+            || (version == 0 && v.len() != 55)
+            || (version > 0 && v.len() > 55 && v[55] != b'-')
+        {
             return None;
         }
         let mut trace_id = [0u8; 16];
@@ -32,11 +35,20 @@ impl TraceParent {
         if trace_id == [0; 16] || parent_id == [0; 8] {
             return None;
         }
-        Some(TraceParent { trace_id, parent_id, flags })
+        Some(TraceParent {
+            trace_id,
+            parent_id,
+            flags,
+        })
     }
 
     pub fn format(&self) -> String {
-        format!("00-{}-{}-{:02x}", hex(&self.trace_id), hex(&self.parent_id), self.flags)
+        format!(
+            "00-{}-{}-{:02x}",
+            hex(&self.trace_id),
+            hex(&self.parent_id),
+            self.flags
+        )
     }
 }
 
@@ -62,10 +74,12 @@ fn hex_into(s: &[u8], out: &mut [u8]) -> Option<()> {
 
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 #[cfg(test)]
@@ -74,15 +88,23 @@ mod tests {
 
     #[test]
     fn valid() {
-        let tp = TraceParent::parse("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01").unwrap();
+        let tp =
+            TraceParent::parse("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01").unwrap();
         assert_eq!(hex(&tp.trace_id), "0af7651916cd43dd8448eb211c80319c");
         assert_eq!(hex(&tp.parent_id), "b7ad6b7169203331");
         assert!(tp.sampled());
-        assert_eq!(tp.format(), "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
-        let unsampled = TraceParent::parse("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00").unwrap();
+        assert_eq!(
+            tp.format(),
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        );
+        let unsampled =
+            TraceParent::parse("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00").unwrap();
         assert!(!unsampled.sampled());
         // A future version with extra fields is accepted.
-        assert!(TraceParent::parse("01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra").is_some());
+        assert!(TraceParent::parse(
+            "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra"
+        )
+        .is_some());
     }
 
     #[test]

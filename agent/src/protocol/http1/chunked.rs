@@ -20,7 +20,10 @@ pub struct ChunkError;
 
 impl Default for ChunkState {
     fn default() -> Self {
-        ChunkState::Size { value: 0, digits: 0 }
+        ChunkState::Size {
+            value: 0,
+            digits: 0,
+        }
     }
 }
 
@@ -32,7 +35,11 @@ impl ChunkState {
             if let ChunkState::Data(left) = *self {
                 let take = left.min((data.len() - i) as u64);
                 i += take as usize;
-                *self = if take == left { ChunkState::DataCr } else { ChunkState::Data(left - take) };
+                *self = if take == left {
+                    ChunkState::DataCr
+                } else {
+                    ChunkState::Data(left - take)
+                };
                 continue;
             }
             let b = data[i];
@@ -44,7 +51,13 @@ impl ChunkState {
 
     fn step(self, b: u8) -> Result<ChunkState, ChunkError> {
         use ChunkState::*;
-        let after_size = |value: u64| if value == 0 { TrailerStart } else { Data(value) };
+        let after_size = |value: u64| {
+            if value == 0 {
+                TrailerStart
+            } else {
+                Data(value)
+            }
+        };
         Ok(match self {
             Size { value, digits } => match b {
                 b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
@@ -52,7 +65,10 @@ impl ChunkState {
                     if digits >= 15 {
                         return Err(ChunkError);
                     }
-                    Size { value: value * 16 + d, digits: digits + 1 }
+                    Size {
+                        value: value * 16 + d,
+                        digits: digits + 1,
+                    }
                 }
                 _ if digits == 0 => return Err(ChunkError),
                 b';' | b' ' | b'\t' => Ext { value },
@@ -67,7 +83,10 @@ impl ChunkState {
             },
             SizeLf { value } if b == b'\n' => after_size(value),
             DataCr if b == b'\r' => DataLf,
-            DataCr | DataLf if b == b'\n' => Size { value: 0, digits: 0 },
+            DataCr | DataLf if b == b'\n' => Size {
+                value: 0,
+                digits: 0,
+            },
             TrailerStart => match b {
                 b'\r' => FinalLf,
                 b'\n' => Done,
@@ -87,7 +106,11 @@ impl ChunkState {
         }
         match *self {
             ChunkState::Data(left) if n <= left => {
-                *self = if n == left { ChunkState::DataCr } else { ChunkState::Data(left - n) };
+                *self = if n == left {
+                    ChunkState::DataCr
+                } else {
+                    ChunkState::Data(left - n)
+                };
                 Ok(())
             }
             _ => Err(ChunkError),

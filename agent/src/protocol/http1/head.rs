@@ -57,7 +57,11 @@ struct BodyHeaders {
 }
 
 fn body_headers(headers: &[httparse::Header<'_>]) -> Result<BodyHeaders, ()> {
-    let mut h = BodyHeaders { content_length: None, chunked: false, close: false };
+    let mut h = BodyHeaders {
+        content_length: None,
+        chunked: false,
+        close: false,
+    };
     for header in headers {
         if header.name.eq_ignore_ascii_case("content-length") {
             let v = std::str::from_utf8(header.value).map_err(|_| ())?.trim();
@@ -88,7 +92,10 @@ fn text(v: &[u8]) -> String {
 }
 
 fn header<'a>(headers: &'a [httparse::Header<'_>], name: &str) -> Option<&'a [u8]> {
-    headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value)
+    headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case(name))
+        .map(|h| h.value)
 }
 
 pub fn parse_request(buf: &[u8]) -> HeadParse<RequestHead> {
@@ -141,27 +148,46 @@ pub fn parse_response(buf: &[u8], answers: RequestKind) -> HeadParse<ResponseHea
         return HeadParse::Invalid;
     };
     // RFC 9112 6.3, in order.
-    let framing = if status == 101 || (answers == RequestKind::Connect && (200..300).contains(&status)) {
-        Framing::Tunnel
-    } else if answers == RequestKind::Head || (100..200).contains(&status) || status == 204 || status == 304 {
-        Framing::None
-    } else if body.chunked {
-        Framing::Chunked
-    } else {
-        match body.content_length {
-            Some(0) => Framing::None,
-            Some(n) => Framing::Length(n),
-            None => Framing::UntilClose,
-        }
-    };
+    let framing =
+        if status == 101 || (answers == RequestKind::Connect && (200..300).contains(&status)) {
+            Framing::Tunnel
+        } else if answers == RequestKind::Head
+            || (100..200).contains(&status)
+            || status == 204
+            || status == 304
+        {
+            Framing::None
+        } else if body.chunked {
+            Framing::Chunked
+        } else {
+            match body.content_length {
+                Some(0) => Framing::None,
+                Some(n) => Framing::Length(n),
+                None => Framing::UntilClose,
+            }
+        };
     let _ = body.close;
-    HeadParse::Complete(ResponseHead { status, minor_version: version, framing }, n)
+    HeadParse::Complete(
+        ResponseHead {
+            status,
+            minor_version: version,
+            framing,
+        },
+        n,
+    )
 }
 
 /// Whether `data` can be (the beginning of) a request line: a known method and a space.
 pub fn plausible_request(data: &[u8]) -> bool {
     const METHODS: [&[u8]; 9] = [
-        b"GET ", b"POST ", b"PUT ", b"DELETE ", b"HEAD ", b"OPTIONS ", b"PATCH ", b"CONNECT ",
+        b"GET ",
+        b"POST ",
+        b"PUT ",
+        b"DELETE ",
+        b"HEAD ",
+        b"OPTIONS ",
+        b"PATCH ",
+        b"CONNECT ",
         b"TRACE ",
     ];
     METHODS.iter().any(|m| prefix_match(data, m))

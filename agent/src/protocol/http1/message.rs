@@ -34,14 +34,29 @@ struct Open {
 #[derive(Debug)]
 enum State {
     /// Between messages. Unsynced: look for a message start at segment boundaries only.
-    Idle { synced: bool },
-    Head { buf: Vec<u8>, start_ns: u64 },
-    Body { open: Option<Open>, left: u64 },
-    Chunked { open: Option<Open>, chunk: ChunkState },
-    UntilClose { open: Open },
+    Idle {
+        synced: bool,
+    },
+    Head {
+        buf: Vec<u8>,
+        start_ns: u64,
+    },
+    Body {
+        open: Option<Open>,
+        left: u64,
+    },
+    Chunked {
+        open: Option<Open>,
+        chunk: ChunkState,
+    },
+    UntilClose {
+        open: Open,
+    },
     /// Lost the body framing; the response ends before the next response head, a new request,
     /// or close.
-    Drain { open: Open },
+    Drain {
+        open: Open,
+    },
     Tunnel,
 }
 
@@ -52,7 +67,9 @@ pub struct StreamParser {
 
 impl Default for StreamParser {
     fn default() -> Self {
-        StreamParser { state: State::Idle { synced: false } }
+        StreamParser {
+            state: State::Idle { synced: false },
+        }
     }
 }
 
@@ -68,12 +85,17 @@ impl StreamParser {
                 State::Idle { synced } => {
                     if synced {
                         // Stray CRLFs between messages are allowed (RFC 9112 2.2).
-                        let blank = data.iter().take_while(|b| matches!(b, b'\r' | b'\n')).count();
+                        let blank = data
+                            .iter()
+                            .take_while(|b| matches!(b, b'\r' | b'\n'))
+                            .count();
                         data = &data[blank..];
                     }
                     if data.is_empty() {
                         // A gap between messages may hide a message start.
-                        self.state = State::Idle { synced: synced && gap == 0 };
+                        self.state = State::Idle {
+                            synced: synced && gap == 0,
+                        };
                         if gap > 0 {
                             sink.skipped(gap);
                         }
@@ -81,7 +103,10 @@ impl StreamParser {
                     }
                     let plausible = head::plausible_request(data) || head::plausible_response(data);
                     if plausible && (synced || at_segment_start) {
-                        State::Head { buf: Vec::new(), start_ns: seg.start_ns }
+                        State::Head {
+                            buf: Vec::new(),
+                            start_ns: seg.start_ns,
+                        }
                     } else {
                         sink.skipped(data.len() as u64 + gap);
                         self.state = State::Idle { synced: false };
@@ -93,7 +118,9 @@ impl StreamParser {
                     let parsed = if old == 0 {
                         parse_head(data, sink)
                     } else {
-                        buf.extend_from_slice(&data[..data.len().min(MAX_HEAD + 1 - old.min(MAX_HEAD))]);
+                        buf.extend_from_slice(
+                            &data[..data.len().min(MAX_HEAD + 1 - old.min(MAX_HEAD))],
+                        );
                         parse_head(&buf, sink)
                     };
                     match parsed {
@@ -137,7 +164,10 @@ impl StreamParser {
                         return;
                     }
                 }
-                State::Chunked { mut open, mut chunk } => {
+                State::Chunked {
+                    mut open,
+                    mut chunk,
+                } => {
                     let used = chunk.feed(data);
                     match used {
                         Ok(n) => data = &data[n..],
@@ -170,7 +200,10 @@ impl StreamParser {
                 State::Drain { mut open } => {
                     if at_segment_start && head::plausible_response(data) {
                         let end = open.end_ns;
-                        sink.event(Event::Response { head: open.head, end_ns: end });
+                        sink.event(Event::Response {
+                            head: open.head,
+                            end_ns: end,
+                        });
                         State::Idle { synced: false }
                     } else {
                         open.end_ns = seg.end_ns;
@@ -187,7 +220,10 @@ impl StreamParser {
     pub fn flush(&mut self, sink: &mut impl Sink) {
         match std::mem::replace(&mut self.state, State::Idle { synced: false }) {
             State::UntilClose { open } | State::Drain { open } => {
-                sink.event(Event::Response { head: open.head, end_ns: open.end_ns });
+                sink.event(Event::Response {
+                    head: open.head,
+                    end_ns: open.end_ns,
+                });
             }
             other => self.state = other,
         }
@@ -204,8 +240,14 @@ impl StreamParser {
                 let framing = head.framing;
                 sink.event(Event::Request { head, start_ns });
                 match framing {
-                    Framing::Length(n) => State::Body { open: None, left: n },
-                    Framing::Chunked => State::Chunked { open: None, chunk: ChunkState::default() },
+                    Framing::Length(n) => State::Body {
+                        open: None,
+                        left: n,
+                    },
+                    Framing::Chunked => State::Chunked {
+                        open: None,
+                        chunk: ChunkState::default(),
+                    },
                     _ => State::Idle { synced: true },
                 }
             }
@@ -213,8 +255,14 @@ impl StreamParser {
                 let framing = head.framing;
                 let open = Open { head, end_ns };
                 match framing {
-                    Framing::Length(n) => State::Body { open: Some(open), left: n },
-                    Framing::Chunked => State::Chunked { open: Some(open), chunk: ChunkState::default() },
+                    Framing::Length(n) => State::Body {
+                        open: Some(open),
+                        left: n,
+                    },
+                    Framing::Chunked => State::Chunked {
+                        open: Some(open),
+                        chunk: ChunkState::default(),
+                    },
                     Framing::UntilClose => State::UntilClose { open },
                     Framing::Tunnel => {
                         self.finish(Some(open), end_ns, sink);
@@ -231,7 +279,10 @@ impl StreamParser {
 
     fn finish(&mut self, open: Option<Open>, end_ns: u64, sink: &mut impl Sink) {
         if let Some(o) = open {
-            sink.event(Event::Response { head: o.head, end_ns });
+            sink.event(Event::Response {
+                head: o.head,
+                end_ns,
+            });
         }
     }
 

@@ -67,7 +67,11 @@ impl Sink for Pairing {
         let dir = self.dir.unwrap_or(Dir::Ingress);
         match event {
             Event::Request { head, start_ns } => {
-                let side = if dir == Dir::Ingress { Side::Server } else { Side::Client };
+                let side = if dir == Dir::Ingress {
+                    Side::Server
+                } else {
+                    Side::Client
+                };
                 if self.side.is_some_and(|s| s != side) {
                     return; // a request in the response direction: not HTTP we can pair
                 }
@@ -87,7 +91,11 @@ impl Sink for Pairing {
                     self.stats.orphan_responses += 1;
                     return;
                 };
-                let expected = if side == Side::Server { Dir::Egress } else { Dir::Ingress };
+                let expected = if side == Side::Server {
+                    Dir::Egress
+                } else {
+                    Dir::Ingress
+                };
                 if dir != expected {
                     self.stats.orphan_responses += 1;
                     return;

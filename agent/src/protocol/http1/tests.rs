@@ -32,7 +32,8 @@ fn run(pieces: &[(Dir, &[u8])]) -> (String, Stats) {
     (dump(&out), conn.take_stats())
 }
 
-const GET: &[u8] = b"GET /users/42?x=1 HTTP/1.1\r\nHost: example.com\r\nUser-Agent: curl/7.88\r\n\r\n";
+const GET: &[u8] =
+    b"GET /users/42?x=1 HTTP/1.1\r\nHost: example.com\r\nUser-Agent: curl/7.88\r\n\r\n";
 const OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
 use Dir::{Egress as E, Ingress as I};
 
@@ -67,7 +68,8 @@ fn keepalive_and_pipelining() {
 fn split_at_every_byte_boundary() {
     let req = b"POST /submit HTTP/1.1\r\nHost: h\r\nTraceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\nContent-Length: 11\r\n\r\nhello world";
     let resp = b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nX-Trailer: 1\r\n\r\n";
-    let want = "Server POST /submit 1.1 tp=00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01 -> 201";
+    let want =
+        "Server POST /submit 1.1 tp=00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01 -> 201";
     for cut in 1..req.len() {
         let (d, s) = run(&[(I, &req[..cut]), (I, &req[cut..]), (E, resp)]);
         assert_eq!(d, format!("{want} [0..2]"), "request split at {cut}");
@@ -86,7 +88,10 @@ fn one_byte_at_a_time() {
     pieces.extend(OK.chunks(1).map(|c| (E, c)));
     let (d, _) = run(&pieces);
     let last = pieces.len() - 1;
-    assert_eq!(d, format!("Server GET /users/42?x=1 1.1 tp=- -> 200 [0..{last}]"));
+    assert_eq!(
+        d,
+        format!("Server GET /users/42?x=1 1.1 tp=- -> 200 [0..{last}]")
+    );
 }
 
 #[test]
@@ -102,7 +107,10 @@ fn head_has_no_body() {
     let req = b"HEAD /big HTTP/1.1\r\nHost: h\r\n\r\n";
     let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n";
     let (d, _) = run(&[(I, req), (E, resp), (I, GET), (E, OK)]);
-    assert_eq!(d, "Server HEAD /big 1.1 tp=- -> 200 [0..1]\nServer GET /users/42?x=1 1.1 tp=- -> 200 [2..3]");
+    assert_eq!(
+        d,
+        "Server HEAD /big 1.1 tp=- -> 200 [0..1]\nServer GET /users/42?x=1 1.1 tp=- -> 200 [2..3]"
+    );
 }
 
 #[test]
@@ -124,9 +132,30 @@ fn large_body_with_capture_gap() {
     let mut conn = Http1Conn::default();
     let mut out = Vec::new();
     conn.feed(I, Segment::whole(GET, 1), &mut out);
-    conn.feed(E, Segment { data: head, len: head.len() as u64 + 60_000, start_ns: 2, end_ns: 3 }, &mut out);
-    conn.feed(E, Segment { data: b"0123456789", len: 40_000, start_ns: 4, end_ns: 5 }, &mut out);
-    assert_eq!(dump(&out), "Server GET /users/42?x=1 1.1 tp=- -> 200 [1..5]");
+    conn.feed(
+        E,
+        Segment {
+            data: head,
+            len: head.len() as u64 + 60_000,
+            start_ns: 2,
+            end_ns: 3,
+        },
+        &mut out,
+    );
+    conn.feed(
+        E,
+        Segment {
+            data: b"0123456789",
+            len: 40_000,
+            start_ns: 4,
+            end_ns: 5,
+        },
+        &mut out,
+    );
+    assert_eq!(
+        dump(&out),
+        "Server GET /users/42?x=1 1.1 tp=- -> 200 [1..5]"
+    );
     conn.feed(I, Segment::whole(GET, 6), &mut out);
     conn.feed(E, Segment::whole(OK, 7), &mut out);
     assert_eq!(out.len(), 2);
@@ -139,7 +168,16 @@ fn lost_chunk_framing_ends_at_next_request() {
     let mut out = Vec::new();
     conn.feed(I, Segment::whole(GET, 1), &mut out);
     // 0x10000 bytes of chunk data, then "\r\n0\r\n\r\n", captured only in part.
-    conn.feed(E, Segment { data: head, len: head.len() as u64 + 70_000, start_ns: 2, end_ns: 3 }, &mut out);
+    conn.feed(
+        E,
+        Segment {
+            data: head,
+            len: head.len() as u64 + 70_000,
+            start_ns: 2,
+            end_ns: 3,
+        },
+        &mut out,
+    );
     assert!(out.is_empty());
     conn.feed(I, Segment::whole(GET, 4), &mut out);
     conn.feed(E, Segment::whole(OK, 5), &mut out);
@@ -178,7 +216,10 @@ fn garbage_is_skipped() {
         let (d, _) = run(&[(I, j), (E, j)]);
         assert_eq!(d, "", "junk {j:?}");
         let (d, _) = run(&[(I, j), (E, OK), (I, GET), (E, OK)]);
-        assert_eq!(d, "Server GET /users/42?x=1 1.1 tp=- -> 200 [2..3]", "junk {j:?}");
+        assert_eq!(
+            d, "Server GET /users/42?x=1 1.1 tp=- -> 200 [2..3]",
+            "junk {j:?}"
+        );
     }
 }
 
@@ -193,11 +234,27 @@ fn random_bytes_never_panic() {
             let n = rng.random_range(0..64);
             let mut b: Vec<u8> = (0..n).map(|_| rng.random()).collect();
             if rng.random_bool(0.3) {
-                b.splice(0..0, GET.iter().copied().take(rng.random_range(0..GET.len())));
+                b.splice(
+                    0..0,
+                    GET.iter().copied().take(rng.random_range(0..GET.len())),
+                );
             }
             let dir = if rng.random_bool(0.5) { I } else { E };
-            let extra = if rng.random_bool(0.2) { rng.random_range(0..100_000) } else { 0 };
-            conn.feed(dir, Segment { data: &b, len: b.len() as u64 + extra, start_ns: 0, end_ns: 0 }, &mut out);
+            let extra = if rng.random_bool(0.2) {
+                rng.random_range(0..100_000)
+            } else {
+                0
+            };
+            conn.feed(
+                dir,
+                Segment {
+                    data: &b,
+                    len: b.len() as u64 + extra,
+                    start_ns: 0,
+                    end_ns: 0,
+                },
+                &mut out,
+            );
         }
         conn.close(&mut out);
     }
@@ -209,7 +266,13 @@ fn head_too_large_resyncs() {
     for i in 0..2000 {
         big.extend_from_slice(format!("X-H{i}: value\r\n").as_bytes());
     }
-    let (d, s) = run(&[(I, &big[..8000]), (I, &big[8000..]), (I, b"\r\n"), (I, GET), (E, OK)]);
+    let (d, s) = run(&[
+        (I, &big[..8000]),
+        (I, &big[8000..]),
+        (I, b"\r\n"),
+        (I, GET),
+        (E, OK),
+    ]);
     assert_eq!(d, "Server GET /users/42?x=1 1.1 tp=- -> 200 [3..4]");
     assert!(s.skipped_bytes > 0);
 }
@@ -218,9 +281,14 @@ fn head_too_large_resyncs() {
 fn traceparent_after_long_headers() {
     let mut req = b"GET /t HTTP/1.1\r\n".to_vec();
     req.extend_from_slice(format!("X-Padding: {}\r\n", "a".repeat(1600)).as_bytes());
-    req.extend_from_slice(b"traceparent: 00-11111111111111111111111111111111-2222222222222222-01\r\n\r\n");
+    req.extend_from_slice(
+        b"traceparent: 00-11111111111111111111111111111111-2222222222222222-01\r\n\r\n",
+    );
     let (d, _) = run(&[(I, &req), (E, OK)]);
-    assert!(d.contains("tp=00-11111111111111111111111111111111-2222222222222222-01"), "{d}");
+    assert!(
+        d.contains("tp=00-11111111111111111111111111111111-2222222222222222-01"),
+        "{d}"
+    );
 }
 
 #[test]

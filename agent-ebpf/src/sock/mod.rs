@@ -17,6 +17,8 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 
+mod late;
+
 use crate::maps::{
     conn_key, count, global, ACTIVE_IO, CONNS, EXCLUDED_ENDPOINTS, FILTER_FLAGS, TRACED_PORTS,
 };
@@ -27,21 +29,37 @@ const IPPROTO_TCP: u16 = 6;
 
 #[tracepoint]
 pub fn sock_send_length(ctx: TracePointContext) -> u32 {
-    classify(&ctx);
+    classify(&ctx, true);
     0
 }
 
 #[tracepoint]
 pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
-    classify(&ctx);
+    classify(&ctx, false);
     0
 }
 
 #[inline(always)]
-fn classify(ctx: &TracePointContext) {
+fn classify(ctx: &TracePointContext, send: bool) {
     let pid_tgid = bpf_get_current_pid_tgid();
-    let Some(io) = ACTIVE_IO.get_ptr_mut(&pid_tgid) else {
-        return;
+    let io = match ACTIVE_IO.get_ptr_mut(&pid_tgid) {
+        Some(io) => io,
+        None => {
+            // A syscall that began before the agent attached (a thread blocked in read on a
+            // keep-alive connection): recover its arguments from the saved user registers.
+            if !crate::maps::process_traced((pid_tgid >> 32) as u32) {
+                return;
+            }
+            let Some(args) = late::args(send) else { return };
+            if ACTIVE_IO.insert(&pid_tgid, &args, 0).is_err() {
+                count(agent_common::CNT_ACTIVE_IO_FULL);
+                return;
+            }
+            let Some(io) = ACTIVE_IO.get_ptr_mut(&pid_tgid) else {
+                return;
+            };
+            io
+        }
     };
     // SAFETY: tracepoint fields at offsets from the format file; `io` is a live map value.
     let (sk, family, protocol) = unsafe {
@@ -69,7 +87,12 @@ fn classify(ctx: &TracePointContext) {
             role = c.role; // set by accept/connect, first data on this socket
         }
     }
-    let mut info = ConnInfo { sk, role, verdict: VERDICT_IGNORE, tuple: ConnTuple::default() };
+    let mut info = ConnInfo {
+        sk,
+        role,
+        verdict: VERDICT_IGNORE,
+        tuple: ConnTuple::default(),
+    };
     if (family == AF_INET || family == AF_INET6) && protocol == IPPROTO_TCP {
         if read_tuple(sk, family, &mut info.tuple).is_ok() && wanted(&info.tuple) {
             info.verdict = VERDICT_TRACE;
@@ -95,8 +118,10 @@ fn read_tuple(sk: u64, family: u16, t: &mut ConnTuple) -> Result<(), i64> {
             t.peer_addr[..4].copy_from_slice(&peer);
             t.local_addr[..4].copy_from_slice(&local);
         } else {
-            t.peer_addr = bpf_probe_read_kernel((sk + 56) as *const [u8; 16]).map_err(|e| e as i64)?;
-            t.local_addr = bpf_probe_read_kernel((sk + 72) as *const [u8; 16]).map_err(|e| e as i64)?;
+            t.peer_addr =
+                bpf_probe_read_kernel((sk + 56) as *const [u8; 16]).map_err(|e| e as i64)?;
+            t.local_addr =
+                bpf_probe_read_kernel((sk + 72) as *const [u8; 16]).map_err(|e| e as i64)?;
         }
     }
     Ok(())
@@ -119,8 +144,16 @@ fn wanted(t: &ConnTuple) -> bool {
 
 #[inline(always)]
 fn excluded(addr: [u8; 16], port: u16) -> bool {
-    let exact = EndpointKey { addr, port, _pad: [0; 6] };
-    let any = EndpointKey { addr: ANY_ADDR, port, _pad: [0; 6] };
+    let exact = EndpointKey {
+        addr,
+        port,
+        _pad: [0; 6],
+    };
+    let any = EndpointKey {
+        addr: ANY_ADDR,
+        port,
+        _pad: [0; 6],
+    };
     // SAFETY: presence tests only.
     unsafe { EXCLUDED_ENDPOINTS.get(&exact).is_some() || EXCLUDED_ENDPOINTS.get(&any).is_some() }
 }

@@ -1,0 +1,116 @@
+//! Real programs the tests trace: nginx, Python servers and clients, curl, wrk.
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Output, Stdio},
+};
+
+/// A child process killed when dropped.
+pub struct Proc {
+    pub child: Child,
+}
+
+impl Proc {
+    pub fn spawn(cmd: &mut Command) -> Proc {
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+        Proc { child }
+    }
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child; SIGTERM first so servers exit cleanly.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub struct Nginx {
+    _proc: Proc,
+    pub port: u16,
+    pub dir: PathBuf,
+}
+
+impl Nginx {
+    /// nginx on 127.0.0.1:`port` with `locations` inside its server block.
+    pub fn start(port: u16, locations: &str) -> Nginx {
+        let dir = std::env::temp_dir().join(format!("nginx-test-{port}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("logs")).expect("nginx dir");
+        std::fs::create_dir_all(dir.join("html")).expect("nginx html");
+        std::fs::write(
+            dir.join("html/index.html"),
+            "<html>hello from nginx</html>\n",
+        )
+        .expect("index");
+        let conf = format!(
+            "daemon off;\nmaster_process off;\nworker_processes 1;\nerror_log {d}/logs/error.log;\npid {d}/nginx.pid;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{\n  access_log {d}/logs/access.log;\n  keepalive_requests 1000000;\n  client_body_temp_path {d}/tmp;\n\
+               proxy_temp_path {d}/tmp;\n  fastcgi_temp_path {d}/tmp;\n  uwsgi_temp_path {d}/tmp;\n  scgi_temp_path {d}/tmp;\n\
+               server {{\n    listen 127.0.0.1:{port};\n    root {d}/html;\n{locations}\n  }}\n}}\n",
+            d = dir.display()
+        );
+        std::fs::create_dir_all(dir.join("tmp")).expect("tmp");
+        std::fs::write(dir.join("nginx.conf"), conf).expect("conf");
+        let proc_ = Proc::spawn(
+            Command::new("nginx")
+                .args([
+                    "-p",
+                    &dir.to_string_lossy(),
+                    "-c",
+                    &dir.join("nginx.conf").to_string_lossy(),
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit()),
+        );
+        crate::wait_port(port);
+        Nginx {
+            _proc: proc_,
+            port,
+            dir,
+        }
+    }
+
+    /// Requests nginx logged (one line each).
+    pub fn access_log_lines(&self) -> usize {
+        std::fs::read_to_string(self.dir.join("logs/access.log"))
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    }
+}
+
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn curl(args: &[&str]) -> String {
+    String::from_utf8_lossy(
+        &run(Command::new("curl")
+            .args(["-sS", "--max-time", "10"])
+            .args(args))
+        .stdout,
+    )
+    .into_owned()
+}
+
+pub fn python(script: &str, args: &[&str]) -> Command {
+    let mut c = Command::new("python3");
+    c.arg(crate::fixture(script)).args(args);
+    c
+}
