@@ -124,6 +124,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let snapshot = Snapshot::scan();
     let loader::Loaded { mut ebpf, ring } = loader::load(&settings)?;
     match &cfg.endpoint {
+        None if cfg.discard => {
+            tracing::info!("OTEL_TRACES_EXPORTER=none: spans are built and counted, not exported")
+        }
         None => tracing::info!("no OTEL_EXPORTER_OTLP_ENDPOINT set: printing spans to the console"),
         Some(ep) => tracing::info!(protocol = ?ep.protocol, "exporting spans to {}", ep.url),
     }

@@ -46,6 +46,7 @@ counters! {
     spans_unsampled: "spans not recorded because their trace is not sampled",
     spans_queue_full: "spans dropped: export queue full",
     spans_exported: "spans accepted by the backend (or printed)",
+    spans_discarded: "spans built and discarded on purpose (OTEL_TRACES_EXPORTER=none)",
     spans_export_failed: "spans dropped after export retries ran out",
     spans_rejected: "spans the backend reported as rejected (partial success)",
     export_retries: "export attempts retried",

@@ -9,8 +9,10 @@ pub enum Protocol {
 
 #[derive(Clone, Debug)]
 pub struct ExportConfig {
-    /// `None`: print to the console.
+    /// `None`: print to the console (or discard, with `discard`).
     pub endpoint: Option<Endpoint>,
+    /// `OTEL_TRACES_EXPORTER=none`: build spans, count them, send them nowhere.
+    pub discard: bool,
     pub batch: BatchConfig,
 }
 
@@ -44,6 +46,8 @@ pub enum ConfigError {
         value: String,
         unit: &'static str,
     },
+    #[error("OTEL_TRACES_EXPORTER={0:?} is not supported: use otlp, console or none")]
+    Exporter(String),
     #[error("OTEL_EXPORTER_OTLP_HEADERS entry {0:?} is not key=value")]
     Header(String),
 }
@@ -119,6 +123,20 @@ impl ExportConfig {
             )?),
             retry_for: Duration::from_secs(60),
         };
+        let exporter = env("OTEL_TRACES_EXPORTER")
+            .map(|v| v.trim().to_ascii_lowercase())
+            .filter(|v| !v.is_empty());
+        let early = |discard| ExportConfig {
+            endpoint: None,
+            discard,
+            batch: batch.clone(),
+        };
+        match exporter.as_deref() {
+            None | Some("otlp") => {}
+            Some("console") => return Ok(early(false)),
+            Some("none") => return Ok(early(true)),
+            Some(other) => return Err(ConfigError::Exporter(other.to_owned())),
+        }
         let protocol = match var(
             env,
             "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
@@ -141,12 +159,19 @@ impl ExportConfig {
                 Protocol::HttpProtobuf => format!("{}/v1/traces", base.trim_end_matches('/')),
                 Protocol::Grpc => base,
             })
+        } else if exporter.as_deref() == Some("otlp") {
+            // Explicitly asked for OTLP with no endpoint: the spec's local default.
+            Some(match protocol {
+                Protocol::HttpProtobuf => "http://localhost:4318/v1/traces".to_owned(),
+                Protocol::Grpc => "http://localhost:4317".to_owned(),
+            })
         } else {
             None
         };
         let Some(url) = url else {
             return Ok(ExportConfig {
                 endpoint: None,
+                discard: false,
                 batch,
             });
         };
@@ -185,6 +210,7 @@ impl ExportConfig {
                 headers,
                 timeout: Duration::from_millis(timeout_ms),
             }),
+            discard: false,
             batch,
         })
     }
@@ -246,6 +272,18 @@ mod tests {
     #[test]
     fn console_by_default() {
         assert!(cfg(&[]).unwrap().endpoint.is_none());
+        let none = cfg(&[
+            ("OTEL_TRACES_EXPORTER", "none"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
+        ])
+        .unwrap();
+        assert!(none.discard && none.endpoint.is_none());
+        let otlp = cfg(&[("OTEL_TRACES_EXPORTER", "otlp")])
+            .unwrap()
+            .endpoint
+            .unwrap();
+        assert_eq!(otlp.url, "http://localhost:4318/v1/traces");
+        assert!(cfg(&[("OTEL_TRACES_EXPORTER", "zipkin")]).is_err());
     }
 
     #[test]

@@ -70,7 +70,8 @@ pub fn build_span(
     let method = if known { req.method.as_str() } else { "_OTHER" };
     let path = req.target.split(['?', '#']).next().unwrap_or("/");
     let status = ex.response.status;
-    let version = format!("1.{}", req.minor_version);
+    // The version actually spoken: a 1.1 client talking to a 1.0 server speaks 1.0.
+    let version = format!("1.{}", req.minor_version.min(ex.response.minor_version));
     let mut attrs = Vec::with_capacity(14);
     attrs.push(KeyValue::new(
         "http.request.method",

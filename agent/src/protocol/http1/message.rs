@@ -81,7 +81,10 @@ impl StreamParser {
         loop {
             let state = std::mem::replace(&mut self.state, State::Idle { synced: false });
             self.state = match state {
-                State::Tunnel => State::Tunnel,
+                State::Tunnel => {
+                    self.state = State::Tunnel;
+                    return;
+                }
                 State::Idle { synced } => {
                     if synced {
                         // Stray CRLFs between messages are allowed (RFC 9112 2.2).

@@ -1,0 +1,163 @@
+//! Process selection, IPv6 and HTTP/1.0, privileges, and the agent's own metrics.
+use std::{
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use tests::{
+    agent::{Agent, Export},
+    free_port,
+    programs::{curl, run, Nginx, Proc},
+    receiver::Receiver,
+    wait_until,
+};
+
+const T: Duration = Duration::from_secs(20);
+
+/// `python3 -m http.server` speaks HTTP/1.0; here on IPv6 loopback, called by curl over IPv6.
+#[test]
+fn ipv6_and_http10_server() {
+    let rx = Receiver::start();
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("http10-{port}"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(dir.join("page.txt"), "hello over ipv6\n").expect("file");
+    let _server = Proc::spawn(
+        Command::new("python3")
+            .args(["-m", "http.server", &port.to_string(), "--bind", "::1"])
+            .current_dir(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    wait_until(T, "python http.server on [::1]", || {
+        std::net::TcpStream::connect(("::1", port)).is_ok()
+    });
+    let agent = Agent::start(Export::Grpc(&rx), &["--port", &port.to_string()]);
+    assert_eq!(
+        curl(&["-6", &format!("http://[::1]:{port}/page.txt")]),
+        "hello over ipv6\n"
+    );
+    let server = rx.wait_for(1, T, "server span", |s| {
+        s.kind() == "server" && s.attr("url.path") == Some("/page.txt")
+    });
+    let client = rx.wait_for(1, T, "client span", |s| {
+        s.kind() == "client" && s.attr("url.path") == Some("/page.txt")
+    });
+    agent.stop();
+    let (s, c) = (&server[0], &client[0]);
+    assert_eq!(s.attr("client.address"), Some("::1"));
+    assert_eq!(s.attr("network.peer.address"), Some("::1"));
+    assert_eq!(
+        s.attr("network.protocol.version"),
+        Some("1.0"),
+        "python's http.server answers HTTP/1.0"
+    );
+    assert_eq!(s.attr("http.response.status_code"), Some("200"));
+    assert_eq!(c.attr("network.peer.address"), Some("::1"));
+    assert_eq!(c.attr("server.port"), Some(port.to_string().as_str()));
+}
+
+/// `--exe` traces only matching processes: nginx's server spans, not curl's client spans; and
+/// `--pid` does the same by process id.
+#[test]
+fn exe_and_pid_filters() {
+    let rx = Receiver::start();
+    let port = free_port();
+    let _nginx = Nginx::start(port, "    location = /hello { return 200 \"hello\\n\"; }\n");
+    let agent = Agent::start(Export::Grpc(&rx), &["--exe", "*/nginx"]);
+    for _ in 0..2 {
+        curl(&[&format!("http://127.0.0.1:{port}/hello")]);
+    }
+    let spans = rx.wait_for(2, T, "nginx spans", |s| {
+        s.attr("server.port") == Some(&port.to_string())
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    agent.stop();
+    assert!(spans
+        .iter()
+        .all(|s| s.res("service.name") == Some("nginx") && s.kind() == "server"));
+    assert!(
+        rx.spans()
+            .iter()
+            .all(|s| s.res("service.name") == Some("nginx")),
+        "only nginx is traced"
+    );
+
+    let rx = Receiver::start();
+    let port2 = free_port();
+    let server = Proc::spawn(
+        Command::new("python3")
+            .args([
+                "-m",
+                "http.server",
+                &port2.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    tests::wait_port(port2);
+    let agent = Agent::start(Export::Grpc(&rx), &["--pid", &server.pid().to_string()]);
+    curl(&["-o", "/dev/null", &format!("http://127.0.0.1:{port2}/")]);
+    curl(&["-o", "/dev/null", &format!("http://127.0.0.1:{port}/hello")]);
+    rx.wait_for(1, T, "python span", |s| s.kind() == "server");
+    std::thread::sleep(Duration::from_millis(800));
+    agent.stop();
+    let spans = rx.spans();
+    assert_eq!(spans.len(), 1, "only the selected pid: {spans:?}");
+    assert_eq!(
+        spans[0].res("process.pid"),
+        Some(server.pid().to_string().as_str())
+    );
+}
+
+/// Not root: a clear message that says how to fix it.
+#[test]
+fn not_root_is_explained() {
+    tests::require_root();
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            &tests::agent::agent_bin(),
+        ])
+        .output()
+        .expect("setpriv");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("must run as root"), "{err}");
+}
+
+/// The agent's counters are served in Prometheus format.
+#[test]
+fn metrics_endpoint_counts_spans() {
+    let port = free_port();
+    let metrics_port = free_port();
+    let _nginx = Nginx::start(port, "    location = /hello { return 200 \"hello\\n\"; }\n");
+    let mut cmd = Command::new(tests::agent::agent_bin());
+    cmd.args([
+        "--port",
+        &port.to_string(),
+        "--metrics-addr",
+        &format!("127.0.0.1:{metrics_port}"),
+    ])
+    .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    let _agent = Proc::spawn(&mut cmd);
+    tests::wait_port(metrics_port);
+    std::thread::sleep(Duration::from_millis(500));
+    curl(&[&format!("http://127.0.0.1:{port}/hello")]);
+    wait_until(T, "spans_exported_total 2", || {
+        let text = String::from_utf8_lossy(
+            &run(Command::new("curl")
+                .args(["-s", &format!("http://127.0.0.1:{metrics_port}/metrics")]))
+            .stdout,
+        )
+        .into_owned();
+        text.contains("agent_spans_exported_total 2")
+            && text.contains("agent_kernel_ringbuf_full_events_total 0")
+    });
+}
