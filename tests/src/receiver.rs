@@ -81,11 +81,39 @@ fn value(v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>) -> String
 struct Store {
     spans: Arc<Mutex<Vec<RSpan>>>,
     requests: Arc<Mutex<u64>>,
+    /// Spans by `service.name/kind`, kept even when spans are not stored.
+    counts: Arc<Mutex<std::collections::BTreeMap<String, u64>>>,
+    keep: bool,
+    delay: Duration,
 }
 
 impl Store {
     fn add(&self, req: ExportTraceServiceRequest) {
         *self.requests.lock().expect("lock") += 1;
+        {
+            let mut counts = self.counts.lock().expect("lock");
+            for rs in &req.resource_spans {
+                let service = rs
+                    .resource
+                    .as_ref()
+                    .and_then(|r| r.attributes.iter().find(|a| a.key == "service.name"))
+                    .map(|a| value(&a.value))
+                    .unwrap_or_default();
+                for ss in &rs.scope_spans {
+                    for span in &ss.spans {
+                        let kind = match span.kind {
+                            2 => "server",
+                            3 => "client",
+                            _ => "other",
+                        };
+                        *counts.entry(format!("{service}/{kind}")).or_default() += 1;
+                    }
+                }
+            }
+        }
+        if !self.keep {
+            return;
+        }
         let mut out = self.spans.lock().expect("lock");
         for rs in req.resource_spans {
             let resource: HashMap<String, String> = rs
@@ -115,12 +143,37 @@ impl Store {
     }
 }
 
+impl Store {
+    /// `service/kind count` lines, for `GET /count`.
+    fn count_text(&self) -> String {
+        self.counts
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|(k, v)| format!("{k} {v}\n"))
+            .collect()
+    }
+}
+
+/// How a receiver runs.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// 0: any free port.
+    pub grpc_port: u16,
+    pub http_port: u16,
+    /// Answer each export only after this long (a slow backend).
+    pub delay: Duration,
+    /// Count spans without keeping them (benchmarks).
+    pub count_only: bool,
+}
+
 #[tonic::async_trait]
 impl TraceService for Store {
     async fn export(
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        tokio::time::sleep(self.delay).await;
         self.add(request.into_inner());
         Ok(tonic::Response::new(ExportTraceServiceResponse {
             partial_success: None,
@@ -138,17 +191,25 @@ pub struct Receiver {
 impl Receiver {
     /// Starts both endpoints on loopback, on a runtime of their own.
     pub fn start() -> Receiver {
+        Self::start_with(Options::default())
+    }
+
+    pub fn start_with(o: Options) -> Receiver {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .expect("runtime");
-        let store = Store::default();
+        let store = Store {
+            keep: !o.count_only,
+            delay: o.delay,
+            ..Store::default()
+        };
         let (grpc, http) = rt.block_on(async {
-            let g = tokio::net::TcpListener::bind("127.0.0.1:0")
+            let g = tokio::net::TcpListener::bind(("127.0.0.1", o.grpc_port))
                 .await
                 .expect("bind grpc");
-            let h = tokio::net::TcpListener::bind("127.0.0.1:0")
+            let h = tokio::net::TcpListener::bind(("127.0.0.1", o.http_port))
                 .await
                 .expect("bind http");
             (g, h)
@@ -176,6 +237,10 @@ impl Receiver {
                     let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                         let s = s.clone();
                         async move {
+                            if req.uri().path() == "/count" {
+                                return Ok(Response::new(Full::new(Bytes::from(s.count_text()))));
+                            }
+                            tokio::time::sleep(s.delay).await;
                             let ok_path = req.uri().path() == "/v1/traces";
                             let ct = req
                                 .headers()
@@ -231,6 +296,11 @@ impl Receiver {
 
     pub fn spans(&self) -> Vec<RSpan> {
         self.store.spans.lock().expect("lock").clone()
+    }
+
+    /// Spans received by `service.name/kind`.
+    pub fn counts(&self) -> std::collections::BTreeMap<String, u64> {
+        self.store.counts.lock().expect("lock").clone()
     }
 
     pub fn export_requests(&self) -> u64 {

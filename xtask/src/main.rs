@@ -9,6 +9,8 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
+
+mod bench;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -32,6 +34,12 @@ enum Task {
     Test {
         /// Only run integration tests whose name contains this.
         filter: Option<String>,
+    },
+    /// Measure the agent's overhead and loss; writes bench/report.md and bench/report.json.
+    Bench {
+        /// Longer runs and more rounds (the short mode takes a few minutes).
+        #[arg(long)]
+        full: bool,
     },
 }
 
@@ -107,6 +115,20 @@ fn main() -> Result<()> {
             bootstrap(false)?;
             let bin = build_agent()?;
             run(as_root(&bin).args(args))?;
+        }
+        Task::Bench { full } => {
+            bootstrap(true)?;
+            if !is_root() {
+                bail!("the benchmark loads eBPF programs: run it as root");
+            }
+            let bin = build_agent()?;
+            run(cargo().args(["build", "--release", "-p", "tests", "--bin", "otlp-sink"]))?;
+            bench::run(
+                &root(),
+                &bin,
+                &root().join("target/release/otlp-sink"),
+                bench::Plan::new(full),
+            )?;
         }
         Task::Test { filter } => {
             bootstrap(true)?;

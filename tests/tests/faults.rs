@@ -1,0 +1,342 @@
+//! Fault tests: the backend goes away or is slow, servers restart, connections churn, and the
+//! agent is stopped or killed under load. The traced programs must never notice.
+use std::{
+    collections::HashMap,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use tests::{
+    agent::{Agent, Export},
+    free_port,
+    programs::{curl, python, run, Nginx, Proc},
+    receiver::{Options, Receiver},
+    wait_port, wait_until,
+};
+
+const NGINX: &str = "    location = /hello { return 200 \"hello\\n\"; }\n";
+
+fn counters(stderr: &str) -> HashMap<String, u64> {
+    let line = stderr
+        .lines()
+        .find_map(|l| l.split_once("final counters: ").map(|(_, c)| c.to_owned()))
+        .unwrap_or_default();
+    line.split_whitespace()
+        .filter_map(|kv| {
+            kv.split_once('=')
+                .and_then(|(k, v)| Some((k.to_owned(), v.parse().ok()?)))
+        })
+        .collect()
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+fn hey(url: &str, secs: u32, rate: u32) -> Proc {
+    Proc::spawn(
+        Command::new("hey")
+            .args([
+                "-z",
+                &format!("{secs}s"),
+                "-c",
+                "1",
+                "-q",
+                &rate.to_string(),
+                url,
+            ])
+            .stdout(Stdio::null()),
+    )
+}
+
+fn served_spans(rx: &Receiver, port: u16) -> usize {
+    rx.spans()
+        .iter()
+        .filter(|s| s.kind() == "server" && s.attr("server.port") == Some(&port.to_string()))
+        .count()
+}
+
+/// The backend is down for 30 s, then comes back: memory stays bounded, every request is either
+/// received or counted as dropped, and export resumes by itself.
+#[test]
+fn backend_down_for_30s_then_back() {
+    let port = free_port();
+    let nginx = Nginx::start(port, NGINX);
+    let grpc_port = free_port();
+    let agent = Agent::start_env(
+        Export::Console,
+        &["--exe", "*/nginx"],
+        &[
+            (
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                &format!("http://127.0.0.1:{grpc_port}"),
+            ),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "1000"),
+            ("OTEL_BSP_MAX_QUEUE_SIZE", "1000"),
+            ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "200"),
+        ],
+    );
+    let url = format!("http://127.0.0.1:{port}/hello");
+    let load = hey(&url, 30, 100);
+    let start = Instant::now();
+    let mut peak = 0f64;
+    while start.elapsed() < Duration::from_secs(30) {
+        peak = peak.max(rss_mib(agent.pid()));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    drop(load);
+    assert!(
+        agent.stderr().contains("cannot export spans"),
+        "the outage is reported:\n{}",
+        agent.stderr()
+    );
+    assert!(
+        peak < 128.0,
+        "agent RSS stayed bounded during the outage: peak {peak:.1} MiB"
+    );
+    // The backend comes back on the same port.
+    let rx = Receiver::start_with(Options {
+        grpc_port,
+        http_port: 0,
+        ..Options::default()
+    });
+    wait_until(Duration::from_secs(30), "export to resume", || {
+        served_spans(&rx, port) > 0
+    });
+    for _ in 0..5 {
+        curl(&[&url]);
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let (_, err) = agent.stop();
+    let c = counters(&err);
+    let served = nginx.access_log_lines() as u64;
+    let received = served_spans(&rx, port) as u64;
+    let dropped = c.get("spans_queue_full").copied().unwrap_or(0)
+        + c.get("spans_export_failed").copied().unwrap_or(0);
+    println!("backend outage: served {served}, received {received}, counted drops {dropped}, peak RSS {peak:.1} MiB");
+    assert!(served > 2500, "load ran: {served}");
+    assert!(
+        dropped > 0,
+        "a 1000-span queue overflows during a 30 s outage at 100 req/s, and that is counted"
+    );
+    assert!(err.contains("reachable again"), "{err}");
+    assert_eq!(
+        served,
+        received + dropped,
+        "every request is received or counted as dropped: {c:?}"
+    );
+}
+
+/// A receiver that answers after 2 s: spans still arrive, none lost, and SIGTERM still stops the
+/// agent promptly.
+#[test]
+fn slow_receiver() {
+    let rx = Receiver::start_with(Options {
+        delay: Duration::from_secs(2),
+        ..Options::default()
+    });
+    let port = free_port();
+    let nginx = Nginx::start(port, NGINX);
+    let agent = Agent::start(Export::Grpc(&rx), &["--exe", "*/nginx"]);
+    for _ in 0..3 {
+        let load = hey(&format!("http://127.0.0.1:{port}/hello"), 2, 50);
+        drop(load);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let served = nginx.access_log_lines();
+    rx.wait_for(
+        served,
+        Duration::from_secs(30),
+        "every span despite a slow backend",
+        |s| s.kind() == "server",
+    );
+    let t = Instant::now();
+    agent.stop();
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "stop took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(served_spans(&rx, port), served);
+}
+
+/// A traced server restarts, and where the kernel can be made to reuse its pid, the new process
+/// behind the same pid gets its own resource.
+#[test]
+fn server_restart_and_pid_reuse() {
+    let rx = Receiver::start();
+    let port = free_port();
+    let agent = Agent::start(Export::Grpc(&rx), &["--port", &port.to_string()]);
+    let first = Proc::spawn(
+        python("threaded_server.py", &[&port.to_string()])
+            .env("OTEL_SERVICE_NAME", "first")
+            .stdout(Stdio::null()),
+    );
+    wait_port(port);
+    let first_pid = first.pid();
+    curl(&[&format!("http://127.0.0.1:{port}/one")]);
+    rx.wait_for(1, Duration::from_secs(20), "first server span", |s| {
+        s.attr("url.path") == Some("/one") && s.kind() == "server"
+    });
+    drop(first);
+    // Ask the kernel to hand out the same pid again (root only), a few times if something races us.
+    let mut second = None;
+    for _ in 0..20 {
+        let _ = std::fs::write("/proc/sys/kernel/ns_last_pid", (first_pid - 1).to_string());
+        let p = Proc::spawn(
+            python("threaded_server.py", &[&port.to_string()])
+                .env("OTEL_SERVICE_NAME", "second")
+                .stdout(Stdio::null()),
+        );
+        if p.pid() == first_pid {
+            second = Some(p);
+            break;
+        }
+        drop(p);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let second = second.expect("the kernel never reused the pid");
+    wait_port(port);
+    curl(&[&format!("http://127.0.0.1:{port}/two")]);
+    let two = rx.wait_for(1, Duration::from_secs(20), "second server span", |s| {
+        s.attr("url.path") == Some("/two") && s.kind() == "server"
+    });
+    agent.stop();
+    let one = rx
+        .spans()
+        .into_iter()
+        .find(|s| s.attr("url.path") == Some("/one") && s.kind() == "server")
+        .expect("one");
+    assert_eq!(
+        one.res("process.pid"),
+        two[0].res("process.pid"),
+        "same pid"
+    );
+    assert_eq!(one.res("service.name"), Some("first"));
+    assert_eq!(
+        two[0].res("service.name"),
+        Some("second"),
+        "a reused pid gets the new process's resource"
+    );
+    drop(second);
+}
+
+/// Thousands of short-lived connections (ab: HTTP/1.0, one connection per request).
+#[test]
+fn thousands_of_short_connections() {
+    let rx = Receiver::start();
+    let port = free_port();
+    let nginx = Nginx::start(port, NGINX);
+    let agent = Agent::start(Export::Grpc(&rx), &["--exe", "*/nginx"]);
+    run(Command::new("ab")
+        .args([
+            "-q",
+            "-n",
+            "3000",
+            "-c",
+            "20",
+            &format!("http://127.0.0.1:{port}/hello"),
+        ])
+        .stdout(Stdio::null()));
+    assert_eq!(nginx.access_log_lines(), 3000);
+    rx.wait_for(3000, Duration::from_secs(60), "3000 server spans", |s| {
+        s.kind() == "server"
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    let (_, err) = agent.stop();
+    assert_eq!(
+        served_spans(&rx, port),
+        3000,
+        "one span per connection's request, none doubled"
+    );
+    assert!(rx
+        .spans()
+        .iter()
+        .all(|s| s.attr("network.protocol.version") == Some("1.0")));
+    let c = counters(&err);
+    assert_eq!(c.get("tracker_conns_full"), None, "{c:?}");
+}
+
+/// SIGTERM during load: the agent exits cleanly within seconds and flushes what it built.
+#[test]
+fn sigterm_during_load_flushes() {
+    let rx = Receiver::start();
+    let port = free_port();
+    let _nginx = Nginx::start(port, NGINX);
+    let agent = Agent::start(Export::Http(&rx), &["--exe", "*/nginx"]);
+    let load = hey(&format!("http://127.0.0.1:{port}/hello"), 5, 500);
+    std::thread::sleep(Duration::from_millis(1500));
+    let t = Instant::now();
+    let (_, err) = agent.stop();
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "stopped in {:?}",
+        t.elapsed()
+    );
+    drop(load);
+    let c = counters(&err);
+    let created = c.get("spans_created").copied().unwrap_or(0);
+    assert!(created > 100, "{c:?}");
+    let exported = c.get("spans_exported").copied().unwrap_or(0);
+    let dropped: u64 = ["spans_queue_full", "spans_export_failed", "spans_rejected"]
+        .iter()
+        .filter_map(|k| c.get(*k))
+        .sum();
+    assert_eq!(
+        created,
+        exported + dropped,
+        "everything built was flushed or counted: {c:?}"
+    );
+    assert_eq!(
+        served_spans(&rx, port) as u64,
+        exported,
+        "the receiver got what the agent says it exported"
+    );
+}
+
+fn attached_agent_programs() -> usize {
+    let out = Command::new("bpftool")
+        .args(["prog", "show"])
+        .output()
+        .expect("bpftool (installed by scripts/bootstrap.sh --test)");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| {
+            let mut words = l.split_whitespace().skip_while(|w| *w != "name").skip(1);
+            matches!(words.next(), Some("sys_enter_read" | "sock_recv_length"))
+        })
+        .count()
+}
+
+/// SIGKILL: no program stays loaded, and the traced server is unaffected.
+#[test]
+fn sigkill_leaves_nothing_attached() {
+    let port = free_port();
+    let _nginx = Nginx::start(port, NGINX);
+    let before = attached_agent_programs();
+    let agent = Agent::start(Export::Console, &["--exe", "*/nginx"]);
+    assert_eq!(
+        attached_agent_programs(),
+        before + 2,
+        "the agent's programs are loaded while it runs"
+    );
+    // SAFETY: killing our own child.
+    unsafe { libc::kill(agent.pid() as i32, libc::SIGKILL) };
+    wait_until(
+        Duration::from_secs(10),
+        "the kernel to release the programs",
+        || attached_agent_programs() == before,
+    );
+    drop(agent);
+    assert_eq!(
+        curl(&[&format!("http://127.0.0.1:{port}/hello")]),
+        "hello\n",
+        "nginx unaffected"
+    );
+}

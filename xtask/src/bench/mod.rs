@@ -1,0 +1,252 @@
+//! `cargo xtask bench`: the agent's cost, measured on this machine in one run.
+//!
+//! 1. Throughput at saturation, configurations interleaved A B C A B C ... so drift cancels:
+//!    A no agent, B agent capturing without exporting, C agent exporting over OTLP.
+//! 2. Latency at a fixed rate well below saturation, interleaved the same way.
+//! 3. Loss accounting at fixed rates and at saturation: requests nginx served == spans the sink
+//!    received + spans the agent counted as dropped.
+//!
+//! Writes `bench/report.md` and `bench/report.json` (medians and spread over the rounds).
+mod report;
+mod tools;
+
+use std::{path::Path, time::Duration};
+
+use anyhow::{Context, Result};
+use serde_json::json;
+
+use tools::{Agent, Guard, Nginx};
+
+#[derive(Clone, Copy)]
+pub struct Plan {
+    pub rounds: usize,
+    pub secs: u32,
+    pub loss_secs: u32,
+}
+
+impl Plan {
+    pub fn new(full: bool) -> Plan {
+        if full {
+            Plan {
+                rounds: 7,
+                secs: 10,
+                loss_secs: 20,
+            }
+        } else {
+            Plan {
+                rounds: 3,
+                secs: 4,
+                loss_secs: 6,
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Config {
+    A,
+    B,
+    C,
+}
+
+impl Config {
+    fn label(self) -> &'static str {
+        match self {
+            Config::A => "A: no agent",
+            Config::B => "B: agent, capture only (OTEL_TRACES_EXPORTER=none)",
+            Config::C => "C: agent exporting OTLP/HTTP to a local receiver",
+        }
+    }
+}
+
+struct Env<'a> {
+    agent_bin: &'a Path,
+    sink_http: u16,
+}
+
+impl Env<'_> {
+    fn agent(&self, c: Config) -> Result<Option<Agent>> {
+        let env = match c {
+            Config::A => return Ok(None),
+            Config::B => vec![("OTEL_TRACES_EXPORTER", "none".to_owned())],
+            Config::C => vec![
+                (
+                    "OTEL_EXPORTER_OTLP_ENDPOINT",
+                    format!("http://127.0.0.1:{}", self.sink_http),
+                ),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf".to_owned()),
+            ],
+        };
+        Agent::start(self.agent_bin, &env).map(Some)
+    }
+}
+
+pub fn run(root: &Path, agent_bin: &Path, sink_bin: &Path, plan: Plan) -> Result<()> {
+    let work = std::env::temp_dir().join("agent-bench");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let nginx = Nginx::start(&work.join("nginx"))?;
+    let (sink_grpc, sink_http) = (tools::free_port()?, tools::free_port()?);
+    let _sink = Guard(
+        std::process::Command::new(sink_bin)
+            .args([sink_grpc.to_string(), sink_http.to_string()])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .context("starting otlp-sink")?,
+    );
+    tools::wait_port(sink_http)?;
+    // eBPF run time per program, for the kernel share of the agent's cost.
+    let stats_was =
+        std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
+    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1");
+    let env = Env {
+        agent_bin,
+        sink_http,
+    };
+    let url = nginx.url();
+    // Warm nginx and the page cache.
+    tools::wrk(&url, 1, 8)?;
+
+    eprintln!(
+        "[bench] 1/3 throughput at saturation: {} rounds x A B C x {} s",
+        plan.rounds, plan.secs
+    );
+    let mut tp: Vec<serde_json::Value> = Vec::new();
+    for round in 0..plan.rounds {
+        for c in [Config::A, Config::B, Config::C] {
+            let agent = env.agent(c)?;
+            let pid = agent.as_ref().map(|a| a.pid());
+            std::thread::sleep(Duration::from_millis(300));
+            let (cpu0, bpf0) = (
+                pid.map(tools::cpu_seconds).unwrap_or(0.0),
+                tools::bpf_prog_stats(),
+            );
+            let r = tools::wrk(&url, plan.secs, 16)?;
+            let (cpu1, bpf1) = (
+                pid.map(tools::cpu_seconds).unwrap_or(0.0),
+                tools::bpf_prog_stats(),
+            );
+            let (rss, hwm) = pid.map(tools::rss_mib).unwrap_or((0.0, 0.0));
+            let counters = match agent {
+                Some(a) => a.stop()?,
+                None => Vec::new(),
+            };
+            let _ = nginx.take_requests();
+            let per_k = |x: f64| {
+                if r.requests > 0 {
+                    x / (r.requests as f64 / 1000.0)
+                } else {
+                    0.0
+                }
+            };
+            tp.push(json!({
+                "round": round, "config": format!("{c:?}"), "requests": r.requests, "rps": r.rps,
+                "p50_us": r.p50_us, "p99_us": r.p99_us,
+                "agent_user_cpu_ms_per_1k": per_k((cpu1 - cpu0) * 1e3),
+                "ebpf_ns_per_request": if r.requests > 0 && pid.is_some() { (bpf1.0.saturating_sub(bpf0.0)) as f64 / r.requests as f64 } else { 0.0 },
+                "ebpf_runs_per_request": if r.requests > 0 && pid.is_some() { (bpf1.1.saturating_sub(bpf0.1)) as f64 / r.requests as f64 } else { 0.0 },
+                "rss_mib": rss, "peak_rss_mib": hwm,
+                "drops": counters.iter().filter(|(k, v)| *v > 0 && report::is_loss(k)).map(|(k, v)| json!({k: v})).collect::<Vec<_>>(),
+            }));
+            eprintln!(
+                "[bench]   round {round} {c:?}: {:.0} req/s p50 {:.0} us p99 {:.0} us",
+                r.rps, r.p50_us, r.p99_us
+            );
+        }
+    }
+
+    eprintln!(
+        "[bench] 2/3 latency at 2000 req/s: {} rounds x A B C x {} s",
+        plan.rounds, plan.secs
+    );
+    let mut lat: Vec<serde_json::Value> = Vec::new();
+    for round in 0..plan.rounds {
+        for c in [Config::A, Config::B, Config::C] {
+            let agent = env.agent(c)?;
+            std::thread::sleep(Duration::from_millis(300));
+            let r = tools::hey(&url, plan.secs, 2000, 4)?;
+            if let Some(a) = agent {
+                a.stop()?;
+            }
+            let _ = nginx.take_requests();
+            lat.push(json!({"round": round, "config": format!("{c:?}"), "rps": r.rps, "p50_us": r.p50_us, "p99_us": r.p99_us}));
+            eprintln!(
+                "[bench]   round {round} {c:?}: {:.0} req/s p50 {:.0} us p99 {:.0} us",
+                r.rps, r.p50_us, r.p99_us
+            );
+        }
+    }
+
+    eprintln!(
+        "[bench] 3/3 loss accounting ({} s per rate, configuration C)",
+        plan.loss_secs
+    );
+    let mut loss: Vec<serde_json::Value> = Vec::new();
+    for (label, rate) in [
+        ("1k req/s", Some(1000)),
+        ("10k req/s", Some(10_000)),
+        ("saturation", None),
+    ] {
+        let _ = nginx.take_requests();
+        let before = tools::sink_count(sink_http, "nginx/server");
+        let agent = env.agent(Config::C)?.context("agent")?;
+        std::thread::sleep(Duration::from_millis(300));
+        let r = match rate {
+            Some(rate) => tools::hey(&url, plan.loss_secs, rate, if rate > 2000 { 16 } else { 4 })?,
+            None => tools::wrk(&url, plan.loss_secs, 16)?,
+        };
+        std::thread::sleep(Duration::from_millis(500));
+        let counters = agent.stop()?;
+        std::thread::sleep(Duration::from_millis(500));
+        let served = nginx.take_requests()?;
+        let received = tools::sink_count(sink_http, "nginx/server") - before;
+        let drops: Vec<(String, u64)> = counters
+            .iter()
+            .filter(|(k, v)| *v > 0 && report::is_loss(k))
+            .cloned()
+            .collect();
+        let dropped_spans: u64 = drops
+            .iter()
+            .filter(|(k, _)| report::is_span_loss(k))
+            .map(|(_, v)| v)
+            .sum();
+        let unaccounted = served as i64 - received as i64 - dropped_spans as i64;
+        eprintln!("[bench]   {label}: served {served}, received {received}, counted drops {drops:?}, unaccounted {unaccounted}");
+        loss.push(json!({
+            "load": label, "achieved_rps": r.rps, "served": served, "received": received,
+            "dropped_spans": dropped_spans, "unaccounted": unaccounted,
+            "drops": drops.iter().map(|(k, v)| json!({k: v})).collect::<Vec<_>>(),
+        }));
+    }
+    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", stats_was.trim());
+
+    let host = json!({
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu_model": std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default().lines().find_map(|l| l.strip_prefix("model name")).map(|s| s.trim_start_matches([' ', '\t', ':']).to_owned()),
+        "nginx_workers": 1, "plan": {"rounds": plan.rounds, "secs": plan.secs, "loss_secs": plan.loss_secs},
+    });
+    let data = json!({"host": host, "throughput": tp, "latency": lat, "loss": loss});
+    let dir = root.join("bench");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(
+        dir.join("report.json"),
+        serde_json::to_string_pretty(&data)?,
+    )?;
+    std::fs::write(dir.join("report.md"), report::markdown(&data))?;
+    eprintln!("[bench] wrote bench/report.md and bench/report.json");
+    Ok(())
+}
+
+pub fn labels() -> [(&'static str, &'static str); 3] {
+    [Config::A, Config::B, Config::C].map(|c| {
+        (
+            match c {
+                Config::A => "A",
+                Config::B => "B",
+                Config::C => "C",
+            },
+            c.label(),
+        )
+    })
+}

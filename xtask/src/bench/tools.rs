@@ -1,0 +1,348 @@
+//! Processes a benchmark drives: nginx, the agent, the OTLP sink, wrk and hey; and what /proc
+//! says about them.
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+pub struct Guard(pub Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let end = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < end {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+pub fn wait_port(port: u16) -> Result<()> {
+    let end = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < end {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("nothing listens on {port}")
+}
+
+pub struct Nginx {
+    pub _guard: Guard,
+    pub port: u16,
+    pub dir: PathBuf,
+}
+
+impl Nginx {
+    pub fn start(dir: &Path) -> Result<Nginx> {
+        let port = free_port()?;
+        std::fs::create_dir_all(dir.join("logs"))?;
+        std::fs::create_dir_all(dir.join("tmp"))?;
+        let d = dir.display();
+        let conf = format!(
+            "daemon off;\nmaster_process off;\nworker_processes 1;\nerror_log {d}/logs/error.log;\npid {d}/nginx.pid;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n  access_log {d}/logs/access.log;\n  keepalive_requests 10000000;\n  client_body_temp_path {d}/tmp;\n\
+               proxy_temp_path {d}/tmp;\n  fastcgi_temp_path {d}/tmp;\n  uwsgi_temp_path {d}/tmp;\n  scgi_temp_path {d}/tmp;\n\
+               server {{\n    listen 127.0.0.1:{port};\n    location = /hello {{ return 200 \"hello\\n\"; }}\n  }}\n}}\n"
+        );
+        std::fs::write(dir.join("nginx.conf"), conf)?;
+        let child = Command::new("nginx")
+            .args([
+                "-p",
+                &d.to_string(),
+                "-c",
+                &dir.join("nginx.conf").to_string_lossy(),
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting nginx")?;
+        let n = Nginx {
+            _guard: Guard(child),
+            port,
+            dir: dir.to_path_buf(),
+        };
+        wait_port(port)?;
+        Ok(n)
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/hello", self.port)
+    }
+
+    /// Requests served since the last call (counts and truncates the access log).
+    pub fn take_requests(&self) -> Result<u64> {
+        let p = self.dir.join("logs/access.log");
+        let n = std::fs::read_to_string(&p)
+            .map(|s| s.lines().count() as u64)
+            .unwrap_or(0);
+        std::fs::write(&p, "")?;
+        // nginx keeps appending at its own offset: reopen its logs.
+        unsafe { libc::kill(self._guard.0.id() as i32, libc::SIGUSR1) };
+        std::thread::sleep(Duration::from_millis(200));
+        Ok(n)
+    }
+}
+
+pub struct Agent {
+    pub guard: Guard,
+    pub stderr: Arc<Mutex<String>>,
+}
+
+impl Agent {
+    pub fn start(bin: &Path, env: &[(&str, String)]) -> Result<Agent> {
+        let mut cmd = Command::new(bin);
+        cmd.args(["--exe", "*/nginx", "--metrics-addr", "off"])
+            .env("NO_COLOR", "1")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().context("starting the agent")?;
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let out = child.stderr.take().context("agent stderr")?;
+        let s = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let mut s = s.lock().expect("lock");
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        let a = Agent {
+            guard: Guard(child),
+            stderr,
+        };
+        let end = Instant::now() + Duration::from_secs(30);
+        while !a
+            .stderr
+            .lock()
+            .expect("lock")
+            .contains("tracing HTTP/1.x on")
+        {
+            if Instant::now() > end {
+                bail!("agent did not start:\n{}", a.stderr.lock().expect("lock"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(a)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.guard.0.id()
+    }
+
+    /// SIGTERM, wait, and return the final counters it logged.
+    pub fn stop(mut self) -> Result<Vec<(String, u64)>> {
+        unsafe { libc::kill(self.pid() as i32, libc::SIGTERM) };
+        let status = self.guard.0.wait()?;
+        std::thread::sleep(Duration::from_millis(100));
+        let err = self.stderr.lock().expect("lock").clone();
+        if !status.success() {
+            bail!("agent exited with {status}:\n{err}");
+        }
+        let line = err
+            .lines()
+            .find_map(|l| l.split_once("final counters: ").map(|(_, c)| c.to_owned()))
+            .unwrap_or_default();
+        Ok(line
+            .split_whitespace()
+            .filter_map(|kv| {
+                kv.split_once('=')
+                    .and_then(|(k, v)| Some((k.to_owned(), v.parse().ok()?)))
+            })
+            .collect())
+    }
+}
+
+/// CPU seconds (user + system) a process has used.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// (VmRSS, VmHWM) in MiB.
+pub fn rss_mib(pid: u32) -> (f64, f64) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kb = |k: &str| {
+        s.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 1024.0
+    };
+    (kb("VmRSS:"), kb("VmHWM:"))
+}
+
+pub struct LoadResult {
+    pub requests: u64,
+    pub rps: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+}
+
+fn to_us(v: &str) -> Option<f64> {
+    let (num, unit) = v
+        .trim()
+        .split_at(v.trim().find(|c: char| c.is_ascii_alphabetic())?);
+    let n: f64 = num.parse().ok()?;
+    Some(match unit {
+        "us" => n,
+        "ms" => n * 1e3,
+        "s" => n * 1e6,
+        "m" => n * 60e6,
+        _ => return None,
+    })
+}
+
+/// Saturating keep-alive load with wrk.
+pub fn wrk(url: &str, secs: u32, conns: u32) -> Result<LoadResult> {
+    let out = Command::new("wrk")
+        .args([
+            "-t1",
+            &format!("-c{conns}"),
+            &format!("-d{secs}s"),
+            "--latency",
+            url,
+        ])
+        .output()
+        .context("running wrk")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let find = |prefix: &str| {
+        text.lines().find_map(|l| {
+            l.trim()
+                .strip_prefix(prefix)
+                .map(str::trim)
+                .map(str::to_owned)
+        })
+    };
+    let requests = text
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .split_once(" requests in")
+                .and_then(|(n, _)| n.trim().parse().ok())
+        })
+        .context(format!("wrk output: {text}"))?;
+    Ok(LoadResult {
+        requests,
+        rps: find("Requests/sec:")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0),
+        p50_us: find("50%").and_then(|v| to_us(&v)).unwrap_or(0.0),
+        p99_us: find("99%").and_then(|v| to_us(&v)).unwrap_or(0.0),
+    })
+}
+
+/// Load at a fixed rate with hey (`conns` workers of `rate / conns` req/s each, keep-alive).
+pub fn hey(url: &str, secs: u32, rate: u32, conns: u32) -> Result<LoadResult> {
+    let per = (rate / conns).max(1);
+    let out = Command::new("hey")
+        .args([
+            "-z",
+            &format!("{secs}s"),
+            "-c",
+            &conns.to_string(),
+            "-q",
+            &per.to_string(),
+            url,
+        ])
+        .output()
+        .context("running hey")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let pct = |p: &str| {
+        text.lines()
+            .find_map(|l| {
+                l.trim()
+                    .strip_prefix(&format!("{p}% in "))
+                    .and_then(|r| r.split_whitespace().next()?.parse::<f64>().ok())
+            })
+            .map(|s| s * 1e6)
+            .unwrap_or(0.0)
+    };
+    let requests = text
+        .lines()
+        .filter_map(|l| {
+            l.trim()
+                .strip_prefix("[200]")
+                .and_then(|r| r.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .sum();
+    let rps = text
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("Requests/sec:")
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0.0);
+    Ok(LoadResult {
+        requests,
+        rps,
+        p50_us: pct("50"),
+        p99_us: pct("99"),
+    })
+}
+
+/// Spans of `key` (`service/kind`) the sink counted.
+pub fn sink_count(http_port: u16, key: &str) -> u64 {
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", http_port)) else {
+        return 0;
+    };
+    use std::io::{Read, Write};
+    let _ = s.write_all(b"GET /count HTTP/1.0\r\n\r\n");
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body.lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!("{key} "))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Total eBPF run time and run count of the agent's programs (needs `kernel.bpf_stats_enabled`).
+pub fn bpf_prog_stats() -> (u64, u64) {
+    let Ok(out) = Command::new("bpftool")
+        .args(["-j", "prog", "show"])
+        .output()
+    else {
+        return (0, 0);
+    };
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
+        return (0, 0);
+    };
+    let mut ns = 0;
+    let mut cnt = 0;
+    for p in v.as_array().into_iter().flatten() {
+        let name = p["name"].as_str().unwrap_or("");
+        if name.starts_with("sys_") || name.starts_with("sock_") {
+            ns += p["run_time_ns"].as_u64().unwrap_or(0);
+            cnt += p["run_cnt"].as_u64().unwrap_or(0);
+        }
+    }
+    (ns, cnt)
+}
