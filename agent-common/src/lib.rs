@@ -96,9 +96,11 @@ pub struct DataHeader {
     pub role: u32,
     pub _pad: u32,
     pub tuple: ConnTuple,
+    /// The task's `comm`: names the process when it has exited before userspace looks at /proc.
+    pub comm: [u8; 16],
 }
 pub const DATA_HEADER_SIZE: usize = core::mem::size_of::<DataHeader>();
-const _: () = assert!(DATA_HEADER_SIZE == 104);
+const _: () = assert!(DATA_HEADER_SIZE == 120);
 
 /// An `EVENT_CLOSE` ring item: a tracked socket fd was closed.
 #[repr(C)]

@@ -5,7 +5,7 @@ use agent_common::{
     MAX_IOVECS, MAX_PAYLOAD,
 };
 use aya_ebpf::helpers::{
-    bpf_probe_read_user,
+    bpf_get_current_comm, bpf_probe_read_user,
     generated::{bpf_ktime_get_boot_ns, bpf_probe_read_user as raw_read_user, bpf_ringbuf_output},
 };
 
@@ -59,6 +59,7 @@ pub fn emit_data(args: &IoArgs, pid_tgid: u64, moved: u64) {
         role: conn.role,
         _pad: 0,
         tuple: conn.tuple,
+        comm: bpf_get_current_comm().unwrap_or_default(),
     };
     // SAFETY: the scratch buffer is larger than the header and 8-byte aligned.
     unsafe { core::ptr::write_unaligned(buf.as_mut_ptr() as *mut DataHeader, header) };
@@ -74,7 +75,7 @@ pub fn emit_data(args: &IoArgs, pid_tgid: u64, moved: u64) {
             core::ptr::addr_of!(EVENTS) as *mut _,
             buf.as_mut_ptr() as *mut _,
             total,
-            0,
+            crate::maps::ring_flags(),
         )
     };
     if ret < 0 {

@@ -114,7 +114,10 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
         // SAFETY: helper without preconditions.
         ts: unsafe { bpf_ktime_get_boot_ns() },
     };
-    if EVENTS.output::<CloseEvent>(&ev, 0).is_err() {
+    if EVENTS
+        .output::<CloseEvent>(&ev, crate::maps::ring_flags())
+        .is_err()
+    {
         count(agent_common::CNT_CLOSE_RINGBUF_FULL);
     }
     0

@@ -66,6 +66,23 @@ pub struct Scratch {
 
 pub use agent_common::{IoArgs, BUF_IOVEC, BUF_PLAIN};
 
+/// Wake the reader only once this much is pending; below it, userspace drains on a short timer.
+/// One wakeup per event would cost a context switch per syscall under load.
+const WAKEUP_BYTES: u64 = 64 * 1024;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+
+/// Flags for `bpf_ringbuf_output`: batch wakeups.
+#[inline(always)]
+pub fn ring_flags() -> u64 {
+    if EVENTS.query(BPF_RB_AVAIL_DATA) >= WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
+}
+
 #[inline(always)]
 pub fn count(index: u32) {
     if let Some(c) = COUNTERS.get_ptr_mut(index) {

@@ -29,7 +29,8 @@ impl ProcessCache {
     }
 
     /// The resource of `pid`, rebuilt when the pid now names another process (pid reuse).
-    pub fn resource(&mut self, pid: u32) -> Arc<Resource> {
+    /// `comm` (from the kernel event) names the process if it already exited.
+    pub fn resource(&mut self, pid: u32, comm: &[u8]) -> Arc<Resource> {
         let proc_ = procfs::process::Process::new(pid as i32).ok();
         let start = proc_
             .as_ref()
@@ -48,12 +49,14 @@ impl ProcessCache {
                 self.by_pid.clear();
             }
         }
-        let r = Arc::new(self.build(pid, proc_.as_ref()));
+        let comm = String::from_utf8_lossy(comm.split(|b| *b == 0).next().unwrap_or_default())
+            .into_owned();
+        let r = Arc::new(self.build(pid, proc_.as_ref(), comm));
         self.by_pid.insert(pid, (start, r.clone()));
         r
     }
 
-    fn build(&self, pid: u32, p: Option<&procfs::process::Process>) -> Resource {
+    fn build(&self, pid: u32, p: Option<&procfs::process::Process>, comm: String) -> Resource {
         let exe = p.and_then(|p| p.exe().ok());
         let exe_path = exe.as_ref().map(|e| e.to_string_lossy().into_owned());
         let exe_name = exe
@@ -61,6 +64,7 @@ impl ProcessCache {
             .and_then(|e| e.file_name())
             .map(|n| n.to_string_lossy().into_owned())
             .or_else(|| p.and_then(|p| p.stat().ok()).map(|s| s.comm))
+            .or_else(|| (!comm.is_empty()).then_some(comm))
             .unwrap_or_else(|| format!("pid-{pid}"));
         let environ = p.and_then(|p| p.environ().ok()).unwrap_or_default();
         let env = |k: &str| {

@@ -20,8 +20,12 @@ pub async fn run(
     // SAFETY: the ring buffer owns its fd and keeps it open for as long as the AsyncFd lives.
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(|e| std::io::Error::other(e.to_string()))?;
+    // The kernel wakes us only when 64 KiB are pending; this tick picks up the rest promptly.
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tokio::select! {
+            _ = tick.tick() => drain(fd.get_mut(), &events, &metrics),
             guard = fd.readable_mut() => {
                 let mut guard = guard?;
                 drain(guard.get_inner_mut(), &events, &metrics);

@@ -115,7 +115,7 @@ impl Tracker {
                 ROLE_CLIENT => Some(Side::Client),
                 _ => self.preexisting.side_of(&ends),
             };
-            let resource = self.processes.resource(h.pid);
+            let resource = self.processes.resource(h.pid, &h.comm);
             self.conns.insert(
                 id,
                 Conn {

@@ -250,3 +250,49 @@ pub fn labels() -> [(&'static str, &'static str); 3] {
         )
     })
 }
+
+/// Events and spans per iteration of the criterion `pipeline/events` benchmark.
+const PIPELINE_EVENTS: f64 = 768.0;
+const PIPELINE_SPANS: f64 = 256.0;
+
+/// Appends criterion's `pipeline/events` estimate to the report.
+pub fn add_pipeline(root: &Path) -> Result<()> {
+    let est = root.join("target/criterion/pipeline/events/new/estimates.json");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&est).context("criterion estimates")?)?;
+    let ns = v["mean"]["point_estimate"]
+        .as_f64()
+        .context("mean estimate")?;
+    let lo = v["mean"]["confidence_interval"]["lower_bound"]
+        .as_f64()
+        .unwrap_or(ns);
+    let hi = v["mean"]["confidence_interval"]["upper_bound"]
+        .as_f64()
+        .unwrap_or(ns);
+    let per_s = |n: f64, t: f64| n / (t / 1e9);
+    let md = format!(
+        "\n## 4. Userspace pipeline throughput (criterion, one core)\n\n\
+         Recorded kernel events of keep-alive HTTP/1.1 exchanges (request read; response head and body \
+         written) replayed through decode, HTTP/1.x parsing, span building and OTLP protobuf encoding \
+         (`cargo bench -p agent --bench pipeline`).\n\n\
+         | figure | mean | 95% interval |\n|---|---|---|\n\
+         | events/s | {:.0} | {:.0}–{:.0} |\n| spans/s | {:.0} | {:.0}–{:.0} |\n| ns per span | {:.0} | {:.0}–{:.0} |\n",
+        per_s(PIPELINE_EVENTS, ns), per_s(PIPELINE_EVENTS, hi), per_s(PIPELINE_EVENTS, lo),
+        per_s(PIPELINE_SPANS, ns), per_s(PIPELINE_SPANS, hi), per_s(PIPELINE_SPANS, lo),
+        ns / PIPELINE_SPANS, lo / PIPELINE_SPANS, hi / PIPELINE_SPANS,
+    );
+    let report = root.join("bench/report.md");
+    let mut text = std::fs::read_to_string(&report)?;
+    text.push_str(&md);
+    std::fs::write(&report, text)?;
+    let json_path = root.join("bench/report.json");
+    let mut data: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json_path)?)?;
+    data["pipeline"] = json!({
+        "events_per_s": per_s(PIPELINE_EVENTS, ns),
+        "spans_per_s": per_s(PIPELINE_SPANS, ns),
+        "ns_per_span": ns / PIPELINE_SPANS,
+        "ns_per_iteration_ci95": [lo, hi],
+    });
+    std::fs::write(json_path, serde_json::to_string_pretty(&data)?)?;
+    Ok(())
+}
