@@ -129,6 +129,9 @@ fn main() -> Result<()> {
                 &root().join("target/release/otlp-sink"),
                 bench::Plan::new(full),
             )?;
+            // Userspace pipeline throughput (criterion), added to the report.
+            run(cargo().args(["bench", "-p", "agent", "--bench", "pipeline", "--", "--noplot"]))?;
+            bench::add_pipeline(&root())?;
         }
         Task::Test { filter } => {
             bootstrap(true)?;
