@@ -130,7 +130,9 @@ fn main() -> Result<()> {
                 bench::Plan::new(full),
             )?;
             // Userspace pipeline throughput (criterion), added to the report.
-            run(cargo().args(["bench", "-p", "agent", "--bench", "pipeline", "--", "--noplot"]))?;
+            run(cargo().args([
+                "bench", "-p", "agent", "--bench", "pipeline", "--", "--noplot",
+            ]))?;
             bench::add_pipeline(&root())?;
         }
         Task::Test { filter } => {

@@ -117,6 +117,7 @@ pub fn run(root: &Path, agent_bin: &Path, sink_bin: &Path, plan: Plan) -> Result
             let agent = env.agent(c)?;
             let pid = agent.as_ref().map(|a| a.pid());
             std::thread::sleep(Duration::from_millis(300));
+            let per0 = tools::bpf_per_program();
             let (cpu0, bpf0) = (
                 pid.map(tools::cpu_seconds).unwrap_or(0.0),
                 tools::bpf_prog_stats(),
@@ -126,6 +127,17 @@ pub fn run(root: &Path, agent_bin: &Path, sink_bin: &Path, plan: Plan) -> Result
                 pid.map(tools::cpu_seconds).unwrap_or(0.0),
                 tools::bpf_prog_stats(),
             );
+            let per_prog: serde_json::Map<String, serde_json::Value> = tools::bpf_per_program()
+                .into_iter()
+                .map(|(name, (ns, cnt))| {
+                    let (ns0, cnt0) = per0.get(&name).copied().unwrap_or((0, 0));
+                    let runs = cnt.saturating_sub(cnt0);
+                    let ns = ns.saturating_sub(ns0);
+                    let per_req = |x: u64| x as f64 / r.requests.max(1) as f64;
+                    let per_run = if runs > 0 { ns as f64 / runs as f64 } else { 0.0 };
+                    (name, json!({"runs_per_request": per_req(runs), "ns_per_run": per_run, "ns_per_request": per_req(ns)}))
+                })
+                .collect();
             let (rss, hwm) = pid.map(tools::rss_mib).unwrap_or((0.0, 0.0));
             let counters = match agent {
                 Some(a) => a.stop()?,
@@ -290,7 +302,11 @@ pub fn add_pipeline(root: &Path) -> Result<()> {
         .filter(|r| r["config"] == "C")
         .filter_map(|r| r["agent_user_cpu_ms_per_1k"].as_f64())
         .collect();
-    let user_us = if user_us.is_empty() { 0.0 } else { user_us.iter().sum::<f64>() / user_us.len() as f64 };
+    let user_us = if user_us.is_empty() {
+        0.0
+    } else {
+        user_us.iter().sum::<f64>() / user_us.len() as f64
+    };
     let span_us = ns / PIPELINE_SPANS / 1000.0;
     let analysis = format!(
         "\n## Where the time goes, and what comes next\n\n\

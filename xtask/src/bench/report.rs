@@ -208,12 +208,21 @@ pub fn markdown(d: &Value) -> String {
             .as_object()
             .into_iter()
             .flatten()
-            .map(|(k, v)| (k.clone(), v["runs_per_request"].as_f64().unwrap_or(0.0), v["ns_per_run"].as_f64().unwrap_or(0.0), v["ns_per_request"].as_f64().unwrap_or(0.0)))
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    v["runs_per_request"].as_f64().unwrap_or(0.0),
+                    v["ns_per_run"].as_f64().unwrap_or(0.0),
+                    v["ns_per_request"].as_f64().unwrap_or(0.0),
+                )
+            })
             .filter(|r| r.1 > 0.0)
             .collect();
         rows.sort_by(|a, b| b.3.total_cmp(&a.3));
         for (name, runs, per_run, per_req) in rows {
-            o.push_str(&format!("| {name} | {runs:.2} | {per_run:.0} | {per_req:.0} |\n"));
+            o.push_str(&format!(
+                "| {name} | {runs:.2} | {per_run:.0} | {per_req:.0} |\n"
+            ));
         }
         o.push_str("\nThe load generator's own syscalls also pass through the `sys_enter_*`/`sys_exit_*` programs \
 (they return at the process filter), so runs per request exceed what nginx alone does.\n");
@@ -255,11 +264,12 @@ pub fn markdown(d: &Value) -> String {
         verdict(c_cpu + c_ebpf < 2.0)
     ));
     o.push_str(&format!(
-    o.push_str(&format!(
         "| added p99 latency at 2k req/s | < 20 µs | {added99:+.0} µs | {} |\n",
-        if added99.abs() < 100.0 { "not resolved: hey reports latency in 0.1 ms steps" } else { verdict(added99 < 20.0) }
-    ));
-        verdict(added99 < 20.0)
+        if added99.abs() < 100.0 {
+            "not resolved: hey reports latency in 0.1 ms steps"
+        } else {
+            verdict(added99 < 20.0)
+        }
     ));
     o.push_str(&format!(
         "| steady RSS under load | < 40 MB | {:.1} MiB | {} |\n",

@@ -326,23 +326,32 @@ pub fn sink_count(http_port: u16, key: &str) -> u64 {
 
 /// Total eBPF run time and run count of the agent's programs (needs `kernel.bpf_stats_enabled`).
 pub fn bpf_prog_stats() -> (u64, u64) {
+    let per = bpf_per_program();
+    (
+        per.values().map(|v| v.0).sum(),
+        per.values().map(|v| v.1).sum(),
+    )
+}
+
+/// Run time (ns) and run count of each of the agent's programs, by name.
+pub fn bpf_per_program() -> std::collections::BTreeMap<String, (u64, u64)> {
+    let mut m = std::collections::BTreeMap::new();
     let Ok(out) = Command::new("bpftool")
         .args(["-j", "prog", "show"])
         .output()
     else {
-        return (0, 0);
+        return m;
     };
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
-        return (0, 0);
+        return m;
     };
-    let mut ns = 0;
-    let mut cnt = 0;
     for p in v.as_array().into_iter().flatten() {
         let name = p["name"].as_str().unwrap_or("");
         if name.starts_with("sys_") || name.starts_with("sock_") {
-            ns += p["run_time_ns"].as_u64().unwrap_or(0);
-            cnt += p["run_cnt"].as_u64().unwrap_or(0);
+            let e = m.entry(name.to_owned()).or_insert((0, 0));
+            e.0 += p["run_time_ns"].as_u64().unwrap_or(0);
+            e.1 += p["run_cnt"].as_u64().unwrap_or(0);
         }
     }
-    (ns, cnt)
+    m
 }
