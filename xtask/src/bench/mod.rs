@@ -168,7 +168,7 @@ pub fn run(root: &Path, agent_bin: &Path, sink_bin: &Path, plan: Plan) -> Result
     }
 
     eprintln!(
-        "[bench] 2/3 latency at 2000 req/s: {} rounds x A B C x {} s",
+        "[bench] 2/3 latency at about 2000 req/s: {} rounds x A B C x {} s",
         plan.rounds, plan.secs
     );
     let mut lat: Vec<serde_json::Value> = Vec::new();
@@ -176,7 +176,7 @@ pub fn run(root: &Path, agent_bin: &Path, sink_bin: &Path, plan: Plan) -> Result
         for c in [Config::A, Config::B, Config::C] {
             let agent = env.agent(c)?;
             std::thread::sleep(Duration::from_millis(300));
-            let r = tools::hey(&url, plan.secs, 2000, 4)?;
+            let r = tools::wrk_paced(&url, plan.secs, 2, 1)?;
             if let Some(a) = agent {
                 a.stop()?;
             }

@@ -230,7 +230,10 @@ pub fn wrk(url: &str, secs: u32, conns: u32) -> Result<LoadResult> {
         ])
         .output()
         .context("running wrk")?;
-    let text = String::from_utf8_lossy(&out.stdout);
+    parse_wrk(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn parse_wrk(text: &str) -> Result<LoadResult> {
     let find = |prefix: &str| {
         text.lines().find_map(|l| {
             l.trim()
@@ -255,6 +258,30 @@ pub fn wrk(url: &str, secs: u32, conns: u32) -> Result<LoadResult> {
         p50_us: find("50%").and_then(|v| to_us(&v)).unwrap_or(0.0),
         p99_us: find("99%").and_then(|v| to_us(&v)).unwrap_or(0.0),
     })
+}
+
+/// Paced keep-alive load with wrk: each of `conns` connections waits `delay_ms` after every
+/// response (wrk's Lua `delay()` hook), which holds the rate well below saturation while keeping
+/// wrk's microsecond latency histogram.
+pub fn wrk_paced(url: &str, secs: u32, conns: u32, delay_ms: u32) -> Result<LoadResult> {
+    let script = std::env::temp_dir().join(format!("wrk-delay-{delay_ms}.lua"));
+    std::fs::write(
+        &script,
+        format!("function delay()\n  return {delay_ms}\nend\n"),
+    )?;
+    let out = Command::new("wrk")
+        .args([
+            "-t1",
+            &format!("-c{conns}"),
+            &format!("-d{secs}s"),
+            "--latency",
+            "-s",
+            &script.to_string_lossy(),
+            url,
+        ])
+        .output()
+        .context("running wrk")?;
+    parse_wrk(&String::from_utf8_lossy(&out.stdout))
 }
 
 /// Load at a fixed rate with hey (`conns` workers of `rate / conns` req/s each, keep-alive).
