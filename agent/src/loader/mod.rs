@@ -2,7 +2,7 @@
 pub mod btf;
 pub mod check;
 
-use std::net::IpAddr;
+use std::{net::IpAddr, path::Path};
 
 use agent_common::{
     ConnInfo, EndpointKey, IoArgs, ANY_ADDR, FILTER_PIDS, FILTER_PORTS, MAP_ACTIVE_CONNECT,
@@ -277,46 +277,24 @@ pub fn kernel_counters(ebpf: &Ebpf) -> Vec<u64> {
 /// Removes in-flight entries of threads that died inside a syscall and conn entries of
 /// processes that exited without closing, so the bounded maps never fill with the dead.
 pub fn sweep_dead(ebpf: &mut Ebpf) {
-    let alive_thread =
-        |k: u64| std::path::Path::new(&format!("/proc/{}/task/{}", k >> 32, k as u32)).exists();
-    let alive_process = |k: u64| std::path::Path::new(&format!("/proc/{}", k >> 32)).exists();
-    if let Some(Ok(mut m)) = ebpf
-        .map_mut(MAP_ACTIVE_IO)
-        .map(HashMap::<_, u64, IoArgs>::try_from)
-    {
-        let dead: Vec<u64> = m
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !alive_thread(*k))
-            .collect();
-        for k in dead {
-            let _ = m.remove(&k);
-        }
-    }
-    if let Some(Ok(mut m)) = ebpf
-        .map_mut(MAP_ACTIVE_CONNECT)
-        .map(HashMap::<_, u64, u64>::try_from)
-    {
-        let dead: Vec<u64> = m
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !alive_thread(*k))
-            .collect();
-        for k in dead {
-            let _ = m.remove(&k);
-        }
-    }
-    if let Some(Ok(mut m)) = ebpf
-        .map_mut(MAP_CONNS)
-        .map(HashMap::<_, u64, ConnInfo>::try_from)
-    {
-        let dead: Vec<u64> = m
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !alive_process(*k))
-            .collect();
-        for k in dead {
-            let _ = m.remove(&k);
-        }
+    let alive_thread = |k: u64| Path::new(&format!("/proc/{}/task/{}", k >> 32, k as u32)).exists();
+    let alive_process = |k: u64| Path::new(&format!("/proc/{}", k >> 32)).exists();
+    remove_dead::<IoArgs>(ebpf, MAP_ACTIVE_IO, alive_thread);
+    remove_dead::<u64>(ebpf, MAP_ACTIVE_CONNECT, alive_thread);
+    remove_dead::<ConnInfo>(ebpf, MAP_CONNS, alive_process);
+}
+
+/// Deletes the entries of a map keyed by pid_tgid (or `pid << 32 | fd`) whose owner is gone.
+fn remove_dead<V: aya::Pod>(ebpf: &mut Ebpf, name: &str, alive: impl Fn(u64) -> bool) {
+    let Some(Ok(mut m)) = ebpf.map_mut(name).map(HashMap::<_, u64, V>::try_from) else {
+        return;
+    };
+    let dead: Vec<u64> = m
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !alive(*k))
+        .collect();
+    for k in dead {
+        let _ = m.remove(&k);
     }
 }

@@ -220,14 +220,31 @@ fn to_us(v: &str) -> Option<f64> {
 
 /// Saturating keep-alive load with wrk.
 pub fn wrk(url: &str, secs: u32, conns: u32) -> Result<LoadResult> {
+    run_wrk(url, secs, conns, &[])
+}
+
+/// Paced keep-alive load with wrk: each of `conns` connections waits `delay_ms` after every
+/// response (wrk's Lua `delay()` hook), which holds the rate well below saturation while keeping
+/// wrk's microsecond latency histogram.
+pub fn wrk_paced(url: &str, secs: u32, conns: u32, delay_ms: u32) -> Result<LoadResult> {
+    let script = std::env::temp_dir().join(format!("wrk-delay-{delay_ms}.lua"));
+    std::fs::write(
+        &script,
+        format!("function delay()\n  return {delay_ms}\nend\n"),
+    )?;
+    run_wrk(url, secs, conns, &["-s", &script.to_string_lossy()])
+}
+
+fn run_wrk(url: &str, secs: u32, conns: u32, extra: &[&str]) -> Result<LoadResult> {
     let out = Command::new("wrk")
         .args([
             "-t1",
             &format!("-c{conns}"),
             &format!("-d{secs}s"),
             "--latency",
-            url,
         ])
+        .args(extra)
+        .arg(url)
         .output()
         .context("running wrk")?;
     parse_wrk(&String::from_utf8_lossy(&out.stdout))
@@ -258,30 +275,6 @@ fn parse_wrk(text: &str) -> Result<LoadResult> {
         p50_us: find("50%").and_then(|v| to_us(&v)).unwrap_or(0.0),
         p99_us: find("99%").and_then(|v| to_us(&v)).unwrap_or(0.0),
     })
-}
-
-/// Paced keep-alive load with wrk: each of `conns` connections waits `delay_ms` after every
-/// response (wrk's Lua `delay()` hook), which holds the rate well below saturation while keeping
-/// wrk's microsecond latency histogram.
-pub fn wrk_paced(url: &str, secs: u32, conns: u32, delay_ms: u32) -> Result<LoadResult> {
-    let script = std::env::temp_dir().join(format!("wrk-delay-{delay_ms}.lua"));
-    std::fs::write(
-        &script,
-        format!("function delay()\n  return {delay_ms}\nend\n"),
-    )?;
-    let out = Command::new("wrk")
-        .args([
-            "-t1",
-            &format!("-c{conns}"),
-            &format!("-d{secs}s"),
-            "--latency",
-            "-s",
-            &script.to_string_lossy(),
-            url,
-        ])
-        .output()
-        .context("running wrk")?;
-    parse_wrk(&String::from_utf8_lossy(&out.stdout))
 }
 
 /// Load at a fixed rate with hey (`conns` workers of `rate / conns` req/s each, keep-alive).
