@@ -70,6 +70,7 @@ fn bench(c: &mut Criterion) {
             KeyValue::new("host.name", Value::Str("bench".into())),
         ],
     });
+    let sampler = agent::sampling::Sampler::default();
     let mut group = c.benchmark_group("pipeline");
     group.throughput(Throughput::Elements(items.len() as u64));
     group.bench_function("events", |b| {
@@ -95,9 +96,11 @@ fn bench(c: &mut Criterion) {
                 conn.feed(dir, seg, &mut exchanges);
                 let ends = endpoints(&header.tuple);
                 for ex in exchanges.drain(..) {
-                    if let Built::Span(s) = build_span(&ex, &ends, resource.clone(), |t| {
-                        t + 1_700_000_000_000_000_000
-                    }) {
+                    if let Built::Span(s) =
+                        build_span(&ex, &ends, resource.clone(), &sampler, |t| {
+                            t + 1_700_000_000_000_000_000
+                        })
+                    {
                         spans.push(*s);
                     }
                 }

@@ -95,6 +95,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         anyhow::bail!("the agent must run as root (it loads eBPF programs): try `sudo agent`, or `agent check` to see what is missing");
     }
     let cfg = ExportConfig::from_env().context("invalid OpenTelemetry exporter configuration")?;
+    let sampler = crate::sampling::Sampler::from_env()
+        .context("invalid OpenTelemetry sampler configuration")?;
     let metrics = Metrics::new();
 
     let globs = {
@@ -153,7 +155,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics.clone(),
         Duration::from_secs(10),
     ));
-    let tracker = tokio::spawn(Tracker::new(metrics.clone(), span_tx, snapshot).run(ev_rx));
+    let tracker =
+        tokio::spawn(Tracker::new(metrics.clone(), span_tx, snapshot, sampler).run(ev_rx));
     let reader = tokio::spawn(reader::run(ring, ev_tx, metrics.clone(), stop_rx));
     if let MetricsAddr::At(addr) = args.metrics_addr {
         tokio::spawn(crate::metrics_server::serve(addr, metrics.clone()));

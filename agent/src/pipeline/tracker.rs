@@ -16,6 +16,7 @@ use crate::{
         http1::{Exchange, Http1Conn, Side},
         Dir, Segment,
     },
+    sampling::Sampler,
     span::{build_span, Built, Span},
     telemetry::Metrics,
 };
@@ -48,10 +49,16 @@ pub struct Tracker {
     preexisting: Snapshot,
     idle: Duration,
     exchanges: Vec<Exchange>,
+    sampler: Sampler,
 }
 
 impl Tracker {
-    pub fn new(metrics: Arc<Metrics>, spans: mpsc::Sender<Span>, preexisting: Snapshot) -> Tracker {
+    pub fn new(
+        metrics: Arc<Metrics>,
+        spans: mpsc::Sender<Span>,
+        preexisting: Snapshot,
+        sampler: Sampler,
+    ) -> Tracker {
         Tracker {
             conns: HashMap::new(),
             processes: ProcessCache::new(),
@@ -61,6 +68,7 @@ impl Tracker {
             preexisting,
             idle: Duration::from_secs(60),
             exchanges: Vec::new(),
+            sampler,
         }
     }
 
@@ -165,7 +173,7 @@ impl Tracker {
                 self.metrics.http_orphan_responses.inc();
                 continue;
             }
-            match build_span(&ex, &conn.ends, conn.resource.clone(), |t| {
+            match build_span(&ex, &conn.ends, conn.resource.clone(), &self.sampler, |t| {
                 clock.to_unix_ns(t)
             }) {
                 Built::Unsampled => {
@@ -185,9 +193,11 @@ impl Tracker {
     fn finish(&mut self, conn: &mut Conn) {
         let clock = self.clock;
         for ex in self.exchanges.drain(..) {
-            if let Built::Span(span) = build_span(&ex, &conn.ends, conn.resource.clone(), |t| {
-                clock.to_unix_ns(t)
-            }) {
+            if let Built::Span(span) =
+                build_span(&ex, &conn.ends, conn.resource.clone(), &self.sampler, |t| {
+                    clock.to_unix_ns(t)
+                })
+            {
                 self.metrics.spans_created.inc();
                 if self.spans.try_send(*span).is_err() {
                     self.metrics.spans_queue_full.inc();

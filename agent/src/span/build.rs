@@ -9,6 +9,7 @@ use crate::{
     pipeline::event::Endpoints,
     process::Resource,
     protocol::http1::{Exchange, Side},
+    sampling::Sampler,
     trace_context::TraceParent,
 };
 
@@ -44,18 +45,19 @@ pub fn build_span(
     ex: &Exchange,
     ends: &Endpoints,
     resource: Arc<Resource>,
+    sampler: &Sampler,
     to_unix: impl Fn(u64) -> u64,
 ) -> Built {
     let req = &ex.request;
     let mut rng = rand::rng();
     let parent = req.traceparent.as_deref().and_then(TraceParent::parse);
-    if parent.is_some_and(|p| !p.sampled()) {
-        return Built::Unsampled;
-    }
     let (trace_id, parent_span_id, flags) = match parent {
-        Some(p) => (p.trace_id, Some(p.parent_id), p.flags),
+        Some(p) => (p.trace_id, Some(p.parent_id), p.flags | 1),
         None => (rng.random::<[u8; 16]>(), None, 1),
     };
+    if !sampler.sample(&trace_id, parent.map(|p| p.sampled())) {
+        return Built::Unsampled;
+    }
     let trace_state = if parent.is_some() {
         req.tracestate.clone().unwrap_or_default()
     } else {
@@ -218,7 +220,7 @@ mod tests {
     }
 
     fn span(ex: &Exchange) -> Span {
-        match build_span(ex, &ends(), resource(), |t| t + 10) {
+        match build_span(ex, &ends(), resource(), &Sampler::default(), |t| t + 10) {
             Built::Span(s) => *s,
             Built::Unsampled => panic!("unexpectedly unsampled"),
         }
@@ -291,7 +293,7 @@ mod tests {
             Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"),
         );
         assert!(matches!(
-            build_span(&unsampled, &ends(), resource(), |t| t),
+            build_span(&unsampled, &ends(), resource(), &Sampler::default(), |t| t),
             Built::Unsampled
         ));
         let garbage = span(&exchange(Side::Server, 200, Some("00-zzzz")));
