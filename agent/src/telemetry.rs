@@ -52,12 +52,12 @@ counters! {
     export_retries: "export attempts retried",
 }
 
-/// Sum of every counter that stands for a lost span or event.
 impl Metrics {
     pub fn new() -> Arc<Metrics> {
         Arc::new(Metrics::default())
     }
 
+    /// Counters that stand for a lost span or event, where non-zero.
     pub fn losses(&self) -> Vec<(&'static str, u64)> {
         const LOSSES: [&str; 10] = [
             "events_channel_full",

@@ -151,3 +151,17 @@ impl Drop for Agent {
         let _ = self.child.wait();
     }
 }
+
+/// The counters the agent logs at exit (`final counters: name=value ...`).
+pub fn final_counters(stderr: &str) -> std::collections::HashMap<String, u64> {
+    stderr
+        .lines()
+        .find_map(|l| l.split_once("final counters: ").map(|(_, c)| c.to_owned()))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|kv| {
+            kv.split_once('=')
+                .and_then(|(k, v)| Some((k.to_owned(), v.parse().ok()?)))
+        })
+        .collect()
+}

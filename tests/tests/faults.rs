@@ -1,7 +1,6 @@
 //! Fault tests: the backend goes away or is slow, servers restart, connections churn, and the
 //! agent is stopped or killed under load. The traced programs must never notice.
 use std::{
-    collections::HashMap,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -15,19 +14,6 @@ use tests::{
 };
 
 const NGINX: &str = "    location = /hello { return 200 \"hello\\n\"; }\n";
-
-fn counters(stderr: &str) -> HashMap<String, u64> {
-    let line = stderr
-        .lines()
-        .find_map(|l| l.split_once("final counters: ").map(|(_, c)| c.to_owned()))
-        .unwrap_or_default();
-    line.split_whitespace()
-        .filter_map(|kv| {
-            kv.split_once('=')
-                .and_then(|(k, v)| Some((k.to_owned(), v.parse().ok()?)))
-        })
-        .collect()
-}
 
 fn rss_mib(pid: u32) -> f64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -114,7 +100,7 @@ fn backend_down_for_30s_then_back() {
     }
     std::thread::sleep(Duration::from_secs(2));
     let (_, err) = agent.stop();
-    let c = counters(&err);
+    let c = tests::agent::final_counters(&err);
     let served = nginx.access_log_lines() as u64;
     let received = served_spans(&rx, port) as u64;
     let dropped = c.get("spans_queue_full").copied().unwrap_or(0)
@@ -259,7 +245,7 @@ fn thousands_of_short_connections() {
         .spans()
         .iter()
         .all(|s| s.attr("network.protocol.version") == Some("1.0")));
-    let c = counters(&err);
+    let c = tests::agent::final_counters(&err);
     assert_eq!(c.get("tracker_conns_full"), None, "{c:?}");
 }
 
@@ -280,7 +266,7 @@ fn sigterm_during_load_flushes() {
         t.elapsed()
     );
     drop(load);
-    let c = counters(&err);
+    let c = tests::agent::final_counters(&err);
     let created = c.get("spans_created").copied().unwrap_or(0);
     assert!(created > 100, "{c:?}");
     let exported = c.get("spans_exported").copied().unwrap_or(0);

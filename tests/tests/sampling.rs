@@ -1,6 +1,5 @@
 //! Head sampling with the standard OTEL_TRACES_SAMPLER variables.
 use std::{
-    collections::HashMap,
     process::{Command, Stdio},
     time::Duration,
 };
@@ -38,16 +37,7 @@ fn traceidratio_keeps_about_a_quarter_and_counts_the_rest() {
     let (_, err) = agent.stop();
     let served = nginx.access_log_lines() as u64;
     let kept = rx.spans().len() as u64;
-    let counters: HashMap<String, u64> = err
-        .lines()
-        .find_map(|l| l.split_once("final counters: ").map(|(_, c)| c.to_owned()))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|kv| {
-            kv.split_once('=')
-                .and_then(|(k, v)| Some((k.to_owned(), v.parse().ok()?)))
-        })
-        .collect();
+    let counters = tests::agent::final_counters(&err);
     let unsampled = counters.get("spans_unsampled").copied().unwrap_or(0);
     println!("sampling 0.25: kept {kept} of {served}");
     assert_eq!(served, 400);

@@ -163,50 +163,60 @@ impl Tracker {
     }
 
     fn emit(&mut self, id: ConnId) {
-        let Some(conn) = self.conns.get_mut(&id) else {
-            return;
-        };
-        let clock = self.clock;
-        for ex in self.exchanges.drain(..) {
-            if conn.expected.is_some_and(|s| s != ex.side) {
-                // A request seen in the wrong direction for this socket: not a real exchange.
-                self.metrics.http_orphan_responses.inc();
-                continue;
-            }
-            match build_span(&ex, &conn.ends, conn.resource.clone(), &self.sampler, |t| {
-                clock.to_unix_ns(t)
-            }) {
-                Built::Unsampled => {
-                    self.metrics.spans_unsampled.inc();
-                }
-                Built::Span(span) => {
-                    self.metrics.spans_created.inc();
-                    if self.spans.try_send(*span).is_err() {
-                        self.metrics.spans_queue_full.inc();
-                    }
-                }
-            };
+        if let Some(conn) = self.conns.get_mut(&id) {
+            Self::spans_for(
+                &mut self.exchanges,
+                conn,
+                &self.sampler,
+                self.clock,
+                &self.metrics,
+                &self.spans,
+            );
         }
-        Self::count_stats(&self.metrics, conn);
     }
 
     fn finish(&mut self, conn: &mut Conn) {
-        let clock = self.clock;
-        for ex in self.exchanges.drain(..) {
-            if let Built::Span(span) =
-                build_span(&ex, &conn.ends, conn.resource.clone(), &self.sampler, |t| {
-                    clock.to_unix_ns(t)
-                })
-            {
-                self.metrics.spans_created.inc();
-                if self.spans.try_send(*span).is_err() {
-                    self.metrics.spans_queue_full.inc();
+        Self::spans_for(
+            &mut self.exchanges,
+            conn,
+            &self.sampler,
+            self.clock,
+            &self.metrics,
+            &self.spans,
+        );
+    }
+
+    /// Turns the connection's completed exchanges into spans and queues them; one place for both
+    /// live traffic and connections that end.
+    fn spans_for(
+        exchanges: &mut Vec<Exchange>,
+        conn: &mut Conn,
+        sampler: &Sampler,
+        clock: Clock,
+        metrics: &Metrics,
+        spans: &mpsc::Sender<Span>,
+    ) {
+        for ex in exchanges.drain(..) {
+            if conn.expected.is_some_and(|s| s != ex.side) {
+                // A request seen in the wrong direction for this socket: not a real exchange.
+                metrics.http_orphan_responses.inc();
+                continue;
+            }
+            match build_span(&ex, &conn.ends, conn.resource.clone(), sampler, |t| {
+                clock.to_unix_ns(t)
+            }) {
+                Built::Unsampled => {
+                    metrics.spans_unsampled.inc();
                 }
-            } else {
-                self.metrics.spans_unsampled.inc();
+                Built::Span(span) => {
+                    metrics.spans_created.inc();
+                    if spans.try_send(*span).is_err() {
+                        metrics.spans_queue_full.inc();
+                    }
+                }
             }
         }
-        Self::count_stats(&self.metrics, conn);
+        Self::count_stats(metrics, conn);
     }
 
     fn count_stats(metrics: &Metrics, conn: &mut Conn) {

@@ -175,7 +175,7 @@ impl StreamParser {
                     match used {
                         Ok(n) => data = &data[n..],
                         Err(_) => {
-                            self.state = lost(open, seg.end_ns, sink);
+                            self.state = lost(open, seg.end_ns);
                             return;
                         }
                     }
@@ -185,7 +185,7 @@ impl StreamParser {
                         State::Idle { synced: true }
                     } else {
                         if chunk.skip(gap).is_err() {
-                            self.state = lost(open, seg.end_ns, sink);
+                            self.state = lost(open, seg.end_ns);
                             return;
                         }
                         if let Some(o) = open.as_mut() {
@@ -299,16 +299,13 @@ impl StreamParser {
     }
 }
 
-fn lost(open: Option<Open>, end_ns: u64, sink: &mut impl Sink) -> State {
+fn lost(open: Option<Open>, end_ns: u64) -> State {
     match open {
         Some(mut o) => {
             o.end_ns = end_ns;
             State::Drain { open: o }
         }
-        None => {
-            sink.skipped(0);
-            State::Idle { synced: false }
-        }
+        None => State::Idle { synced: false },
     }
 }
 
