@@ -40,6 +40,7 @@ pub const MAP_PIDS: &str = "TRACED_PIDS";
 pub const MAP_PORTS: &str = "TRACED_PORTS";
 pub const MAP_EXCLUDED: &str = "EXCLUDED_ENDPOINTS";
 pub const MAP_CONNS: &str = "CONNS";
+pub const MAP_SOCKS: &str = "OUT_SOCKS";
 
 /// Kernel counters: indices into the per-CPU `COUNTERS` array. Each is something that could not
 /// be sent or tracked; userspace sums the CPUs and exposes them under the given names.
@@ -49,14 +50,32 @@ pub const CNT_CLOSE_RINGBUF_FULL: u32 = 2;
 pub const CNT_READ_FAULT: u32 = 3;
 pub const CNT_TRUNCATED: u32 = 4;
 pub const CNT_CONNS_FULL: u32 = 5;
-pub const NUM_COUNTERS: u32 = 8;
-pub const COUNTER_NAMES: [&str; 6] = [
+/// `traceparent` inserted into an outgoing request that had none.
+pub const CNT_TP_INSERTED: u32 = 6;
+/// Parent id of an outgoing request's own `traceparent` rewritten to the agent's client span.
+pub const CNT_TP_REWRITTEN: u32 = 7;
+/// An outgoing request's invalid `traceparent` value replaced by a valid one.
+pub const CNT_TP_REPLACED: u32 = 8;
+/// Outgoing request left untouched: its head was not whole in the first write, or too long.
+pub const CNT_TP_SKIPPED_HEAD: u32 = 9;
+/// Outgoing request left untouched: the kernel refused to grow or linearise the message.
+pub const CNT_TP_FAILED: u32 = 10;
+/// Outgoing connection not followed for injection: the socket map is full.
+pub const CNT_SOCKHASH_FULL: u32 = 11;
+pub const NUM_COUNTERS: u32 = 16;
+pub const COUNTER_NAMES: [&str; 12] = [
     "kernel_ringbuf_full_events",
     "kernel_inflight_syscall_map_full",
     "kernel_close_ringbuf_full_events",
     "kernel_payload_read_faults",
     "kernel_payload_truncated",
     "kernel_conn_map_full",
+    "kernel_traceparent_inserted",
+    "kernel_traceparent_rewritten",
+    "kernel_traceparent_replaced",
+    "kernel_traceparent_skipped_split_head",
+    "kernel_traceparent_failed",
+    "kernel_sockhash_full",
 ];
 
 /// Addresses of one TCP connection, seen from the traced process. IPv4 addresses occupy the
@@ -98,9 +117,79 @@ pub struct DataHeader {
     pub tuple: ConnTuple,
     /// The task's `comm`: names the process when it has exited before userspace looks at /proc.
     pub comm: [u8; 16],
+    /// Trace context the kernel decided for a request that starts in this event.
+    pub wire: WireCtx,
 }
 pub const DATA_HEADER_SIZE: usize = core::mem::size_of::<DataHeader>();
-const _: () = assert!(DATA_HEADER_SIZE == 120);
+const _: () = assert!(DATA_HEADER_SIZE == 160);
+
+/// What the kernel did with the trace context of a request that starts in a data event.
+pub const WIRE_NONE: u8 = 0;
+/// Incoming request: the server span's context (`span_id` = server span, `parent_id` = the
+/// incoming `traceparent`'s parent id, zero when there was none).
+pub const WIRE_SERVER: u8 = 1;
+/// Outgoing request: a `traceparent` with `trace_id`/`span_id` (the client span) was inserted.
+pub const WIRE_INSERTED: u8 = 2;
+/// Outgoing request: the request's own `traceparent` had its parent id rewritten to `span_id`.
+pub const WIRE_REWRITTEN: u8 = 3;
+/// Outgoing request: the request's invalid `traceparent` value was replaced.
+pub const WIRE_REPLACED: u8 = 4;
+/// Outgoing request, not modified: only the in-process link is known (`span_id` zero).
+pub const WIRE_LINKED: u8 = 5;
+
+/// Trace context attached to a data event by the kernel. For outgoing requests, `parent_id` is
+/// the server span the process was handling when it sent the request (zero: none).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WireCtx {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub parent_id: [u8; 8],
+    pub kind: u8,
+    /// W3C trace flags as decided (bit 0: sampled).
+    pub flags: u8,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<WireCtx>() == 40);
+
+/// An incoming request a server connection is handling (kernel map `SERVER_REQS`, keyed by the
+/// server socket). `live` drops to 0 when the response starts.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ServerReq {
+    /// `bpf_ktime_get_ns` when the request arrived: identifies it among the connection's requests.
+    pub seq: u64,
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub flags: u8,
+    pub live: u8,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<ServerReq>() == 40);
+
+/// A reference to one request of one server connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ReqRef {
+    pub sk: u64,
+    pub seq: u64,
+}
+
+/// Requests recently read by one thread (kernel map `THREAD_REQS`, keyed by tid); the newest
+/// still-live one is the request an outgoing call belongs to.
+pub const THREAD_SLOTS: usize = 4;
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ThreadReqs {
+    pub refs: [ReqRef; THREAD_SLOTS],
+    pub next: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<ThreadReqs>() == 72);
+
+/// Sampling settings as kernel globals: the decision for a new trace is
+/// `(low 8 bytes of the trace id, big endian) >> 1 < SAMPLE_THRESHOLD`.
+pub const SAMPLE_ALWAYS: u64 = 1 << 63;
 
 /// An `EVENT_CLOSE` ring item: a tracked socket fd was closed.
 #[repr(C)]
@@ -164,8 +253,10 @@ pub struct IoArgs {
     pub buf_kind: u32,
     pub direction: u32,
     pub verdict: u32,
+    /// Set by `sk_msg` when it decided the context of an outgoing request in this syscall.
+    pub wire: WireCtx,
 }
-const _: () = assert!(core::mem::size_of::<IoArgs>() == 48);
+const _: () = assert!(core::mem::size_of::<IoArgs>() == 88);
 
 pub const MAP_ACTIVE_IO: &str = "ACTIVE_IO";
 pub const MAP_ACTIVE_CONNECT: &str = "ACTIVE_CONNECT";

@@ -1,8 +1,9 @@
 //! Userspace-only trait impls.
-use crate::{ConnInfo, ConnTuple, EndpointKey, IoArgs};
+use crate::{ConnInfo, ConnTuple, EndpointKey, IoArgs, WireCtx};
 
 // SAFETY: plain-old-data `#[repr(C)]` types with explicit padding and no pointers.
 unsafe impl aya::Pod for ConnTuple {}
 unsafe impl aya::Pod for ConnInfo {}
 unsafe impl aya::Pod for EndpointKey {}
 unsafe impl aya::Pod for IoArgs {}
+unsafe impl aya::Pod for WireCtx {}

@@ -1,22 +1,25 @@
 //! Payload capture: copy a bounded prefix of what a data syscall moved into the per-CPU scratch,
 //! behind a `DataHeader`, then into the ring buffer in one `bpf_ringbuf_output`.
 use agent_common::{
-    DataHeader, CNT_READ_FAULT, CNT_RINGBUF_FULL, CNT_TRUNCATED, DATA_HEADER_SIZE, EVENT_DATA,
-    MAX_IOVECS, MAX_PAYLOAD,
+    DataHeader, CNT_READ_FAULT, CNT_RINGBUF_FULL, CNT_TRUNCATED, DATA_HEADER_SIZE, DIR_INGRESS,
+    EVENT_DATA, MAX_IOVECS, MAX_PAYLOAD, WIRE_NONE,
 };
 use aya_ebpf::helpers::{
     bpf_get_current_comm, bpf_probe_read_user,
     generated::{bpf_ktime_get_boot_ns, bpf_probe_read_user as raw_read_user, bpf_ringbuf_output},
 };
 
-use crate::maps::{
-    conn_key, count, global, IoArgs, BUF_IOVEC, CONNS, EVENTS, PAYLOAD_LIMIT, SCRATCH,
+use crate::{
+    maps::{conn_key, count, global, IoArgs, BUF_IOVEC, CONNS, EVENTS, PAYLOAD_LIMIT, SCRATCH},
+    propagate::{self, head, inflight},
 };
 
 const MASK: usize = MAX_PAYLOAD - 1;
 
+/// `DIR` is the direction of the calling program (`DIR_INGRESS` or `DIR_EGRESS`), a constant so
+/// that each program carries only its own side's trace-context work.
 #[inline(always)]
-pub fn emit_data(args: &IoArgs, pid_tgid: u64, moved: u64) {
+pub fn emit_data<const DIR: u32>(args: &IoArgs, pid_tgid: u64, moved: u64) {
     let tgid = (pid_tgid >> 32) as u32;
     let Some(conn) = CONNS.get_ptr(&conn_key(tgid, args.fd)) else {
         return;
@@ -44,6 +47,22 @@ pub fn emit_data(args: &IoArgs, pid_tgid: u64, moved: u64) {
         copy_plain(payload, args.buf, want as usize)
     };
 
+    // SAFETY: helper without preconditions.
+    let ts_exit = unsafe { bpf_ktime_get_boot_ns() };
+    let mut wire = args.wire;
+    if DIR == DIR_INGRESS {
+        if let Some(w) = propagate::incoming(payload, captured, pid_tgid, args.sk, ts_exit) {
+            wire = w;
+        }
+    } else if wire.kind == WIRE_NONE {
+        if head::starts_with_status(payload, captured) {
+            inflight::close(args.sk);
+        } else if head::starts_with_method(payload, captured) {
+            if let Some(w) = propagate::linked(pid_tgid, args.fd) {
+                wire = w;
+            }
+        }
+    }
     let header = DataHeader {
         kind: EVENT_DATA,
         direction: args.direction,
@@ -54,12 +73,12 @@ pub fn emit_data(args: &IoArgs, pid_tgid: u64, moved: u64) {
         sk: args.sk,
         len: moved,
         ts_enter: args.ts_enter,
-        // SAFETY: helper without preconditions.
-        ts_exit: unsafe { bpf_ktime_get_boot_ns() },
+        ts_exit,
         role: conn.role,
         _pad: 0,
         tuple: conn.tuple,
         comm: bpf_get_current_comm().unwrap_or_default(),
+        wire,
     };
     // SAFETY: the scratch buffer is larger than the header and 8-byte aligned.
     unsafe { core::ptr::write_unaligned(buf.as_mut_ptr() as *mut DataHeader, header) };

@@ -43,6 +43,7 @@ fn save(buf: u64, count: u64, fd: u64, buf_kind: u32, direction: u32) {
         buf_kind,
         direction,
         verdict: 0,
+        wire: agent_common::WireCtx::default(),
     };
     if ACTIVE_IO.insert(&pid_tgid, &args, 0).is_err() {
         crate::maps::count(agent_common::CNT_ACTIVE_IO_FULL);
@@ -88,7 +89,7 @@ fn enter_msg(ctx: &TracePointContext, direction: u32) -> u32 {
 }
 
 #[inline(always)]
-fn exit(ctx: &TracePointContext) -> u32 {
+fn exit<const DIR: u32>(ctx: &TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let Some(args) = ACTIVE_IO.get_ptr(&pid_tgid) else {
         return 0;
@@ -100,7 +101,7 @@ fn exit(ctx: &TracePointContext) -> u32 {
     if args.verdict != agent_common::VERDICT_TRACE || ret <= 0 {
         return 0;
     }
-    capture::emit_data(&args, pid_tgid, ret as u64);
+    capture::emit_data::<DIR>(&args, pid_tgid, ret as u64);
     0
 }
 
@@ -112,7 +113,7 @@ macro_rules! syscall_pair {
         }
         #[tracepoint]
         pub fn $exit(ctx: TracePointContext) -> u32 {
-            exit(&ctx)
+            exit::<{ $dir }>(&ctx)
         }
     };
 }

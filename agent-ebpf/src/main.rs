@@ -6,6 +6,7 @@ mod capture;
 mod conn;
 mod data;
 mod maps;
+mod propagate;
 mod sock;
 
 #[cfg(not(test))]

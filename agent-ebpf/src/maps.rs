@@ -1,8 +1,11 @@
 //! Every map and load-time setting of the kernel side, in one place.
-use agent_common::{ConnInfo, EndpointKey, DATA_HEADER_SIZE, MAX_PAYLOAD, NUM_COUNTERS};
+use agent_common::{
+    ConnInfo, EndpointKey, ReqRef, ServerReq, ThreadReqs, DATA_HEADER_SIZE, MAX_PAYLOAD,
+    NUM_COUNTERS, SAMPLE_ALWAYS,
+};
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
 
 /// Set by userspace at load time (`EbpfLoader::set_global`).
@@ -13,9 +16,22 @@ pub static PAYLOAD_LIMIT: u32 = agent_common::DEFAULT_PAYLOAD_LIMIT;
 #[unsafe(no_mangle)]
 pub static FILTER_FLAGS: u32 = 0;
 
+/// Sampling for traces that start here (see `agent_common::SAMPLE_ALWAYS`), and whether an
+/// incoming sampled flag is followed.
+#[unsafe(no_mangle)]
+pub static SAMPLE_THRESHOLD: u64 = SAMPLE_ALWAYS;
+#[unsafe(no_mangle)]
+pub static SAMPLE_PARENT_BASED: u32 = 1;
+
 #[inline(always)]
 pub fn global(v: &'static u32) -> u32 {
     // SAFETY: read of a constant the loader patched; volatile keeps the compiler from folding it.
+    unsafe { core::ptr::read_volatile(v) }
+}
+
+#[inline(always)]
+pub fn global64(v: &'static u64) -> u64 {
+    // SAFETY: as `global`.
     unsafe { core::ptr::read_volatile(v) }
 }
 
@@ -52,10 +68,31 @@ pub static TRACED_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(1024, 0);
 #[map]
 pub static EXCLUDED_ENDPOINTS: HashMap<EndpointKey, u8> = HashMap::with_max_entries(64, 0);
 
-/// Per-CPU scratch where an event is assembled before it is copied into the ring buffer.
+/// Per-CPU scratch where an event is assembled before it is copied into the ring buffer
+/// (slot 0), and where `sk_msg` copies an outgoing request head to read it (slot 1).
 /// The payload area is twice the maximum so the verifier can bound `offset + len`.
 #[map]
-pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(2, 0);
+
+/// The request each server connection is handling, keyed by its socket. LRU: an evicted entry
+/// only costs the in-process link of that request's outgoing calls.
+#[map]
+pub static SERVER_REQS: LruHashMap<u64, ServerReq> = LruHashMap::with_max_entries(65536, 0);
+
+/// Requests recently read by each thread, keyed by tid.
+#[map]
+pub static THREAD_REQS: LruHashMap<u32, ThreadReqs> = LruHashMap::with_max_entries(16384, 0);
+
+/// The request a thread was handling when it called `connect`, keyed by `(pid << 32) | fd`:
+/// the owner of the first request on that connection, even if more requests arrive before the
+/// connection is up (event loops).
+#[map]
+pub static CONNECT_REFS: LruHashMap<u64, ReqRef> = LruHashMap::with_max_entries(16384, 0);
+
+/// Outgoing TCP connections whose requests `sk_msg` may carry a `traceparent` in, keyed by
+/// socket cookie. Closed sockets leave the map by themselves.
+#[map]
+pub static OUT_SOCKS: SockHash<u64> = SockHash::with_max_entries(65536, 0);
 
 pub const SCRATCH_SIZE: usize = DATA_HEADER_SIZE + 2 * MAX_PAYLOAD;
 

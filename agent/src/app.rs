@@ -122,9 +122,24 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         ports: args.ports.clone(),
         excluded,
         excluded_any_port,
+        inject: args.inject,
+        sample_threshold: sampler.kernel_threshold(),
+        sample_parent_based: sampler.parent_based,
     };
     let snapshot = Snapshot::scan();
-    let loader::Loaded { mut ebpf, ring } = loader::load(&settings)?;
+    let loader::Loaded {
+        mut ebpf,
+        ring,
+        injecting,
+    } = loader::load(&settings)?;
+    match (&injecting, args.inject) {
+        (Some(cg), _) => tracing::info!(
+            "injecting traceparent into outgoing HTTP/1.x requests of cgroup {}",
+            cg.display()
+        ),
+        (None, false) => tracing::info!("traceparent injection is off (--inject off)"),
+        (None, true) => {}
+    }
     match &cfg.endpoint {
         None if cfg.discard => {
             tracing::info!("OTEL_TRACES_EXPORTER=none: spans are built and counted, not exported")

@@ -44,6 +44,11 @@ pub struct RunArgs {
     /// Kernel ring buffer size in bytes (rounded up to a power of two).
     #[arg(long, value_name = "BYTES", default_value_t = 8 << 20)]
     pub ring_size: u32,
+    /// Put a W3C `traceparent` into outgoing plaintext HTTP/1.x requests (sock_ops + sk_msg), so
+    /// traces join up across services; `off` leaves every byte as the program wrote it.
+    #[arg(long, value_name = "on|off", default_value = "on", env = "BEHOLDER_INJECT",
+          value_parser = parse_on_off)]
+    pub inject: bool,
     /// Where the agent's own Prometheus metrics are served; `off` to disable.
     #[arg(long, value_name = "ADDR|off", default_value = "127.0.0.1:9464", value_parser = parse_metrics_addr)]
     pub metrics_addr: MetricsAddr,
@@ -53,6 +58,14 @@ pub struct RunArgs {
 pub enum MetricsAddr {
     Off,
     At(SocketAddr),
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "on" | "true" | "1" | "yes" => Ok(true),
+        "off" | "false" | "0" | "no" => Ok(false),
+        _ => Err(format!("{s:?}: expected on or off")),
+    }
 }
 
 fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {

@@ -69,6 +69,18 @@ impl Sampler {
         Ok(Sampler { root, parent_based })
     }
 
+    /// The kernel's form of the root decision: keep when `(low 8 bytes of the trace id) >> 1` is
+    /// below this (see `sample`).
+    pub fn kernel_threshold(&self) -> u64 {
+        match self.root {
+            Root::AlwaysOn => agent_common::SAMPLE_ALWAYS,
+            Root::AlwaysOff => 0,
+            Root::Ratio(r) if r >= 1.0 => agent_common::SAMPLE_ALWAYS,
+            Root::Ratio(r) if r <= 0.0 => 0,
+            Root::Ratio(r) => (r * (1u64 << 63) as f64) as u64,
+        }
+    }
+
     /// Whether to record a span of `trace_id`; `parent_sampled` is the incoming flag, if any.
     pub fn sample(&self, trace_id: &[u8; 16], parent_sampled: Option<bool>) -> bool {
         if let (true, Some(flag)) = (self.parent_based, parent_sampled) {

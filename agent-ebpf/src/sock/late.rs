@@ -85,5 +85,6 @@ pub fn args(send: bool) -> Option<IoArgs> {
         buf_kind,
         direction,
         verdict: 0,
+        wire: agent_common::WireCtx::default(),
     })
 }

@@ -1,6 +1,7 @@
 //! Loads the embedded kernel programs, fills their settings and filter maps, and attaches them.
 pub mod btf;
 pub mod check;
+pub mod inject;
 
 use std::{net::IpAddr, path::Path};
 
@@ -75,11 +76,18 @@ pub struct Settings {
     pub ports: Vec<u16>,
     pub excluded: Vec<(IpAddr, u16)>,
     pub excluded_any_port: Vec<u16>,
+    /// Put `traceparent` into outgoing requests (`sock_ops` + `sk_msg`).
+    pub inject: bool,
+    /// Sampling of traces that start here, as the kernel applies it.
+    pub sample_threshold: u64,
+    pub sample_parent_based: bool,
 }
 
 pub struct Loaded {
     pub ebpf: Ebpf,
     pub ring: RingBuf<MapData>,
+    /// The cgroup whose connections get a `traceparent`, when injection is on and attached.
+    pub injecting: Option<std::path::PathBuf>,
 }
 
 /// Mounts tracefs if it is not there; tracepoints cannot be attached without it.
@@ -139,8 +147,11 @@ pub fn load(s: &Settings) -> Result<Loaded, LoadError> {
         flags |= FILTER_PORTS;
     }
     let ring = s.ring_bytes.next_power_of_two().max(1 << 16);
+    let parent_based = s.sample_parent_based as u32;
     let mut ebpf = EbpfLoader::new()
         .override_global("AGENT_TGID", &me, true)
+        .override_global("SAMPLE_THRESHOLD", &s.sample_threshold, true)
+        .override_global("SAMPLE_PARENT_BASED", &parent_based, true)
         .override_global("PAYLOAD_LIMIT", &limit, true)
         .override_global("FILTER_FLAGS", &flags, true)
         .map_max_entries(MAP_EVENTS, ring)
@@ -170,12 +181,30 @@ pub fn load(s: &Settings) -> Result<Loaded, LoadError> {
                 source,
             })?;
     }
+    let injecting = if s.inject {
+        match inject::attach(&mut ebpf) {
+            Ok(root) => Some(root),
+            Err(e) => {
+                tracing::warn!(
+                    "traceparent injection is off: {e}. Spans still link inside each process, and \
+                     across services that propagate the header themselves; run `agent check`"
+                );
+                None
+            }
+        }
+    } else {
+        None
+    };
     let ring = RingBuf::try_from(
         ebpf.take_map(MAP_EVENTS)
             .ok_or(LoadError::Missing(MAP_EVENTS))?,
     )
     .map_err(|e| LoadError::Map(MAP_EVENTS, e))?;
-    Ok(Loaded { ebpf, ring })
+    Ok(Loaded {
+        ebpf,
+        ring,
+        injecting,
+    })
 }
 
 fn endpoint_key(ip: IpAddr, port: u16) -> Vec<EndpointKey> {

@@ -1,0 +1,84 @@
+//! Which incoming request a thread is handling: opened when a request head is read on a server
+//! connection, closed when that connection starts its response. An outgoing request belongs to
+//! the newest still-open request its thread read, or, for the first request on a connection, to
+//! the one open when the thread called `connect` (event loops connect inside the handler and
+//! write later).
+use agent_common::{ReqRef, ServerReq, ThreadReqs, THREAD_SLOTS};
+
+use crate::maps::{conn_key, CONNECT_REFS, SERVER_REQS, THREAD_REQS};
+
+#[inline(always)]
+pub fn open(tid: u32, sk: u64, req: &ServerReq) {
+    let _ = SERVER_REQS.insert(&sk, req, 0);
+    let r = ReqRef { sk, seq: req.seq };
+    if let Some(t) = THREAD_REQS.get_ptr_mut(&tid) {
+        // SAFETY: live map value; only this thread writes its entry.
+        let t = unsafe { &mut *t };
+        t.refs[(t.next as usize) & (THREAD_SLOTS - 1)] = r;
+        t.next = t.next.wrapping_add(1);
+    } else {
+        let mut t = ThreadReqs::default();
+        t.refs[0] = r;
+        t.next = 1;
+        let _ = THREAD_REQS.insert(&tid, &t, 0);
+    }
+}
+
+/// The server connection `sk` started a response: its request no longer takes new calls.
+#[inline(always)]
+pub fn close(sk: u64) {
+    if let Some(r) = SERVER_REQS.get_ptr_mut(&sk) {
+        // SAFETY: live map value.
+        unsafe { (*r).live = 0 };
+    }
+}
+
+#[inline(always)]
+fn live(r: &ReqRef) -> Option<ServerReq> {
+    if r.sk == 0 {
+        return None;
+    }
+    // SAFETY: copied out of a live map value.
+    let req = unsafe { *SERVER_REQS.get_ptr(&r.sk)? };
+    (req.live != 0 && req.seq == r.seq).then_some(req)
+}
+
+#[inline(always)]
+fn newest(tid: u32) -> Option<(ReqRef, ServerReq)> {
+    // SAFETY: copied out of a live map value.
+    let t = unsafe { *THREAD_REQS.get_ptr(&tid)? };
+    let mut best: Option<(ReqRef, ServerReq)> = None;
+    let mut i = 0;
+    while i < THREAD_SLOTS {
+        let r = t.refs[i];
+        if let Some(req) = live(&r) {
+            if best.is_none_or(|(b, _)| b.seq < r.seq) {
+                best = Some((r, req));
+            }
+        }
+        i += 1;
+    }
+    best
+}
+
+/// A `connect` from this thread: remember the request it is handling for that socket.
+#[inline(always)]
+pub fn on_connect(pid_tgid: u64, fd: u32) {
+    if let Some((r, _)) = newest(pid_tgid as u32) {
+        let _ = CONNECT_REFS.insert(&conn_key((pid_tgid >> 32) as u32, fd), &r, 0);
+    }
+}
+
+/// The request an outgoing request on `fd`, sent by this thread now, belongs to.
+#[inline(always)]
+pub fn owner(pid_tgid: u64, fd: u32) -> Option<ServerReq> {
+    let key = conn_key((pid_tgid >> 32) as u32, fd);
+    // SAFETY: copied out of a live map value.
+    if let Some(r) = CONNECT_REFS.get_ptr(&key).map(|r| unsafe { *r }) {
+        let _ = CONNECT_REFS.remove(&key);
+        if let Some(req) = live(&r) {
+            return Some(req);
+        }
+    }
+    newest(pid_tgid as u32).map(|(_, req)| req)
+}

@@ -1,0 +1,67 @@
+//! Trace context on the wire without `bpf_probe_write_user`: the kernel decides the context of
+//! each request a traced process reads or sends, and `sk_msg` writes it into outgoing requests.
+pub mod head;
+pub mod ids;
+pub mod inflight;
+mod skmsg;
+mod sockops;
+
+use agent_common::{ServerReq, WireCtx, WIRE_LINKED, WIRE_SERVER};
+
+/// Scratch slots: the syscall capture's, and `sk_msg`'s copy of an outgoing head.
+pub const CAPTURE_SLOT: u32 = 0;
+pub const MSG_SLOT: u32 = 1;
+
+/// The context of a request head just read on server connection `sk` (`buf` holds `len` bytes
+/// of it): the server span's ids, its parent from the request's own `traceparent`, and the
+/// sampling decision. Registered so that the thread's outgoing calls can find it.
+#[inline(always)]
+pub fn incoming(buf: *const u8, len: usize, pid_tgid: u64, sk: u64, now: u64) -> Option<WireCtx> {
+    let line_end = head::request_line_end(CAPTURE_SLOT, buf, len);
+    if line_end == 0 {
+        return None;
+    }
+    let parent = match head::find_traceparent(CAPTURE_SLOT, line_end, len) {
+        head::Found::Traceparent(v) => head::parse_traceparent(buf, v, len),
+        _ => None,
+    };
+    let mut wire = WireCtx {
+        kind: WIRE_SERVER,
+        span_id: ids::span_id(),
+        ..WireCtx::default()
+    };
+    match parent {
+        Some(p) => {
+            wire.trace_id = p.trace_id;
+            wire.parent_id = p.parent_id;
+            wire.flags = ids::sampled(&p.trace_id, Some(p.flags));
+        }
+        None => {
+            wire.trace_id = ids::trace_id();
+            wire.flags = ids::sampled(&wire.trace_id, None);
+        }
+    }
+    let req = ServerReq {
+        seq: now,
+        trace_id: wire.trace_id,
+        span_id: wire.span_id,
+        flags: wire.flags,
+        live: 1,
+        _pad: [0; 6],
+    };
+    inflight::open(pid_tgid as u32, sk, &req);
+    Some(wire)
+}
+
+/// The in-process link of an outgoing request that was not modified on the wire.
+#[inline(always)]
+pub fn linked(pid_tgid: u64, fd: u32) -> Option<WireCtx> {
+    let owner = inflight::owner(pid_tgid, fd)?;
+    Some(WireCtx {
+        kind: WIRE_LINKED,
+        trace_id: owner.trace_id,
+        parent_id: owner.span_id,
+        flags: owner.flags,
+        ..WireCtx::default()
+    })
+}

@@ -1,0 +1,202 @@
+//! `sk_msg` on outgoing connections: puts the agent's client-span context into HTTP/1.x requests.
+//!
+//! The rule for a request head that is whole in the message (one write, as curl, nginx, Python,
+//! Node and Go all send them):
+//! - no `traceparent`: one is inserted after the request line, with the trace of the request the
+//!   thread is handling (or a new trace), and the span id of the client span the agent reports;
+//! - a valid `traceparent` (the program propagates, or a proxy forwards): only its parent id is
+//!   rewritten, in place, to the client span's id, so the callee becomes that span's child; the
+//!   flags follow the sampler (unchanged under the default parent-based one);
+//! - an invalid one: its value is replaced by a valid one, as if there had been none.
+//!
+//! A head that is not whole in the first message is left alone and counted. So is anything that
+//! is not the start of an HTTP/1.x request (bodies, TLS, other protocols). The syscall still
+//! returns what the program wrote; only the bytes on the wire grow.
+use agent_common::{
+    WireCtx, CNT_TP_FAILED, CNT_TP_INSERTED, CNT_TP_REPLACED, CNT_TP_REWRITTEN,
+    CNT_TP_SKIPPED_HEAD, DATA_HEADER_SIZE, WIRE_INSERTED, WIRE_NONE, WIRE_REPLACED,
+    WIRE_REWRITTEN,
+};
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_pid_tgid,
+        generated::{bpf_msg_pull_data, bpf_probe_read_kernel},
+    },
+    macros::sk_msg,
+    programs::SkMsgContext,
+};
+
+use super::{
+    head::{self, Found, SCAN_MAX, TP_LEN},
+    ids, inflight, MSG_SLOT,
+};
+use crate::maps::{count, process_traced, ACTIVE_IO, SCRATCH};
+
+const SK_PASS: u32 = 1;
+/// `traceparent: ` + value + CRLF.
+const HEADER_LEN: usize = 13 + TP_LEN + 2;
+
+#[sk_msg]
+pub fn out_msg(ctx: SkMsgContext) -> u32 {
+    inject(&ctx);
+    SK_PASS
+}
+
+#[inline(always)]
+fn inject(ctx: &SkMsgContext) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !process_traced((pid_tgid >> 32) as u32) {
+        return;
+    }
+    // The data syscall in flight: its fd names the connection, and the decision is left in it
+    // for the syscall's exit, which reports it with the captured bytes.
+    let Some(io) = ACTIVE_IO.get_ptr_mut(&pid_tgid) else {
+        return;
+    };
+    // SAFETY: live map value of this thread.
+    let io = unsafe { &mut *io };
+    if io.wire.kind != WIRE_NONE {
+        return; // a later piece of the same write: body bytes
+    }
+    let size = ctx.size() as usize;
+    if size < 16 {
+        return;
+    }
+    let want = if size < SCAN_MAX { size } else { SCAN_MAX };
+    // SAFETY: the message of this call; makes the first `want` bytes contiguous.
+    if unsafe { bpf_msg_pull_data(ctx.msg, 0, want as u32, 0) } != 0 {
+        count(CNT_TP_FAILED);
+        return;
+    }
+    let Some(scratch) = SCRATCH.get_ptr_mut(MSG_SLOT) else {
+        return;
+    };
+    // SAFETY: per-CPU scratch slot 1 is only used here.
+    let buf = unsafe { (*scratch).buf.as_mut_ptr().add(DATA_HEADER_SIZE) };
+    let mut n = ctx.data_end() - ctx.data();
+    if n > SCAN_MAX {
+        n = SCAN_MAX;
+    }
+    if n < 16 {
+        return;
+    }
+    // SAFETY: `n` bytes of the linear message into a buffer of 2 * MAX_PAYLOAD bytes.
+    if unsafe { bpf_probe_read_kernel(buf as *mut _, n as u32, ctx.data() as *const _) } != 0 {
+        return;
+    }
+    let line_end = head::request_line_end(MSG_SLOT, buf, n);
+    if line_end == 0 {
+        return;
+    }
+    let owner = inflight::owner(pid_tgid, io.fd);
+    // Ids for a request without a usable traceparent: the owner's trace, or a new one.
+    let fresh = || {
+        let mut w = WireCtx {
+            span_id: ids::span_id(),
+            ..WireCtx::default()
+        };
+        match owner {
+            Some(o) => {
+                w.trace_id = o.trace_id;
+                w.parent_id = o.span_id;
+                w.flags = o.flags & 1;
+            }
+            None => {
+                w.trace_id = ids::trace_id();
+                w.flags = ids::sampled(&w.trace_id, None);
+            }
+        }
+        w
+    };
+    match head::find_traceparent(MSG_SLOT, line_end, n) {
+        Found::Traceparent(v) => {
+            if let Some(tp) = head::parse_traceparent(buf, v, n) {
+                let mut w = WireCtx {
+                    kind: WIRE_REWRITTEN,
+                    trace_id: tp.trace_id,
+                    span_id: ids::span_id(),
+                    flags: ids::sampled(&tp.trace_id, Some(tp.flags)),
+                    ..WireCtx::default()
+                };
+                if let Some(o) = owner.filter(|o| o.trace_id == tp.trace_id) {
+                    w.parent_id = o.span_id;
+                }
+                // "<16 hex span>-<2 hex flags>" over the old parent id and flags.
+                let mut text = [0u8; 19];
+                ids::put_hex(&mut text, 0, &w.span_id);
+                text[16] = b'-';
+                ids::put_hex(&mut text, 17, &[w.flags]);
+                if write_at(ctx, v + 36, &text) {
+                    io.wire = w;
+                    count(CNT_TP_REWRITTEN);
+                }
+            } else {
+                let Some(end) = head::value_end(buf, v, n) else {
+                    count(CNT_TP_SKIPPED_HEAD);
+                    return;
+                };
+                let old = end - v;
+                let ok = if old < TP_LEN {
+                    ctx.push_data(end as u32, (TP_LEN - old) as u32, 0).is_ok()
+                } else if old > TP_LEN {
+                    ctx.pop_data((v + TP_LEN) as u32, (old - TP_LEN) as u32, 0)
+                        .is_ok()
+                } else {
+                    true
+                };
+                if !ok {
+                    count(CNT_TP_FAILED);
+                    return;
+                }
+                let mut w = fresh();
+                w.kind = WIRE_REPLACED;
+                let mut text = [0u8; TP_LEN];
+                ids::put_traceparent(&mut text, 0, &w.trace_id, &w.span_id, w.flags);
+                if write_at(ctx, v, &text) {
+                    io.wire = w;
+                    count(CNT_TP_REPLACED);
+                }
+            }
+        }
+        Found::HeadEnd => {
+            if ctx.push_data(line_end as u32, HEADER_LEN as u32, 0).is_err() {
+                count(CNT_TP_FAILED);
+                return;
+            }
+            let mut w = fresh();
+            w.kind = WIRE_INSERTED;
+            let mut text = [0u8; HEADER_LEN];
+            text[..13].copy_from_slice(b"traceparent: ");
+            ids::put_traceparent(&mut text, 13, &w.trace_id, &w.span_id, w.flags);
+            text[HEADER_LEN - 2] = b'\r';
+            text[HEADER_LEN - 1] = b'\n';
+            if write_at(ctx, line_end, &text) {
+                io.wire = w;
+                count(CNT_TP_INSERTED);
+            }
+        }
+        Found::Neither => count(CNT_TP_SKIPPED_HEAD),
+    }
+}
+
+/// Overwrites message bytes `[at, at + N)` with `text`.
+#[inline(always)]
+fn write_at<const N: usize>(ctx: &SkMsgContext, at: usize, text: &[u8; N]) -> bool {
+    // SAFETY: makes the range linear and points `data` at `at`.
+    if unsafe { bpf_msg_pull_data(ctx.msg, at as u32, (at + N) as u32, 0) } != 0 {
+        count(CNT_TP_FAILED);
+        return false;
+    }
+    let data = ctx.data();
+    if data + N > ctx.data_end() {
+        count(CNT_TP_FAILED);
+        return false;
+    }
+    let mut i = 0;
+    while i < N {
+        // SAFETY: within [data, data_end), checked above.
+        unsafe { *((data + i) as *mut u8) = text[i] };
+        i += 1;
+    }
+    true
+}

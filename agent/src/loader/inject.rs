@@ -1,0 +1,91 @@
+//! Attaches trace-context injection: `sock_ops` on the cgroup v2 root puts outgoing TCP
+//! connections into the socket map, and `sk_msg` on that map edits their requests.
+use std::{fs::File, path::PathBuf};
+
+use agent_common::MAP_SOCKS;
+use aya::{
+    maps::SockHash,
+    programs::{links::CgroupAttachMode, SkMsg, SockOps},
+    Ebpf,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum InjectError {
+    #[error("no cgroup v2 hierarchy is mounted (looked in /proc/self/mountinfo); sock_ops needs one")]
+    NoCgroup2,
+    #[error("opening cgroup {0}: {1}")]
+    Cgroup(PathBuf, std::io::Error),
+    #[error("program or map {0} is missing from the kernel object")]
+    Missing(&'static str),
+    #[error("{0}: {detail}", detail = chain(.1))]
+    Program(&'static str, aya::programs::ProgramError),
+    #[error("socket map: {0}")]
+    Map(aya::maps::MapError),
+    #[error("socket map: {0}")]
+    Dup(std::io::Error),
+}
+
+/// An error with its causes, as aya keeps the OS error in `source`.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// The root of the cgroup v2 hierarchy: `/sys/fs/cgroup` on unified hosts,
+/// `/sys/fs/cgroup/unified` on hybrid ones.
+pub fn cgroup2_root() -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        if right.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        // Fields: id parent major:minor root mount-point ...; only the hierarchy's root mount.
+        let mut f = left.split_whitespace();
+        let root = f.nth(3)?;
+        let mount = f.next()?;
+        (root == "/").then(|| PathBuf::from(mount))
+    })
+}
+
+/// Loads and attaches both programs; returns the cgroup they cover.
+pub fn attach(ebpf: &mut Ebpf) -> Result<PathBuf, InjectError> {
+    let root = cgroup2_root().ok_or(InjectError::NoCgroup2)?;
+    let cgroup = File::open(&root).map_err(|e| InjectError::Cgroup(root.clone(), e))?;
+
+    let socks: SockHash<_, u64> = SockHash::try_from(
+        ebpf.map(MAP_SOCKS)
+            .ok_or(InjectError::Missing(MAP_SOCKS))?,
+    )
+    .map_err(InjectError::Map)?;
+    let socks_fd = socks
+        .fd()
+        .try_clone()
+        .map_err(InjectError::Dup)?;
+
+    let msg: &mut SkMsg = ebpf
+        .program_mut("out_msg")
+        .ok_or(InjectError::Missing("out_msg"))?
+        .try_into()
+        .map_err(|e| InjectError::Program("out_msg", e))?;
+    msg.load().map_err(|e| InjectError::Program("out_msg", e))?;
+    msg.attach(&socks_fd)
+        .map_err(|e| InjectError::Program("out_msg", e))?;
+
+    let ops: &mut SockOps = ebpf
+        .program_mut("out_sockops")
+        .ok_or(InjectError::Missing("out_sockops"))?
+        .try_into()
+        .map_err(|e| InjectError::Program("out_sockops", e))?;
+    ops.load()
+        .map_err(|e| InjectError::Program("out_sockops", e))?;
+    ops.attach(&cgroup, CgroupAttachMode::Single)
+        .map_err(|e| InjectError::Program("out_sockops", e))?;
+    Ok(root)
+}
