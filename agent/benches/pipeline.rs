@@ -9,7 +9,8 @@ use agent::{
     pipeline::event::{endpoints, KernelEvent},
     process::Resource,
     protocol::{http1::Http1Conn, Dir, Segment},
-    span::{build_span, Built, KeyValue, Value},
+    span::{build_span, KeyValue, Value},
+    trace_context::link::{decide, Decision, Registry},
 };
 use agent_common::{
     ConnTuple, DataHeader, DATA_HEADER_SIZE, DIR_EGRESS, DIR_INGRESS, EVENT_DATA, ROLE_SERVER,
@@ -45,6 +46,7 @@ fn item(direction: u32, payload: &[u8], ts: u64) -> Vec<u8> {
         _pad: 0,
         tuple: t,
         comm: *b"nginx\0\0\0\0\0\0\0\0\0\0\0",
+        wire: Default::default(),
     };
     let mut v = vec![0u8; DATA_HEADER_SIZE];
     // SAFETY: DataHeader is plain old data of exactly DATA_HEADER_SIZE bytes.
@@ -71,6 +73,7 @@ fn bench(c: &mut Criterion) {
         ],
     });
     let sampler = agent::sampling::Sampler::default();
+    let registry = Registry::default();
     let mut group = c.benchmark_group("pipeline");
     group.throughput(Throughput::Elements(items.len() as u64));
     group.bench_function("events", |b| {
@@ -92,16 +95,15 @@ fn bench(c: &mut Criterion) {
                     len: header.len,
                     start_ns: header.ts_exit,
                     end_ns: header.ts_exit,
+                    ctx: None,
                 };
                 conn.feed(dir, seg, &mut exchanges);
                 let ends = endpoints(&header.tuple);
                 for ex in exchanges.drain(..) {
-                    if let Built::Span(s) =
-                        build_span(&ex, &ends, resource.clone(), &sampler, |t| {
+                    if let Decision::Sampled(ids) = decide(&ex, 1, &registry, &sampler) {
+                        spans.push(*build_span(&ex, &ends, resource.clone(), ids, |t| {
                             t + 1_700_000_000_000_000_000
-                        })
-                    {
-                        spans.push(*s);
+                        }));
                     }
                 }
             }

@@ -17,8 +17,9 @@ use crate::{
         Dir, Segment,
     },
     sampling::Sampler,
-    span::{build_span, Built, Span},
+    span::{build_span, Span},
     telemetry::Metrics,
+    trace_context::link::{decide, Decision, Registry},
 };
 
 /// Connections followed at once; events of further connections are dropped and counted.
@@ -50,6 +51,7 @@ pub struct Tracker {
     idle: Duration,
     exchanges: Vec<Exchange>,
     sampler: Sampler,
+    registry: Registry,
 }
 
 impl Tracker {
@@ -69,6 +71,7 @@ impl Tracker {
             idle: Duration::from_secs(60),
             exchanges: Vec::new(),
             sampler,
+            registry: Registry::default(),
         }
     }
 
@@ -100,7 +103,7 @@ impl Tracker {
                 };
                 if let Some(mut conn) = self.conns.remove(&id) {
                     conn.http.close(&mut self.exchanges);
-                    self.finish(&mut conn);
+                    self.finish(id.pid, &mut conn);
                 }
             }
         }
@@ -149,11 +152,16 @@ impl Tracker {
         } else {
             h.ts_enter
         };
+        let ctx = (h.wire.kind != agent_common::WIRE_NONE).then_some(h.wire);
+        if let Some(w) = &ctx {
+            self.registry.server_started(h.pid, w);
+        }
         let seg = Segment {
             data: payload,
             len: h.len,
             start_ns,
             end_ns: h.ts_exit,
+            ctx,
         };
         conn.http.feed(dir, seg, &mut self.exchanges);
         conn.last_boot_ns = h.ts_exit;
@@ -166,8 +174,10 @@ impl Tracker {
         if let Some(conn) = self.conns.get_mut(&id) {
             Self::spans_for(
                 &mut self.exchanges,
+                id.pid,
                 conn,
                 &self.sampler,
+                &self.registry,
                 self.clock,
                 &self.metrics,
                 &self.spans,
@@ -175,11 +185,13 @@ impl Tracker {
         }
     }
 
-    fn finish(&mut self, conn: &mut Conn) {
+    fn finish(&mut self, pid: u32, conn: &mut Conn) {
         Self::spans_for(
             &mut self.exchanges,
+            pid,
             conn,
             &self.sampler,
+            &self.registry,
             self.clock,
             &self.metrics,
             &self.spans,
@@ -188,10 +200,13 @@ impl Tracker {
 
     /// Turns the connection's completed exchanges into spans and queues them; one place for both
     /// live traffic and connections that end.
+    #[allow(clippy::too_many_arguments)]
     fn spans_for(
         exchanges: &mut Vec<Exchange>,
+        pid: u32,
         conn: &mut Conn,
         sampler: &Sampler,
+        registry: &Registry,
         clock: Clock,
         metrics: &Metrics,
         spans: &mpsc::Sender<Span>,
@@ -202,13 +217,14 @@ impl Tracker {
                 metrics.http_orphan_responses.inc();
                 continue;
             }
-            match build_span(&ex, &conn.ends, conn.resource.clone(), sampler, |t| {
-                clock.to_unix_ns(t)
-            }) {
-                Built::Unsampled => {
+            match decide(&ex, pid, registry, sampler) {
+                Decision::Unsampled => {
                     metrics.spans_unsampled.inc();
                 }
-                Built::Span(span) => {
+                Decision::Sampled(ids) => {
+                    let span = build_span(&ex, &conn.ends, conn.resource.clone(), ids, |t| {
+                        clock.to_unix_ns(t)
+                    });
                     metrics.spans_created.inc();
                     if spans.try_send(*span).is_err() {
                         metrics.spans_queue_full.inc();
@@ -243,7 +259,7 @@ impl Tracker {
             if let Some(mut conn) = self.conns.remove(&id) {
                 self.metrics.conns_evicted_idle.inc();
                 conn.http.close(&mut self.exchanges);
-                self.finish(&mut conn);
+                self.finish(id.pid, &mut conn);
             }
         }
     }

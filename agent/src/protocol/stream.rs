@@ -20,6 +20,8 @@ pub struct Segment<'a> {
     pub start_ns: u64,
     /// When the syscall that moved it returned.
     pub end_ns: u64,
+    /// Trace context the kernel decided for a request that starts in this segment.
+    pub ctx: Option<agent_common::WireCtx>,
 }
 
 impl<'a> Segment<'a> {
@@ -30,6 +32,7 @@ impl<'a> Segment<'a> {
             len: data.len() as u64,
             start_ns: ts,
             end_ns: ts,
+            ctx: None,
         }
     }
 }

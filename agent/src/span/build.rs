@@ -2,26 +2,17 @@
 //! status and trace context.
 use std::{net::IpAddr, sync::Arc};
 
-use rand::Rng;
-
 use super::{KeyValue, Kind, Span, Status, Value};
 use crate::{
     pipeline::event::Endpoints,
     process::Resource,
     protocol::http1::{Exchange, Side},
-    sampling::Sampler,
-    trace_context::TraceParent,
+    trace_context::link::Ids,
 };
 
 const KNOWN_METHODS: [&str; 9] = [
     "GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "CONNECT", "TRACE",
 ];
-
-pub enum Built {
-    Span(Box<Span>),
-    /// The incoming context says the trace is not sampled.
-    Unsampled,
-}
 
 /// Splits a Host header into host and port.
 fn split_host(host: &str) -> (&str, Option<u16>) {
@@ -41,32 +32,22 @@ fn ip_str(ip: IpAddr) -> String {
     ip.to_string()
 }
 
+/// The span of one exchange, with the ids `trace_context::link` decided.
 pub fn build_span(
     ex: &Exchange,
     ends: &Endpoints,
     resource: Arc<Resource>,
-    sampler: &Sampler,
+    ids: Ids,
     to_unix: impl Fn(u64) -> u64,
-) -> Built {
+) -> Box<Span> {
     let req = &ex.request;
-    let mut rng = rand::rng();
-    let parent = req.traceparent.as_deref().and_then(TraceParent::parse);
-    let (trace_id, parent_span_id, flags) = match parent {
-        Some(p) => (p.trace_id, Some(p.parent_id), p.flags | 1),
-        None => (rng.random::<[u8; 16]>(), None, 1),
-    };
-    if !sampler.sample(&trace_id, parent.map(|p| p.sampled())) {
-        return Built::Unsampled;
-    }
-    let trace_state = if parent.is_some() {
-        req.tracestate.clone().unwrap_or_default()
-    } else {
-        String::new()
-    };
-    let mut span_id: [u8; 8] = rng.random();
-    if span_id == [0; 8] {
-        span_id[7] = 1;
-    }
+    let Ids {
+        trace_id,
+        span_id,
+        parent_span_id,
+        flags,
+        trace_state,
+    } = ids;
 
     let known = KNOWN_METHODS.contains(&req.method.as_str());
     let method = if known { req.method.as_str() } else { "_OTHER" };
@@ -153,7 +134,7 @@ pub fn build_span(
     }
     let start = to_unix(ex.start_ns);
     let end = to_unix(ex.end_ns).max(start);
-    Built::Span(Box::new(Span {
+    Box::new(Span {
         trace_id,
         span_id,
         parent_span_id,
@@ -170,7 +151,7 @@ pub fn build_span(
         attributes: attrs,
         status: if error { Status::Error } else { Status::Unset },
         resource,
-    }))
+    })
 }
 
 #[cfg(test)]
@@ -178,7 +159,11 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::protocol::http1::{Framing, RequestHead, ResponseHead};
+    use crate::{
+        protocol::http1::{Framing, RequestHead, ResponseHead},
+        sampling::Sampler,
+        trace_context::link::{decide, Decision, Registry},
+    };
 
     fn exchange(side: Side, status: u16, tp: Option<&str>) -> Exchange {
         Exchange {
@@ -200,6 +185,7 @@ mod tests {
             },
             start_ns: 1_000,
             end_ns: 5_000,
+            ctx: None,
         }
     }
 
@@ -220,9 +206,9 @@ mod tests {
     }
 
     fn span(ex: &Exchange) -> Span {
-        match build_span(ex, &ends(), resource(), &Sampler::default(), |t| t + 10) {
-            Built::Span(s) => *s,
-            Built::Unsampled => panic!("unexpectedly unsampled"),
+        match decide(ex, 1, &Registry::default(), &Sampler::default()) {
+            Decision::Sampled(ids) => *build_span(ex, &ends(), resource(), ids, |t| t + 10),
+            Decision::Unsampled => panic!("unexpectedly unsampled"),
         }
     }
 
@@ -293,8 +279,8 @@ mod tests {
             Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"),
         );
         assert!(matches!(
-            build_span(&unsampled, &ends(), resource(), &Sampler::default(), |t| t),
-            Built::Unsampled
+            decide(&unsampled, 1, &Registry::default(), &Sampler::default()),
+            Decision::Unsampled
         ));
         let garbage = span(&exchange(Side::Server, 200, Some("00-zzzz")));
         assert_eq!(garbage.parent_span_id, None);

@@ -3,7 +3,7 @@ mod build;
 
 use std::{borrow::Cow, sync::Arc};
 
-pub use build::{build_span, Built};
+pub use build::build_span;
 
 use crate::process::Resource;
 

@@ -1,4 +1,5 @@
-//! Trace context formats, one file per format.
+//! Trace context: the W3C format, and how each span finds its trace and parent.
+pub mod link;
 pub mod w3c;
 
 pub use w3c::TraceParent;

@@ -8,6 +8,8 @@ mod tests;
 
 use std::collections::VecDeque;
 
+use agent_common::WireCtx;
+
 pub use head::{Framing, RequestHead, RequestKind, ResponseHead};
 use message::{Event, Sink, StreamParser};
 
@@ -33,6 +35,8 @@ pub struct Exchange {
     pub start_ns: u64,
     /// Last response byte (written for a server, read for a client).
     pub end_ns: u64,
+    /// The kernel's trace context for the request, when its head started a segment.
+    pub ctx: Option<WireCtx>,
 }
 
 /// What went wrong on a connection, for the agent's counters.
@@ -47,8 +51,11 @@ pub struct Stats {
 #[derive(Debug, Default)]
 struct Pairing {
     side: Option<Side>,
-    pending: VecDeque<(RequestHead, u64)>,
+    pending: VecDeque<(RequestHead, u64, Option<WireCtx>)>,
     dir: Option<Dir>,
+    /// Kernel context of the latest segment that started a request, per direction, until a
+    /// request head completes and takes it (a head may span segments).
+    ctx: [Option<WireCtx>; 2],
     out: Vec<Exchange>,
     stats: Stats,
     new_request: bool,
@@ -56,7 +63,7 @@ struct Pairing {
 
 impl Sink for Pairing {
     fn answers(&mut self) -> RequestKind {
-        match self.pending.front().map(|(r, _)| r.method.as_str()) {
+        match self.pending.front().map(|(r, _, _)| r.method.as_str()) {
             Some("HEAD") => RequestKind::Head,
             Some("CONNECT") => RequestKind::Connect,
             _ => RequestKind::Normal,
@@ -80,7 +87,8 @@ impl Sink for Pairing {
                     self.pending.pop_front();
                     self.stats.pending_overflow += 1;
                 }
-                self.pending.push_back((head, start_ns));
+                let ctx = self.ctx[dir as usize].take();
+                self.pending.push_back((head, start_ns, ctx));
                 self.new_request = true;
             }
             Event::Response { head, end_ns, .. } => {
@@ -101,12 +109,13 @@ impl Sink for Pairing {
                     return;
                 }
                 match self.pending.pop_front() {
-                    Some((request, start_ns)) => self.out.push(Exchange {
+                    Some((request, start_ns, ctx)) => self.out.push(Exchange {
                         side,
                         request,
                         response: head,
                         start_ns,
                         end_ns,
+                        ctx,
                     }),
                     None => self.stats.orphan_responses += 1,
                 }
@@ -132,6 +141,9 @@ impl Http1Conn {
     pub fn feed(&mut self, dir: Dir, seg: Segment<'_>, out: &mut Vec<Exchange>) {
         self.pairing.dir = Some(dir);
         self.pairing.new_request = false;
+        if seg.ctx.is_some() {
+            self.pairing.ctx[dir as usize] = seg.ctx;
+        }
         let (this, other) = match dir {
             Dir::Ingress => (&mut self.ingress, &mut self.egress),
             Dir::Egress => (&mut self.egress, &mut self.ingress),

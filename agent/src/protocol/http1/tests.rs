@@ -139,6 +139,7 @@ fn large_body_with_capture_gap() {
             len: head.len() as u64 + 60_000,
             start_ns: 2,
             end_ns: 3,
+            ctx: None,
         },
         &mut out,
     );
@@ -149,6 +150,7 @@ fn large_body_with_capture_gap() {
             len: 40_000,
             start_ns: 4,
             end_ns: 5,
+            ctx: None,
         },
         &mut out,
     );
@@ -175,6 +177,7 @@ fn lost_chunk_framing_ends_at_next_request() {
             len: head.len() as u64 + 70_000,
             start_ns: 2,
             end_ns: 3,
+            ctx: None,
         },
         &mut out,
     );
@@ -252,6 +255,7 @@ fn random_bytes_never_panic() {
                     len: b.len() as u64 + extra,
                     start_ns: 0,
                     end_ns: 0,
+                    ctx: None,
                 },
                 &mut out,
             );

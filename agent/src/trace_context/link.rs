@@ -1,0 +1,191 @@
+//! Which trace a span belongs to and who its parent is.
+//!
+//! The kernel decides the context of every request it sees start (`agent_common::WireCtx`): the
+//! server span's ids when a request is read, and for an outgoing request the client span's ids
+//! it wrote on the wire plus the server request the thread was handling. Spans use exactly those
+//! ids, so what a callee receives and what the agent reports always agree. The rules:
+//!
+//! - SERVER span: the kernel's trace and span id; parent = the incoming `traceparent`'s parent id.
+//! - CLIENT span, header inserted or invalid one replaced: the injected trace and span id; parent
+//!   = the server span its thread was handling (none: the trace starts here).
+//! - CLIENT span, the request's own `traceparent` had its parent id rewritten: the injected ids;
+//!   parent = the server span of this process that received that same context (a proxy
+//!   forwarding headers links exactly, whatever its concurrency); else the in-thread owner; else
+//!   the header's own parent (the program's own context).
+//! - CLIENT span, request not modified (injection off, connection older than the agent, head split
+//!   across writes): a `traceparent` the program sent is followed as above with a new span id;
+//!   otherwise the in-thread owner's trace; otherwise a new trace.
+//!
+//! The sampled flag decided at the root travels in the ids; a span whose flag is clear is
+//! dropped here, before any attribute is built.
+use std::collections::{HashMap, VecDeque};
+
+use agent_common::{
+    WireCtx, WIRE_INSERTED, WIRE_LINKED, WIRE_REPLACED, WIRE_REWRITTEN, WIRE_SERVER,
+};
+use rand::Rng;
+
+use super::TraceParent;
+use crate::{
+    protocol::http1::{Exchange, Side},
+    sampling::Sampler,
+};
+
+/// The ids a span is built with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ids {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub parent_span_id: Option<[u8; 8]>,
+    pub flags: u8,
+    pub trace_state: String,
+}
+
+pub enum Decision {
+    Sampled(Ids),
+    Unsampled,
+}
+
+/// Server requests seen start, by the context they arrived with: `(pid, trace id, incoming
+/// parent id)` -> server span id. Bounded; the oldest entries go first.
+pub struct Registry {
+    map: HashMap<(u32, [u8; 16], [u8; 8]), [u8; 8]>,
+    order: VecDeque<(u32, [u8; 16], [u8; 8])>,
+    cap: usize,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry::with_capacity(65_536)
+    }
+}
+
+impl Registry {
+    pub fn with_capacity(cap: usize) -> Self {
+        Registry {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            cap,
+        }
+    }
+
+    /// A request was read by `pid` with the kernel context `wire` (`WIRE_SERVER`).
+    pub fn server_started(&mut self, pid: u32, wire: &WireCtx) {
+        if wire.kind != WIRE_SERVER || wire.parent_id == [0; 8] {
+            return;
+        }
+        let key = (pid, wire.trace_id, wire.parent_id);
+        if self.map.insert(key, wire.span_id).is_none() {
+            self.order.push_back(key);
+            while self.order.len() > self.cap {
+                if let Some(old) = self.order.pop_front() {
+                    self.map.remove(&old);
+                }
+            }
+        }
+    }
+
+    fn server_with(&self, pid: u32, tp: &TraceParent) -> Option<[u8; 8]> {
+        self.map.get(&(pid, tp.trace_id, tp.parent_id)).copied()
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+fn nonzero(id: [u8; 8]) -> Option<[u8; 8]> {
+    (id != [0; 8]).then_some(id)
+}
+
+fn random_span_id(rng: &mut impl Rng) -> [u8; 8] {
+    let mut id: [u8; 8] = rng.random();
+    if id == [0; 8] {
+        id[7] = 1;
+    }
+    id
+}
+
+fn from_wire(w: &WireCtx, parent: Option<[u8; 8]>, trace_state: String) -> Decision {
+    if w.flags & 1 == 0 {
+        return Decision::Unsampled;
+    }
+    Decision::Sampled(Ids {
+        trace_id: w.trace_id,
+        span_id: w.span_id,
+        parent_span_id: parent,
+        flags: 1,
+        trace_state,
+    })
+}
+
+/// The ids of `ex`'s span, seen in process `pid`.
+pub fn decide(ex: &Exchange, pid: u32, reg: &Registry, sampler: &Sampler) -> Decision {
+    let req = &ex.request;
+    let header = req.traceparent.as_deref().and_then(TraceParent::parse);
+    let state = |h: &Option<TraceParent>| {
+        if h.is_some() {
+            req.tracestate.clone().unwrap_or_default()
+        } else {
+            String::new()
+        }
+    };
+    let wire = ex.ctx.filter(|w| w.kind != 0);
+    let mut rng = rand::rng();
+    match (ex.side, wire) {
+        (Side::Server, Some(w)) if w.kind == WIRE_SERVER => {
+            // The kernel read the same header; its parent id is the one to use.
+            let parent = nonzero(w.parent_id);
+            let trace_state = if parent.is_some() {
+                state(&header)
+            } else {
+                String::new()
+            };
+            from_wire(&w, parent, trace_state)
+        }
+        (Side::Client, Some(w)) if w.kind == WIRE_INSERTED || w.kind == WIRE_REPLACED => {
+            from_wire(&w, nonzero(w.parent_id), String::new())
+        }
+        (Side::Client, Some(w)) if w.kind == WIRE_REWRITTEN => {
+            let parent = header
+                .as_ref()
+                .and_then(|h| reg.server_with(pid, h))
+                .or(nonzero(w.parent_id))
+                .or(header.as_ref().map(|h| h.parent_id));
+            from_wire(&w, parent, state(&header))
+        }
+        (side, wire) => {
+            // Nothing written on the wire by the agent: follow the program's own header, else
+            // the in-thread owner, else start a trace.
+            let (trace_id, parent, incoming) = match (&header, wire) {
+                (Some(h), _) => {
+                    let parent = match side {
+                        Side::Client => reg.server_with(pid, h).unwrap_or(h.parent_id),
+                        Side::Server => h.parent_id,
+                    };
+                    (h.trace_id, Some(parent), Some(h.sampled()))
+                }
+                (None, Some(w)) if w.kind == WIRE_LINKED => (
+                    w.trace_id,
+                    nonzero(w.parent_id),
+                    Some(w.flags & 1 != 0),
+                ),
+                (None, _) => (rng.random::<[u8; 16]>(), None, None),
+            };
+            if !sampler.sample(&trace_id, incoming) {
+                return Decision::Unsampled;
+            }
+            Decision::Sampled(Ids {
+                trace_id,
+                span_id: random_span_id(&mut rng),
+                parent_span_id: parent,
+                flags: 1,
+                trace_state: state(&header),
+            })
+        }
+    }
+}
