@@ -1,6 +1,7 @@
 //! Harness for the root integration tests: an OTLP receiver built on the official protocol
 //! definitions, the agent under test, and the real programs it traces.
 pub mod agent;
+pub mod chain;
 pub mod programs;
 pub mod receiver;
 

@@ -1,0 +1,316 @@
+//! Traces that join up across services that know nothing about tracing: a real chain of curl,
+//! nginx, Python, Node and nginx again, with the agent injecting `traceparent` on the wire.
+use std::{
+    process::Command,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tests::{
+    agent::{final_counters, Agent, Export},
+    chain::{by_path, check_trace, wait_chains, Chain, Layout, CHAIN_BODY, LEAF, NODE},
+    free_port,
+    programs::Proc,
+    receiver::{RSpan, Receiver},
+    require_root, wait_port,
+};
+
+/// Runs `threads` clients at once, each sending `per_thread` requests with unique paths
+/// `/{prefix}/{thread}/{i}` through `send`; returns the paths.
+fn concurrent(
+    threads: usize,
+    per_thread: usize,
+    prefix: &str,
+    send: impl Fn(&str) + Send + Sync + 'static,
+) -> Vec<String> {
+    let send = Arc::new(send);
+    let paths = Arc::new(Mutex::new(Vec::new()));
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let send = send.clone();
+            let paths = paths.clone();
+            let prefix = prefix.to_owned();
+            std::thread::spawn(move || {
+                for i in 0..per_thread {
+                    let p = format!("/{prefix}/{t}/{i}");
+                    send(&p);
+                    paths.lock().unwrap().push(p);
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("client thread");
+    }
+    let v = paths.lock().unwrap().clone();
+    v
+}
+
+/// Checks every path's trace; returns the failures.
+fn failures(rx: &Receiver, paths: &[String], root_parent: &str) -> Vec<String> {
+    let m = by_path(&rx.spans());
+    paths
+        .iter()
+        .filter_map(|p| {
+            let spans = m.get(p).cloned().unwrap_or_default();
+            check_trace(p, &spans, root_parent).err()
+        })
+        .collect()
+}
+
+fn assert_all_linked(rx: &Receiver, paths: &[String]) {
+    wait_chains(rx, paths, Duration::from_secs(30));
+    let bad = failures(rx, paths, "");
+    assert!(
+        bad.is_empty(),
+        "{} of {} requests did not give one complete, correctly linked trace; first: {:#?}",
+        bad.len(),
+        paths.len(),
+        &bad[..bad.len().min(3)]
+    );
+}
+
+#[test]
+fn chain_sequential_requests_are_one_trace_each() {
+    require_root();
+    let rx = Receiver::start();
+    let agent = Agent::start(Export::Grpc(&rx), &[]);
+    let chain = Chain::start(Layout::local());
+    let paths: Vec<String> = (0..20).map(|i| format!("/seq/{i}")).collect();
+    for p in &paths {
+        assert_eq!(chain.curl(p, &[]), CHAIN_BODY);
+    }
+    assert_all_linked(&rx, &paths);
+    let traces: std::collections::HashSet<String> = paths
+        .iter()
+        .map(|p| by_path(&rx.spans())[p][0].trace_id())
+        .collect();
+    assert_eq!(traces.len(), paths.len(), "one distinct trace per request");
+    let (_, err) = agent.stop();
+    let c = final_counters(&err);
+    // curl, python and node lack a header (3 inserts per request); nginx forwards one.
+    assert!(c.get("kernel_traceparent_inserted").copied().unwrap_or(0) >= 60);
+    assert!(c.get("kernel_traceparent_rewritten").copied().unwrap_or(0) >= 20);
+}
+
+#[test]
+fn chain_concurrent_clients_get_complete_traces() {
+    require_root();
+    let rx = Receiver::start();
+    let agent = Agent::start(Export::Grpc(&rx), &[]);
+    let chain = Arc::new(Chain::start(Layout::local()));
+    let c2 = chain.clone();
+    let paths = concurrent(10, 30, "conc", move |p| {
+        assert_eq!(c2.curl(p, &[]), CHAIN_BODY);
+    });
+    assert_eq!(paths.len(), 300);
+    assert_all_linked(&rx, &paths);
+    agent.stop();
+}
+
+/// Two network namespaces joined by a veth pair, removed on drop.
+struct NetnsPair {
+    a: String,
+    b: String,
+}
+
+impl NetnsPair {
+    fn new() -> NetnsPair {
+        let tag = std::process::id() % 100_000;
+        let (a, b) = (format!("bhA{tag}"), format!("bhB{tag}"));
+        let sh = |cmd: &str| {
+            let st = Command::new("sh").args(["-c", cmd]).status().expect("sh");
+            assert!(st.success(), "{cmd} failed");
+        };
+        let _ = Command::new("ip").args(["netns", "del", &a]).status();
+        let _ = Command::new("ip").args(["netns", "del", &b]).status();
+        sh(&format!("ip netns add {a} && ip netns add {b}"));
+        sh(&format!(
+            "ip link add va{tag} netns {a} type veth peer name vb{tag} netns {b} && \
+             ip -n {a} addr add 10.231.0.1/24 dev va{tag} && ip -n {b} addr add 10.231.0.2/24 dev vb{tag} && \
+             ip -n {a} link set va{tag} up && ip -n {b} link set vb{tag} up && \
+             ip -n {a} link set lo up && ip -n {b} link set lo up"
+        ));
+        NetnsPair { a, b }
+    }
+}
+
+impl Drop for NetnsPair {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.a]).status();
+        let _ = Command::new("ip").args(["netns", "del", &self.b]).status();
+    }
+}
+
+#[test]
+fn chain_across_two_network_namespaces() {
+    require_root();
+    let ns = NetnsPair::new();
+    let rx = Receiver::start();
+    let agent = Agent::start(Export::Grpc(&rx), &[]);
+    let chain = Arc::new(Chain::start(Layout {
+        front_ns: Some(ns.a.clone()),
+        back_ns: Some(ns.b.clone()),
+        back_ip: "10.231.0.2".into(),
+    }));
+    let mut paths: Vec<String> = (0..10).map(|i| format!("/ns/{i}")).collect();
+    for p in &paths {
+        assert_eq!(chain.curl(p, &[]), CHAIN_BODY);
+    }
+    let c2 = chain.clone();
+    paths.extend(concurrent(10, 5, "nsc", move |p| {
+        assert_eq!(c2.curl(p, &[]), CHAIN_BODY);
+    }));
+    assert_all_linked(&rx, &paths);
+    // The proxy's upstream really crossed the veth pair.
+    let spans = rx.spans();
+    let up = spans
+        .iter()
+        .find(|s| s.attr("url.path") == Some("/ns/0") && s.kind() == "client" && s.res("service.name") == Some(tests::chain::PROXY))
+        .expect("proxy client span");
+    assert_eq!(up.attr("network.peer.address"), Some("10.231.0.2"));
+    agent.stop();
+}
+
+#[test]
+fn incoming_traceparent_valid_garbage_and_unsampled() {
+    require_root();
+    let rx = Receiver::start();
+    let agent = Agent::start(Export::Grpc(&rx), &[]);
+    let chain = Chain::start(Layout::local());
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let parent = "00f067aa0ba902b7";
+    let valid = format!("traceparent: 00-{trace}-{parent}-01");
+    assert_eq!(chain.curl("/tp/valid", &[&valid, "tracestate: congo=t61rcWkgMzE"]), CHAIN_BODY);
+    assert_eq!(chain.curl("/tp/garbage", &["traceparent: 00-not-a-trace-01"]), CHAIN_BODY);
+    assert_eq!(
+        chain.curl("/tp/zeros", &["traceparent: 00-00000000000000000000000000000000-0000000000000000-01"]),
+        CHAIN_BODY
+    );
+    let unsampled = format!("traceparent: 00-{trace}-{parent}-00");
+    assert_eq!(chain.curl("/tp/unsampled", &[&unsampled]), CHAIN_BODY);
+    assert_eq!(chain.curl("/tp/after", &[]), CHAIN_BODY);
+    let paths = ["/tp/valid", "/tp/garbage", "/tp/zeros", "/tp/after"].map(String::from);
+    wait_chains(&rx, &paths, Duration::from_secs(20));
+    let m = by_path(&rx.spans());
+    let got = check_trace("/tp/valid", &m["/tp/valid"], parent).expect("valid context continued");
+    assert_eq!(got, trace, "the caller's trace id is kept along the chain");
+    let curl_span = m["/tp/valid"].iter().find(|s| s.kind() == "client" && s.res("service.name") == Some("curl")).unwrap();
+    assert_eq!(curl_span.span.trace_state, "congo=t61rcWkgMzE");
+    for p in ["/tp/garbage", "/tp/zeros"] {
+        let t = check_trace(p, &m[p], "").unwrap_or_else(|e| panic!("{e}"));
+        assert_ne!(t, "00000000000000000000000000000000");
+    }
+    check_trace("/tp/after", &m["/tp/after"], "").unwrap();
+    // Not sampled upstream: nothing of that request is exported, at any hop.
+    assert!(m.get("/tp/unsampled").is_none(), "unsampled request exported: {:?}", m.get("/tp/unsampled").map(|v| v.len()));
+    let (_, err) = agent.stop();
+    let c = final_counters(&err);
+    assert!(c.get("kernel_traceparent_replaced").copied().unwrap_or(0) >= 2, "{c:?}");
+    assert!(c.get("spans_unsampled").copied().unwrap_or(0) >= 8, "{c:?}");
+}
+
+#[test]
+fn sampling_ratio_keeps_whole_traces_only() {
+    require_root();
+    let rx = Receiver::start();
+    let agent = Agent::start_env(
+        Export::Grpc(&rx),
+        &[],
+        &[
+            ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+            ("OTEL_TRACES_SAMPLER_ARG", "0.25"),
+        ],
+    );
+    let chain = Arc::new(Chain::start(Layout::local()));
+    let c2 = chain.clone();
+    let paths = concurrent(4, 50, "smp", move |p| {
+        assert_eq!(c2.curl(p, &[]), CHAIN_BODY);
+    });
+    std::thread::sleep(Duration::from_secs(4));
+    let (_, err) = agent.stop();
+    let m = by_path(&rx.spans());
+    let kept: Vec<&String> = paths.iter().filter(|p| m.contains_key(*p)).collect();
+    let partial: Vec<String> = kept
+        .iter()
+        .filter_map(|p| check_trace(p, &m[*p], "").err())
+        .collect();
+    let ratio = kept.len() as f64 / paths.len() as f64;
+    println!("sampling 0.25: kept {} of {} traces ({ratio:.3})", kept.len(), paths.len());
+    assert!(partial.is_empty(), "partial traces: {partial:#?}");
+    // Binomial(200, 0.25): 50 ± 6; this window is over 3 standard deviations wide.
+    assert!((0.13..=0.38).contains(&ratio), "kept ratio {ratio}");
+    let c = final_counters(&err);
+    let unsampled = c.get("spans_unsampled").copied().unwrap_or(0);
+    assert_eq!(
+        unsampled as usize,
+        (paths.len() - kept.len()) * 8,
+        "every span of an unsampled trace is counted, none exported"
+    );
+}
+
+/// Node's event loop handles many requests on one thread and forwards no header: the agent
+/// links each outgoing call to the request the loop was handling when the call was made
+/// (`connect`, or the newest request still open). Measured under concurrency.
+#[test]
+fn node_linking_accuracy_under_concurrency() {
+    const FLOOR: f64 = 0.90;
+    require_root();
+    let rx = Receiver::start();
+    let agent = Agent::start(Export::Grpc(&rx), &[]);
+    let leaf_port = free_port();
+    let node_port = free_port();
+    let chain_leaf = tests::programs::Nginx::start(
+        leaf_port,
+        "    location / { return 200 \"leaf\\n\"; }",
+    );
+    let _node = Proc::spawn(
+        Command::new("node")
+            .arg(tests::fixture("chain_node.js"))
+            .args(["127.0.0.1", &node_port.to_string(), &format!("http://127.0.0.1:{leaf_port}")])
+            .env("OTEL_SERVICE_NAME", NODE),
+    );
+    wait_port(node_port);
+    let paths = concurrent(10, 30, "node", move |p| {
+        let out = tests::programs::curl(&[&format!("http://127.0.0.1:{node_port}{p}")]);
+        assert_eq!(out, "node[leaf]\n");
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    agent.stop();
+    drop(chain_leaf);
+    let m = by_path(&rx.spans());
+    let mut correct = 0;
+    let mut wrong_trace = 0;
+    for p in &paths {
+        let spans = m.get(p).cloned().unwrap_or_default();
+        let one = |svc: &str, kind: &str| -> Option<RSpan> {
+            let v: Vec<&RSpan> = spans
+                .iter()
+                .filter(|s| s.res("service.name") == Some(svc) && s.kind() == kind)
+                .collect();
+            (v.len() == 1).then(|| v[0].clone())
+        };
+        let server = one(NODE, "server");
+        let client = one(NODE, "client");
+        let leaf = spans.iter().find(|s| s.kind() == "server" && s.res("service.name") != Some(NODE));
+        match (server, client, leaf) {
+            (Some(s), Some(c), Some(l))
+                if c.parent_id() == s.span_id()
+                    && l.parent_id() == c.span_id()
+                    && s.trace_id() == c.trace_id()
+                    && c.trace_id() == l.trace_id() =>
+            {
+                correct += 1
+            }
+            _ => wrong_trace += 1,
+        }
+    }
+    let _ = LEAF;
+    let accuracy = correct as f64 / paths.len() as f64;
+    println!(
+        "node linking under 10 concurrent clients: {correct}/{} correct ({:.1}%), {wrong_trace} not",
+        paths.len(),
+        accuracy * 100.0
+    );
+    assert!(accuracy >= FLOOR, "node linking accuracy {accuracy:.3} below the floor {FLOOR}");
+}
