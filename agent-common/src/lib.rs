@@ -62,8 +62,11 @@ pub const CNT_TP_SKIPPED_HEAD: u32 = 9;
 pub const CNT_TP_FAILED: u32 = 10;
 /// Outgoing connection not followed for injection: the socket map is full.
 pub const CNT_SOCKHASH_FULL: u32 = 11;
+/// An incoming request head did not fit in one read: its context is decided in userspace, and
+/// calls it makes are not linked to it in the kernel.
+pub const CNT_SERVER_HEAD_SPLIT: u32 = 12;
 pub const NUM_COUNTERS: u32 = 16;
-pub const COUNTER_NAMES: [&str; 12] = [
+pub const COUNTER_NAMES: [&str; 13] = [
     "kernel_ringbuf_full_events",
     "kernel_inflight_syscall_map_full",
     "kernel_close_ringbuf_full_events",
@@ -76,6 +79,7 @@ pub const COUNTER_NAMES: [&str; 12] = [
     "kernel_traceparent_skipped_split_head",
     "kernel_traceparent_failed",
     "kernel_sockhash_full",
+    "kernel_server_head_split",
 ];
 
 /// Addresses of one TCP connection, seen from the traced process. IPv4 addresses occupy the

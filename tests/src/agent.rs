@@ -54,7 +54,10 @@ impl Agent {
             .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
             .env_remove("OTEL_EXPORTER_OTLP_PROTOCOL")
             .env("OTEL_BSP_SCHEDULE_DELAY", "200")
-            .env("AGENT_LOG", "info")
+            .env(
+                "AGENT_LOG",
+                std::env::var("TEST_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

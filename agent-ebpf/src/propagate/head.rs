@@ -96,7 +96,7 @@ extern "C" fn newline_step(index: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: `ctx` is the `Walk` passed to `bpf_loop`.
     let w = unsafe { &mut *(ctx as *mut Walk) };
     let i = index as usize;
-    if i + 1 >= w.len as usize {
+    if i >= w.len as usize {
         return 1;
     }
     let Some(buf) = slot_buf(w.slot) else {

@@ -23,7 +23,13 @@ pub fn incoming(buf: *const u8, len: usize, pid_tgid: u64, sk: u64, now: u64) ->
     }
     let parent = match head::find_traceparent(CAPTURE_SLOT, line_end, len) {
         head::Found::Traceparent(v) => head::parse_traceparent(buf, v, len),
-        _ => None,
+        head::Found::HeadEnd => None,
+        // The head goes on in a later read and may still carry a traceparent: deciding a trace
+        // now could contradict it. Userspace decides from the whole head instead.
+        head::Found::Neither => {
+            crate::maps::count(agent_common::CNT_SERVER_HEAD_SPLIT);
+            return None;
+        }
     };
     let mut wire = WireCtx {
         kind: WIRE_SERVER,

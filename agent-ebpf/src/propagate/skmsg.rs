@@ -156,6 +156,7 @@ fn inject(ctx: &SkMsgContext) {
                     io.wire = w;
                     count(CNT_TP_REPLACED);
                 }
+                rejoin(ctx, n + TP_LEN);
             }
         }
         Found::HeadEnd => {
@@ -174,9 +175,20 @@ fn inject(ctx: &SkMsgContext) {
                 io.wire = w;
                 count(CNT_TP_INSERTED);
             }
+            rejoin(ctx, n + HEADER_LEN);
         }
         Found::Neither => count(CNT_TP_SKIPPED_HEAD),
     }
+}
+
+/// Makes the first `n` bytes one contiguous piece again after the message grew or shrank, so
+/// the head leaves in one piece and the server reads it whole, as the program sent it.
+#[inline(always)]
+fn rejoin(ctx: &SkMsgContext, n: usize) {
+    let size = ctx.size() as usize;
+    let n = if n < size { n } else { size };
+    // SAFETY: the message of this call.
+    unsafe { bpf_msg_pull_data(ctx.msg, 0, n as u32, 0) };
 }
 
 /// Overwrites message bytes `[at, at + N)` with `text`.

@@ -19,7 +19,7 @@ use crate::{
     sampling::Sampler,
     span::{build_span, Span},
     telemetry::Metrics,
-    trace_context::link::{decide, Decision, Registry},
+    trace_context::link::{decide, server_ctx, Decision, Registry},
 };
 
 /// Connections followed at once; events of further connections are dropped and counted.
@@ -164,6 +164,14 @@ impl Tracker {
             ctx,
         };
         conn.http.feed(dir, seg, &mut self.exchanges);
+        if dir == Dir::Ingress {
+            let (sampler, registry) = (&self.sampler, &mut self.registry);
+            conn.http.fill_missing_ctx(|head| {
+                let w = server_ctx(head, sampler);
+                registry.server_started(h.pid, &w);
+                w
+            });
+        }
         conn.last_boot_ns = h.ts_exit;
         if !self.exchanges.is_empty() {
             self.emit(id);

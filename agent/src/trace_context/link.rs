@@ -27,7 +27,7 @@ use rand::Rng;
 
 use super::TraceParent;
 use crate::{
-    protocol::http1::{Exchange, Side},
+    protocol::http1::{Exchange, RequestHead, Side},
     sampling::Sampler,
 };
 
@@ -98,6 +98,25 @@ impl Registry {
     }
 }
 
+/// The context of a server request the kernel sent none for, from its parsed head: the same
+/// decisions the kernel makes (`agent-ebpf/src/propagate/mod.rs`).
+pub fn server_ctx(head: &RequestHead, sampler: &Sampler) -> WireCtx {
+    let mut rng = rand::rng();
+    let header = head.traceparent.as_deref().and_then(TraceParent::parse);
+    let (trace_id, parent_id, incoming) = match header {
+        Some(h) => (h.trace_id, h.parent_id, Some(h.sampled())),
+        None => (rng.random::<[u8; 16]>(), [0; 8], None),
+    };
+    WireCtx {
+        trace_id,
+        span_id: random_span_id(&mut rng),
+        parent_id,
+        kind: WIRE_SERVER,
+        flags: sampler.sample(&trace_id, incoming) as u8,
+        _pad: [0; 6],
+    }
+}
+
 fn nonzero(id: [u8; 8]) -> Option<[u8; 8]> {
     (id != [0; 8]).then_some(id)
 }
@@ -151,6 +170,9 @@ pub fn decide(ex: &Exchange, pid: u32, reg: &Registry, sampler: &Sampler) -> Dec
             from_wire(&w, nonzero(w.parent_id), String::new())
         }
         (Side::Client, Some(w)) if w.kind == WIRE_REWRITTEN => {
+            if header.as_ref().and_then(|h| reg.server_with(pid, h)).is_none() {
+                tracing::debug!(pid, ?header, ?w, "forwarded context matches no server request");
+            }
             let parent = header
                 .as_ref()
                 .and_then(|h| reg.server_with(pid, h))

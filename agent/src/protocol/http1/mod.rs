@@ -180,6 +180,19 @@ impl Http1Conn {
         std::mem::take(&mut self.pairing.stats)
     }
 
+    /// Gives server requests whose head the kernel could not read in one piece (so it sent no
+    /// context) a context from `f`, as soon as their head is parsed.
+    pub fn fill_missing_ctx(&mut self, mut f: impl FnMut(&RequestHead) -> WireCtx) {
+        if self.pairing.side != Some(Side::Server) {
+            return;
+        }
+        for (head, _, ctx) in self.pairing.pending.iter_mut() {
+            if ctx.is_none() {
+                *ctx = Some(f(head));
+            }
+        }
+    }
+
     pub fn side(&self) -> Option<Side> {
         self.pairing.side
     }
