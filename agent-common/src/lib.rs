@@ -65,8 +65,10 @@ pub const CNT_SOCKHASH_FULL: u32 = 11;
 /// An incoming request head did not fit in one read: its context is decided in userspace, and
 /// calls it makes are not linked to it in the kernel.
 pub const CNT_SERVER_HEAD_SPLIT: u32 = 12;
+/// An outgoing connection left the socket map after a large send (no more injection on it).
+pub const CNT_SOCK_RELEASED: u32 = 13;
 pub const NUM_COUNTERS: u32 = 16;
-pub const COUNTER_NAMES: [&str; 13] = [
+pub const COUNTER_NAMES: [&str; 14] = [
     "kernel_ringbuf_full_events",
     "kernel_inflight_syscall_map_full",
     "kernel_close_ringbuf_full_events",
@@ -80,6 +82,7 @@ pub const COUNTER_NAMES: [&str; 13] = [
     "kernel_traceparent_failed",
     "kernel_sockhash_full",
     "kernel_server_head_split",
+    "kernel_sockets_released_large_send",
 ];
 
 /// Addresses of one TCP connection, seen from the traced process. IPv4 addresses occupy the

@@ -53,6 +53,8 @@ pub fn emit_data<const DIR: u32>(args: &IoArgs, pid_tgid: u64, moved: u64) {
     if DIR == DIR_INGRESS {
         if let Some(w) = propagate::incoming(payload, captured, pid_tgid, args.sk, ts_exit) {
             wire = w;
+        } else if head::starts_with_status(payload, captured) {
+            propagate::response_read(tgid, args.fd);
         }
     } else if wire.kind == WIRE_NONE {
         if head::starts_with_status(payload, captured) {

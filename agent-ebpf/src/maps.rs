@@ -89,6 +89,28 @@ pub static THREAD_REQS: LruHashMap<u32, ThreadReqs> = LruHashMap::with_max_entri
 #[map]
 pub static CONNECT_REFS: LruHashMap<u64, ReqRef> = LruHashMap::with_max_entries(16384, 0);
 
+/// Request body bytes still to come on an outgoing connection, keyed by `(pid << 32) | fd`:
+/// `sk_msg` never looks for a request head inside a body. `BODY_UNKNOWN` (chunked, or a head
+/// split across writes): nothing is touched until the response starts.
+#[map]
+pub static BODY_LEFT: LruHashMap<u64, u64> = LruHashMap::with_max_entries(65536, 0);
+pub const BODY_UNKNOWN: u64 = u64::MAX;
+
+/// An outgoing connection by what both `sk_msg` and `sock_ops` can see of it.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SockKey {
+    pub local_port: u32,
+    pub remote_port: u32,
+    pub remote_ip4: u32,
+    pub remote_ip6_last: u32,
+}
+
+/// Outgoing connections that sent (or announced) a large body: `sock_ops` takes them out of the
+/// socket map on their next acknowledgement (see `propagate/sockops.rs`).
+#[map]
+pub static LARGE_SENDS: LruHashMap<SockKey, u8> = LruHashMap::with_max_entries(16384, 0);
+
 /// Outgoing TCP connections whose requests `sk_msg` may carry a `traceparent` in, keyed by
 /// socket cookie. Closed sockets leave the map by themselves.
 #[map]

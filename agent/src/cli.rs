@@ -47,7 +47,7 @@ pub struct RunArgs {
     /// Put a W3C `traceparent` into outgoing plaintext HTTP/1.x requests (sock_ops + sk_msg), so
     /// traces join up across services; `off` leaves every byte as the program wrote it.
     #[arg(long, value_name = "on|off", default_value = "on", env = "BEHOLDER_INJECT",
-          value_parser = parse_on_off)]
+          value_parser = parse_on_off, action = clap::ArgAction::Set)]
     pub inject: bool,
     /// Where the agent's own Prometheus metrics are served; `off` to disable.
     #[arg(long, value_name = "ADDR|off", default_value = "127.0.0.1:9464", value_parser = parse_metrics_addr)]

@@ -166,7 +166,11 @@ fn chain_across_two_network_namespaces() {
     let spans = rx.spans();
     let up = spans
         .iter()
-        .find(|s| s.attr("url.path") == Some("/ns/0") && s.kind() == "client" && s.res("service.name") == Some(tests::chain::PROXY))
+        .find(|s| {
+            s.attr("url.path") == Some("/ns/0")
+                && s.kind() == "client"
+                && s.res("service.name") == Some(tests::chain::PROXY)
+        })
         .expect("proxy client span");
     assert_eq!(up.attr("network.peer.address"), Some("10.231.0.2"));
     agent.stop();
@@ -181,10 +185,19 @@ fn incoming_traceparent_valid_garbage_and_unsampled() {
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let parent = "00f067aa0ba902b7";
     let valid = format!("traceparent: 00-{trace}-{parent}-01");
-    assert_eq!(chain.curl("/tp/valid", &[&valid, "tracestate: congo=t61rcWkgMzE"]), CHAIN_BODY);
-    assert_eq!(chain.curl("/tp/garbage", &["traceparent: 00-not-a-trace-01"]), CHAIN_BODY);
     assert_eq!(
-        chain.curl("/tp/zeros", &["traceparent: 00-00000000000000000000000000000000-0000000000000000-01"]),
+        chain.curl("/tp/valid", &[&valid, "tracestate: congo=t61rcWkgMzE"]),
+        CHAIN_BODY
+    );
+    assert_eq!(
+        chain.curl("/tp/garbage", &["traceparent: 00-not-a-trace-01"]),
+        CHAIN_BODY
+    );
+    assert_eq!(
+        chain.curl(
+            "/tp/zeros",
+            &["traceparent: 00-00000000000000000000000000000000-0000000000000000-01"]
+        ),
         CHAIN_BODY
     );
     let unsampled = format!("traceparent: 00-{trace}-{parent}-00");
@@ -195,7 +208,10 @@ fn incoming_traceparent_valid_garbage_and_unsampled() {
     let m = by_path(&rx.spans());
     let got = check_trace("/tp/valid", &m["/tp/valid"], parent).expect("valid context continued");
     assert_eq!(got, trace, "the caller's trace id is kept along the chain");
-    let curl_span = m["/tp/valid"].iter().find(|s| s.kind() == "client" && s.res("service.name") == Some("curl")).unwrap();
+    let curl_span = m["/tp/valid"]
+        .iter()
+        .find(|s| s.kind() == "client" && s.res("service.name") == Some("curl"))
+        .unwrap();
     assert_eq!(curl_span.span.trace_state, "congo=t61rcWkgMzE");
     for p in ["/tp/garbage", "/tp/zeros"] {
         let t = check_trace(p, &m[p], "").unwrap_or_else(|e| panic!("{e}"));
@@ -203,10 +219,17 @@ fn incoming_traceparent_valid_garbage_and_unsampled() {
     }
     check_trace("/tp/after", &m["/tp/after"], "").unwrap();
     // Not sampled upstream: nothing of that request is exported, at any hop.
-    assert!(m.get("/tp/unsampled").is_none(), "unsampled request exported: {:?}", m.get("/tp/unsampled").map(|v| v.len()));
+    assert!(
+        m.get("/tp/unsampled").is_none(),
+        "unsampled request exported: {:?}",
+        m.get("/tp/unsampled").map(|v| v.len())
+    );
     let (_, err) = agent.stop();
     let c = final_counters(&err);
-    assert!(c.get("kernel_traceparent_replaced").copied().unwrap_or(0) >= 2, "{c:?}");
+    assert!(
+        c.get("kernel_traceparent_replaced").copied().unwrap_or(0) >= 2,
+        "{c:?}"
+    );
     assert!(c.get("spans_unsampled").copied().unwrap_or(0) >= 8, "{c:?}");
 }
 
@@ -236,7 +259,11 @@ fn sampling_ratio_keeps_whole_traces_only() {
         .filter_map(|p| check_trace(p, &m[*p], "").err())
         .collect();
     let ratio = kept.len() as f64 / paths.len() as f64;
-    println!("sampling 0.25: kept {} of {} traces ({ratio:.3})", kept.len(), paths.len());
+    println!(
+        "sampling 0.25: kept {} of {} traces ({ratio:.3})",
+        kept.len(),
+        paths.len()
+    );
     assert!(partial.is_empty(), "partial traces: {partial:#?}");
     // Binomial(200, 0.25): 50 ± 6; this window is over 3 standard deviations wide.
     assert!((0.13..=0.38).contains(&ratio), "kept ratio {ratio}");
@@ -260,14 +287,16 @@ fn node_linking_accuracy_under_concurrency() {
     let agent = Agent::start(Export::Grpc(&rx), &[]);
     let leaf_port = free_port();
     let node_port = free_port();
-    let chain_leaf = tests::programs::Nginx::start(
-        leaf_port,
-        "    location / { return 200 \"leaf\\n\"; }",
-    );
+    let chain_leaf =
+        tests::programs::Nginx::start(leaf_port, "    location / { return 200 \"leaf\\n\"; }");
     let _node = Proc::spawn(
         Command::new("node")
             .arg(tests::fixture("chain_node.js"))
-            .args(["127.0.0.1", &node_port.to_string(), &format!("http://127.0.0.1:{leaf_port}")])
+            .args([
+                "127.0.0.1",
+                &node_port.to_string(),
+                &format!("http://127.0.0.1:{leaf_port}"),
+            ])
             .env("OTEL_SERVICE_NAME", NODE),
     );
     wait_port(node_port);
@@ -292,7 +321,9 @@ fn node_linking_accuracy_under_concurrency() {
         };
         let server = one(NODE, "server");
         let client = one(NODE, "client");
-        let leaf = spans.iter().find(|s| s.kind() == "server" && s.res("service.name") != Some(NODE));
+        let leaf = spans
+            .iter()
+            .find(|s| s.kind() == "server" && s.res("service.name") != Some(NODE));
         match (server, client, leaf) {
             (Some(s), Some(c), Some(l))
                 if c.parent_id() == s.span_id()
@@ -312,5 +343,8 @@ fn node_linking_accuracy_under_concurrency() {
         paths.len(),
         accuracy * 100.0
     );
-    assert!(accuracy >= FLOOR, "node linking accuracy {accuracy:.3} below the floor {FLOOR}");
+    assert!(
+        accuracy >= FLOOR,
+        "node linking accuracy {accuracy:.3} below the floor {FLOOR}"
+    );
 }

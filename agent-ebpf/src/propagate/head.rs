@@ -65,8 +65,6 @@ struct Walk {
 }
 
 const WALK_NONE: u32 = 0;
-const WALK_HEAD_END: u32 = 1;
-const WALK_TRACEPARENT: u32 = 2;
 const WALK_NEWLINE: u32 = 3;
 
 /// The payload area of scratch slot `slot`, re-found inside a loop callback.
@@ -149,18 +147,34 @@ pub fn request_line_end(slot: u32, buf: *const u8, len: usize) -> usize {
 }
 
 /// What the header block holds, as far as injection cares.
-pub enum Found {
-    /// A `traceparent` header; the offset of its value (after the colon and spaces).
-    Traceparent(usize),
-    /// The end of the head (offset just past the empty line) and no `traceparent` before it.
-    HeadEnd,
-    /// Neither within the bytes at hand: the head continues in a later write.
-    Neither,
+#[repr(C)]
+pub struct Head {
+    /// Offset of the first `traceparent` value (after the colon and a space), 0: none.
+    pub traceparent: usize,
+    /// Offset just past the empty line that ends the head, 0: not within the bytes at hand
+    /// (the head goes on in a later write).
+    pub end: usize,
+    /// `Content-Length`, when present and well formed.
+    pub content_length: Option<u64>,
+    /// A `Transfer-Encoding` header: the body's end cannot be followed from here.
+    pub transfer_encoding: bool,
+}
+
+#[repr(C)]
+struct HeadWalk {
+    slot: u32,
+    transfer_encoding: u32,
+    from: u64,
+    len: u64,
+    traceparent: u64,
+    end: u64,
+    /// Offset of the `Content-Length` value, 0: none.
+    content_length: u64,
 }
 
 extern "C" fn header_step(index: u64, ctx: *mut c_void) -> i64 {
-    // SAFETY: `ctx` is the `Walk` passed to `bpf_loop`.
-    let w = unsafe { &mut *(ctx as *mut Walk) };
+    // SAFETY: `ctx` is the `HeadWalk` passed to `bpf_loop`.
+    let w = unsafe { &mut *(ctx as *mut HeadWalk) };
     let i = (w.from + index) as usize;
     let len = w.len as usize;
     if i + 2 > len || i > 2 * SCAN_MAX {
@@ -173,51 +187,88 @@ extern "C" fn header_step(index: u64, ctx: *mut c_void) -> i64 {
         return 0;
     }
     if at(buf, i) == b'\r' && at(buf, i + 1) == b'\n' {
-        w.kind = WALK_HEAD_END;
+        w.end = (i + 2) as u64;
         return 1;
     }
-    if i + 12 <= len && is_traceparent_name(buf, i) {
+    if w.traceparent == 0 && i + 12 <= len && is_name(buf, i, b"traceparent") {
         let mut v = i + 12;
         if at(buf, v) == b' ' || at(buf, v) == b'\t' {
             v += 1;
         }
-        w.kind = WALK_TRACEPARENT;
-        w.at = v as u64;
-        return 1;
+        w.traceparent = v as u64;
+    } else if i + 15 <= len && is_name(buf, i, b"content-length") {
+        w.content_length = (i + 15) as u64;
+    } else if i + 18 <= len && is_name(buf, i, b"transfer-encoding") {
+        w.transfer_encoding = 1;
     }
     0
 }
 
 /// Walks the header lines that start at `from` (just past the request line).
 #[inline(always)]
-pub fn find_traceparent(slot: u32, from: usize, len: usize) -> Found {
-    let mut w = Walk {
+pub fn read_head(slot: u32, from: usize, len: usize) -> Head {
+    let mut w = HeadWalk {
         slot,
-        kind: WALK_NONE,
+        transfer_encoding: 0,
         from: from as u64,
         len: len as u64,
-        at: 0,
+        traceparent: 0,
+        end: 0,
+        content_length: 0,
     };
-    walk(&mut w, header_step);
-    match w.kind {
-        WALK_HEAD_END => Found::HeadEnd,
-        WALK_TRACEPARENT => Found::Traceparent(w.at as usize & (SCAN_MAX * 2 - 1)),
-        _ => Found::Neither,
+    // SAFETY: `w` outlives the call; the callback only touches it and the scratch map.
+    unsafe {
+        bpf_loop(
+            SCAN_MAX as u32,
+            header_step as *mut c_void,
+            &mut w as *mut HeadWalk as *mut c_void,
+            0,
+        )
+    };
+    Head {
+        traceparent: w.traceparent as usize & (SCAN_MAX * 2 - 1),
+        end: w.end as usize & (SCAN_MAX * 2 - 1),
+        content_length: if w.content_length != 0 {
+            decimal(w.slot, w.content_length as usize & (SCAN_MAX * 2 - 1), len)
+        } else {
+            None
+        },
+        transfer_encoding: w.transfer_encoding != 0,
     }
 }
 
-/// `traceparent:`, case-insensitive.
+/// The decimal number at `v` (after optional spaces), up to 15 digits.
 #[inline(always)]
-fn is_traceparent_name(buf: *const u8, i: usize) -> bool {
-    const NAME: &[u8; 11] = b"traceparent";
+fn decimal(slot: u32, v: usize, len: usize) -> Option<u64> {
+    let buf = slot_buf(slot)?;
+    let mut v = v;
+    if at(buf, v) == b' ' {
+        v += 1;
+    }
+    let mut n: u64 = 0;
+    let mut digits = 0;
+    for k in 0..15 {
+        let c = at(buf, v + k);
+        if v + k >= len || !c.is_ascii_digit() {
+            break;
+        }
+        n = n * 10 + (c - b'0') as u64;
+        digits += 1;
+    }
+    (digits > 0).then_some(n)
+}
+
+/// `<name>:` at `i`, case-insensitive (`name` in lowercase).
+#[inline(always)]
+fn is_name<const N: usize>(buf: *const u8, i: usize, name: &[u8; N]) -> bool {
     let mut j = 0;
-    while j < 11 {
-        if at(buf, i + j) | 0x20 != NAME[j] {
+    while j < N {
+        if at(buf, i + j) | 0x20 != name[j] {
             return false;
         }
         j += 1;
     }
-    at(buf, i + 11) == b':'
+    at(buf, i + N) == b':'
 }
 
 /// Offset of the CR that ends the header value starting at `v`, looking at most 256 bytes on.
@@ -237,6 +288,46 @@ pub fn value_end(buf: *const u8, v: usize, len: usize) -> Option<usize> {
     None
 }
 
+#[repr(C)]
+struct ParseWalk {
+    slot: u32,
+    bad: u32,
+    start: u64,
+}
+
+/// Checks one character of a version-00 value: `00-<32 hex>-<16 hex>-<2 hex>`, lowercase hex.
+/// Only a flag leaves the callback, so the verifier sees its state settle at once.
+extern "C" fn traceparent_step(index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the `ParseWalk` passed to `bpf_loop`.
+    let w = unsafe { &mut *(ctx as *mut ParseWalk) };
+    let Some(buf) = slot_buf(w.slot) else {
+        w.bad = 1;
+        return 1;
+    };
+    let c = at(buf, (w.start + index) as usize);
+    let ok = match index {
+        0 | 1 => c == b'0',
+        2 | 35 | 52 => c == b'-',
+        _ => c.is_ascii_digit() || (b'a'..=b'f').contains(&c),
+    };
+    if !ok {
+        w.bad = 1;
+        return 1;
+    }
+    0
+}
+
+/// The value of a lowercase hex digit already checked, without a branch.
+#[inline(always)]
+fn nibble(c: u8) -> u8 {
+    (c & 0xf) + 9 * (c >> 6)
+}
+
+#[inline(always)]
+fn hex_byte(buf: *const u8, i: usize) -> u8 {
+    nibble(at(buf, i)) << 4 | nibble(at(buf, i + 1))
+}
+
 /// A parsed version-00 `traceparent` value.
 pub struct TraceParent {
     pub trace_id: [u8; 16],
@@ -244,58 +335,52 @@ pub struct TraceParent {
     pub flags: u8,
 }
 
+/// Parses the value at `v` of the head in scratch `slot` (also at `buf`) as
+/// `00-<32 hex>-<16 hex>-<2 hex>` followed by the end of the line or whitespace. All-zero ids
+/// are invalid, as W3C Trace Context says.
 #[inline(always)]
-fn unhex(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
-    }
-}
-
-#[inline(always)]
-fn byte_at(buf: *const u8, i: usize) -> Option<u8> {
-    Some(unhex(at(buf, i))? << 4 | unhex(at(buf, i + 1))?)
-}
-
-/// Parses the value at `v` as `00-<32 hex>-<16 hex>-<2 hex>` followed by the end of the line
-/// (or optional whitespace). All-zero ids are invalid, as W3C Trace Context says.
-#[inline(always)]
-pub fn parse_traceparent(buf: *const u8, v: usize, len: usize) -> Option<TraceParent> {
-    if v + TP_LEN + 1 > len
-        || at(buf, v) != b'0'
-        || at(buf, v + 1) != b'0'
-        || at(buf, v + 2) != b'-'
-        || at(buf, v + 35) != b'-'
-        || at(buf, v + 52) != b'-'
-    {
+pub fn parse_traceparent(slot: u32, buf: *const u8, v: usize, len: usize) -> Option<TraceParent> {
+    if v + TP_LEN + 1 > len {
         return None;
     }
     let after = at(buf, v + TP_LEN);
     if after != b'\r' && after != b' ' && after != b'\t' {
         return None;
     }
+    let mut w = ParseWalk {
+        slot,
+        bad: 0,
+        start: v as u64,
+    };
+    // SAFETY: `w` outlives the call; the callback only touches it and the scratch map.
+    unsafe {
+        bpf_loop(
+            TP_LEN as u32,
+            traceparent_step as *mut c_void,
+            &mut w as *mut ParseWalk as *mut c_void,
+            0,
+        )
+    };
+    if w.bad != 0 {
+        return None;
+    }
     let mut tp = TraceParent {
         trace_id: [0; 16],
         parent_id: [0; 8],
-        flags: byte_at(buf, v + 53)?,
+        flags: hex_byte(buf, v + 53),
     };
     let mut any = 0u8;
-    let mut j = 0;
-    while j < 16 {
-        tp.trace_id[j] = byte_at(buf, v + 3 + 2 * j)?;
-        any |= tp.trace_id[j];
-        j += 1;
+    for k in 0..16 {
+        tp.trace_id[k] = hex_byte(buf, v + 3 + 2 * k);
+        any |= tp.trace_id[k];
     }
     if any == 0 {
         return None;
     }
     any = 0;
-    j = 0;
-    while j < 8 {
-        tp.parent_id[j] = byte_at(buf, v + 36 + 2 * j)?;
-        any |= tp.parent_id[j];
-        j += 1;
+    for k in 0..8 {
+        tp.parent_id[k] = hex_byte(buf, v + 36 + 2 * k);
+        any |= tp.parent_id[k];
     }
     if any == 0 {
         return None;

@@ -21,15 +21,17 @@ pub fn incoming(buf: *const u8, len: usize, pid_tgid: u64, sk: u64, now: u64) ->
     if line_end == 0 {
         return None;
     }
-    let parent = match head::find_traceparent(CAPTURE_SLOT, line_end, len) {
-        head::Found::Traceparent(v) => head::parse_traceparent(buf, v, len),
-        head::Found::HeadEnd => None,
+    let h = head::read_head(CAPTURE_SLOT, line_end, len);
+    if h.end == 0 {
         // The head goes on in a later read and may still carry a traceparent: deciding a trace
         // now could contradict it. Userspace decides from the whole head instead.
-        head::Found::Neither => {
-            crate::maps::count(agent_common::CNT_SERVER_HEAD_SPLIT);
-            return None;
-        }
+        crate::maps::count(agent_common::CNT_SERVER_HEAD_SPLIT);
+        return None;
+    }
+    let parent = if h.traceparent != 0 {
+        head::parse_traceparent(CAPTURE_SLOT, buf, h.traceparent, len)
+    } else {
+        None
     };
     let mut wire = WireCtx {
         kind: WIRE_SERVER,
@@ -70,4 +72,17 @@ pub fn linked(pid_tgid: u64, fd: u32) -> Option<WireCtx> {
         flags: owner.flags,
         ..WireCtx::default()
     })
+}
+
+/// A response started on an outgoing connection: its request body, whatever its framing, is
+/// over, so `sk_msg` may look for request heads again.
+#[inline(always)]
+pub fn response_read(tgid: u32, fd: u32) {
+    let key = crate::maps::conn_key(tgid, fd);
+    // SAFETY: copied out of a live map value.
+    if crate::maps::BODY_LEFT.get_ptr(&key).map(|v| unsafe { *v })
+        == Some(crate::maps::BODY_UNKNOWN)
+    {
+        let _ = crate::maps::BODY_LEFT.remove(&key);
+    }
 }

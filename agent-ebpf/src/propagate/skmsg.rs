@@ -14,8 +14,7 @@
 //! returns what the program wrote; only the bytes on the wire grow.
 use agent_common::{
     WireCtx, CNT_TP_FAILED, CNT_TP_INSERTED, CNT_TP_REPLACED, CNT_TP_REWRITTEN,
-    CNT_TP_SKIPPED_HEAD, DATA_HEADER_SIZE, WIRE_INSERTED, WIRE_NONE, WIRE_REPLACED,
-    WIRE_REWRITTEN,
+    CNT_TP_SKIPPED_HEAD, DATA_HEADER_SIZE, WIRE_INSERTED, WIRE_NONE, WIRE_REPLACED, WIRE_REWRITTEN,
 };
 use aya_ebpf::{
     helpers::{
@@ -27,19 +26,40 @@ use aya_ebpf::{
 };
 
 use super::{
-    head::{self, Found, SCAN_MAX, TP_LEN},
+    head::{self, SCAN_MAX, TP_LEN},
     ids, inflight, MSG_SLOT,
 };
-use crate::maps::{count, process_traced, ACTIVE_IO, SCRATCH};
+use crate::maps::{
+    conn_key, count, process_traced, SockKey, ACTIVE_IO, BODY_LEFT, BODY_UNKNOWN, LARGE_SENDS,
+    SCRATCH,
+};
 
 const SK_PASS: u32 = 1;
 /// `traceparent: ` + value + CRLF.
 const HEADER_LEN: usize = 13 + TP_LEN + 2;
 
+/// Sends (or announced bodies) from this size on take the connection out of the socket map.
+const LARGE: u64 = 32 * 1024;
+
 #[sk_msg]
 pub fn out_msg(ctx: SkMsgContext) -> u32 {
     inject(&ctx);
     SK_PASS
+}
+
+/// Marks this connection for release from the socket map (see `sockops.rs`).
+#[inline(always)]
+fn mark_large(ctx: &SkMsgContext) {
+    // SAFETY: fields of this call's `sk_msg_md`.
+    let m = unsafe { &*ctx.msg };
+    let rp = m.remote_port;
+    let key = SockKey {
+        local_port: m.local_port,
+        remote_port: if rp > 0xffff { rp >> 16 } else { rp },
+        remote_ip4: m.remote_ip4,
+        remote_ip6_last: m.remote_ip6[3],
+    };
+    let _ = LARGE_SENDS.insert(&key, &1, 0);
 }
 
 #[inline(always)]
@@ -55,10 +75,25 @@ fn inject(ctx: &SkMsgContext) {
     };
     // SAFETY: live map value of this thread.
     let io = unsafe { &mut *io };
-    if io.wire.kind != WIRE_NONE {
-        return; // a later piece of the same write: body bytes
-    }
     let size = ctx.size() as usize;
+    if size as u64 >= LARGE {
+        mark_large(ctx);
+    }
+    let key = conn_key((pid_tgid >> 32) as u32, io.fd);
+    if let Some(left) = BODY_LEFT.get_ptr_mut(&key) {
+        // SAFETY: live map value of this connection.
+        let l = unsafe { *left };
+        if l != 0 {
+            if l != BODY_UNKNOWN {
+                // SAFETY: as above.
+                unsafe { *left = l.saturating_sub(size as u64) };
+            }
+            return; // body bytes (or, past its end, not at the start of a message)
+        }
+    }
+    if io.wire.kind != WIRE_NONE {
+        return; // a later piece of the same write
+    }
     if size < 16 {
         return;
     }
@@ -88,6 +123,20 @@ fn inject(ctx: &SkMsgContext) {
     if line_end == 0 {
         return;
     }
+    let h = head::read_head(MSG_SLOT, line_end, n);
+    // What of the body is still to come after this message.
+    let after = if h.end == 0 || h.transfer_encoding {
+        BODY_UNKNOWN
+    } else {
+        match h.content_length {
+            Some(cl) => cl.saturating_sub((size - h.end) as u64),
+            None => 0,
+        }
+    };
+    let _ = BODY_LEFT.insert(&key, &after, 0);
+    if after != BODY_UNKNOWN && after >= LARGE {
+        mark_large(ctx);
+    }
     let owner = inflight::owner(pid_tgid, io.fd);
     // Ids for a request without a usable traceparent: the owner's trace, or a new one.
     let fresh = || {
@@ -108,9 +157,10 @@ fn inject(ctx: &SkMsgContext) {
         }
         w
     };
-    match head::find_traceparent(MSG_SLOT, line_end, n) {
-        Found::Traceparent(v) => {
-            if let Some(tp) = head::parse_traceparent(buf, v, n) {
+    if h.traceparent != 0 {
+        let v = h.traceparent;
+        {
+            if let Some(tp) = head::parse_traceparent(MSG_SLOT, buf, v, n) {
                 let mut w = WireCtx {
                     kind: WIRE_REWRITTEN,
                     trace_id: tp.trace_id,
@@ -159,8 +209,12 @@ fn inject(ctx: &SkMsgContext) {
                 rejoin(ctx, n + TP_LEN);
             }
         }
-        Found::HeadEnd => {
-            if ctx.push_data(line_end as u32, HEADER_LEN as u32, 0).is_err() {
+    } else if h.end != 0 {
+        {
+            if ctx
+                .push_data(line_end as u32, HEADER_LEN as u32, 0)
+                .is_err()
+            {
                 count(CNT_TP_FAILED);
                 return;
             }
@@ -177,7 +231,8 @@ fn inject(ctx: &SkMsgContext) {
             }
             rejoin(ctx, n + HEADER_LEN);
         }
-        Found::Neither => count(CNT_TP_SKIPPED_HEAD),
+    } else {
+        count(CNT_TP_SKIPPED_HEAD);
     }
 }
 

@@ -11,7 +11,9 @@ use aya::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum InjectError {
-    #[error("no cgroup v2 hierarchy is mounted (looked in /proc/self/mountinfo); sock_ops needs one")]
+    #[error(
+        "no cgroup v2 hierarchy is mounted (looked in /proc/self/mountinfo); sock_ops needs one"
+    )]
     NoCgroup2,
     #[error("opening cgroup {0}: {1}")]
     Cgroup(PathBuf, std::io::Error),
@@ -59,15 +61,10 @@ pub fn attach(ebpf: &mut Ebpf) -> Result<PathBuf, InjectError> {
     let root = cgroup2_root().ok_or(InjectError::NoCgroup2)?;
     let cgroup = File::open(&root).map_err(|e| InjectError::Cgroup(root.clone(), e))?;
 
-    let socks: SockHash<_, u64> = SockHash::try_from(
-        ebpf.map(MAP_SOCKS)
-            .ok_or(InjectError::Missing(MAP_SOCKS))?,
-    )
-    .map_err(InjectError::Map)?;
-    let socks_fd = socks
-        .fd()
-        .try_clone()
-        .map_err(InjectError::Dup)?;
+    let socks: SockHash<_, u64> =
+        SockHash::try_from(ebpf.map(MAP_SOCKS).ok_or(InjectError::Missing(MAP_SOCKS))?)
+            .map_err(InjectError::Map)?;
+    let socks_fd = socks.fd().try_clone().map_err(InjectError::Dup)?;
 
     let msg: &mut SkMsg = ebpf
         .program_mut("out_msg")

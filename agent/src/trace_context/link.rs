@@ -170,8 +170,17 @@ pub fn decide(ex: &Exchange, pid: u32, reg: &Registry, sampler: &Sampler) -> Dec
             from_wire(&w, nonzero(w.parent_id), String::new())
         }
         (Side::Client, Some(w)) if w.kind == WIRE_REWRITTEN => {
-            if header.as_ref().and_then(|h| reg.server_with(pid, h)).is_none() {
-                tracing::debug!(pid, ?header, ?w, "forwarded context matches no server request");
+            if header
+                .as_ref()
+                .and_then(|h| reg.server_with(pid, h))
+                .is_none()
+            {
+                tracing::debug!(
+                    pid,
+                    ?header,
+                    ?w,
+                    "forwarded context matches no server request"
+                );
             }
             let parent = header
                 .as_ref()
@@ -191,11 +200,9 @@ pub fn decide(ex: &Exchange, pid: u32, reg: &Registry, sampler: &Sampler) -> Dec
                     };
                     (h.trace_id, Some(parent), Some(h.sampled()))
                 }
-                (None, Some(w)) if w.kind == WIRE_LINKED => (
-                    w.trace_id,
-                    nonzero(w.parent_id),
-                    Some(w.flags & 1 != 0),
-                ),
+                (None, Some(w)) if w.kind == WIRE_LINKED => {
+                    (w.trace_id, nonzero(w.parent_id), Some(w.flags & 1 != 0))
+                }
                 (None, _) => (rng.random::<[u8; 16]>(), None, None),
             };
             if !sampler.sample(&trace_id, incoming) {

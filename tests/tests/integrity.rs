@@ -1,0 +1,173 @@
+//! The bytes programs send and receive stay exactly theirs while the agent injects `traceparent`:
+//! pipelining, heads split across writes, `sendmsg` with several buffers, large bodies, a body
+//! that looks like a request head, a request with its own header, a connection older than the
+//! agent, and a large response. The server checks every body against its SHA-256.
+use std::{
+    io::{BufRead, BufReader, Write},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use serde_json::Value;
+use tests::{
+    agent::{final_counters, Agent, Export},
+    fixture, free_port,
+    programs::{python, Proc},
+    receiver::Receiver,
+    require_root, wait_port,
+};
+
+/// Runs the integrity client against a threaded Python server, starting the agent (with `args`)
+/// after the client's first connection is open. Returns the client's report and the agent's
+/// final counters.
+fn run_client(rx: &Receiver, args: &[&str]) -> (Value, std::collections::HashMap<String, u64>) {
+    let port = free_port();
+    let _server =
+        Proc::spawn(python("threaded_server.py", &[&port.to_string()]).stdout(Stdio::null()));
+    wait_port(port);
+    let mut client = Command::new("python3")
+        .arg(fixture("integrity_client.py"))
+        .arg(port.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("integrity client");
+    let mut out = BufReader::new(client.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("client output");
+    assert_eq!(line.trim(), "connected");
+    let agent = Agent::start(Export::Grpc(rx), args);
+    client
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"go\n")
+        .expect("go");
+    line.clear();
+    out.read_line(&mut line).expect("client report");
+    assert!(
+        client.wait().expect("client").success(),
+        "integrity client failed"
+    );
+    let report: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    std::thread::sleep(Duration::from_secs(2));
+    let (_, err) = agent.stop();
+    (report, final_counters(&err))
+}
+
+fn tp_count(r: &Value, case: &str) -> u64 {
+    assert_eq!(
+        r[case]["status"], 200,
+        "{case}: the server saw different bytes: {r}"
+    );
+    r[case]["tp_count"].as_u64().expect("tp_count")
+}
+
+fn tp(r: &Value, case: &str) -> String {
+    r[case]["tp"][0].as_str().expect("traceparent").to_owned()
+}
+
+#[test]
+fn bytes_stay_intact_with_injection_on() {
+    require_root();
+    let rx = Receiver::start();
+    let (r, counters) = run_client(&rx, &[]);
+    println!("report: {r}\ncounters: {counters:?}");
+    assert_eq!(r["big_response"]["status"], 200);
+    assert_eq!(r["big_response"]["ok"], true, "the large response changed");
+    // Untouched: a connection open before the agent, pipelined requests after the first,
+    // a head whose first write holds only part of it.
+    assert_eq!(tp_count(&r, "early"), 0);
+    assert_eq!(tp_count(&r, "pipe0"), 1);
+    assert_eq!(tp_count(&r, "pipe1"), 0);
+    assert_eq!(tp_count(&r, "pipe2"), 0);
+    assert_eq!(tp_count(&r, "split"), 0);
+    // One header each, never two; the body that looks like a request is left alone.
+    for case in ["writev", "large", "lookalike", "own"] {
+        assert_eq!(tp_count(&r, case), 1, "{case}");
+    }
+    // The request's own traceparent keeps its trace id; its parent id is now the client span.
+    let own = tp(&r, "own");
+    assert!(
+        own.starts_with("00-11111111111111111111111111111111-"),
+        "{own}"
+    );
+    assert!(
+        !own.contains("2222222222222222"),
+        "parent id not rewritten: {own}"
+    );
+    // What went on the wire is the client span the agent reports.
+    let spans = rx.spans();
+    for (case, path) in [
+        ("large", "/large"),
+        ("own", "/own"),
+        ("writev", "/writev"),
+        ("pipe0", "/pipe/0"),
+    ] {
+        let wire = tp(&r, case);
+        let parts: Vec<&str> = wire.split('-').collect();
+        let client = spans
+            .iter()
+            .find(|s| s.kind() == "client" && s.attr("url.path") == Some(path))
+            .unwrap_or_else(|| panic!("no client span for {path}"));
+        assert_eq!(client.trace_id(), parts[1], "{case}");
+        assert_eq!(client.span_id(), parts[2], "{case}");
+        let server = spans
+            .iter()
+            .find(|s| s.kind() == "server" && s.attr("url.path") == Some(path))
+            .unwrap_or_else(|| panic!("no server span for {path}"));
+        assert_eq!(server.parent_id(), client.span_id(), "{case}");
+    }
+    let own_client = spans
+        .iter()
+        .find(|s| s.kind() == "client" && s.attr("url.path") == Some("/own"))
+        .unwrap();
+    assert_eq!(
+        own_client.parent_id(),
+        "2222222222222222",
+        "the program's own context is the parent"
+    );
+    assert!(counters["kernel_traceparent_skipped_split_head"] >= 1);
+    // The 4 MiB upload took its connection out of the socket map (blocking-recv safety).
+    assert!(counters["kernel_sockets_released_large_send"] >= 1);
+}
+
+#[test]
+fn injection_off_leaves_every_byte_alone() {
+    require_root();
+    let rx = Receiver::start();
+    let (r, counters) = run_client(&rx, &["--inject", "off"]);
+    for case in [
+        "early",
+        "pipe0",
+        "pipe1",
+        "pipe2",
+        "split",
+        "writev",
+        "large",
+        "lookalike",
+    ] {
+        assert_eq!(tp_count(&r, case), 0, "{case}");
+    }
+    assert_eq!(tp_count(&r, "own"), 1);
+    assert_eq!(
+        tp(&r, "own"),
+        "00-11111111111111111111111111111111-2222222222222222-01"
+    );
+    assert_eq!(r["big_response"]["ok"], true);
+    assert_eq!(
+        counters
+            .get("kernel_traceparent_inserted")
+            .copied()
+            .unwrap_or(0),
+        0
+    );
+    // Spans are still reported, and the request's own context is still followed.
+    let spans = rx.spans();
+    let own = spans
+        .iter()
+        .find(|s| s.kind() == "server" && s.attr("url.path") == Some("/own"))
+        .expect("server span");
+    assert_eq!(own.trace_id(), "11111111111111111111111111111111");
+    assert_eq!(own.parent_id(), "2222222222222222");
+}
