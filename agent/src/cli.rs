@@ -49,6 +49,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "on|off", default_value = "on", env = "BEHOLDER_INJECT",
           value_parser = parse_on_off, action = clap::ArgAction::Set)]
     pub inject: bool,
+    /// cgroup v2 directory whose processes get `traceparent` injection; default: the root of the
+    /// host's cgroup v2 hierarchy from /proc/self/mountinfo. In a container with its own cgroup
+    /// namespace, mount the host's /sys/fs/cgroup and point here (see deploy/kubernetes).
+    #[arg(long, value_name = "DIR", env = "BEHOLDER_CGROUP")]
+    pub cgroup: Option<std::path::PathBuf>,
     /// Where the agent's own Prometheus metrics are served; `off` to disable.
     #[arg(long, value_name = "ADDR|off", default_value = "127.0.0.1:9464", value_parser = parse_metrics_addr)]
     pub metrics_addr: MetricsAddr,

@@ -138,8 +138,21 @@ fn nginx_and_curl_over_grpc() {
             "span times within the test's wall clock"
         );
         assert!(s.duration() < Duration::from_secs(1));
-        assert!(s.span.parent_span_id.is_empty());
         assert_eq!(s.span.trace_id.len(), 16);
+        // curl is traced too: the agent put its client span's context on the wire.
+        let caller = clients
+            .iter()
+            .find(|c| c.trace_id() == s.trace_id())
+            .expect("curl's span in the same trace");
+        assert_eq!(
+            s.parent_id(),
+            caller.span_id(),
+            "nginx's span is curl's child"
+        );
+        assert!(
+            caller.span.parent_span_id.is_empty(),
+            "curl starts the trace"
+        );
     }
     let ok: Vec<_> = servers
         .iter()
@@ -337,16 +350,32 @@ fn incoming_traceparent_valid_garbage_and_unsampled() {
             .find(|s| s.attr("url.path") == Some(p))
             .cloned()
     };
+    let spans = rx.spans();
+    let client = |p: &str| {
+        spans
+            .iter()
+            .find(|s| s.kind() == "client" && s.attr("url.path") == Some(p))
+            .cloned()
+            .expect("curl's client span")
+    };
     let valid = by("/valid").expect("valid span");
     assert_eq!(valid.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
-    assert_eq!(valid.parent_id(), "00f067aa0ba902b7");
+    // curl sent the context itself: its client span is the header's child, and the agent
+    // rewrote the parent id on the wire, so the server span is the client span's child.
+    let caller = client("/valid");
+    assert_eq!(caller.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(caller.parent_id(), "00f067aa0ba902b7");
+    assert_eq!(valid.parent_id(), caller.span_id());
     assert_eq!(valid.span.trace_state, "congo=t61rcWkgMzE");
     assert_ne!(valid.span_id(), "00f067aa0ba902b7");
     let garbage = by("/garbage").expect("garbage span");
+    let caller = client("/garbage");
     assert!(
-        garbage.span.parent_span_id.is_empty(),
+        caller.span.parent_span_id.is_empty(),
         "a malformed header starts a new root"
     );
+    assert_eq!(garbage.parent_id(), caller.span_id());
+    assert_eq!(garbage.trace_id(), caller.trace_id());
     assert_ne!(garbage.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
     assert!(
         by("/unsampled").is_none(),

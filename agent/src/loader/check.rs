@@ -144,6 +144,18 @@ pub fn run() -> bool {
                     "verifier accepted and attached tracepoint programs",
                     &format!("{attached}/{}", PROGRAMS.len()),
                 );
+                // Optional: without it spans still link inside each process.
+                match super::inject::attach(&mut ebpf, None) {
+                    Ok(root) => r.line(
+                        true,
+                        "traceparent injection (sock_ops on the cgroup v2 root + sk_msg)",
+                        &root.display().to_string(),
+                    ),
+                    Err(e) => println!(
+                        "[warn] traceparent injection unavailable ({e}); the agent runs without it \
+                         (--inject off silences this)"
+                    ),
+                }
             }
         }
     }

@@ -56,9 +56,13 @@ pub fn cgroup2_root() -> Option<PathBuf> {
     })
 }
 
-/// Loads and attaches both programs; returns the cgroup they cover.
-pub fn attach(ebpf: &mut Ebpf) -> Result<PathBuf, InjectError> {
-    let root = cgroup2_root().ok_or(InjectError::NoCgroup2)?;
+/// Loads and attaches both programs to `cgroup` (default: the cgroup v2 root); returns the
+/// cgroup they cover.
+pub fn attach(ebpf: &mut Ebpf, cgroup: Option<&std::path::Path>) -> Result<PathBuf, InjectError> {
+    let root = match cgroup {
+        Some(p) => p.to_path_buf(),
+        None => cgroup2_root().ok_or(InjectError::NoCgroup2)?,
+    };
     let cgroup = File::open(&root).map_err(|e| InjectError::Cgroup(root.clone(), e))?;
 
     let socks: SockHash<_, u64> =

@@ -78,6 +78,8 @@ pub struct Settings {
     pub excluded_any_port: Vec<u16>,
     /// Put `traceparent` into outgoing requests (`sock_ops` + `sk_msg`).
     pub inject: bool,
+    /// The cgroup to inject in (None: the cgroup v2 root).
+    pub cgroup: Option<std::path::PathBuf>,
     /// Sampling of traces that start here, as the kernel applies it.
     pub sample_threshold: u64,
     pub sample_parent_based: bool,
@@ -182,7 +184,7 @@ pub fn load(s: &Settings) -> Result<Loaded, LoadError> {
             })?;
     }
     let injecting = if s.inject {
-        match inject::attach(&mut ebpf) {
+        match inject::attach(&mut ebpf, s.cgroup.as_deref()) {
             Ok(root) => Some(root),
             Err(e) => {
                 tracing::warn!(

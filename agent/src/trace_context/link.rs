@@ -218,3 +218,155 @@ pub fn decide(ex: &Exchange, pid: u32, reg: &Registry, sampler: &Sampler) -> Dec
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::http1::{Framing, RequestHead, ResponseHead};
+
+    const T: [u8; 16] = [0x4b; 16];
+    const P: [u8; 8] = [0x11; 8];
+    const S: [u8; 8] = [0x22; 8];
+    const C: [u8; 8] = [0x33; 8];
+
+    fn tp_header(trace: [u8; 16], parent: [u8; 8], flags: u8) -> String {
+        TraceParent {
+            trace_id: trace,
+            parent_id: parent,
+            flags,
+        }
+        .format()
+    }
+
+    fn ex(side: Side, tp: Option<String>, ctx: Option<WireCtx>) -> Exchange {
+        Exchange {
+            side,
+            request: RequestHead {
+                method: "GET".into(),
+                target: "/".into(),
+                minor_version: 1,
+                host: None,
+                user_agent: None,
+                traceparent: tp,
+                tracestate: Some("k=v".into()),
+                framing: Framing::None,
+            },
+            response: ResponseHead {
+                status: 200,
+                minor_version: 1,
+                framing: Framing::None,
+            },
+            start_ns: 1,
+            end_ns: 2,
+            ctx,
+        }
+    }
+
+    fn wire(kind: u8, span: [u8; 8], parent: [u8; 8], flags: u8) -> WireCtx {
+        WireCtx {
+            trace_id: T,
+            span_id: span,
+            parent_id: parent,
+            kind,
+            flags,
+            _pad: [0; 6],
+        }
+    }
+
+    fn ids(d: Decision) -> Ids {
+        match d {
+            Decision::Sampled(i) => i,
+            Decision::Unsampled => panic!("unsampled"),
+        }
+    }
+
+    #[test]
+    fn server_span_takes_the_kernel_ids() {
+        let e = ex(
+            Side::Server,
+            Some(tp_header(T, P, 1)),
+            Some(wire(WIRE_SERVER, S, P, 1)),
+        );
+        let i = ids(decide(&e, 7, &Registry::default(), &Sampler::default()));
+        assert_eq!((i.trace_id, i.span_id, i.parent_span_id), (T, S, Some(P)));
+        assert_eq!(i.trace_state, "k=v");
+        let unsampled = ex(Side::Server, None, Some(wire(WIRE_SERVER, S, [0; 8], 0)));
+        assert!(matches!(
+            decide(&unsampled, 7, &Registry::default(), &Sampler::default()),
+            Decision::Unsampled
+        ));
+    }
+
+    #[test]
+    fn inserted_client_span_is_child_of_the_thread_owner() {
+        let e = ex(Side::Client, None, Some(wire(WIRE_INSERTED, C, S, 1)));
+        let i = ids(decide(&e, 7, &Registry::default(), &Sampler::default()));
+        assert_eq!((i.trace_id, i.span_id, i.parent_span_id), (T, C, Some(S)));
+        let root = ex(Side::Client, None, Some(wire(WIRE_INSERTED, C, [0; 8], 1)));
+        let i = ids(decide(&root, 7, &Registry::default(), &Sampler::default()));
+        assert_eq!(
+            i.parent_span_id, None,
+            "a call outside any request starts the trace"
+        );
+    }
+
+    #[test]
+    fn forwarded_context_links_to_the_server_that_received_it() {
+        let mut reg = Registry::default();
+        reg.server_started(7, &wire(WIRE_SERVER, S, P, 1));
+        // The proxy forwards T-P; the kernel rewrote the parent to C and found no owner.
+        let e = ex(
+            Side::Client,
+            Some(tp_header(T, P, 1)),
+            Some(wire(WIRE_REWRITTEN, C, [0; 8], 1)),
+        );
+        let i = ids(decide(&e, 7, &reg, &Sampler::default()));
+        assert_eq!((i.trace_id, i.span_id, i.parent_span_id), (T, C, Some(S)));
+        // Another process never matches; then the program's own context is the parent.
+        let i = ids(decide(&e, 8, &reg, &Sampler::default()));
+        assert_eq!(i.parent_span_id, Some(P));
+    }
+
+    #[test]
+    fn unmodified_requests_follow_header_then_owner_then_new_trace() {
+        let mut reg = Registry::default();
+        reg.server_started(7, &wire(WIRE_SERVER, S, P, 1));
+        let own = ex(Side::Client, Some(tp_header(T, P, 1)), None);
+        let i = ids(decide(&own, 7, &reg, &Sampler::default()));
+        assert_eq!((i.trace_id, i.parent_span_id), (T, Some(S)));
+        assert_ne!(i.span_id, C);
+        let linked = ex(Side::Client, None, Some(wire(WIRE_LINKED, [0; 8], S, 1)));
+        let i = ids(decide(&linked, 7, &reg, &Sampler::default()));
+        assert_eq!((i.trace_id, i.parent_span_id), (T, Some(S)));
+        let none = ex(Side::Client, None, None);
+        let i = ids(decide(&none, 7, &reg, &Sampler::default()));
+        assert_eq!(i.parent_span_id, None);
+        assert_ne!(i.trace_id, T);
+    }
+
+    #[test]
+    fn registry_is_bounded() {
+        let mut reg = Registry::with_capacity(3);
+        for n in 1..=5u8 {
+            reg.server_started(1, &wire(WIRE_SERVER, S, [n; 8], 1));
+        }
+        assert_eq!(reg.len(), 3);
+        let first = TraceParent {
+            trace_id: T,
+            parent_id: [1; 8],
+            flags: 1,
+        };
+        assert_eq!(reg.server_with(1, &first), None, "oldest entries go first");
+    }
+
+    #[test]
+    fn server_context_from_a_parsed_head_follows_the_sampler() {
+        let head = ex(Side::Server, Some(tp_header(T, P, 0)), None).request;
+        let w = server_ctx(&head, &Sampler::default());
+        assert_eq!((w.trace_id, w.parent_id, w.flags), (T, P, 0));
+        let off = Sampler::from_values(Some("always_off".into()), None).unwrap();
+        let root = ex(Side::Server, None, None).request;
+        assert_eq!(server_ctx(&root, &off).flags, 0);
+        assert_eq!(server_ctx(&root, &Sampler::default()).flags, 1);
+    }
+}
