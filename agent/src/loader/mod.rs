@@ -1,4 +1,5 @@
 //! Loads the embedded kernel programs, fills their settings and filter maps, and attaches them.
+pub mod adopt;
 pub mod btf;
 pub mod check;
 pub mod inject;
@@ -185,7 +186,20 @@ pub fn load(s: &Settings) -> Result<Loaded, LoadError> {
     }
     let injecting = if s.inject {
         match inject::attach(&mut ebpf, s.cgroup.as_deref()) {
-            Ok(root) => Some(root),
+            Ok(root) => {
+                let pids: std::collections::HashSet<u32> = s.pids.iter().copied().collect();
+                let a = adopt::adopt(
+                    &mut ebpf,
+                    |pid| !s.filter_pids || pids.contains(&pid),
+                    &s.ports,
+                );
+                tracing::info!(
+                    adopted = a.connections,
+                    not_adopted = a.failed,
+                    "outgoing connections open before start join injection after their current exchange"
+                );
+                Some(root)
+            }
             Err(e) => {
                 tracing::warn!(
                     "traceparent injection is off: {e}. Spans still link inside each process, and \
