@@ -54,18 +54,14 @@ pub fn starts_with_status(buf: *const u8, len: usize) -> bool {
         && at(buf, 6) == b'.'
 }
 
-/// State of one `bpf_loop` walk over a head in scratch slot `slot`.
+/// State of the `bpf_loop` search for the end of the request line in scratch slot `slot`.
 #[repr(C)]
-struct Walk {
+struct LineWalk {
     slot: u32,
-    kind: u32,
-    from: u64,
     len: u64,
-    at: u64,
+    /// Offset just past the first `\n`, 0: none.
+    end: u64,
 }
-
-const WALK_NONE: u32 = 0;
-const WALK_NEWLINE: u32 = 3;
 
 /// The payload area of scratch slot `slot`, re-found inside a loop callback.
 #[inline(always)]
@@ -75,24 +71,24 @@ fn slot_buf(slot: u32) -> Option<*const u8> {
     Some(unsafe { (*s).buf.as_ptr().add(DATA_HEADER_SIZE) })
 }
 
-/// Runs `step` for indices `0..SCAN_MAX` until it returns 1. `bpf_loop` has the verifier check
-/// the step once, where an open-coded loop over 4 KiB would exceed its limits.
+/// Runs `step` on `state` for indices `0..n` until it returns 1. `bpf_loop` has the verifier
+/// check the step once, where an open-coded loop over 4 KiB would exceed its limits.
 #[inline(always)]
-fn walk(w: &mut Walk, step: extern "C" fn(u64, *mut c_void) -> i64) {
-    // SAFETY: `w` outlives the call; the callback only touches it and the scratch map.
+fn walk<T>(n: usize, state: &mut T, step: extern "C" fn(u64, *mut c_void) -> i64) {
+    // SAFETY: `state` outlives the call; the callback only touches it and the scratch map.
     unsafe {
         bpf_loop(
-            SCAN_MAX as u32,
+            n as u32,
             step as *mut c_void,
-            w as *mut Walk as *mut c_void,
+            state as *mut T as *mut c_void,
             0,
         )
     };
 }
 
 extern "C" fn newline_step(index: u64, ctx: *mut c_void) -> i64 {
-    // SAFETY: `ctx` is the `Walk` passed to `bpf_loop`.
-    let w = unsafe { &mut *(ctx as *mut Walk) };
+    // SAFETY: `ctx` is the `LineWalk` passed to `bpf_loop`.
+    let w = unsafe { &mut *(ctx as *mut LineWalk) };
     let i = index as usize;
     if i >= w.len as usize {
         return 1;
@@ -101,8 +97,7 @@ extern "C" fn newline_step(index: u64, ctx: *mut c_void) -> i64 {
         return 1;
     };
     if at(buf, i) == b'\n' {
-        w.kind = WALK_NEWLINE;
-        w.at = index + 1;
+        w.end = index + 1;
         return 1;
     }
     0
@@ -115,18 +110,13 @@ pub fn request_line_end(slot: u32, buf: *const u8, len: usize) -> usize {
     if !starts_with_method(buf, len) {
         return 0;
     }
-    let mut w = Walk {
+    let mut w = LineWalk {
         slot,
-        kind: WALK_NONE,
-        from: 0,
         len: len as u64,
-        at: 0,
+        end: 0,
     };
-    walk(&mut w, newline_step);
-    if w.kind != WALK_NEWLINE {
-        return 0;
-    }
-    let end = w.at as usize;
+    walk(SCAN_MAX, &mut w, newline_step);
+    let end = w.end as usize;
     // "... HTTP/1.x\r\n"
     if end < 16
         || end > SCAN_MAX
@@ -216,15 +206,7 @@ pub fn read_head(slot: u32, from: usize, len: usize) -> Head {
         end: 0,
         content_length: 0,
     };
-    // SAFETY: `w` outlives the call; the callback only touches it and the scratch map.
-    unsafe {
-        bpf_loop(
-            SCAN_MAX as u32,
-            header_step as *mut c_void,
-            &mut w as *mut HeadWalk as *mut c_void,
-            0,
-        )
-    };
+    walk(SCAN_MAX, &mut w, header_step);
     Head {
         traceparent: w.traceparent as usize & (SCAN_MAX * 2 - 1),
         end: w.end as usize & (SCAN_MAX * 2 - 1),
@@ -352,15 +334,7 @@ pub fn parse_traceparent(slot: u32, buf: *const u8, v: usize, len: usize) -> Opt
         bad: 0,
         start: v as u64,
     };
-    // SAFETY: `w` outlives the call; the callback only touches it and the scratch map.
-    unsafe {
-        bpf_loop(
-            TP_LEN as u32,
-            traceparent_step as *mut c_void,
-            &mut w as *mut ParseWalk as *mut c_void,
-            0,
-        )
-    };
+    walk(TP_LEN, &mut w, traceparent_step);
     if w.bad != 0 {
         return None;
     }

@@ -44,12 +44,17 @@ struct Conn {
 pub struct Tracker {
     conns: HashMap<ConnId, Conn>,
     processes: ProcessCache,
-    clock: Clock,
-    metrics: Arc<Metrics>,
-    spans: mpsc::Sender<Span>,
     preexisting: Snapshot,
     idle: Duration,
     exchanges: Vec<Exchange>,
+    out: Output,
+}
+
+/// What turning exchanges into spans needs, apart from the connections themselves.
+struct Output {
+    clock: Clock,
+    metrics: Arc<Metrics>,
+    spans: mpsc::Sender<Span>,
     sampler: Sampler,
     registry: Registry,
 }
@@ -64,14 +69,16 @@ impl Tracker {
         Tracker {
             conns: HashMap::new(),
             processes: ProcessCache::new(),
-            clock: Clock::sample(),
-            metrics,
-            spans,
             preexisting,
             idle: Duration::from_secs(60),
             exchanges: Vec::new(),
-            sampler,
-            registry: Registry::default(),
+            out: Output {
+                clock: Clock::sample(),
+                metrics,
+                spans,
+                sampler,
+                registry: Registry::default(),
+            },
         }
     }
 
@@ -85,7 +92,7 @@ impl Tracker {
                     None => break,
                 },
                 _ = sweep.tick() => {
-                    self.clock = Clock::sample();
+                    self.out.clock = Clock::sample();
                     self.sweep(Clock::boot_now_ns());
                 }
             }
@@ -103,7 +110,7 @@ impl Tracker {
                 };
                 if let Some(mut conn) = self.conns.remove(&id) {
                     conn.http.close(&mut self.exchanges);
-                    self.finish(id.pid, &mut conn);
+                    self.out.spans_for(&mut self.exchanges, id.pid, &mut conn);
                 }
             }
         }
@@ -117,7 +124,7 @@ impl Tracker {
         };
         if !self.conns.contains_key(&id) {
             if self.conns.len() >= MAX_CONNS {
-                self.metrics.tracker_conns_full.inc();
+                self.out.metrics.tracker_conns_full.inc();
                 return;
             }
             let ends = endpoints(&h.tuple);
@@ -154,7 +161,7 @@ impl Tracker {
         };
         let ctx = (h.wire.kind != agent_common::WIRE_NONE).then_some(h.wire);
         if let Some(w) = &ctx {
-            self.registry.server_started(h.pid, w);
+            self.out.registry.server_started(h.pid, w);
         }
         let seg = Segment {
             data: payload,
@@ -165,7 +172,7 @@ impl Tracker {
         };
         conn.http.feed(dir, seg, &mut self.exchanges);
         if dir == Dir::Ingress {
-            let (sampler, registry) = (&self.sampler, &mut self.registry);
+            let (sampler, registry) = (&self.out.sampler, &mut self.out.registry);
             conn.http.fill_missing_ctx(|head| {
                 let w = server_ctx(head, sampler);
                 registry.server_started(h.pid, &w);
@@ -180,77 +187,8 @@ impl Tracker {
 
     fn emit(&mut self, id: ConnId) {
         if let Some(conn) = self.conns.get_mut(&id) {
-            Self::spans_for(
-                &mut self.exchanges,
-                id.pid,
-                conn,
-                &self.sampler,
-                &self.registry,
-                self.clock,
-                &self.metrics,
-                &self.spans,
-            );
+            self.out.spans_for(&mut self.exchanges, id.pid, conn);
         }
-    }
-
-    fn finish(&mut self, pid: u32, conn: &mut Conn) {
-        Self::spans_for(
-            &mut self.exchanges,
-            pid,
-            conn,
-            &self.sampler,
-            &self.registry,
-            self.clock,
-            &self.metrics,
-            &self.spans,
-        );
-    }
-
-    /// Turns the connection's completed exchanges into spans and queues them; one place for both
-    /// live traffic and connections that end.
-    #[allow(clippy::too_many_arguments)]
-    fn spans_for(
-        exchanges: &mut Vec<Exchange>,
-        pid: u32,
-        conn: &mut Conn,
-        sampler: &Sampler,
-        registry: &Registry,
-        clock: Clock,
-        metrics: &Metrics,
-        spans: &mpsc::Sender<Span>,
-    ) {
-        for ex in exchanges.drain(..) {
-            if conn.expected.is_some_and(|s| s != ex.side) {
-                // A request seen in the wrong direction for this socket: not a real exchange.
-                metrics.http_orphan_responses.inc();
-                continue;
-            }
-            match decide(&ex, pid, registry, sampler) {
-                Decision::Unsampled => {
-                    metrics.spans_unsampled.inc();
-                }
-                Decision::Sampled(ids) => {
-                    let span = build_span(&ex, &conn.ends, conn.resource.clone(), ids, |t| {
-                        clock.to_unix_ns(t)
-                    });
-                    metrics.spans_created.inc();
-                    if spans.try_send(*span).is_err() {
-                        metrics.spans_queue_full.inc();
-                    }
-                }
-            }
-        }
-        Self::count_stats(metrics, conn);
-    }
-
-    fn count_stats(metrics: &Metrics, conn: &mut Conn) {
-        let s = conn.http.take_stats();
-        metrics.http_skipped_bytes.inc_by(s.skipped_bytes);
-        metrics.http_orphan_responses.inc_by(s.orphan_responses);
-        metrics
-            .http_unanswered_requests
-            .inc_by(s.unanswered_requests);
-        metrics.http_pending_overflow.inc_by(s.pending_overflow);
     }
 
     /// Forgets connections idle for longer than the idle timeout (their process may have exited
@@ -265,14 +203,51 @@ impl Tracker {
             .collect();
         for id in stale {
             if let Some(mut conn) = self.conns.remove(&id) {
-                self.metrics.conns_evicted_idle.inc();
+                self.out.metrics.conns_evicted_idle.inc();
                 conn.http.close(&mut self.exchanges);
-                self.finish(id.pid, &mut conn);
+                self.out.spans_for(&mut self.exchanges, id.pid, &mut conn);
             }
         }
     }
 
     pub fn conns(&self) -> usize {
         self.conns.len()
+    }
+}
+
+impl Output {
+    /// Turns the connection's completed exchanges into spans and queues them; one place for both
+    /// live traffic and connections that end.
+    fn spans_for(&self, exchanges: &mut Vec<Exchange>, pid: u32, conn: &mut Conn) {
+        let metrics = &self.metrics;
+        for ex in exchanges.drain(..) {
+            if conn.expected.is_some_and(|s| s != ex.side) {
+                // A request seen in the wrong direction for this socket: not a real exchange.
+                metrics.http_orphan_responses.inc();
+                continue;
+            }
+            match decide(&ex, pid, &self.registry, &self.sampler) {
+                Decision::Unsampled => {
+                    metrics.spans_unsampled.inc();
+                }
+                Decision::Sampled(ids) => {
+                    let clock = self.clock;
+                    let span = build_span(&ex, &conn.ends, conn.resource.clone(), ids, |t| {
+                        clock.to_unix_ns(t)
+                    });
+                    metrics.spans_created.inc();
+                    if self.spans.try_send(*span).is_err() {
+                        metrics.spans_queue_full.inc();
+                    }
+                }
+            }
+        }
+        let s = conn.http.take_stats();
+        metrics.http_skipped_bytes.inc_by(s.skipped_bytes);
+        metrics.http_orphan_responses.inc_by(s.orphan_responses);
+        metrics
+            .http_unanswered_requests
+            .inc_by(s.unanswered_requests);
+        metrics.http_pending_overflow.inc_by(s.pending_overflow);
     }
 }

@@ -170,11 +170,8 @@ pub fn decide(ex: &Exchange, pid: u32, reg: &Registry, sampler: &Sampler) -> Dec
             from_wire(&w, nonzero(w.parent_id), String::new())
         }
         (Side::Client, Some(w)) if w.kind == WIRE_REWRITTEN => {
-            if header
-                .as_ref()
-                .and_then(|h| reg.server_with(pid, h))
-                .is_none()
-            {
+            let forwarded = header.as_ref().and_then(|h| reg.server_with(pid, h));
+            if forwarded.is_none() {
                 tracing::debug!(
                     pid,
                     ?header,
@@ -182,9 +179,7 @@ pub fn decide(ex: &Exchange, pid: u32, reg: &Registry, sampler: &Sampler) -> Dec
                     "forwarded context matches no server request"
                 );
             }
-            let parent = header
-                .as_ref()
-                .and_then(|h| reg.server_with(pid, h))
+            let parent = forwarded
                 .or(nonzero(w.parent_id))
                 .or(header.as_ref().map(|h| h.parent_id));
             from_wire(&w, parent, state(&header))
