@@ -67,8 +67,20 @@ pub const CNT_SOCKHASH_FULL: u32 = 11;
 pub const CNT_SERVER_HEAD_SPLIT: u32 = 12;
 /// An outgoing connection left the socket map after a large send (no more injection on it).
 pub const CNT_SOCK_RELEASED: u32 = 13;
-pub const NUM_COUNTERS: u32 = 16;
-pub const COUNTER_NAMES: [&str; 14] = [
+/// An outgoing request's context recorded for a receiver on this host (same-host stitching).
+pub const CNT_STITCH_MARKED: u32 = 14;
+/// An incoming request found the context its sender recorded on this host.
+pub const CNT_STITCH_CLAIMED: u32 = 15;
+/// The stitching map was full: that request's receiver will not find its caller.
+pub const CNT_STITCH_FULL: u32 = 16;
+/// A per-CPU scratch buffer was in use by a preempted program: that event was not captured.
+pub const CNT_SCRATCH_BUSY: u32 = 17;
+/// A `traceparent` insertion was undone because its bytes could not be written (header mode).
+pub const CNT_TP_UNDONE: u32 = 18;
+/// A process on the allow-list exited: its pid left the list (a reused pid is never traced).
+pub const CNT_PID_EXITED: u32 = 19;
+pub const NUM_COUNTERS: u32 = 24;
+pub const COUNTER_NAMES: [&str; 20] = [
     "kernel_ringbuf_full_events",
     "kernel_inflight_syscall_map_full",
     "kernel_close_ringbuf_full_events",
@@ -83,6 +95,12 @@ pub const COUNTER_NAMES: [&str; 14] = [
     "kernel_sockhash_full",
     "kernel_server_head_split",
     "kernel_sockets_released_large_send",
+    "kernel_stitch_marked",
+    "kernel_stitch_claimed",
+    "kernel_stitch_map_full",
+    "kernel_scratch_busy",
+    "kernel_traceparent_undone",
+    "kernel_pid_exited",
 ];
 
 /// Addresses of one TCP connection, seen from the traced process. IPv4 addresses occupy the
@@ -143,6 +161,37 @@ pub const WIRE_REWRITTEN: u8 = 3;
 pub const WIRE_REPLACED: u8 = 4;
 /// Outgoing request, not modified: only the in-process link is known (`span_id` zero).
 pub const WIRE_LINKED: u8 = 5;
+/// Outgoing request without a valid `traceparent` of its own: the client span's context
+/// (`span_id`, `parent_id` = the in-process owner) was recorded out of band for the receiver
+/// (same-host stitching); no byte on the wire changed.
+pub const WIRE_CARRIED: u8 = 6;
+/// Outgoing request with a valid `traceparent` of its own (the program propagates, or a proxy
+/// forwards): the client span keeps its trace id, and was recorded out of band like `WIRE_CARRIED`.
+pub const WIRE_CARRIED_FWD: u8 = 7;
+
+/// How trace context travels between processes (global `INJECT_MODE`).
+/// Nothing: spans link inside each process, and across services that propagate it themselves.
+pub const INJECT_OFF: u32 = 0;
+/// Same-host stitching: the kernel records each outgoing request's context by connection and
+/// TCP sequence number, and the receiving side on this host claims it. No byte changes.
+pub const INJECT_STITCH: u32 = 1;
+/// Stitching, plus a `traceparent` header written into outgoing HTTP/1.x requests of selected
+/// processes by `sk_msg` (opt-in: the socket map path is not safe for every program).
+pub const INJECT_HEADER: u32 = 2;
+
+/// Key of the same-host stitching map: one request start, by its connection seen from the client
+/// side (IPv4 and v4-mapped addresses both in the first four bytes) and the TCP sequence number
+/// of the request's first byte.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowSeq {
+    pub client_addr: [u8; 16],
+    pub server_addr: [u8; 16],
+    pub client_port: u16,
+    pub server_port: u16,
+    pub seq: u32,
+}
+const _: () = assert!(core::mem::size_of::<FlowSeq>() == 40);
 
 /// Trace context attached to a data event by the kernel. For outgoing requests, `parent_id` is
 /// the server span the process was handling when it sent the request (zero: none).
@@ -260,10 +309,19 @@ pub struct IoArgs {
     pub buf_kind: u32,
     pub direction: u32,
     pub verdict: u32,
-    /// Set by `sk_msg` when it decided the context of an outgoing request in this syscall.
+    /// Set when the context of an outgoing request in this syscall was decided (by `sk_msg` in
+    /// header mode, or when the send started).
     pub wire: WireCtx,
+    /// TCP sequence number of the first byte this syscall moved (valid when `IO_SEQ` is set).
+    pub seq: u32,
+    /// `IO_*` bits.
+    pub state: u32,
 }
-const _: () = assert!(core::mem::size_of::<IoArgs>() == 88);
+const _: () = assert!(core::mem::size_of::<IoArgs>() == 96);
+/// `IoArgs::seq` is known.
+pub const IO_SEQ: u32 = 1;
+/// The start of this send was already looked at.
+pub const IO_SEND_SEEN: u32 = 2;
 
 pub const MAP_ACTIVE_IO: &str = "ACTIVE_IO";
 pub const MAP_ACTIVE_CONNECT: &str = "ACTIVE_CONNECT";

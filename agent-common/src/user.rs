@@ -1,5 +1,5 @@
 //! Userspace-only trait impls.
-use crate::{ConnInfo, ConnTuple, EndpointKey, IoArgs, WireCtx};
+use crate::{ConnInfo, ConnTuple, EndpointKey, FlowSeq, IoArgs, WireCtx};
 
 // SAFETY: plain-old-data `#[repr(C)]` types with explicit padding and no pointers.
 unsafe impl aya::Pod for ConnTuple {}
@@ -7,3 +7,4 @@ unsafe impl aya::Pod for ConnInfo {}
 unsafe impl aya::Pod for EndpointKey {}
 unsafe impl aya::Pod for IoArgs {}
 unsafe impl aya::Pod for WireCtx {}
+unsafe impl aya::Pod for FlowSeq {}

@@ -10,7 +10,7 @@ use aya_ebpf::helpers::{
 };
 
 use crate::{
-    maps::{conn_key, count, global, IoArgs, BUF_IOVEC, CONNS, EVENTS, PAYLOAD_LIMIT, SCRATCH},
+    maps::{conn_key, count, global, scratch, IoArgs, BUF_IOVEC, CONNS, EVENTS, PAYLOAD_LIMIT},
     propagate::{self, head, inflight},
 };
 
@@ -24,13 +24,13 @@ pub fn emit_data<const DIR: u32>(args: &IoArgs, pid_tgid: u64, moved: u64) {
     let Some(conn) = CONNS.get_ptr(&conn_key(tgid, args.fd)) else {
         return;
     };
-    // SAFETY: live map value, copied.
-    let conn = unsafe { *conn };
-    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+    // SAFETY: live map value, read in place (RCU keeps it valid for this program's run even if
+    // the LRU evicts it); a copy would not fit the BPF stack.
+    let conn = unsafe { &*conn };
+    let Some(scratch) = scratch(propagate::CAPTURE_SLOT) else {
         return;
     };
-    // SAFETY: per-CPU scratch, exclusively ours for the duration of this program.
-    let buf = unsafe { &mut (*scratch).buf };
+    let buf = scratch.buf();
 
     let mut limit = global(&PAYLOAD_LIMIT) as u64;
     if limit > MAX_PAYLOAD as u64 {
@@ -49,41 +49,45 @@ pub fn emit_data<const DIR: u32>(args: &IoArgs, pid_tgid: u64, moved: u64) {
 
     // SAFETY: helper without preconditions.
     let ts_exit = unsafe { bpf_ktime_get_boot_ns() };
-    let mut wire = args.wire;
+    // Written in place: a 160-byte header built on the stack would not fit beside the rest.
+    // SAFETY: the scratch buffer is larger than the header and 8-byte aligned.
+    let header = unsafe { &mut *(buf.as_mut_ptr() as *mut DataHeader) };
+    header.kind = EVENT_DATA;
+    header.direction = args.direction;
+    header.pid = tgid;
+    header.tid = pid_tgid as u32;
+    header.fd = args.fd;
+    header.captured = captured as u32;
+    header.sk = args.sk;
+    header.len = moved;
+    header.ts_enter = args.ts_enter;
+    header.ts_exit = ts_exit;
+    header.role = conn.role;
+    header._pad = 0;
+    header.tuple = conn.tuple;
+    header.comm = bpf_get_current_comm().unwrap_or_default();
+    header.wire = args.wire;
+    let wire = &mut header.wire;
     if DIR == DIR_INGRESS {
-        if let Some(w) = propagate::incoming(payload, captured, pid_tgid, args.sk, ts_exit) {
-            wire = w;
-        } else if head::starts_with_status(payload, captured) {
+        if !propagate::incoming(
+            payload,
+            captured,
+            pid_tgid,
+            args,
+            &conn.tuple,
+            ts_exit,
+            wire,
+        ) && head::starts_with_status(payload, captured)
+        {
             propagate::response_read(tgid, args.fd);
         }
     } else if wire.kind == WIRE_NONE {
         if head::starts_with_status(payload, captured) {
             inflight::close(args.sk);
         } else if head::starts_with_method(payload, captured) {
-            if let Some(w) = propagate::linked(pid_tgid, args.fd) {
-                wire = w;
-            }
+            propagate::linked(pid_tgid, args.fd, wire);
         }
     }
-    let header = DataHeader {
-        kind: EVENT_DATA,
-        direction: args.direction,
-        pid: tgid,
-        tid: pid_tgid as u32,
-        fd: args.fd,
-        captured: captured as u32,
-        sk: args.sk,
-        len: moved,
-        ts_enter: args.ts_enter,
-        ts_exit,
-        role: conn.role,
-        _pad: 0,
-        tuple: conn.tuple,
-        comm: bpf_get_current_comm().unwrap_or_default(),
-        wire,
-    };
-    // SAFETY: the scratch buffer is larger than the header and 8-byte aligned.
-    unsafe { core::ptr::write_unaligned(buf.as_mut_ptr() as *mut DataHeader, header) };
     let total = (DATA_HEADER_SIZE + (captured & MASK)) as u64;
     let total = if captured == MAX_PAYLOAD {
         (DATA_HEADER_SIZE + MAX_PAYLOAD) as u64
@@ -105,7 +109,7 @@ pub fn emit_data<const DIR: u32>(args: &IoArgs, pid_tgid: u64, moved: u64) {
 }
 
 #[inline(always)]
-fn copy_plain(dst: *mut u8, src: u64, want: usize) -> usize {
+pub fn copy_plain(dst: *mut u8, src: u64, want: usize) -> usize {
     let n = if want > MAX_PAYLOAD {
         MAX_PAYLOAD
     } else {
@@ -124,7 +128,7 @@ fn copy_plain(dst: *mut u8, src: u64, want: usize) -> usize {
 }
 
 #[inline(always)]
-fn copy_iovecs(dst: *mut u8, iov: u64, iovcnt: u64, want: usize) -> usize {
+pub fn copy_iovecs(dst: *mut u8, iov: u64, iovcnt: u64, want: usize) -> usize {
     let mut off: usize = 0;
     let mut i: u32 = 0;
     while i < MAX_IOVECS {

@@ -13,7 +13,10 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 
-use crate::maps::{conn_key, count, process_traced, ACTIVE_CONNECT, CONNS, EVENTS};
+use crate::maps::{
+    conn_key, count, process_traced, ACTIVE_CONNECT, BODY_LEFT, CONNECT_REFS, CONNS, EVENTS,
+    SERVER_REQS, THREAD_REQS, TRACED_PIDS,
+};
 
 const EINPROGRESS: i64 = -115;
 
@@ -103,6 +106,12 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
     // SAFETY: live map value copied before removal.
     let info = unsafe { *info };
     let _ = CONNS.remove(&key);
+    // Per-connection state of the trace-context code goes with the connection.
+    let _ = BODY_LEFT.remove(&key);
+    let _ = CONNECT_REFS.remove(&key);
+    if info.sk != 0 {
+        let _ = SERVER_REQS.remove(&info.sk);
+    }
     if info.verdict != VERDICT_TRACE {
         return 0;
     }
@@ -120,6 +129,22 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
         .is_err()
     {
         count(agent_common::CNT_CLOSE_RINGBUF_FULL);
+    }
+    0
+}
+
+/// A task exits: its thread's request list goes, and when the whole process is gone its pid
+/// leaves the allow-list, so a process that later reuses the pid is not traced.
+/// Format: `bool group_dead` @32.
+#[tracepoint]
+pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let _ = THREAD_REQS.remove(&(pid_tgid as u32));
+    // SAFETY: offset from the tracepoint format.
+    let group_dead = unsafe { ctx.read_at::<u8>(32) }.unwrap_or(0) != 0;
+    let tgid = (pid_tgid >> 32) as u32;
+    if group_dead && TRACED_PIDS.remove(&tgid).is_ok() {
+        count(agent_common::CNT_PID_EXITED);
     }
     0
 }

@@ -44,6 +44,8 @@ fn save(buf: u64, count: u64, fd: u64, buf_kind: u32, direction: u32) {
         direction,
         verdict: 0,
         wire: agent_common::WireCtx::default(),
+        seq: 0,
+        state: 0,
     };
     if ACTIVE_IO.insert(&pid_tgid, &args, 0).is_err() {
         crate::maps::count(agent_common::CNT_ACTIVE_IO_FULL);
@@ -94,14 +96,14 @@ fn exit<const DIR: u32>(ctx: &TracePointContext) -> u32 {
     let Some(args) = ACTIVE_IO.get_ptr(&pid_tgid) else {
         return 0;
     };
-    // SAFETY: pointer from a successful lookup, copied before the entry is removed.
-    let args = unsafe { *args };
-    let _ = ACTIVE_IO.remove(&pid_tgid);
+    // SAFETY: this thread's live map value, used in place (a copy would not fit the BPF stack)
+    // and removed only after the last use.
+    let args = unsafe { &*args };
     let ret = arg(ctx, RET) as i64;
-    if args.verdict != agent_common::VERDICT_TRACE || ret <= 0 {
-        return 0;
+    if args.verdict == agent_common::VERDICT_TRACE && ret > 0 {
+        capture::emit_data::<DIR>(args, pid_tgid, ret as u64);
     }
-    capture::emit_data::<DIR>(&args, pid_tgid, ret as u64);
+    let _ = ACTIVE_IO.remove(&pid_tgid);
     0
 }
 

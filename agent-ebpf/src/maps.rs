@@ -1,7 +1,7 @@
 //! Every map and load-time setting of the kernel side, in one place.
 use agent_common::{
-    ConnInfo, EndpointKey, ReqRef, ServerReq, ThreadReqs, DATA_HEADER_SIZE, MAX_PAYLOAD,
-    NUM_COUNTERS, SAMPLE_ALWAYS,
+    ConnInfo, EndpointKey, FlowSeq, ReqRef, ServerReq, ThreadReqs, WireCtx, CNT_SCRATCH_BUSY,
+    DATA_HEADER_SIZE, INJECT_STITCH, MAX_PAYLOAD, NUM_COUNTERS, SAMPLE_ALWAYS,
 };
 use aya_ebpf::{
     macros::map,
@@ -22,6 +22,16 @@ pub static FILTER_FLAGS: u32 = 0;
 pub static SAMPLE_THRESHOLD: u64 = SAMPLE_ALWAYS;
 #[unsafe(no_mangle)]
 pub static SAMPLE_PARENT_BASED: u32 = 1;
+
+/// How context travels between processes (`agent_common::INJECT_*`).
+#[unsafe(no_mangle)]
+pub static INJECT_MODE: u32 = INJECT_STITCH;
+/// Offsets of `write_seq` and `copied_seq` in `struct tcp_sock`, read from the kernel's BTF by
+/// userspace (0: unknown, and stitching stays off).
+#[unsafe(no_mangle)]
+pub static OFF_WRITE_SEQ: u32 = 0;
+#[unsafe(no_mangle)]
+pub static OFF_COPIED_SEQ: u32 = 0;
 
 #[inline(always)]
 pub fn global(v: &'static u32) -> u32 {
@@ -69,10 +79,19 @@ pub static TRACED_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(1024, 0);
 pub static EXCLUDED_ENDPOINTS: HashMap<EndpointKey, u8> = HashMap::with_max_entries(64, 0);
 
 /// Per-CPU scratch where an event is assembled before it is copied into the ring buffer
-/// (slot 0), and where `sk_msg` copies an outgoing request head to read it (slot 1).
-/// The payload area is twice the maximum so the verifier can bound `offset + len`.
+/// (slot 0, syscall tracepoints), where `sk_msg` copies an outgoing request head to read it
+/// (slot 1), and where the start of a send is read (slot 2, `tcp_sendmsg_locked`). Programs that
+/// can run in different contexts never share a slot, and each holder marks its slot busy (see
+/// `scratch`). The payload area is twice the maximum so the verifier can bound `offset + len`.
 #[map]
-pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(2, 0);
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(3, 0);
+
+/// Outgoing request starts of traced processes, by connection and TCP sequence number: the
+/// context the sender's client span has, for a receiver on this host to claim (same-host
+/// stitching). A claimed entry is deleted. LRU: a mark nobody claims (the receiver is on another
+/// host, or not traced) ages out; `kernel_stitch_marked` - `kernel_stitch_claimed` shows them.
+#[map]
+pub static STITCH: LruHashMap<FlowSeq, WireCtx> = LruHashMap::with_max_entries(65536, 0);
 
 /// The request each server connection is handling, keyed by its socket. LRU: an evicted entry
 /// only costs the in-process link of that request's outgoing calls.
@@ -111,6 +130,10 @@ pub struct SockKey {
 #[map]
 pub static LARGE_SENDS: LruHashMap<SockKey, u8> = LruHashMap::with_max_entries(16384, 0);
 
+/// Sockets of selected processes between `connect` and "established" (header mode), by cookie.
+#[map]
+pub static CONNECTING: LruHashMap<u64, u8> = LruHashMap::with_max_entries(16384, 0);
+
 /// Outgoing TCP connections whose requests `sk_msg` may carry a `traceparent` in, keyed by
 /// socket cookie. Closed sockets leave the map by themselves.
 #[map]
@@ -121,6 +144,46 @@ pub const SCRATCH_SIZE: usize = DATA_HEADER_SIZE + 2 * MAX_PAYLOAD;
 #[repr(C, align(8))]
 pub struct Scratch {
     pub buf: [u8; SCRATCH_SIZE],
+    /// Non-zero while a program holds this slot.
+    pub busy: u64,
+}
+
+/// Exclusive use of one per-CPU scratch slot, released when dropped.
+pub struct ScratchGuard {
+    s: *mut Scratch,
+}
+
+impl ScratchGuard {
+    #[inline(always)]
+    pub fn buf(&self) -> &mut [u8; SCRATCH_SIZE] {
+        // SAFETY: the slot is ours until the guard drops.
+        unsafe { &mut (*self.s).buf }
+    }
+}
+
+impl Drop for ScratchGuard {
+    #[inline(always)]
+    fn drop(&mut self) {
+        // SAFETY: live map value we marked busy.
+        unsafe { core::ptr::write_volatile(&mut (*self.s).busy, 0) };
+    }
+}
+
+/// Takes scratch slot `slot` of this CPU. Each slot is used from one kind of context only, and
+/// programs of one kind do not nest on a CPU; should a preempted holder still have it anyway,
+/// the caller gets nothing (counted) rather than a buffer another program is writing.
+#[inline(always)]
+pub fn scratch(slot: u32) -> Option<ScratchGuard> {
+    let s = SCRATCH.get_ptr_mut(slot)?;
+    // SAFETY: live per-CPU map value.
+    unsafe {
+        if core::ptr::read_volatile(&(*s).busy) != 0 {
+            count(CNT_SCRATCH_BUSY);
+            return None;
+        }
+        core::ptr::write_volatile(&mut (*s).busy, 1);
+    }
+    Some(ScratchGuard { s })
 }
 
 pub use agent_common::{IoArgs, BUF_IOVEC, BUF_PLAIN};

@@ -12,7 +12,7 @@ use tokio::{
 };
 
 use crate::{
-    cli::{MetricsAddr, RunArgs},
+    cli::{Inject, MetricsAddr, RunArgs},
     export::{self, config::ExportConfig},
     loader::{self, Settings},
     pipeline::{discovery::Snapshot, reader, tracker::Tracker},
@@ -135,11 +135,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     } = loader::load(&settings)?;
     match (&injecting, args.inject) {
         (Some(cg), _) => tracing::info!(
-            "injecting traceparent into outgoing HTTP/1.x requests of cgroup {}",
+            "trace context: same-host stitching, and traceparent written into outgoing HTTP/1.x \
+             requests of selected processes in cgroup {} (--inject header)",
             cg.display()
         ),
-        (None, false) => tracing::info!("traceparent injection is off (--inject off)"),
-        (None, true) => {}
+        (None, Inject::Off) => tracing::info!("trace context propagation is off (--inject off)"),
+        (None, _) => tracing::info!(
+            "trace context: same-host stitching (no byte on the wire changes; --inject header \
+             also writes traceparent for callees without the agent)"
+        ),
     }
     match &cfg.endpoint {
         None if cfg.discard => {

@@ -44,11 +44,13 @@ pub struct RunArgs {
     /// Kernel ring buffer size in bytes (rounded up to a power of two).
     #[arg(long, value_name = "BYTES", default_value_t = 8 << 20)]
     pub ring_size: u32,
-    /// Put a W3C `traceparent` into outgoing plaintext HTTP/1.x requests (sock_ops + sk_msg), so
-    /// traces join up across services; `off` leaves every byte as the program wrote it.
-    #[arg(long, value_name = "on|off", default_value = "on", env = "BEHOLDER_INJECT",
-          value_parser = parse_on_off, action = clap::ArgAction::Set)]
-    pub inject: bool,
+    /// How trace context crosses from a caller to its callee. `stitch` (default): between traced
+    /// processes on this host, by connection and TCP sequence number, with no byte changed on the
+    /// wire. `header`: also write a W3C `traceparent` into outgoing HTTP/1.x requests of selected
+    /// processes (sock_ops + sk_msg; opt-in, see the README for why). `off`: nothing.
+    #[arg(long, value_name = "stitch|header|off", default_value = "stitch", env = "BEHOLDER_INJECT",
+          value_parser = parse_inject)]
+    pub inject: Inject,
     /// cgroup v2 directory whose processes get `traceparent` injection; default: the root of the
     /// host's cgroup v2 hierarchy from /proc/self/mountinfo. In a container with its own cgroup
     /// namespace, mount the host's /sys/fs/cgroup and point here (see deploy/kubernetes).
@@ -65,11 +67,31 @@ pub enum MetricsAddr {
     At(SocketAddr),
 }
 
-fn parse_on_off(s: &str) -> Result<bool, String> {
+/// How trace context crosses from a caller to its callee (`--inject`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inject {
+    Off,
+    Stitch,
+    Header,
+}
+
+impl Inject {
+    /// The kernel's `INJECT_MODE`.
+    pub fn kernel_mode(self) -> u32 {
+        match self {
+            Inject::Off => agent_common::INJECT_OFF,
+            Inject::Stitch => agent_common::INJECT_STITCH,
+            Inject::Header => agent_common::INJECT_HEADER,
+        }
+    }
+}
+
+fn parse_inject(s: &str) -> Result<Inject, String> {
     match s.trim().to_ascii_lowercase().as_str() {
-        "on" | "true" | "1" | "yes" => Ok(true),
-        "off" | "false" | "0" | "no" => Ok(false),
-        _ => Err(format!("{s:?}: expected on or off")),
+        "stitch" | "on" => Ok(Inject::Stitch),
+        "header" => Ok(Inject::Header),
+        "off" | "none" => Ok(Inject::Off),
+        _ => Err(format!("{s:?}: expected stitch, header or off")),
     }
 }
 

@@ -45,8 +45,8 @@ fn live(r: &ReqRef) -> Option<ServerReq> {
 
 #[inline(always)]
 fn newest(tid: u32) -> Option<(ReqRef, ServerReq)> {
-    // SAFETY: copied out of a live map value.
-    let t = unsafe { *THREAD_REQS.get_ptr(&tid)? };
+    // SAFETY: live map value, read in place (a 72-byte copy would crowd the BPF stack).
+    let t = unsafe { &*THREAD_REQS.get_ptr(&tid)? };
     let mut best: Option<(ReqRef, ServerReq)> = None;
     let mut i = 0;
     while i < THREAD_SLOTS {

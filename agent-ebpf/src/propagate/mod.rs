@@ -5,48 +5,63 @@ pub mod ids;
 pub mod inflight;
 mod skmsg;
 mod sockops;
+pub mod stitch;
 
-use agent_common::{ServerReq, WireCtx, WIRE_LINKED, WIRE_SERVER};
+use agent_common::{ConnTuple, IoArgs, ServerReq, WireCtx, WIRE_LINKED, WIRE_SERVER};
 
-/// Scratch slots: the syscall capture's, and `sk_msg`'s copy of an outgoing head.
+/// Scratch slots: the syscall capture's, `sk_msg`'s copy of an outgoing head, and the copy of
+/// a send's start at `tcp_sendmsg_locked`.
 pub const CAPTURE_SLOT: u32 = 0;
 pub const MSG_SLOT: u32 = 1;
+pub const SEND_SLOT: u32 = 2;
 
-/// The context of a request head just read on server connection `sk` (`buf` holds `len` bytes
-/// of it): the server span's ids, its parent from the request's own `traceparent`, and the
-/// sampling decision. Registered so that the thread's outgoing calls can find it.
+/// The context of a request head just read on server connection `io.sk` (`buf` holds `len`
+/// bytes of it): the server span's ids; its parent and trace from the context its sender on this
+/// host recorded (stitching), else from the request's own `traceparent`; the sampling decision.
+/// Registered so that the thread's outgoing calls can find it.
 #[inline(always)]
-pub fn incoming(buf: *const u8, len: usize, pid_tgid: u64, sk: u64, now: u64) -> Option<WireCtx> {
+pub fn incoming(
+    buf: *const u8,
+    len: usize,
+    pid_tgid: u64,
+    io: &IoArgs,
+    tuple: &ConnTuple,
+    now: u64,
+    wire: &mut WireCtx,
+) -> bool {
     let line_end = head::request_line_end(CAPTURE_SLOT, buf, len);
     if line_end == 0 {
-        return None;
+        return false;
     }
-    let h = head::read_head(CAPTURE_SLOT, line_end, len);
-    if h.end == 0 {
-        // The head goes on in a later read and may still carry a traceparent: deciding a trace
-        // now could contradict it. Userspace decides from the whole head instead.
-        crate::maps::count(agent_common::CNT_SERVER_HEAD_SPLIT);
-        return None;
-    }
-    let parent = if h.traceparent != 0 {
-        head::parse_traceparent(CAPTURE_SLOT, buf, h.traceparent, len)
+    wire.kind = WIRE_SERVER;
+    wire.span_id = ids::span_id();
+    wire.parent_id = [0; 8];
+    if stitch::claim(io, tuple, wire) {
+        wire.flags = ids::sampled(&wire.trace_id, Some(wire.flags));
     } else {
-        None
-    };
-    let mut wire = WireCtx {
-        kind: WIRE_SERVER,
-        span_id: ids::span_id(),
-        ..WireCtx::default()
-    };
-    match parent {
-        Some(p) => {
-            wire.trace_id = p.trace_id;
-            wire.parent_id = p.parent_id;
-            wire.flags = ids::sampled(&p.trace_id, Some(p.flags));
+        let h = head::read_head(CAPTURE_SLOT, line_end, len);
+        if h.end == 0 {
+            // The head goes on in a later read and may still carry a traceparent: deciding a
+            // trace now could contradict it. Userspace decides from the whole head instead.
+            crate::maps::count(agent_common::CNT_SERVER_HEAD_SPLIT);
+            wire.kind = agent_common::WIRE_NONE;
+            return false;
         }
-        None => {
-            wire.trace_id = ids::trace_id();
-            wire.flags = ids::sampled(&wire.trace_id, None);
+        let parent = if h.traceparent != 0 {
+            head::parse_traceparent(CAPTURE_SLOT, buf, h.traceparent, len)
+        } else {
+            None
+        };
+        match parent {
+            Some(p) => {
+                wire.trace_id = p.trace_id;
+                wire.parent_id = p.parent_id;
+                wire.flags = ids::sampled(&p.trace_id, Some(p.flags));
+            }
+            None => {
+                wire.trace_id = ids::trace_id();
+                wire.flags = ids::sampled(&wire.trace_id, None);
+            }
         }
     }
     let req = ServerReq {
@@ -57,21 +72,19 @@ pub fn incoming(buf: *const u8, len: usize, pid_tgid: u64, sk: u64, now: u64) ->
         live: 1,
         _pad: [0; 6],
     };
-    inflight::open(pid_tgid as u32, sk, &req);
-    Some(wire)
+    inflight::open(pid_tgid as u32, io.sk, &req);
+    true
 }
 
-/// The in-process link of an outgoing request that was not modified on the wire.
+/// The in-process link of an outgoing request whose context was not decided when it was sent.
 #[inline(always)]
-pub fn linked(pid_tgid: u64, fd: u32) -> Option<WireCtx> {
-    let owner = inflight::owner(pid_tgid, fd)?;
-    Some(WireCtx {
-        kind: WIRE_LINKED,
-        trace_id: owner.trace_id,
-        parent_id: owner.span_id,
-        flags: owner.flags,
-        ..WireCtx::default()
-    })
+pub fn linked(pid_tgid: u64, fd: u32, wire: &mut WireCtx) {
+    if let Some(owner) = inflight::owner(pid_tgid, fd) {
+        wire.kind = WIRE_LINKED;
+        wire.trace_id = owner.trace_id;
+        wire.parent_id = owner.span_id;
+        wire.flags = owner.flags;
+    }
 }
 
 /// A response started on an outgoing connection: its request body, whatever its framing, is

@@ -14,7 +14,8 @@
 //! returns what the program wrote; only the bytes on the wire grow.
 use agent_common::{
     WireCtx, CNT_TP_FAILED, CNT_TP_INSERTED, CNT_TP_REPLACED, CNT_TP_REWRITTEN,
-    CNT_TP_SKIPPED_HEAD, DATA_HEADER_SIZE, WIRE_INSERTED, WIRE_NONE, WIRE_REPLACED, WIRE_REWRITTEN,
+    CNT_TP_SKIPPED_HEAD, CNT_TP_UNDONE, DATA_HEADER_SIZE, WIRE_INSERTED, WIRE_NONE, WIRE_REPLACED,
+    WIRE_REWRITTEN,
 };
 use aya_ebpf::{
     helpers::{
@@ -30,8 +31,8 @@ use super::{
     ids, inflight, MSG_SLOT,
 };
 use crate::maps::{
-    conn_key, count, process_traced, SockKey, ACTIVE_IO, BODY_LEFT, BODY_UNKNOWN, LARGE_SENDS,
-    SCRATCH,
+    conn_key, count, process_traced, scratch, SockKey, ACTIVE_IO, BODY_LEFT, BODY_UNKNOWN,
+    LARGE_SENDS,
 };
 
 const SK_PASS: u32 = 1;
@@ -103,11 +104,11 @@ fn inject(ctx: &SkMsgContext) {
         count(CNT_TP_FAILED);
         return;
     }
-    let Some(scratch) = SCRATCH.get_ptr_mut(MSG_SLOT) else {
+    let Some(scratch) = scratch(MSG_SLOT) else {
         return;
     };
-    // SAFETY: per-CPU scratch slot 1 is only used here.
-    let buf = unsafe { (*scratch).buf.as_mut_ptr().add(DATA_HEADER_SIZE) };
+    // SAFETY: the payload area of our slot.
+    let buf = unsafe { scratch.buf().as_mut_ptr().add(DATA_HEADER_SIZE) };
     let mut n = ctx.data_end() - ctx.data();
     if n > SCAN_MAX {
         n = SCAN_MAX;
@@ -186,8 +187,9 @@ fn inject(ctx: &SkMsgContext) {
                     return;
                 };
                 let old = end - v;
-                let ok = if old < TP_LEN {
-                    ctx.push_data(end as u32, (TP_LEN - old) as u32, 0).is_ok()
+                let pushed = if old < TP_LEN { TP_LEN - old } else { 0 };
+                let ok = if pushed > 0 {
+                    ctx.push_data(end as u32, pushed as u32, 0).is_ok()
                 } else if old > TP_LEN {
                     ctx.pop_data((v + TP_LEN) as u32, (old - TP_LEN) as u32, 0)
                         .is_ok()
@@ -205,6 +207,8 @@ fn inject(ctx: &SkMsgContext) {
                 if write_at(ctx, v, &text) {
                     io.wire = w;
                     count(CNT_TP_REPLACED);
+                } else if pushed > 0 {
+                    undo(ctx, end, pushed);
                 }
                 rejoin(ctx, n + TP_LEN);
             }
@@ -228,11 +232,22 @@ fn inject(ctx: &SkMsgContext) {
             if write_at(ctx, line_end, &text) {
                 io.wire = w;
                 count(CNT_TP_INSERTED);
+            } else {
+                undo(ctx, line_end, HEADER_LEN);
             }
             rejoin(ctx, n + HEADER_LEN);
         }
     } else {
         count(CNT_TP_SKIPPED_HEAD);
+    }
+}
+
+/// Takes out again the `len` bytes pushed at `at` whose content could not be written: the
+/// kernel does not clear pushed space, and it must never leave with whatever memory held.
+#[inline(always)]
+fn undo(ctx: &SkMsgContext, at: usize, len: usize) {
+    if ctx.pop_data(at as u32, len as u32, 0).is_ok() {
+        count(CNT_TP_UNDONE);
     }
 }
 

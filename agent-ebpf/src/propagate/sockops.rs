@@ -1,5 +1,5 @@
-//! `sock_ops` on the cgroup v2 root: every outgoing TCP connection, once established, joins the
-//! socket map that `sk_msg` watches. Accepted connections never do: nothing is written into
+//! `sock_ops` on the cgroup v2 root (header mode only, opt-in): every outgoing TCP connection of
+//! a selected process, once established, joins the socket map that `sk_msg` watches. Accepted connections never do: nothing is written into
 //! what a server sends.
 //!
 //! A socket in a socket map reads through the kernel's `tcp_bpf_recvmsg`, which on this kernel
@@ -11,13 +11,22 @@
 //! (counted); its bytes and its program are never disturbed.
 use agent_common::{CNT_SOCKHASH_FULL, CNT_SOCK_RELEASED, FILTER_PORTS};
 use aya_ebpf::{
-    bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG},
-    helpers::generated::{bpf_get_socket_cookie, bpf_map_delete_elem},
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB,
+    },
+    helpers::{
+        bpf_get_current_pid_tgid,
+        generated::{bpf_get_socket_cookie, bpf_map_delete_elem},
+    },
     macros::sock_ops,
     programs::SockOpsContext,
 };
 
-use crate::maps::{count, global, SockKey, FILTER_FLAGS, LARGE_SENDS, OUT_SOCKS, TRACED_PORTS};
+use crate::maps::{
+    count, global, process_traced, SockKey, CONNECTING, FILTER_FLAGS, LARGE_SENDS, OUT_SOCKS,
+    TRACED_PORTS,
+};
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -25,6 +34,7 @@ const BPF_ANY: u64 = 0;
 #[sock_ops]
 pub fn out_sockops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => connecting(&ctx),
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => established(&ctx),
         BPF_SOCK_OPS_RTT_CB => acked(&ctx),
         _ => {}
@@ -69,9 +79,30 @@ fn acked(ctx: &SockOpsContext) {
     }
 }
 
+/// `connect` runs in the connecting task: only connections of selected processes are
+/// remembered, and only those join the socket map once established (which runs in softirq,
+/// where the process is unknown). Nothing of an unselected process ever goes through `tcp_bpf`.
+#[inline(always)]
+fn connecting(ctx: &SockOpsContext) {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if !process_traced(tgid) {
+        return;
+    }
+    // SAFETY: the context is the sock_ops argument the helper expects.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut _) };
+    let _ = CONNECTING.insert(&cookie, &1, 0);
+}
+
 #[inline(always)]
 fn established(ctx: &SockOpsContext) {
     {
+        // SAFETY: the context is the sock_ops argument the helper expects.
+        let selected = unsafe { bpf_get_socket_cookie(ctx.ops as *mut _) };
+        // SAFETY: presence test only.
+        if unsafe { CONNECTING.get(&selected) }.is_none() {
+            return;
+        }
+        let _ = CONNECTING.remove(&selected);
         let family = ctx.family();
         if family != AF_INET && family != AF_INET6 {
             return;

@@ -86,5 +86,7 @@ pub fn args(send: bool) -> Option<IoArgs> {
         direction,
         verdict: 0,
         wire: agent_common::WireCtx::default(),
+        seq: 0,
+        state: 0,
     })
 }

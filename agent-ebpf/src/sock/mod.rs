@@ -8,7 +8,7 @@
 //! (big endian), `skc_num` @14 (host order), `skc_v6_daddr` @56, `skc_v6_rcv_saddr` @72. These
 //! offsets have been stable across 5.x and 6.x kernels; `agent check` compares them with BTF.
 use agent_common::{
-    ConnInfo, ConnTuple, EndpointKey, ANY_ADDR, FILTER_PORTS, ROLE_UNKNOWN, VERDICT_IGNORE,
+    ConnInfo, ConnTuple, EndpointKey, IoArgs, ANY_ADDR, FILTER_PORTS, ROLE_UNKNOWN, VERDICT_IGNORE,
     VERDICT_TRACE,
 };
 use aya_ebpf::{
@@ -29,18 +29,18 @@ const IPPROTO_TCP: u16 = 6;
 
 #[tracepoint]
 pub fn sock_send_length(ctx: TracePointContext) -> u32 {
-    classify(&ctx, true);
+    on_syscall(&ctx, true);
     0
 }
 
 #[tracepoint]
 pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
-    classify(&ctx, false);
+    on_syscall(&ctx, false);
     0
 }
 
 #[inline(always)]
-fn classify(ctx: &TracePointContext, send: bool) {
+fn on_syscall(ctx: &TracePointContext, send: bool) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let io = match ACTIVE_IO.get_ptr_mut(&pid_tgid) {
         Some(io) => io,
@@ -62,14 +62,33 @@ fn classify(ctx: &TracePointContext, send: bool) {
         }
     };
     // SAFETY: tracepoint fields at offsets from the format file; `io` is a live map value.
-    let (sk, family, protocol) = unsafe {
+    let (sk, family, protocol, ret, flags) = unsafe {
         (
             ctx.read_at::<u64>(8).unwrap_or(0),
             ctx.read_at::<u16>(16).unwrap_or(0),
             ctx.read_at::<u16>(18).unwrap_or(0),
+            ctx.read_at::<i32>(20).unwrap_or(0),
+            ctx.read_at::<u32>(24).unwrap_or(0),
         )
     };
     let io = unsafe { &mut *io };
+    classify(io, pid_tgid, sk, family, protocol);
+    if !send && io.verdict == VERDICT_TRACE {
+        crate::propagate::stitch::received(io, sk, ret, flags);
+    }
+}
+
+/// `skc_family` of a socket (`struct sock_common` @16).
+#[inline(always)]
+pub fn family(sk: u64) -> u16 {
+    // SAFETY: fault-tolerant kernel read.
+    unsafe { bpf_probe_read_kernel((sk + 16) as *const u16) }.unwrap_or(0)
+}
+
+/// Decides once per syscall whether the socket `sk` it is on is traced (`io.verdict`), keeping
+/// the answer per connection in `CONNS`.
+#[inline(always)]
+pub fn classify(io: &mut IoArgs, pid_tgid: u64, sk: u64, family: u16, protocol: u16) {
     if io.sk != 0 || sk == 0 {
         return;
     }
@@ -77,8 +96,8 @@ fn classify(ctx: &TracePointContext, send: bool) {
     let key = conn_key((pid_tgid >> 32) as u32, io.fd);
     let mut role = ROLE_UNKNOWN;
     if let Some(c) = CONNS.get_ptr(&key) {
-        // SAFETY: live map value, read once.
-        let c = unsafe { &*c };
+        // SAFETY: live map value, copied once.
+        let c = unsafe { *c };
         if c.sk == sk {
             io.verdict = c.verdict;
             return;
@@ -122,9 +141,35 @@ fn read_tuple(sk: u64, family: u16, t: &mut ConnTuple) -> Result<(), i64> {
                 bpf_probe_read_kernel((sk + 56) as *const [u8; 16]).map_err(|e| e as i64)?;
             t.local_addr =
                 bpf_probe_read_kernel((sk + 72) as *const [u8; 16]).map_err(|e| e as i64)?;
+            // A dual-stack socket speaking IPv4 (`::ffff:a.b.c.d` on both ends) is recorded as
+            // IPv4, once per connection, so both ends of a connection name it alike.
+            if v4_mapped(&t.peer_addr) && v4_mapped(&t.local_addr) {
+                t.family = AF_INET;
+                t.peer_addr = unmap(&t.peer_addr);
+                t.local_addr = unmap(&t.local_addr);
+            }
         }
     }
     Ok(())
+}
+
+#[inline(always)]
+fn v4_mapped(a: &[u8; 16]) -> bool {
+    u64::from_ne_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]) == 0
+        && a[8] == 0
+        && a[9] == 0
+        && a[10] == 0xff
+        && a[11] == 0xff
+}
+
+#[inline(always)]
+fn unmap(a: &[u8; 16]) -> [u8; 16] {
+    let mut v4 = [0u8; 16];
+    v4[0] = a[12];
+    v4[1] = a[13];
+    v4[2] = a[14];
+    v4[3] = a[15];
+    v4
 }
 
 /// Port filter and the excluded OTLP endpoints, checked once per connection.

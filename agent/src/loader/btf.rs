@@ -92,12 +92,25 @@ pub fn struct_offsets(btf: &[u8], name: &str) -> Option<HashMap<String, u32>> {
     Some(out)
 }
 
+/// Offsets of `write_seq` and `copied_seq` in the running kernel's `struct tcp_sock`, which
+/// same-host stitching reads (they move between kernel versions, so they come from BTF).
+pub fn tcp_seq_offsets() -> Result<(u32, u32), String> {
+    let btf = std::fs::read("/sys/kernel/btf/vmlinux")
+        .map_err(|e| format!("/sys/kernel/btf/vmlinux: {e}"))?;
+    let offs = struct_offsets(&btf, "tcp_sock").ok_or("struct tcp_sock not found in BTF")?;
+    match (offs.get("write_seq"), offs.get("copied_seq")) {
+        (Some(w), Some(c)) if *w != 0 && *c != 0 => Ok((*w, *c)),
+        _ => Err("tcp_sock.write_seq or copied_seq missing from BTF".into()),
+    }
+}
+
 /// The `struct sock_common` offsets the kernel programs use (see `agent-ebpf/src/sock.rs`).
-pub const SOCK_COMMON_OFFSETS: [(&str, u32); 6] = [
+pub const SOCK_COMMON_OFFSETS: [(&str, u32); 7] = [
     ("skc_daddr", 0),
     ("skc_rcv_saddr", 4),
     ("skc_dport", 12),
     ("skc_num", 14),
+    ("skc_family", 16),
     ("skc_v6_daddr", 56),
     ("skc_v6_rcv_saddr", 72),
 ];

@@ -122,39 +122,51 @@ pub fn run() -> bool {
                     "load kernel programs and maps (ring buffer, hash, LRU, per-CPU)",
                     "",
                 );
-                let mut attached = 0;
-                for (name, category) in PROGRAMS {
+                // Only verified, never attached: a check must not touch live traffic.
+                let mut verified = 0;
+                for (name, _) in PROGRAMS {
                     let res = ebpf
                         .program_mut(name)
                         .ok_or_else(|| "missing".to_string())
                         .and_then(|p| <&mut TracePoint>::try_from(p).map_err(|e| e.to_string()))
-                        .and_then(|p| {
-                            p.load().map_err(|e| e.to_string())?;
-                            p.attach(category, name)
-                                .map(|_| ())
-                                .map_err(|e| e.to_string())
-                        });
+                        .and_then(|p| p.load().map_err(|e| e.to_string()));
                     match res {
-                        Ok(()) => attached += 1,
-                        Err(e) => r.line(false, &format!("attach {category}:{name}"), &e),
+                        Ok(()) => verified += 1,
+                        Err(e) => r.line(false, &format!("verify {name}"), &e),
                     }
                 }
                 r.line(
-                    attached == PROGRAMS.len(),
-                    "verifier accepted and attached tracepoint programs",
-                    &format!("{attached}/{}", PROGRAMS.len()),
+                    verified == PROGRAMS.len(),
+                    "verifier accepted the tracepoint programs (loaded, not attached)",
+                    &format!("{verified}/{}", PROGRAMS.len()),
                 );
-                // Optional: without it spans still link inside each process.
-                match super::inject::attach(&mut ebpf, None) {
-                    Ok(root) => r.line(
+                let stitch = super::btf::tcp_seq_offsets().and_then(|_| {
+                    ebpf.program_mut(super::STITCH_PROGRAM)
+                        .ok_or_else(|| "missing".to_string())
+                        .and_then(|p| {
+                            <&mut aya::programs::RawTracePoint>::try_from(p)
+                                .map_err(|e| e.to_string())
+                        })
+                        .and_then(|p| p.load().map_err(|e| e.to_string()))
+                });
+                match stitch {
+                    Ok(()) => r.line(
                         true,
-                        "traceparent injection (sock_ops on the cgroup v2 root + sk_msg)",
-                        &root.display().to_string(),
+                        "same-host stitching (raw tracepoint tcp_sendmsg_locked, tcp_sock offsets from BTF)",
+                        "",
                     ),
                     Err(e) => println!(
-                        "[warn] traceparent injection unavailable ({e}); the agent runs without it \
-                         (--inject off silences this)"
+                        "[warn] same-host stitching unavailable ({e}); spans still link inside each process"
                     ),
+                }
+                // Optional, opt-in: the header carrier.
+                match super::inject::verify(&mut ebpf) {
+                    Ok(root) => r.line(
+                        true,
+                        "traceparent header carrier for --inject header (sock_ops + sk_msg verified, not attached)",
+                        &root.display().to_string(),
+                    ),
+                    Err(e) => println!("[warn] --inject header is unavailable here ({e})"),
                 }
             }
         }

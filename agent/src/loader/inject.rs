@@ -56,6 +56,22 @@ pub fn cgroup2_root() -> Option<PathBuf> {
     })
 }
 
+/// Loads both programs (the verifier checks them) without attaching anything; returns the
+/// cgroup they would cover.
+pub fn verify(ebpf: &mut Ebpf) -> Result<PathBuf, InjectError> {
+    let root = cgroup2_root().ok_or(InjectError::NoCgroup2)?;
+    for name in ["out_msg", "out_sockops"] {
+        let prog = ebpf.program_mut(name).ok_or(InjectError::Missing(name))?;
+        match prog {
+            aya::programs::Program::SkMsg(p) => p.load(),
+            aya::programs::Program::SockOps(p) => p.load(),
+            _ => return Err(InjectError::Missing(name)),
+        }
+        .map_err(|e| InjectError::Program(name, e))?;
+    }
+    Ok(root)
+}
+
 /// Loads and attaches both programs to `cgroup` (default: the cgroup v2 root); returns the
 /// cgroup they cover.
 pub fn attach(ebpf: &mut Ebpf, cgroup: Option<&std::path::Path>) -> Result<PathBuf, InjectError> {

@@ -22,7 +22,7 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 
 /// Every program and the tracepoint it attaches to. Exits and the socket classifier go first so
 /// no entry is saved that nothing would consume.
-pub const PROGRAMS: [(&str, &str); 23] = [
+pub const PROGRAMS: [(&str, &str); 24] = [
     ("sys_exit_read", "syscalls"),
     ("sys_exit_recvfrom", "syscalls"),
     ("sys_exit_readv", "syscalls"),
@@ -46,6 +46,7 @@ pub const PROGRAMS: [(&str, &str); 23] = [
     ("sys_enter_sendto", "syscalls"),
     ("sys_enter_writev", "syscalls"),
     ("sys_enter_sendmsg", "syscalls"),
+    ("sched_process_exit", "sched"),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -77,8 +78,8 @@ pub struct Settings {
     pub ports: Vec<u16>,
     pub excluded: Vec<(IpAddr, u16)>,
     pub excluded_any_port: Vec<u16>,
-    /// Put `traceparent` into outgoing requests (`sock_ops` + `sk_msg`).
-    pub inject: bool,
+    /// How trace context crosses between processes.
+    pub inject: crate::cli::Inject,
     /// The cgroup to inject in (None: the cgroup v2 root).
     pub cgroup: Option<std::path::PathBuf>,
     /// Sampling of traces that start here, as the kernel applies it.
@@ -91,6 +92,30 @@ pub struct Loaded {
     pub ring: RingBuf<MapData>,
     /// The cgroup whose connections get a `traceparent`, when injection is on and attached.
     pub injecting: Option<std::path::PathBuf>,
+}
+
+/// The raw tracepoint where a send's first sequence number is known (same-host stitching).
+pub const STITCH_PROGRAM: &str = "tcp_sendmsg_locked";
+
+fn attach_stitch(ebpf: &mut Ebpf) -> Result<(), LoadError> {
+    let prog: &mut aya::programs::RawTracePoint = ebpf
+        .program_mut(STITCH_PROGRAM)
+        .ok_or(LoadError::Missing(STITCH_PROGRAM))?
+        .try_into()
+        .map_err(|source| attach_error(STITCH_PROGRAM, source))?;
+    prog.load()
+        .map_err(|source| attach_error(STITCH_PROGRAM, source))?;
+    prog.attach(STITCH_PROGRAM)
+        .map_err(|source| attach_error(STITCH_PROGRAM, source))?;
+    Ok(())
+}
+
+fn attach_error(name: &'static str, source: aya::programs::ProgramError) -> LoadError {
+    LoadError::Attach {
+        name,
+        category: "tcp",
+        source,
+    }
 }
 
 /// Mounts tracefs if it is not there; tracepoints cannot be attached without it.
@@ -151,7 +176,23 @@ pub fn load(s: &Settings) -> Result<Loaded, LoadError> {
     }
     let ring = s.ring_bytes.next_power_of_two().max(1 << 16);
     let parent_based = s.sample_parent_based as u32;
+    let mut mode = s.inject.kernel_mode();
+    let (write_seq, copied_seq) = match btf::tcp_seq_offsets() {
+        Ok(o) => o,
+        Err(e) => {
+            if mode != agent_common::INJECT_OFF {
+                tracing::warn!("same-host stitching is off: {e}");
+            }
+            (0, 0)
+        }
+    };
+    if write_seq == 0 && mode == agent_common::INJECT_STITCH {
+        mode = agent_common::INJECT_OFF;
+    }
     let mut ebpf = EbpfLoader::new()
+        .override_global("INJECT_MODE", &mode, true)
+        .override_global("OFF_WRITE_SEQ", &write_seq, true)
+        .override_global("OFF_COPIED_SEQ", &copied_seq, true)
         .override_global("AGENT_TGID", &me, true)
         .override_global("SAMPLE_THRESHOLD", &s.sample_threshold, true)
         .override_global("SAMPLE_PARENT_BASED", &parent_based, true)
@@ -184,7 +225,10 @@ pub fn load(s: &Settings) -> Result<Loaded, LoadError> {
                 source,
             })?;
     }
-    let injecting = if s.inject {
+    if mode != agent_common::INJECT_OFF {
+        attach_stitch(&mut ebpf)?;
+    }
+    let injecting = if s.inject == crate::cli::Inject::Header {
         match inject::attach(&mut ebpf, s.cgroup.as_deref()) {
             Ok(root) => {
                 let pids: std::collections::HashSet<u32> = s.pids.iter().copied().collect();

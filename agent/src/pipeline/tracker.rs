@@ -19,7 +19,10 @@ use crate::{
     sampling::Sampler,
     span::{build_span, Span},
     telemetry::Metrics,
-    trace_context::link::{decide, server_ctx, Decision, Registry},
+    trace_context::{
+        link::{decide, server_ctx, Decision, Registry},
+        TraceParent,
+    },
 };
 
 /// Connections followed at once; events of further connections are dropped and counted.
@@ -160,9 +163,6 @@ impl Tracker {
             h.ts_enter
         };
         let ctx = (h.wire.kind != agent_common::WIRE_NONE).then_some(h.wire);
-        if let Some(w) = &ctx {
-            self.out.registry.server_started(h.pid, w);
-        }
         let seg = Segment {
             data: payload,
             len: h.len,
@@ -173,10 +173,10 @@ impl Tracker {
         conn.http.feed(dir, seg, &mut self.exchanges);
         if dir == Dir::Ingress {
             let (sampler, registry) = (&self.out.sampler, &mut self.out.registry);
-            conn.http.fill_missing_ctx(|head| {
-                let w = server_ctx(head, sampler);
-                registry.server_started(h.pid, &w);
-                w
+            conn.http.new_server_heads(|head, ctx| {
+                let w = *ctx.get_or_insert_with(|| server_ctx(head, sampler));
+                let header = head.traceparent.as_deref().and_then(TraceParent::parse);
+                registry.server_started(h.pid, &w, header.as_ref());
             });
         }
         conn.last_boot_ns = h.ts_exit;

@@ -21,7 +21,8 @@
 use std::collections::{HashMap, VecDeque};
 
 use agent_common::{
-    WireCtx, WIRE_INSERTED, WIRE_LINKED, WIRE_REPLACED, WIRE_REWRITTEN, WIRE_SERVER,
+    WireCtx, WIRE_CARRIED, WIRE_CARRIED_FWD, WIRE_INSERTED, WIRE_LINKED, WIRE_REPLACED,
+    WIRE_REWRITTEN, WIRE_SERVER,
 };
 use rand::Rng;
 
@@ -69,13 +70,24 @@ impl Registry {
         }
     }
 
-    /// A request was read by `pid` with the kernel context `wire` (`WIRE_SERVER`).
-    pub fn server_started(&mut self, pid: u32, wire: &WireCtx) {
-        if wire.kind != WIRE_SERVER || wire.parent_id == [0; 8] {
+    /// A request was read by `pid` with the kernel context `wire` (`WIRE_SERVER`) and, in its
+    /// head, the `traceparent` `header`. Both name this server span to a call that forwards the
+    /// context it received: the caller's span (stitched, or the header's parent) and the header
+    /// as the program saw it (what a proxy copies into its upstream request).
+    pub fn server_started(&mut self, pid: u32, wire: &WireCtx, header: Option<&TraceParent>) {
+        if wire.kind != WIRE_SERVER {
             return;
         }
-        let key = (pid, wire.trace_id, wire.parent_id);
-        if self.map.insert(key, wire.span_id).is_none() {
+        if wire.parent_id != [0; 8] {
+            self.insert((pid, wire.trace_id, wire.parent_id), wire.span_id);
+        }
+        if let Some(h) = header.filter(|h| h.trace_id == wire.trace_id) {
+            self.insert((pid, h.trace_id, h.parent_id), wire.span_id);
+        }
+    }
+
+    fn insert(&mut self, key: (u32, [u8; 16], [u8; 8]), span: [u8; 8]) {
+        if self.map.insert(key, span).is_none() {
             self.order.push_back(key);
             while self.order.len() > self.cap {
                 if let Some(old) = self.order.pop_front() {
@@ -166,10 +178,12 @@ pub fn decide(ex: &Exchange, pid: u32, reg: &Registry, sampler: &Sampler) -> Dec
             };
             from_wire(&w, parent, trace_state)
         }
-        (Side::Client, Some(w)) if w.kind == WIRE_INSERTED || w.kind == WIRE_REPLACED => {
+        (Side::Client, Some(w))
+            if w.kind == WIRE_INSERTED || w.kind == WIRE_REPLACED || w.kind == WIRE_CARRIED =>
+        {
             from_wire(&w, nonzero(w.parent_id), String::new())
         }
-        (Side::Client, Some(w)) if w.kind == WIRE_REWRITTEN => {
+        (Side::Client, Some(w)) if w.kind == WIRE_REWRITTEN || w.kind == WIRE_CARRIED_FWD => {
             let forwarded = header.as_ref().and_then(|h| reg.server_with(pid, h));
             if forwarded.is_none() {
                 tracing::debug!(
@@ -308,7 +322,7 @@ mod tests {
     #[test]
     fn forwarded_context_links_to_the_server_that_received_it() {
         let mut reg = Registry::default();
-        reg.server_started(7, &wire(WIRE_SERVER, S, P, 1));
+        reg.server_started(7, &wire(WIRE_SERVER, S, P, 1), None);
         // The proxy forwards T-P; the kernel rewrote the parent to C and found no owner.
         let e = ex(
             Side::Client,
@@ -325,7 +339,7 @@ mod tests {
     #[test]
     fn unmodified_requests_follow_header_then_owner_then_new_trace() {
         let mut reg = Registry::default();
-        reg.server_started(7, &wire(WIRE_SERVER, S, P, 1));
+        reg.server_started(7, &wire(WIRE_SERVER, S, P, 1), None);
         let own = ex(Side::Client, Some(tp_header(T, P, 1)), None);
         let i = ids(decide(&own, 7, &reg, &Sampler::default()));
         assert_eq!((i.trace_id, i.parent_span_id), (T, Some(S)));
@@ -343,7 +357,7 @@ mod tests {
     fn registry_is_bounded() {
         let mut reg = Registry::with_capacity(3);
         for n in 1..=5u8 {
-            reg.server_started(1, &wire(WIRE_SERVER, S, [n; 8], 1));
+            reg.server_started(1, &wire(WIRE_SERVER, S, [n; 8], 1), None);
         }
         assert_eq!(reg.len(), 3);
         let first = TraceParent {

@@ -52,6 +52,8 @@ pub struct Stats {
 struct Pairing {
     side: Option<Side>,
     pending: VecDeque<(RequestHead, u64, Option<WireCtx>)>,
+    /// How many of the newest `pending` heads `new_server_heads` has not visited yet.
+    unvisited: usize,
     dir: Option<Dir>,
     /// Kernel context of the latest segment that started a request, per direction, until a
     /// request head completes and takes it (a head may span segments).
@@ -89,6 +91,7 @@ impl Sink for Pairing {
                 }
                 let ctx = self.ctx[dir as usize].take();
                 self.pending.push_back((head, start_ns, ctx));
+                self.unvisited = (self.unvisited + 1).min(self.pending.len());
                 self.new_request = true;
             }
             Event::Response { head, end_ns, .. } => {
@@ -108,6 +111,7 @@ impl Sink for Pairing {
                     self.stats.orphan_responses += 1;
                     return;
                 }
+                self.unvisited = self.unvisited.min(self.pending.len().saturating_sub(1));
                 match self.pending.pop_front() {
                     Some((request, start_ns, ctx)) => self.out.push(Exchange {
                         side,
@@ -172,6 +176,7 @@ impl Http1Conn {
         }
         self.pairing.stats.unanswered_requests += self.pairing.pending.len() as u64;
         self.pairing.pending.clear();
+        self.pairing.unvisited = 0;
         out.append(&mut self.pairing.out);
     }
 
@@ -180,16 +185,18 @@ impl Http1Conn {
         std::mem::take(&mut self.pairing.stats)
     }
 
-    /// Gives server requests whose head the kernel could not read in one piece (so it sent no
-    /// context) a context from `f`, as soon as their head is parsed.
-    pub fn fill_missing_ctx(&mut self, mut f: impl FnMut(&RequestHead) -> WireCtx) {
-        if self.pairing.side != Some(Side::Server) {
+    /// Shows `f` each server request head once, as soon as it is parsed, with the context the
+    /// kernel decided for it (None when the kernel could not read the head in one piece; `f` may
+    /// then give it one).
+    pub fn new_server_heads(&mut self, mut f: impl FnMut(&RequestHead, &mut Option<WireCtx>)) {
+        let p = &mut self.pairing;
+        let n = std::mem::take(&mut p.unvisited);
+        if p.side != Some(Side::Server) {
             return;
         }
-        for (head, _, ctx) in self.pairing.pending.iter_mut() {
-            if ctx.is_none() {
-                *ctx = Some(f(head));
-            }
+        let skip = p.pending.len().saturating_sub(n);
+        for (head, _, ctx) in p.pending.iter_mut().skip(skip) {
+            f(head, ctx);
         }
     }
 
