@@ -75,12 +75,10 @@ pub const CNT_STITCH_CLAIMED: u32 = 15;
 pub const CNT_STITCH_FULL: u32 = 16;
 /// A per-CPU scratch buffer was in use by a preempted program: that event was not captured.
 pub const CNT_SCRATCH_BUSY: u32 = 17;
-/// A `traceparent` insertion was undone because its bytes could not be written (header mode).
-pub const CNT_TP_UNDONE: u32 = 18;
 /// A process on the allow-list exited: its pid left the list (a reused pid is never traced).
-pub const CNT_PID_EXITED: u32 = 19;
+pub const CNT_PID_EXITED: u32 = 18;
 pub const NUM_COUNTERS: u32 = 24;
-pub const COUNTER_NAMES: [&str; 20] = [
+pub const COUNTER_NAMES: [&str; 19] = [
     "kernel_ringbuf_full_events",
     "kernel_inflight_syscall_map_full",
     "kernel_close_ringbuf_full_events",
@@ -99,7 +97,6 @@ pub const COUNTER_NAMES: [&str; 20] = [
     "kernel_stitch_claimed",
     "kernel_stitch_map_full",
     "kernel_scratch_busy",
-    "kernel_traceparent_undone",
     "kernel_pid_exited",
 ];
 

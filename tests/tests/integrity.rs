@@ -13,7 +13,7 @@ use tests::{
     agent::{final_counters, Agent, Export},
     fixture, free_port,
     programs::{python, Proc},
-    receiver::Receiver,
+    receiver::{RSpan, Receiver},
     require_root, wait_port,
 };
 
@@ -67,11 +67,88 @@ fn tp(r: &Value, case: &str) -> String {
     r[case]["tp"][0].as_str().expect("traceparent").to_owned()
 }
 
+/// The server span of `path` and the client span that sent it.
+fn pair<'a>(spans: &'a [RSpan], path: &str) -> (&'a RSpan, &'a RSpan) {
+    let find = |kind: &str| {
+        spans
+            .iter()
+            .find(|s| s.kind() == kind && s.attr("url.path") == Some(path))
+            .unwrap_or_else(|| panic!("no {kind} span for {path}"))
+    };
+    (find("client"), find("server"))
+}
+
 #[test]
-fn bytes_stay_intact_with_injection_on() {
+fn default_stitching_changes_no_byte_and_links_exactly() {
     require_root();
     let rx = Receiver::start();
     let (r, counters) = run_client(&rx, &[]);
+    println!("report: {r}\ncounters: {counters:?}");
+    assert_eq!(r["big_response"]["status"], 200);
+    assert_eq!(r["big_response"]["ok"], true, "the large response changed");
+    for case in [
+        "early",
+        "early2",
+        "pipe0",
+        "pipe1",
+        "pipe2",
+        "split",
+        "writev",
+        "large",
+        "lookalike",
+    ] {
+        assert_eq!(tp_count(&r, case), 0, "{case}: a header was written");
+    }
+    assert_eq!(
+        tp(&r, "own"),
+        "00-11111111111111111111111111111111-2222222222222222-01",
+        "the program's own header changed"
+    );
+    for k in [
+        "kernel_traceparent_inserted",
+        "kernel_traceparent_rewritten",
+        "kernel_traceparent_replaced",
+        "kernel_sockets_released_large_send",
+    ] {
+        assert_eq!(counters.get(k).copied().unwrap_or(0), 0, "{k}");
+    }
+    // Every request whose head starts a send is stitched to its exact caller, including the
+    // first one on a connection open before the agent, a 4 MiB upload and `sendmsg` buffers.
+    let spans = rx.spans();
+    for path in [
+        "/early",
+        "/early2",
+        "/pipe/0",
+        "/writev",
+        "/large",
+        "/lookalike",
+        "/own",
+    ] {
+        let (client, server) = pair(&spans, path);
+        assert_eq!(server.trace_id(), client.trace_id(), "{path}");
+        assert_eq!(server.parent_id(), client.span_id(), "{path}");
+    }
+    let (own, _) = pair(&spans, "/own");
+    assert_eq!(own.trace_id(), "11111111111111111111111111111111");
+    assert_eq!(own.parent_id(), "2222222222222222");
+    // Requests that do not start a send (pipelined after the first, a head split over writes)
+    // have no stitched caller: never another request's span as parent.
+    for path in ["/pipe/1", "/pipe/2", "/split"] {
+        let (client, server) = pair(&spans, path);
+        let p = server.parent_id();
+        assert!(
+            p.is_empty() || p == client.span_id(),
+            "{path}: wrong parent {p}"
+        );
+    }
+    assert!(counters["kernel_stitch_claimed"] >= 7, "{counters:?}");
+}
+
+#[test]
+fn header_mode_keeps_bytes_intact() {
+    require_root();
+    let rx = Receiver::start();
+    let (r, counters) = run_client(&rx, &["--inject", "header"]);
     println!("report: {r}\ncounters: {counters:?}");
     assert_eq!(r["big_response"]["status"], 200);
     assert_eq!(r["big_response"]["ok"], true, "the large response changed");

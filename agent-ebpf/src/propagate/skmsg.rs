@@ -14,8 +14,7 @@
 //! returns what the program wrote; only the bytes on the wire grow.
 use agent_common::{
     WireCtx, CNT_TP_FAILED, CNT_TP_INSERTED, CNT_TP_REPLACED, CNT_TP_REWRITTEN,
-    CNT_TP_SKIPPED_HEAD, CNT_TP_UNDONE, DATA_HEADER_SIZE, WIRE_INSERTED, WIRE_NONE, WIRE_REPLACED,
-    WIRE_REWRITTEN,
+    CNT_TP_SKIPPED_HEAD, DATA_HEADER_SIZE, WIRE_INSERTED, WIRE_NONE, WIRE_REPLACED, WIRE_REWRITTEN,
 };
 use aya_ebpf::{
     helpers::{
@@ -187,9 +186,8 @@ fn inject(ctx: &SkMsgContext) {
                     return;
                 };
                 let old = end - v;
-                let pushed = if old < TP_LEN { TP_LEN - old } else { 0 };
-                let ok = if pushed > 0 {
-                    ctx.push_data(end as u32, pushed as u32, 0).is_ok()
+                let ok = if old < TP_LEN {
+                    ctx.push_data(end as u32, (TP_LEN - old) as u32, 0).is_ok()
                 } else if old > TP_LEN {
                     ctx.pop_data((v + TP_LEN) as u32, (old - TP_LEN) as u32, 0)
                         .is_ok()
@@ -207,8 +205,6 @@ fn inject(ctx: &SkMsgContext) {
                 if write_at(ctx, v, &text) {
                     io.wire = w;
                     count(CNT_TP_REPLACED);
-                } else if pushed > 0 {
-                    undo(ctx, end, pushed);
                 }
                 rejoin(ctx, n + TP_LEN);
             }
@@ -232,22 +228,11 @@ fn inject(ctx: &SkMsgContext) {
             if write_at(ctx, line_end, &text) {
                 io.wire = w;
                 count(CNT_TP_INSERTED);
-            } else {
-                undo(ctx, line_end, HEADER_LEN);
             }
             rejoin(ctx, n + HEADER_LEN);
         }
     } else {
         count(CNT_TP_SKIPPED_HEAD);
-    }
-}
-
-/// Takes out again the `len` bytes pushed at `at` whose content could not be written: the
-/// kernel does not clear pushed space, and it must never leave with whatever memory held.
-#[inline(always)]
-fn undo(ctx: &SkMsgContext, at: usize, len: usize) {
-    if ctx.pop_data(at as u32, len as u32, 0).is_ok() {
-        count(CNT_TP_UNDONE);
     }
 }
 
