@@ -360,8 +360,8 @@ fn incoming_traceparent_valid_garbage_and_unsampled() {
     };
     let valid = by("/valid").expect("valid span");
     assert_eq!(valid.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
-    // curl sent the context itself: its client span is the header's child, and the agent
-    // rewrote the parent id on the wire, so the server span is the client span's child.
+    // curl sent the context itself: its client span is the header's child, and the server span
+    // is the client span's child (stitched on this host: curl's bytes are unchanged).
     let caller = client("/valid");
     assert_eq!(caller.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
     assert_eq!(caller.parent_id(), "00f067aa0ba902b7");
