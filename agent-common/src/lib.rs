@@ -71,7 +71,8 @@ pub const CNT_SOCK_RELEASED: u32 = 13;
 pub const CNT_STITCH_MARKED: u32 = 14;
 /// An incoming request found the context its sender recorded on this host.
 pub const CNT_STITCH_CLAIMED: u32 = 15;
-/// The stitching map was full: that request's receiver will not find its caller.
+/// A stitching record could not be stored (the kernel refused the insert): that request's
+/// receiver will not find its caller.
 pub const CNT_STITCH_FULL: u32 = 16;
 /// A per-CPU scratch buffer was in use by a preempted program: that event was not captured.
 pub const CNT_SCRATCH_BUSY: u32 = 17;

@@ -195,6 +195,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 ticks += 1;
                 sync_kernel_counters(&ebpf, &metrics, &mut last_kernel);
                 if !args.exe.is_empty() && ticks.is_multiple_of(2) {
+                    // The kernel drops a pid from the allow-list when its process exits; forget
+                    // it here too, so a later process that reuses it is judged afresh.
+                    pids.retain(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
                     let new: Vec<u32> = matching_pids(&globs).into_iter().filter(|p| pids.insert(*p)).collect();
                     if !new.is_empty() {
                         tracing::info!(?new, "tracing new processes matching --exe");

@@ -11,8 +11,9 @@
 //! its server span becomes the client span's child. The record exists before the bytes do, so a
 //! reader on another CPU cannot overtake it; pipelined requests each have their own number.
 use agent_common::{
-    ConnTuple, FlowSeq, IoArgs, WireCtx, CNT_STITCH_CLAIMED, CNT_STITCH_MARKED, DIR_EGRESS,
-    INJECT_OFF, IO_SEND_SEEN, IO_SEQ, VERDICT_TRACE, WIRE_CARRIED, WIRE_CARRIED_FWD, WIRE_NONE,
+    ConnTuple, FlowSeq, IoArgs, WireCtx, CNT_STITCH_CLAIMED, CNT_STITCH_FULL, CNT_STITCH_MARKED,
+    DIR_EGRESS, INJECT_OFF, IO_SEND_SEEN, IO_SEQ, VERDICT_TRACE, WIRE_CARRIED, WIRE_CARRIED_FWD,
+    WIRE_NONE,
 };
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
@@ -107,6 +108,8 @@ fn sending(sk: u64) {
     let k = key(&t.local_addr, t.local_port, &t.peer_addr, t.peer_port, seq);
     if STITCH.insert(&k, &io.wire, 0).is_ok() {
         count(CNT_STITCH_MARKED);
+    } else {
+        count(CNT_STITCH_FULL);
     }
 }
 

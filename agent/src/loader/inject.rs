@@ -56,6 +56,20 @@ pub fn cgroup2_root() -> Option<PathBuf> {
     })
 }
 
+/// Whether process `pid` lives in cgroup directory `dir` (or below it) of the cgroup v2
+/// hierarchy mounted at `root`, from its `0::/path` line in `/proc/<pid>/cgroup`.
+pub fn in_cgroup(pid: u32, root: &std::path::Path, dir: &std::path::Path) -> bool {
+    let Ok(rel) = dir.strip_prefix(root) else {
+        return false;
+    };
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+        return false;
+    };
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .is_some_and(|p| std::path::Path::new(p.trim_start_matches('/')).starts_with(rel))
+}
+
 /// Loads both programs (the verifier checks them) without attaching anything; returns the
 /// cgroup they would cover.
 pub fn verify(ebpf: &mut Ebpf) -> Result<PathBuf, InjectError> {

@@ -232,9 +232,16 @@ pub fn load(s: &Settings) -> Result<Loaded, LoadError> {
         match inject::attach(&mut ebpf, s.cgroup.as_deref()) {
             Ok(root) => {
                 let pids: std::collections::HashSet<u32> = s.pids.iter().copied().collect();
+                // Adoption respects the selection and the cgroup injection covers.
+                let mount = inject::cgroup2_root();
                 let a = adopt::adopt(
                     &mut ebpf,
-                    |pid| !s.filter_pids || pids.contains(&pid),
+                    |pid| {
+                        (!s.filter_pids || pids.contains(&pid))
+                            && mount
+                                .as_deref()
+                                .is_none_or(|m| root == m || inject::in_cgroup(pid, m, &root))
+                    },
                     &s.ports,
                 );
                 tracing::info!(
