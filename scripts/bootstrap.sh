@@ -47,7 +47,7 @@ fi
 if [[ $want_test -eq 0 ]]; then exit 0; fi
 
 # --- Debian packages the integration tests drive ---------------------------------------------------
-pkgs=(nginx wrk curl wget iproute2 procps hey bpftool apache2-utils)
+pkgs=(nginx wrk curl wget iproute2 procps hey bpftool apache2-utils haproxy redis-server)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -58,9 +58,12 @@ if [[ ${#missing[@]} -gt 0 ]]; then
   $SUDO apt-get update -qq || log "apt-get update failed; trying the install anyway"
   $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
-# Debian starts nginx on install; the tests run their own instances on their own ports.
-if command -v systemctl >/dev/null && systemctl is-active --quiet nginx 2>/dev/null; then
-  $SUDO systemctl stop nginx || true
+# The tests run their own nginx, haproxy and redis instances on their own free ports with their
+# own configuration: a service of the same name that the machine already runs is left alone.
+
+# PyPI packages the tests' Python clients import (for the interpreter the tests run).
+if ! python3 -c 'import redis' 2>/dev/null; then
+  log "installing redis-py from PyPI"
+  python3 -m pip install -q --root-user-action=ignore 'redis>=4' || { log "pip install redis failed"; exit 1; }
 fi
-pkill -f 'nginx: master process /usr/sbin/nginx' 2>/dev/null || true
 exit 0

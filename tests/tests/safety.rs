@@ -1,7 +1,9 @@
-//! Do no harm: the safety matrix. Real clients (curl, wget, ab, Python blocking and asyncio,
-//! Node) fetch 1 B to 16 MiB through a real nginx reverse proxy (buffering on and off, HTTP/1.0
-//! and HTTP/1.1 upstreams) and upload up to 16 MiB (whole, chunked, `Expect: 100-continue`)
-//! directly and through the proxy, each transfer checked byte for byte and bounded in time. The
+//! Do no harm: the safety matrix. Real clients (curl, wget, ab, hey in Go, Python blocking and
+//! asyncio, Node) fetch 1 B to 16 MiB through a real nginx reverse proxy (buffering on and off,
+//! HTTP/1.0 and HTTP/1.1 upstreams) and through HAProxy, and upload up to 16 MiB (whole, chunked,
+//! `Expect: 100-continue`) directly and through the proxy; redis-py stores values up to 4 MiB that
+//! hold text like an HTTP request line in a real redis-server. Each transfer is checked byte for
+//! byte and bounded in time. The
 //! matrix runs without the agent (baseline), with the default configuration (whole host), with a
 //! narrow selection where the clients are outside it, and with the agent SIGKILLed in the middle
 //! of a transfer. The opt-in header carrier (`--inject header`) is not in the suite: measured
@@ -34,7 +36,43 @@ struct Stack {
     backend: Nginx,
     proxy: Nginx,
     upload_port: u16,
-    _upload: Proc,
+    haproxy_port: u16,
+    redis_port: u16,
+    _procs: Vec<Proc>,
+}
+
+/// HAProxy (mode http) on `port` in front of `backend`, from its own config file.
+fn haproxy(port: u16, backend: u16) -> Proc {
+    let dir = std::env::temp_dir().join(format!("haproxy-test-{port}"));
+    std::fs::create_dir_all(&dir).expect("haproxy dir");
+    let conf = format!(
+        "global\n  maxconn 256\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
+         frontend f\n  bind 127.0.0.1:{port}\n  http-request set-path %[path,regsub(^/hp/,/)]\n  default_backend b\n\
+         backend b\n  server s1 127.0.0.1:{backend}\n"
+    );
+    let cfg = dir.join("haproxy.cfg");
+    std::fs::write(&cfg, conf).expect("haproxy cfg");
+    let p = Proc::spawn(
+        Command::new("haproxy")
+            .arg("-db")
+            .arg("-f")
+            .arg(&cfg)
+            .stdout(Stdio::null()),
+    );
+    wait_port(port);
+    p
+}
+
+/// redis-server on `port`, in the foreground, with no persistence.
+fn redis(port: u16) -> Proc {
+    let p = Proc::spawn(
+        Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .stdout(Stdio::null()),
+    );
+    wait_port(port);
+    p
 }
 
 /// A static nginx backend with the test files, a Python upload server, and an nginx reverse
@@ -68,11 +106,15 @@ fn stack() -> Stack {
          location /up/ {{ proxy_pass http://127.0.0.1:{upload_port}; proxy_http_version 1.1; }}\n"
     );
     let proxy = Nginx::start(free_port(), &locations);
+    let (haproxy_port, redis_port) = (free_port(), free_port());
+    let procs = vec![upload, haproxy(haproxy_port, b), redis(redis_port)];
     Stack {
         backend,
         proxy,
         upload_port,
-        _upload: upload,
+        haproxy_port,
+        redis_port,
+        _procs: procs,
     }
 }
 
@@ -86,6 +128,8 @@ fn run_matrix(s: &Stack) -> (Vec<String>, usize) {
         .arg(s.proxy.port.to_string())
         .arg(s.upload_port.to_string())
         .arg(s.backend.dir.join("html"))
+        .arg(s.haproxy_port.to_string())
+        .arg(s.redis_port.to_string())
         .output()
         .expect("safety client");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -103,7 +147,7 @@ fn run_matrix(s: &Stack) -> (Vec<String>, usize) {
 
 fn assert_all_pass(what: &str, s: &Stack) -> usize {
     let (failed, n) = run_matrix(s);
-    assert!(n >= 39, "{what}: only {n} cases ran");
+    assert!(n >= 46, "{what}: only {n} cases ran");
     assert!(
         failed.is_empty(),
         "{what}: {} of {n} transfers broke:\n{}",
