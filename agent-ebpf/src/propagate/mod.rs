@@ -76,6 +76,23 @@ pub fn incoming(
     true
 }
 
+/// The trace, parent and flags of a client span whose request carries no usable `traceparent`:
+/// those of the request its thread is handling (`owner`), or a new trace.
+#[inline(always)]
+pub fn client_ctx(w: &mut WireCtx, owner: Option<ServerReq>) {
+    match owner {
+        Some(o) => {
+            w.trace_id = o.trace_id;
+            w.parent_id = o.span_id;
+            w.flags = o.flags & 1;
+        }
+        None => {
+            w.trace_id = ids::trace_id();
+            w.flags = ids::sampled(&w.trace_id, None);
+        }
+    }
+}
+
 /// The in-process link of an outgoing request whose context was not decided when it was sent.
 #[inline(always)]
 pub fn linked(pid_tgid: u64, fd: u32, wire: &mut WireCtx) {

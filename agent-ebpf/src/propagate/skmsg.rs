@@ -144,17 +144,7 @@ fn inject(ctx: &SkMsgContext) {
             span_id: ids::span_id(),
             ..WireCtx::default()
         };
-        match owner {
-            Some(o) => {
-                w.trace_id = o.trace_id;
-                w.parent_id = o.span_id;
-                w.flags = o.flags & 1;
-            }
-            None => {
-                w.trace_id = ids::trace_id();
-                w.flags = ids::sampled(&w.trace_id, None);
-            }
-        }
+        super::client_ctx(&mut w, owner);
         w
     };
     if h.traceparent != 0 {

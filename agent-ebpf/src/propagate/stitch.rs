@@ -156,17 +156,7 @@ fn decide(io: &mut IoArgs, pid_tgid: u64) -> bool {
         }
         None => {
             w.kind = WIRE_CARRIED;
-            match owner {
-                Some(o) => {
-                    w.trace_id = o.trace_id;
-                    w.parent_id = o.span_id;
-                    w.flags = o.flags & 1;
-                }
-                None => {
-                    w.trace_id = ids::trace_id();
-                    w.flags = ids::sampled(&w.trace_id, None);
-                }
-            }
+            super::client_ctx(w, owner);
         }
     }
     true
