@@ -78,8 +78,12 @@ pub const CNT_STITCH_FULL: u32 = 16;
 pub const CNT_SCRATCH_BUSY: u32 = 17;
 /// A process on the allow-list exited: its pid left the list (a reused pid is never traced).
 pub const CNT_PID_EXITED: u32 = 18;
+/// An insert into a bounded trace-context state map was refused (a `connect` in flight, the
+/// request a thread handles, a socket between `connect` and "established"): that request's
+/// in-process link, or that connection's header injection, is lost.
+pub const CNT_STATE_MAP_FULL: u32 = 19;
 pub const NUM_COUNTERS: u32 = 24;
-pub const COUNTER_NAMES: [&str; 19] = [
+pub const COUNTER_NAMES: [&str; 20] = [
     "kernel_ringbuf_full_events",
     "kernel_inflight_syscall_map_full",
     "kernel_close_ringbuf_full_events",
@@ -99,6 +103,7 @@ pub const COUNTER_NAMES: [&str; 19] = [
     "kernel_stitch_map_full",
     "kernel_scratch_busy",
     "kernel_pid_exited",
+    "kernel_state_map_full",
 ];
 
 /// Addresses of one TCP connection, seen from the traced process. IPv4 addresses occupy the

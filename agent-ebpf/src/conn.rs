@@ -70,7 +70,9 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
     // SAFETY: user memory through the fault-tolerant helper.
     let family = unsafe { bpf_probe_read_user(addr as *const u16) }.unwrap_or(0);
     if family == 2 || family == 10 {
-        let _ = ACTIVE_CONNECT.insert(&pid_tgid, &fd, 0);
+        if ACTIVE_CONNECT.insert(&pid_tgid, &fd, 0).is_err() {
+            count(agent_common::CNT_STATE_MAP_FULL);
+        }
         crate::propagate::inflight::on_connect(pid_tgid, fd as u32);
     }
     0

@@ -3,13 +3,15 @@
 //! the newest still-open request its thread read, or, for the first request on a connection, to
 //! the one open when the thread called `connect` (event loops connect inside the handler and
 //! write later).
-use agent_common::{ReqRef, ServerReq, ThreadReqs, THREAD_SLOTS};
+use agent_common::{ReqRef, ServerReq, ThreadReqs, CNT_STATE_MAP_FULL, THREAD_SLOTS};
 
-use crate::maps::{conn_key, CONNECT_REFS, SERVER_REQS, THREAD_REQS};
+use crate::maps::{conn_key, count, CONNECT_REFS, SERVER_REQS, THREAD_REQS};
 
 #[inline(always)]
 pub fn open(tid: u32, sk: u64, req: &ServerReq) {
-    let _ = SERVER_REQS.insert(&sk, req, 0);
+    if SERVER_REQS.insert(&sk, req, 0).is_err() {
+        count(CNT_STATE_MAP_FULL);
+    }
     let r = ReqRef { sk, seq: req.seq };
     if let Some(t) = THREAD_REQS.get_ptr_mut(&tid) {
         // SAFETY: live map value; only this thread writes its entry.
@@ -20,7 +22,9 @@ pub fn open(tid: u32, sk: u64, req: &ServerReq) {
         let mut t = ThreadReqs::default();
         t.refs[0] = r;
         t.next = 1;
-        let _ = THREAD_REQS.insert(&tid, &t, 0);
+        if THREAD_REQS.insert(&tid, &t, 0).is_err() {
+            count(CNT_STATE_MAP_FULL);
+        }
     }
 }
 
@@ -65,7 +69,12 @@ fn newest(tid: u32) -> Option<(ReqRef, ServerReq)> {
 #[inline(always)]
 pub fn on_connect(pid_tgid: u64, fd: u32) {
     if let Some((r, _)) = newest(pid_tgid as u32) {
-        let _ = CONNECT_REFS.insert(&conn_key((pid_tgid >> 32) as u32, fd), &r, 0);
+        if CONNECT_REFS
+            .insert(&conn_key((pid_tgid >> 32) as u32, fd), &r, 0)
+            .is_err()
+        {
+            count(CNT_STATE_MAP_FULL);
+        }
     }
 }
 

@@ -90,7 +90,9 @@ fn connecting(ctx: &SockOpsContext) {
     }
     // SAFETY: the context is the sock_ops argument the helper expects.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut _) };
-    let _ = CONNECTING.insert(&cookie, &1, 0);
+    if CONNECTING.insert(&cookie, &1, 0).is_err() {
+        count(agent_common::CNT_STATE_MAP_FULL);
+    }
 }
 
 #[inline(always)]
