@@ -9,7 +9,7 @@ use agent::{
     pipeline::event::{endpoints, KernelEvent},
     process::Resource,
     protocol::{http1::Http1Conn, Dir, Segment},
-    span::{build_span, KeyValue, Value},
+    span::{build_span, redact::UrlPolicy, KeyValue, Value},
     trace_context::link::{decide, Decision, Registry},
 };
 use agent_common::{
@@ -64,6 +64,7 @@ fn bench(c: &mut Criterion) {
         items.push(item(DIR_EGRESS, RESPONSE_HEAD, ts + 50_000));
         items.push(item(DIR_EGRESS, RESPONSE_BODY, ts + 60_000));
     }
+    let urls = UrlPolicy::default();
     let resource = Arc::new(Resource {
         service_name: "nginx".into(),
         attributes: vec![
@@ -101,7 +102,7 @@ fn bench(c: &mut Criterion) {
                 let ends = endpoints(&header.tuple);
                 for ex in exchanges.drain(..) {
                     if let Decision::Sampled(ids) = decide(&ex, 1, &registry, &sampler) {
-                        spans.push(*build_span(&ex, &ends, resource.clone(), ids, |t| {
+                        spans.push(*build_span(&ex, &ends, resource.clone(), ids, &urls, |t| {
                             t + 1_700_000_000_000_000_000
                         }));
                     }

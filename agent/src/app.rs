@@ -81,11 +81,11 @@ async fn probe_backend(cfg: &ExportConfig) {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => tracing::warn!(
             "OTLP backend {} is unreachable now ({e}); the agent keeps tracing and retries",
-            ep.url
+            export::config::display_url(&ep.url)
         ),
         Err(_) => tracing::warn!(
             "OTLP backend {} did not answer within 2 s; the agent keeps tracing and retries",
-            ep.url
+            export::config::display_url(&ep.url)
         ),
     }
 }
@@ -98,6 +98,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let sampler = crate::sampling::Sampler::from_env()
         .context("invalid OpenTelemetry sampler configuration")?;
     let metrics = Metrics::new();
+    let mut urls = crate::span::redact::UrlPolicy {
+        query: args.url_query,
+        ..Default::default()
+    };
+    urls.secret_keys.extend(
+        args.redact_keys
+            .iter()
+            .map(|k| k.trim().to_ascii_lowercase())
+            .filter(|k| !k.is_empty()),
+    );
 
     let globs = {
         let mut b = globset::GlobSetBuilder::new();
@@ -150,7 +160,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             tracing::info!("OTEL_TRACES_EXPORTER=none: spans are built and counted, not exported")
         }
         None => tracing::info!("no OTEL_EXPORTER_OTLP_ENDPOINT set: printing spans to the console"),
-        Some(ep) => tracing::info!(protocol = ?ep.protocol, "exporting spans to {}", ep.url),
+        Some(ep) => {
+            tracing::info!(protocol = ?ep.protocol, "exporting spans to {}", export::config::display_url(&ep.url))
+        }
     }
     tracing::info!(
         connections_open_before_start = snapshot.established_count(),
@@ -176,7 +188,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Duration::from_secs(10),
     ));
     let tracker =
-        tokio::spawn(Tracker::new(metrics.clone(), span_tx, snapshot, sampler).run(ev_rx));
+        tokio::spawn(Tracker::new(metrics.clone(), span_tx, snapshot, sampler, urls).run(ev_rx));
     let reader = tokio::spawn(reader::run(ring, ev_tx, metrics.clone(), stop_rx));
     if let MetricsAddr::At(addr) = args.metrics_addr {
         tokio::spawn(crate::metrics_server::serve(addr, metrics.clone()));

@@ -51,6 +51,21 @@ pub struct RunArgs {
     #[arg(long, value_name = "stitch|header|off", default_value = "stitch", env = "BEHOLDER_INJECT",
           value_parser = parse_inject)]
     pub inject: Inject,
+    /// Query strings in `url.full` and `url.query`: `redact` (default) reports the values of
+    /// secret-looking keys as REDACTED; `drop` leaves query strings out entirely.
+    #[arg(long, value_name = "redact|drop", default_value = "redact", env = "BEHOLDER_URL_QUERY",
+          value_parser = parse_url_query)]
+    pub url_query: crate::span::redact::QueryMode,
+    /// Query keys whose values are redacted, comma-separated, matched case-insensitively as
+    /// substrings; added to the defaults (token, key, secret, password, passwd, auth, session,
+    /// sig, credential).
+    #[arg(
+        long,
+        value_name = "KEYS",
+        env = "BEHOLDER_REDACT_KEYS",
+        value_delimiter = ','
+    )]
+    pub redact_keys: Vec<String>,
     /// cgroup v2 directory whose processes get `traceparent` injection; default: the root of the
     /// host's cgroup v2 hierarchy from /proc/self/mountinfo. In a container with its own cgroup
     /// namespace, mount the host's /sys/fs/cgroup and point here (see deploy/kubernetes).
@@ -83,6 +98,15 @@ impl Inject {
             Inject::Stitch => agent_common::INJECT_STITCH,
             Inject::Header => agent_common::INJECT_HEADER,
         }
+    }
+}
+
+fn parse_url_query(s: &str) -> Result<crate::span::redact::QueryMode, String> {
+    use crate::span::redact::QueryMode;
+    match s.trim().to_ascii_lowercase().as_str() {
+        "redact" => Ok(QueryMode::Redact),
+        "drop" => Ok(QueryMode::Drop),
+        _ => Err(format!("{s:?}: expected redact or drop")),
     }
 }
 

@@ -531,3 +531,81 @@ fn unreachable_backend_is_a_warning() {
     let (_, err) = agent.stop();
     assert!(err.contains("final counters"), "{err}");
 }
+
+/// Secrets in URLs never leave the host: a query token and the credentials of the OTLP endpoint.
+#[test]
+fn secrets_in_urls_are_redacted() {
+    let rx = Receiver::start();
+    let port = free_port();
+    let _server = py_server(port, "private");
+    let agent = Agent::start(Export::Grpc(&rx), &["--port", &port.to_string()]);
+    curl(&[&format!(
+        "http://127.0.0.1:{port}/p?token=secret123&page=2&X-Goog-Signature=sig456"
+    )]);
+    rx.wait_for(1, T, "server span", is_server_of(port));
+    std::thread::sleep(Duration::from_millis(500));
+    agent.stop();
+    let spans = rx.spans();
+    let server = spans
+        .iter()
+        .find(|s| is_server_of(port)(s))
+        .expect("server");
+    assert_eq!(server.attr("url.path"), Some("/p"));
+    assert_eq!(
+        server.attr("url.query"),
+        Some("token=REDACTED&page=2&X-Goog-Signature=REDACTED")
+    );
+    let client = spans
+        .iter()
+        .find(|s| s.kind() == "client" && s.attr("url.path") == Some("/p"))
+        .expect("curl's client span");
+    assert_eq!(
+        client.attr("url.full"),
+        Some(
+            format!("http://127.0.0.1:{port}/p?token=REDACTED&page=2&X-Goog-Signature=REDACTED")
+                .as_str()
+        )
+    );
+    let all = format!("{spans:?}");
+    assert!(
+        !all.contains("secret123") && !all.contains("sig456"),
+        "{all}"
+    );
+
+    // `--url-query drop` leaves query strings out, on the console too.
+    let agent = Agent::start(
+        Export::Console,
+        &["--port", &port.to_string(), "--url-query", "drop"],
+    );
+    curl(&[&format!("http://127.0.0.1:{port}/q?token=secret789")]);
+    tests::wait_until(T, "console spans", || {
+        agent.stdout().contains("CLIENT GET /q -> 200")
+    });
+    let (out, err) = agent.stop();
+    assert!(
+        out.contains(&format!("url.full=\"http://127.0.0.1:{port}/q\"")),
+        "{out}"
+    );
+    assert!(
+        !out.contains("secret789") && !err.contains("secret789"),
+        "{out}{err}"
+    );
+
+    // The endpoint's credentials are hidden in log lines.
+    let dead = free_port();
+    let agent = Agent::start_env(
+        Export::Console,
+        &["--port", &port.to_string()],
+        &[(
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            &format!("http://user:hunter2@127.0.0.1:{dead}"),
+        )],
+    );
+    curl(&[&format!("http://127.0.0.1:{port}/r")]);
+    tests::wait_until(T, "an export warning", || {
+        agent.stderr().contains("cannot export spans")
+    });
+    let (_, err) = agent.stop();
+    assert!(!err.contains("hunter2"), "{err}");
+    assert!(err.contains("REDACTED:REDACTED@127.0.0.1"), "{err}");
+}

@@ -255,6 +255,12 @@ pub fn host_port(url: &str) -> Option<(String, u16)> {
     }
 }
 
+/// An endpoint URL as it may appear in a log line or an error: credentials as
+/// `REDACTED:REDACTED@`, secret-looking query values redacted.
+pub fn display_url(url: &str) -> String {
+    crate::span::redact::UrlPolicy::default().full_url(url, "")
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
@@ -320,6 +326,10 @@ mod tests {
         .endpoint
         .unwrap();
         assert_eq!(c.url, "https://x/custom");
+        assert_eq!(
+            display_url("https://user:pw@collector:4318/v1/traces?api_key=k"),
+            "https://REDACTED:REDACTED@collector:4318/v1/traces?api_key=REDACTED"
+        );
         assert_eq!(
             c.headers,
             vec![

@@ -4,6 +4,8 @@
 //! processes, each with its own resource, while an SDK exporter carries a single resource.
 use std::str::FromStr;
 
+use super::config::display_url;
+
 use opentelemetry_proto::tonic::collector::trace::v1::{
     trace_service_client::TraceServiceClient, ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
@@ -49,13 +51,15 @@ impl Transport {
         match ep.protocol {
             Protocol::Grpc => {
                 let mut builder = Channel::from_shared(ep.url.clone())
-                    .map_err(|e| SendError::Setup(format!("{}: {e}", ep.url)))?
+                    .map_err(|e| SendError::Setup(format!("{}: {e}", display_url(&ep.url))))?
                     .connect_timeout(ep.timeout)
                     .timeout(ep.timeout);
                 if ep.url.starts_with("https://") {
                     builder = builder
                         .tls_config(ClientTlsConfig::new().with_webpki_roots())
-                        .map_err(|e| SendError::Setup(format!("TLS for {}: {e}", ep.url)))?;
+                        .map_err(|e| {
+                            SendError::Setup(format!("TLS for {}: {e}", display_url(&ep.url)))
+                        })?;
                 }
                 let mut headers = Vec::new();
                 for (k, v) in &ep.headers {
@@ -125,10 +129,10 @@ impl Transport {
                 for (k, v) in headers.iter() {
                     rb = rb.header(k.as_str(), v.as_str());
                 }
-                let resp = rb
-                    .send()
-                    .await
-                    .map_err(|e| SendError::Retryable(format!("{url}: {e}")))?;
+                let resp = rb.send().await.map_err(|e| {
+                    // reqwest's error text names the URL: keep only ours, redacted.
+                    SendError::Retryable(format!("{}: {}", display_url(url), e.without_url()))
+                })?;
                 let status = resp.status();
                 let body = resp.bytes().await.unwrap_or_default();
                 if status.is_success() {
@@ -136,7 +140,7 @@ impl Transport {
                         .map(rejected)
                         .unwrap_or(0));
                 }
-                let msg = format!("HTTP {status} from {url}");
+                let msg = format!("HTTP {status} from {}", display_url(url));
                 match status.as_u16() {
                     429 | 502 | 503 | 504 => Err(SendError::Retryable(msg)),
                     _ => Err(SendError::Permanent(msg)),

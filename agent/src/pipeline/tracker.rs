@@ -17,7 +17,7 @@ use crate::{
         Dir, Segment,
     },
     sampling::Sampler,
-    span::{build_span, Span},
+    span::{build_span, redact::UrlPolicy, Span},
     telemetry::Metrics,
     trace_context::{
         link::{decide, server_ctx, Decision, Registry},
@@ -60,6 +60,7 @@ struct Output {
     spans: mpsc::Sender<Span>,
     sampler: Sampler,
     registry: Registry,
+    urls: UrlPolicy,
 }
 
 impl Tracker {
@@ -68,6 +69,7 @@ impl Tracker {
         spans: mpsc::Sender<Span>,
         preexisting: Snapshot,
         sampler: Sampler,
+        urls: UrlPolicy,
     ) -> Tracker {
         Tracker {
             conns: HashMap::new(),
@@ -81,6 +83,7 @@ impl Tracker {
                 spans,
                 sampler,
                 registry: Registry::default(),
+                urls,
             },
         }
     }
@@ -232,9 +235,14 @@ impl Output {
                 }
                 Decision::Sampled(ids) => {
                     let clock = self.clock;
-                    let span = build_span(&ex, &conn.ends, conn.resource.clone(), ids, |t| {
-                        clock.to_unix_ns(t)
-                    });
+                    let span = build_span(
+                        &ex,
+                        &conn.ends,
+                        conn.resource.clone(),
+                        ids,
+                        &self.urls,
+                        |t| clock.to_unix_ns(t),
+                    );
                     metrics.spans_created.inc();
                     if self.spans.try_send(*span).is_err() {
                         metrics.spans_queue_full.inc();

@@ -2,7 +2,10 @@
 //! status and trace context.
 use std::{net::IpAddr, sync::Arc};
 
-use super::{KeyValue, Kind, Span, Status, Value};
+use super::{
+    redact::{parse_target, UrlPolicy},
+    KeyValue, Kind, Span, Status, Value,
+};
 use crate::{
     pipeline::event::Endpoints,
     process::Resource,
@@ -38,6 +41,7 @@ pub fn build_span(
     ends: &Endpoints,
     resource: Arc<Resource>,
     ids: Ids,
+    urls: &UrlPolicy,
     to_unix: impl Fn(u64) -> u64,
 ) -> Box<Span> {
     let req = &ex.request;
@@ -51,7 +55,10 @@ pub fn build_span(
 
     let known = KNOWN_METHODS.contains(&req.method.as_str());
     let method = if known { req.method.as_str() } else { "_OTHER" };
-    let path = req.target.split(['?', '#']).next().unwrap_or("/");
+    // An absolute-form target (sent to a forward proxy) gives only its path here: scheme, host
+    // and any credentials never go into `url.path`.
+    let target = parse_target(&req.target);
+    let path = target.path;
     let status = ex.response.status;
     // The version actually spoken: a 1.1 client talking to a 1.0 server speaks 1.0.
     let version = format!("1.{}", req.minor_version.min(ex.response.minor_version));
@@ -97,6 +104,9 @@ pub fn build_span(
                 "client.address",
                 Value::Str(ip_str(ends.peer)),
             ));
+            if let Some(q) = target.query.and_then(|q| urls.query(q)) {
+                attrs.push(KeyValue::new("url.query", Value::Str(q.into_owned())));
+            }
             Kind::Server
         }
         Side::Client => {
@@ -108,12 +118,10 @@ pub fn build_span(
                 .host
                 .clone()
                 .unwrap_or_else(|| format!("{}:{}", ends.peer, ends.peer_port));
-            let full = if req.target.starts_with("http://") || req.target.starts_with("https://") {
-                req.target.clone()
-            } else {
-                format!("http://{authority}{}", req.target)
-            };
-            attrs.push(KeyValue::new("url.full", Value::Str(full)));
+            attrs.push(KeyValue::new(
+                "url.full",
+                Value::Str(urls.full_url(&req.target, &authority)),
+            ));
             attrs.push(KeyValue::new("server.address", Value::Str(addr)));
             attrs.push(KeyValue::new(
                 "server.port",
@@ -207,7 +215,11 @@ mod tests {
 
     fn span(ex: &Exchange) -> Span {
         match decide(ex, 1, &Registry::default(), &Sampler::default()) {
-            Decision::Sampled(ids) => *build_span(ex, &ends(), resource(), ids, |t| t + 10),
+            Decision::Sampled(ids) => {
+                *build_span(ex, &ends(), resource(), ids, &UrlPolicy::default(), |t| {
+                    t + 10
+                })
+            }
             Decision::Unsampled => panic!("unexpectedly unsampled"),
         }
     }

@@ -1,5 +1,6 @@
 //! Our span model: built from observed traffic, not from SDK tracer calls.
 mod build;
+pub mod redact;
 
 use std::{borrow::Cow, sync::Arc};
 
