@@ -118,8 +118,8 @@ fn stack() -> Stack {
     }
 }
 
-/// Runs the client matrix (only cases starting with one of `only`'s comma-separated prefixes,
-/// when not empty); returns the failed cases (empty: all passed) and the case count.
+/// Runs the client matrix (when `only` is not empty, only its comma-separated cases: exact names,
+/// or prefixes ending with `*`); returns the failed cases (empty: all passed) and the case count.
 fn run_matrix(s: &Stack, only: &str) -> (Vec<String>, usize) {
     let started = Instant::now();
     let out = Command::new("timeout")
@@ -236,12 +236,13 @@ fn header_mode_leaves_unselected_clients_alone() {
         assert_pass(
             &format!("--inject header, unselected clients, round {round}"),
             &s,
-            "upload direct,curl upload direct",
+            "upload direct*,curl upload direct*",
             7,
         );
     }
-    // The carrier was live: nginx (selected) got its upstream requests injected.
-    assert_pass("--inject header, nginx", &s, "curl k1 f1,curl b1 f8k", 2);
+    // The carrier was live: nginx (selected) got its upstream requests injected. (Only 1-byte
+    // files: larger ones through nginx are what this carrier breaks, which is why it is opt-in.)
+    assert_pass("--inject header, nginx", &s, "curl k1 f1,curl b1 f1", 2);
     let (_, err) = agent.stop();
     let c = final_counters(&err);
     println!("counters: {c:?}");
