@@ -97,6 +97,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let cfg = ExportConfig::from_env().context("invalid OpenTelemetry exporter configuration")?;
     let sampler = crate::sampling::Sampler::from_env()
         .context("invalid OpenTelemetry sampler configuration")?;
+    let limits =
+        crate::span::limits::Limits::from_env().context("invalid OpenTelemetry attribute limit")?;
     let metrics = Metrics::new();
     let mut urls = crate::span::redact::UrlPolicy {
         query: args.url_query,
@@ -187,8 +189,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics.clone(),
         Duration::from_secs(10),
     ));
-    let tracker =
-        tokio::spawn(Tracker::new(metrics.clone(), span_tx, snapshot, sampler, urls).run(ev_rx));
+    let tracker = tokio::spawn(
+        Tracker::new(metrics.clone(), span_tx, snapshot, sampler, (urls, limits)).run(ev_rx),
+    );
     let reader = tokio::spawn(reader::run(ring, ev_tx, metrics.clone(), stop_rx));
     if let MetricsAddr::At(addr) = args.metrics_addr {
         tokio::spawn(crate::metrics_server::serve(addr, metrics.clone()));

@@ -17,6 +17,31 @@ pub struct ProcessCache {
     by_pid: HashMap<u32, (u64, Arc<Resource>)>,
 }
 
+/// The only environment variables of a traced process the agent reads.
+const WANTED_ENV: [&str; 2] = ["OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES"];
+
+/// `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES` of process `pid`. The rest of its
+/// environment (where secrets live) is scanned in place and never copied or kept.
+fn wanted_env(pid: u32) -> [Option<String>; 2] {
+    let raw = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    pick_env(&raw)
+}
+
+fn pick_env(raw: &[u8]) -> [Option<String>; 2] {
+    let mut out = [None, None];
+    for entry in raw.split(|b| *b == 0) {
+        for (i, name) in WANTED_ENV.iter().enumerate() {
+            if let Some(v) = entry
+                .strip_prefix(name.as_bytes())
+                .and_then(|r| r.strip_prefix(b"="))
+            {
+                out[i] = Some(String::from_utf8_lossy(v).into_owned());
+            }
+        }
+    }
+    out
+}
+
 impl ProcessCache {
     pub fn new() -> Self {
         let host_name = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -66,11 +91,10 @@ impl ProcessCache {
             .or_else(|| p.and_then(|p| p.stat().ok()).map(|s| s.comm))
             .or_else(|| (!comm.is_empty()).then_some(comm))
             .unwrap_or_else(|| format!("pid-{pid}"));
-        let environ = p.and_then(|p| p.environ().ok()).unwrap_or_default();
-        let env = |k: &str| {
-            environ
-                .get(std::ffi::OsStr::new(k))
-                .map(|v| v.to_string_lossy().into_owned())
+        let [service, extra] = wanted_env(pid);
+        let env = |k: &str| match k {
+            "OTEL_SERVICE_NAME" => service.clone(),
+            _ => extra.clone(),
         };
         let service_name = env("OTEL_SERVICE_NAME")
             .filter(|s| !s.is_empty())
@@ -119,5 +143,19 @@ impl ProcessCache {
 impl Default for ProcessCache {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_two_variables_are_taken() {
+        let raw = b"PATH=/bin\0OTEL_SERVICE_NAME=shop\0DB_PASSWORD=hunter2\0OTEL_SERVICE_NAME_X=no\0OTEL_RESOURCE_ATTRIBUTES=a=b,c=d\0";
+        let [svc, extra] = pick_env(raw);
+        assert_eq!(svc.as_deref(), Some("shop"));
+        assert_eq!(extra.as_deref(), Some("a=b,c=d"));
+        assert_eq!(pick_env(b""), [None, None]);
     }
 }

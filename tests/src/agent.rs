@@ -155,12 +155,14 @@ impl Drop for Agent {
     }
 }
 
-/// The counters the agent logs at exit (`final counters: name=value ...`).
+/// The counters the agent logs at exit (`final counters: name=value ...`). Panics when the agent
+/// logged no such line (it did not stop cleanly): a missing counter must never read as zero.
 pub fn final_counters(stderr: &str) -> std::collections::HashMap<String, u64> {
+    let tail: String = stderr.lines().rev().take(20).collect::<Vec<_>>().join("\n");
     stderr
         .lines()
         .find_map(|l| l.split_once("final counters: ").map(|(_, c)| c.to_owned()))
-        .unwrap_or_default()
+        .unwrap_or_else(|| panic!("the agent logged no final counters; last lines:\n{tail}"))
         .split_whitespace()
         .filter_map(|kv| {
             kv.split_once('=')

@@ -41,6 +41,7 @@ fn span(s: &Span) -> PSpan {
         start_time_unix_nano: s.start_unix_ns,
         end_time_unix_nano: s.end_unix_ns,
         attributes: s.attributes.iter().map(kv).collect(),
+        dropped_attributes_count: s.dropped_attributes_count,
         status: Some(PStatus {
             message: String::new(),
             code: match s.status {

@@ -17,7 +17,7 @@ use crate::{
         Dir, Segment,
     },
     sampling::Sampler,
-    span::{build_span, redact::UrlPolicy, Span},
+    span::{build_span, limits::Limits, redact::UrlPolicy, Span},
     telemetry::Metrics,
     trace_context::{
         link::{decide, server_ctx, Decision, Registry},
@@ -61,6 +61,7 @@ struct Output {
     sampler: Sampler,
     registry: Registry,
     urls: UrlPolicy,
+    limits: Limits,
 }
 
 impl Tracker {
@@ -69,7 +70,7 @@ impl Tracker {
         spans: mpsc::Sender<Span>,
         preexisting: Snapshot,
         sampler: Sampler,
-        urls: UrlPolicy,
+        (urls, limits): (UrlPolicy, Limits),
     ) -> Tracker {
         Tracker {
             conns: HashMap::new(),
@@ -84,6 +85,7 @@ impl Tracker {
                 sampler,
                 registry: Registry::default(),
                 urls,
+                limits,
             },
         }
     }
@@ -235,7 +237,7 @@ impl Output {
                 }
                 Decision::Sampled(ids) => {
                     let clock = self.clock;
-                    let span = build_span(
+                    let mut span = build_span(
                         &ex,
                         &conn.ends,
                         conn.resource.clone(),
@@ -243,6 +245,7 @@ impl Output {
                         &self.urls,
                         |t| clock.to_unix_ns(t),
                     );
+                    self.limits.apply(&mut span);
                     metrics.spans_created.inc();
                     if self.spans.try_send(*span).is_err() {
                         metrics.spans_queue_full.inc();

@@ -157,6 +157,7 @@ pub fn build_span(
         start_unix_ns: start,
         end_unix_ns: end,
         attributes: attrs,
+        dropped_attributes_count: 0,
         status: if error { Status::Error } else { Status::Unset },
         resource,
     })

@@ -1,5 +1,6 @@
 //! Our span model: built from observed traffic, not from SDK tracer calls.
 mod build;
+pub mod limits;
 pub mod redact;
 
 use std::{borrow::Cow, sync::Arc};
@@ -59,6 +60,8 @@ pub struct Span {
     pub start_unix_ns: u64,
     pub end_unix_ns: u64,
     pub attributes: Vec<KeyValue>,
+    /// Attributes left out by the count limit (`span::limits`).
+    pub dropped_attributes_count: u32,
     pub status: Status,
     pub resource: Arc<Resource>,
 }

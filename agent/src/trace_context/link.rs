@@ -158,12 +158,11 @@ fn from_wire(w: &WireCtx, parent: Option<[u8; 8]>, trace_state: String) -> Decis
 pub fn decide(ex: &Exchange, pid: u32, reg: &Registry, sampler: &Sampler) -> Decision {
     let req = &ex.request;
     let header = req.traceparent.as_deref().and_then(TraceParent::parse);
-    let state = |h: &Option<TraceParent>| {
-        if h.is_some() {
-            req.tracestate.clone().unwrap_or_default()
-        } else {
-            String::new()
-        }
+    // `tracestate` goes with a valid `traceparent`, and only when it is valid itself (W3C: at
+    // most 32 members and 512 characters); otherwise it is dropped whole.
+    let state = |h: &Option<TraceParent>| match (h, req.tracestate.as_deref()) {
+        (Some(_), Some(ts)) if super::w3c::valid_tracestate(ts) => ts.to_owned(),
+        _ => String::new(),
     };
     let wire = ex.ctx.filter(|w| w.kind != 0);
     let mut rng = rand::rng();

@@ -82,9 +82,109 @@ pub fn hex(bytes: &[u8]) -> String {
         })
 }
 
+/// Whether a `tracestate` value is valid per W3C Trace Context: at most 32 list members and 512
+/// characters; each member `key=value`, the key lowercase (`a-z0-9_-*/`, starting with a letter
+/// or, as `tenant@system`, a digit; tenant at most 241 and system at most 14 characters, a simple
+/// key at most 256), the value at most 256 printable ASCII characters without `,` or `=` and not
+/// ending in a space. Empty members (`a=1,,b=2`) are allowed. An invalid value is dropped whole.
+pub fn valid_tracestate(value: &str) -> bool {
+    if value.len() > 512 {
+        return false;
+    }
+    let mut members = 0;
+    for m in value.split(',') {
+        let m = m.trim_matches([' ', '\t']);
+        if m.is_empty() {
+            continue;
+        }
+        members += 1;
+        if members > 32 {
+            return false;
+        }
+        let Some((key, val)) = m.split_once('=') else {
+            return false;
+        };
+        if !valid_key(key) || !valid_value(val) {
+            return false;
+        }
+    }
+    true
+}
+
+fn key_chars(s: &str) -> bool {
+    s.bytes().all(|c| {
+        c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'_' | b'-' | b'*' | b'/')
+    })
+}
+
+fn valid_key(key: &str) -> bool {
+    match key.split_once('@') {
+        Some((tenant, system)) => {
+            (1..=241).contains(&tenant.len())
+                && (1..=14).contains(&system.len())
+                && key_chars(tenant)
+                && key_chars(system)
+                && tenant.as_bytes()[0].is_ascii_alphanumeric()
+                && system.as_bytes()[0].is_ascii_lowercase()
+        }
+        None => {
+            (1..=256).contains(&key.len())
+                && key.as_bytes()[0].is_ascii_lowercase()
+                && key_chars(key)
+        }
+    }
+}
+
+fn valid_value(v: &str) -> bool {
+    (1..=256).contains(&v.len())
+        && v.bytes()
+            .all(|c| (0x20..=0x7e).contains(&c) && c != b',' && c != b'=')
+        && !v.ends_with(' ')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tracestate_validity() {
+        for ok in [
+            "congo=t61rcWkgMzE",
+            "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE",
+            "a=1,,b=2",
+            "tenant@system=x",
+            "1tenant@sys=v",
+            " k=v , l=w",
+        ] {
+            assert!(valid_tracestate(ok), "{ok}");
+        }
+        let many = (0..33)
+            .map(|i| format!("k{i}=v"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let long = format!("k={}", "v".repeat(255)) + &format!(",l={}", "v".repeat(255));
+        for bad in [
+            "novalue",
+            "Upper=1",
+            "k=a=b",
+            "k=",
+            "=v",
+            "k=v,bare",
+            "1key=v",
+            "k=\u{7f}",
+            "tenant@=v",
+            "t@waytoolongsystemname=v",
+            many.as_str(),
+            long.as_str(),
+        ] {
+            assert!(!valid_tracestate(bad), "{bad}");
+        }
+        let thirty_two = (0..32)
+            .map(|i| format!("k{i}=v"))
+            .collect::<Vec<_>>()
+            .join(",");
+        assert!(valid_tracestate(&thirty_two));
+    }
 
     #[test]
     fn valid() {

@@ -367,7 +367,10 @@ pub fn bpf_per_program() -> std::collections::BTreeMap<String, (u64, u64)> {
     };
     for p in v.as_array().into_iter().flatten() {
         let name = p["name"].as_str().unwrap_or("");
-        if name.starts_with("sys_") || name.starts_with("sock_") {
+        // Every program of the agent: syscall and sock tracepoints, the stitching raw
+        // tracepoint, the exit hook, and the opt-in header carrier.
+        let ours = ["sys_", "sock_", "tcp_sendmsg", "sched_process", "out_"];
+        if ours.iter().any(|p| name.starts_with(p)) {
             let e = m.entry(name.to_owned()).or_insert((0, 0));
             e.0 += p["run_time_ns"].as_u64().unwrap_or(0);
             e.1 += p["run_cnt"].as_u64().unwrap_or(0);
