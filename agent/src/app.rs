@@ -182,19 +182,26 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (ev_tx, ev_rx) = mpsc::channel(EVENT_QUEUE);
     let (stop_tx, stop_rx) = watch::channel(false);
 
-    let exporter = tokio::spawn(export::run(
+    let mut exporter = tokio::spawn(export::run(
         span_rx,
         sink,
         cfg.clone(),
         metrics.clone(),
         Duration::from_secs(10),
     ));
-    let tracker = tokio::spawn(
+    let mut tracker = tokio::spawn(
         Tracker::new(metrics.clone(), span_tx, snapshot, sampler, (urls, limits)).run(ev_rx),
     );
-    let reader = tokio::spawn(reader::run(ring, ev_tx, metrics.clone(), stop_rx));
+    let mut reader = tokio::spawn(reader::run(ring, ev_tx, metrics.clone(), stop_rx));
+    // Ready once the kernel programs are attached (above) and the pipeline runs; a pipeline task
+    // that ends makes the agent exit (below), so it is never attached and half-alive.
+    let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     if let MetricsAddr::At(addr) = args.metrics_addr {
-        tokio::spawn(crate::metrics_server::serve(addr, metrics.clone()));
+        tokio::spawn(crate::metrics_server::serve(
+            addr,
+            metrics.clone(),
+            ready.clone(),
+        ));
     }
 
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())
@@ -202,10 +209,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut ticks: u64 = 0;
     let mut last_kernel = vec![0u64; agent_common::COUNTER_NAMES.len()];
+    let mut failed: Option<String> = None;
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
+            r = &mut reader => { failed = Some(task_ended("ring reader", r)); break; }
+            r = &mut tracker => { failed = Some(task_ended("connection tracker", r)); break; }
+            r = &mut exporter => { failed = Some(task_ended("exporter", r)); break; }
             _ = tick.tick() => {
                 ticks += 1;
                 sync_kernel_counters(&ebpf, &metrics, &mut last_kernel);
@@ -231,6 +242,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }
     }
+    if let Some(why) = failed {
+        ready.store(false, std::sync::atomic::Ordering::Release);
+        tracing::error!(
+            "{why}: detaching and exiting, so the agent is restarted rather than left half-alive"
+        );
+        drop(ebpf); // detaches every program
+        anyhow::bail!(why);
+    }
     tracing::info!("stopping: flushing queued spans");
     let _ = stop_tx.send(true);
     let _ = reader.await;
@@ -246,6 +265,23 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!("final counters: {}", summary.join(" "));
     drop(ebpf); // detaches every program
     Ok(())
+}
+
+/// Why a pipeline task ended before the agent was asked to stop.
+fn task_ended<T: std::fmt::Debug>(name: &str, r: Result<T, tokio::task::JoinError>) -> String {
+    match r {
+        Err(e) if e.is_panic() => {
+            let p = e.into_panic();
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            format!("pipeline task {name} panicked: {msg}")
+        }
+        Err(e) => format!("pipeline task {name} was cancelled: {e}"),
+        Ok(v) => format!("pipeline task {name} ended unexpectedly ({v:?})"),
+    }
 }
 
 fn sync_kernel_counters(ebpf: &aya::Ebpf, metrics: &Metrics, last: &mut [u64]) {

@@ -161,3 +161,50 @@ fn metrics_endpoint_counts_spans() {
             && text.contains("agent_kernel_ringbuf_full_events_total 0")
     });
 }
+
+/// `/healthz` and `/readyz` beside `/metrics`; anything else is a 404; a connection that never
+/// sends a request head is closed after the header timeout instead of holding a slot forever.
+#[test]
+fn health_endpoints_and_header_timeout() {
+    use std::io::Read;
+    let metrics_port = free_port();
+    let mut cmd = Command::new(tests::agent::agent_bin());
+    cmd.args([
+        "--port",
+        &free_port().to_string(),
+        "--metrics-addr",
+        &format!("127.0.0.1:{metrics_port}"),
+    ])
+    .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    let _agent = Proc::spawn(&mut cmd);
+    tests::wait_port(metrics_port);
+    let get = |path: &str| {
+        let out = run(Command::new("curl").args([
+            "-s",
+            "--max-time",
+            "5",
+            "-w",
+            " %{http_code}",
+            &format!("http://127.0.0.1:{metrics_port}{path}"),
+        ]));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(get("/healthz"), "ok\n 200");
+    assert_eq!(get("/readyz"), "ready\n 200");
+    assert!(get("/nope").ends_with(" 404"));
+    assert!(get("/metrics").contains("agent_spans_created_total"));
+    let mut idle =
+        std::net::TcpStream::connect(("127.0.0.1", metrics_port)).expect("connect to metrics");
+    idle.set_read_timeout(Some(Duration::from_secs(15)))
+        .expect("timeout");
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let n = idle.read(&mut buf).unwrap_or(0);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(4) && waited < Duration::from_secs(14),
+        "idle connection closed after {waited:?} ({n} bytes)"
+    );
+}
