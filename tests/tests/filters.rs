@@ -130,12 +130,8 @@ fn not_root_is_explained() {
     assert!(err.contains("must run as root"), "{err}");
 }
 
-/// The agent's counters are served in Prometheus format.
-#[test]
-fn metrics_endpoint_counts_spans() {
-    let port = free_port();
-    let metrics_port = free_port();
-    let _nginx = Nginx::start(port, "    location = /hello { return 200 \"hello\\n\"; }\n");
+/// The agent tracing port `port`, serving its own endpoint on `metrics_port` (once it listens).
+fn agent_with_metrics(port: u16, metrics_port: u16) -> Proc {
     let mut cmd = Command::new(tests::agent::agent_bin());
     cmd.args([
         "--port",
@@ -146,8 +142,18 @@ fn metrics_endpoint_counts_spans() {
     .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
     .stdout(Stdio::null())
     .stderr(Stdio::null());
-    let _agent = Proc::spawn(&mut cmd);
+    let agent = Proc::spawn(&mut cmd);
     tests::wait_port(metrics_port);
+    agent
+}
+
+/// The agent's counters are served in Prometheus format.
+#[test]
+fn metrics_endpoint_counts_spans() {
+    let port = free_port();
+    let metrics_port = free_port();
+    let _nginx = Nginx::start(port, "    location = /hello { return 200 \"hello\\n\"; }\n");
+    let _agent = agent_with_metrics(port, metrics_port);
     std::thread::sleep(Duration::from_millis(500));
     curl(&[&format!("http://127.0.0.1:{port}/hello")]);
     wait_until(T, "spans_exported_total 2", || {
@@ -168,18 +174,7 @@ fn metrics_endpoint_counts_spans() {
 fn health_endpoints_and_header_timeout() {
     use std::io::Read;
     let metrics_port = free_port();
-    let mut cmd = Command::new(tests::agent::agent_bin());
-    cmd.args([
-        "--port",
-        &free_port().to_string(),
-        "--metrics-addr",
-        &format!("127.0.0.1:{metrics_port}"),
-    ])
-    .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-    .stdout(Stdio::null())
-    .stderr(Stdio::null());
-    let _agent = Proc::spawn(&mut cmd);
-    tests::wait_port(metrics_port);
+    let _agent = agent_with_metrics(free_port(), metrics_port);
     let get = |path: &str| {
         let out = run(Command::new("curl").args([
             "-s",
