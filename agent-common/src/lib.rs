@@ -82,8 +82,18 @@ pub const CNT_PID_EXITED: u32 = 18;
 /// request a thread handles, a socket between `connect` and "established"): that request's
 /// in-process link, or that connection's header injection, is lost.
 pub const CNT_STATE_MAP_FULL: u32 = 19;
-pub const NUM_COUNTERS: u32 = 24;
-pub const COUNTER_NAMES: [&str; 20] = [
+/// A request's context written into a TCP option on its first segment (`--inject tcp-option`).
+pub const CNT_TCPOPT_WRITTEN: u32 = 20;
+/// A request's first segment had no room for the option (its payload plus the option exceeds
+/// the MSS, or SACK blocks fill the option space): that request goes without.
+pub const CNT_TCPOPT_NO_ROOM: u32 = 21;
+/// A context received in a TCP option and recorded for the reader.
+pub const CNT_TCPOPT_RECEIVED: u32 = 22;
+/// A reader claimed a context that came in a TCP option (`received - claimed`: options whose
+/// request no traced reader took, e.g. the server is not selected).
+pub const CNT_TCPOPT_CLAIMED: u32 = 23;
+pub const NUM_COUNTERS: u32 = 32;
+pub const COUNTER_NAMES: [&str; 24] = [
     "kernel_ringbuf_full_events",
     "kernel_inflight_syscall_map_full",
     "kernel_close_ringbuf_full_events",
@@ -104,6 +114,10 @@ pub const COUNTER_NAMES: [&str; 20] = [
     "kernel_scratch_busy",
     "kernel_pid_exited",
     "kernel_state_map_full",
+    "kernel_tcpopt_written",
+    "kernel_tcpopt_no_room",
+    "kernel_tcpopt_received",
+    "kernel_tcpopt_claimed",
 ];
 
 /// Addresses of one TCP connection, seen from the traced process. IPv4 addresses occupy the
@@ -181,6 +195,18 @@ pub const INJECT_STITCH: u32 = 1;
 /// Stitching, plus a `traceparent` header written into outgoing HTTP/1.x requests of selected
 /// processes by `sk_msg` (opt-in: the socket map path is not safe for every program).
 pub const INJECT_HEADER: u32 = 2;
+/// Stitching, plus the context in an experimental TCP option (RFC 6994, kind 254) on the first
+/// segment of each request a selected process sends to another host, for the agent there.
+pub const INJECT_TCPOPT: u32 = 3;
+
+/// The TCP option: kind, length (all that timestamps leave of the 40 option bytes), and the
+/// 16-bit experiment ids that tell a sampled context from an unsampled one.
+pub const TCPOPT_KIND: u8 = 254;
+pub const TCPOPT_LEN: usize = 28;
+pub const TCPOPT_EXID_SAMPLED: u16 = 0xbe01;
+pub const TCPOPT_EXID_UNSAMPLED: u16 = 0xbe00;
+/// `WireCtx::_pad[0]` of a stitching record that arrived in a TCP option.
+pub const WIRE_VIA_TCPOPT: u8 = 1;
 
 /// Key of the same-host stitching map: one request start, by its connection seen from the client
 /// side (IPv4 and v4-mapped addresses both in the first four bytes) and the TCP sequence number

@@ -28,6 +28,9 @@ pub static SAMPLE_PARENT_BASED: u32 = 1;
 pub static INJECT_MODE: u32 = INJECT_STITCH;
 /// Offsets of `write_seq` and `copied_seq` in `struct tcp_sock`, read from the kernel's BTF by
 /// userspace (0: unknown, and stitching stays off).
+/// Test only: the TCP-option carrier also on loopback connections (see `propagate::tcpopt`).
+#[unsafe(no_mangle)]
+pub static TCPOPT_LOOPBACK: u32 = 0;
 #[unsafe(no_mangle)]
 pub static OFF_WRITE_SEQ: u32 = 0;
 #[unsafe(no_mangle)]

@@ -135,6 +135,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         excluded,
         excluded_any_port,
         inject: args.inject,
+        tcpopt_loopback: args.tcp_option_loopback,
         cgroup: args.cgroup.clone(),
         sample_threshold: sampler.kernel_threshold(),
         sample_parent_based: sampler.parent_based,

@@ -47,10 +47,17 @@ pub struct RunArgs {
     /// How trace context crosses from a caller to its callee. `stitch` (default): between traced
     /// processes on this host, by connection and TCP sequence number, with no byte changed on the
     /// wire. `header`: also write a W3C `traceparent` into outgoing HTTP/1.x requests of selected
-    /// processes (sock_ops + sk_msg; opt-in, see the README for why). `off`: nothing.
-    #[arg(long, value_name = "stitch|header|off", default_value = "stitch", env = "BEHOLDER_INJECT",
+    /// processes (sock_ops + sk_msg; opt-in, see the README for why). `tcp-option`: stitching,
+    /// plus the context in an experimental TCP option on the first segment of each request a
+    /// selected process sends to another host, for the agent there (opt-in; both ends run the
+    /// agent). `off`: nothing.
+    #[arg(long, value_name = "stitch|tcp-option|header|off", default_value = "stitch", env = "BEHOLDER_INJECT",
           value_parser = parse_inject)]
     pub inject: Inject,
+    /// Test aid: with `--inject tcp-option`, put the option on loopback connections too (where
+    /// same-host stitching alone would do), so one host exercises the cross-host path.
+    #[arg(long, hide = true, env = "BEHOLDER_TCP_OPTION_LOOPBACK")]
+    pub tcp_option_loopback: bool,
     /// Query strings in `url.full` and `url.query`: `redact` (default) reports the values of
     /// secret-looking keys as REDACTED; `drop` leaves query strings out entirely.
     #[arg(long, value_name = "redact|drop", default_value = "redact", env = "BEHOLDER_URL_QUERY",
@@ -88,6 +95,7 @@ pub enum Inject {
     Off,
     Stitch,
     Header,
+    TcpOption,
 }
 
 impl Inject {
@@ -97,6 +105,7 @@ impl Inject {
             Inject::Off => agent_common::INJECT_OFF,
             Inject::Stitch => agent_common::INJECT_STITCH,
             Inject::Header => agent_common::INJECT_HEADER,
+            Inject::TcpOption => agent_common::INJECT_TCPOPT,
         }
     }
 }
@@ -114,8 +123,9 @@ fn parse_inject(s: &str) -> Result<Inject, String> {
     match s.trim().to_ascii_lowercase().as_str() {
         "stitch" | "on" => Ok(Inject::Stitch),
         "header" => Ok(Inject::Header),
+        "tcp-option" => Ok(Inject::TcpOption),
         "off" | "none" => Ok(Inject::Off),
-        _ => Err(format!("{s:?}: expected stitch, header or off")),
+        _ => Err(format!("{s:?}: expected stitch, tcp-option, header or off")),
     }
 }
 

@@ -6,6 +6,7 @@ pub mod inflight;
 mod skmsg;
 mod sockops;
 pub mod stitch;
+mod tcpopt;
 
 use agent_common::{ConnTuple, IoArgs, ServerReq, WireCtx, WIRE_LINKED, WIRE_SERVER};
 

@@ -11,7 +11,7 @@
 //! its server span becomes the client span's child. The record exists before the bytes do, so a
 //! reader on another CPU cannot overtake it; pipelined requests each have their own number.
 use agent_common::{
-    ConnTuple, FlowSeq, IoArgs, WireCtx, CNT_STITCH_CLAIMED, CNT_STITCH_FULL, CNT_STITCH_MARKED,
+    ConnTuple, FlowSeq, IoArgs, WireCtx, CNT_STITCH_CLAIMED, CNT_STITCH_FULL, CNT_STITCH_MARKED, CNT_TCPOPT_CLAIMED, WIRE_VIA_TCPOPT,
     DIR_EGRESS, INJECT_OFF, IO_SEND_SEEN, IO_SEQ, VERDICT_TRACE, WIRE_CARRIED, WIRE_CARRIED_FWD,
     WIRE_NONE,
 };
@@ -216,6 +216,10 @@ pub fn claim(io: &IoArgs, t: &ConnTuple, out: &mut WireCtx) -> bool {
         out.trace_id = (*w).trace_id;
         out.parent_id = (*w).span_id;
         out.flags = (*w).flags;
+    }
+    // SAFETY: as above.
+    if unsafe { (*w)._pad[0] } == WIRE_VIA_TCPOPT {
+        count(CNT_TCPOPT_CLAIMED);
     }
     let _ = STITCH.remove(&k);
     count(CNT_STITCH_CLAIMED);

@@ -159,6 +159,15 @@ pub fn run() -> bool {
                         "[warn] same-host stitching unavailable ({e}); spans still link inside each process"
                     ),
                 }
+                // Optional, opt-in: the TCP-option carrier.
+                match super::inject::verify_tcp_option(&mut ebpf) {
+                    Ok(()) => r.line(
+                        true,
+                        "TCP-option carrier for --inject tcp-option (sock_ops verified, not attached)",
+                        "",
+                    ),
+                    Err(e) => println!("[warn] --inject tcp-option is unavailable here ({e})"),
+                }
                 // Optional, opt-in: the header carrier.
                 match super::inject::verify(&mut ebpf) {
                     Ok(root) => r.line(

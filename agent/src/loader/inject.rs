@@ -120,3 +120,39 @@ pub fn attach(ebpf: &mut Ebpf, cgroup: Option<&std::path::Path>) -> Result<PathB
         .map_err(|e| InjectError::Program("out_sockops", e))?;
     Ok(root)
 }
+
+/// The TCP-option carrier's program (`--inject tcp-option`).
+pub const TCP_OPTION_PROGRAM: &str = "tcp_option";
+
+/// Loads the TCP-option carrier's `sock_ops` program for the verifier, without attaching it.
+pub fn verify_tcp_option(ebpf: &mut Ebpf) -> Result<(), InjectError> {
+    let ops: &mut SockOps = ebpf
+        .program_mut(TCP_OPTION_PROGRAM)
+        .ok_or(InjectError::Missing(TCP_OPTION_PROGRAM))?
+        .try_into()
+        .map_err(|e| InjectError::Program(TCP_OPTION_PROGRAM, e))?;
+    ops.load()
+        .map_err(|e| InjectError::Program(TCP_OPTION_PROGRAM, e))
+}
+
+/// Loads and attaches the TCP-option carrier to `cgroup` (default: the cgroup v2 root), beside
+/// any `sock_ops` program already there (a cgroup link); returns the cgroup it covers.
+pub fn attach_tcp_option(
+    ebpf: &mut Ebpf,
+    cgroup: Option<&std::path::Path>,
+) -> Result<PathBuf, InjectError> {
+    let root = match cgroup {
+        Some(p) => p.to_path_buf(),
+        None => cgroup2_root().ok_or(InjectError::NoCgroup2)?,
+    };
+    let dir = File::open(&root).map_err(|e| InjectError::Cgroup(root.clone(), e))?;
+    verify_tcp_option(ebpf)?;
+    let ops: &mut SockOps = ebpf
+        .program_mut(TCP_OPTION_PROGRAM)
+        .ok_or(InjectError::Missing(TCP_OPTION_PROGRAM))?
+        .try_into()
+        .map_err(|e| InjectError::Program(TCP_OPTION_PROGRAM, e))?;
+    ops.attach(&dir, CgroupAttachMode::Single)
+        .map_err(|e| InjectError::Program(TCP_OPTION_PROGRAM, e))?;
+    Ok(root)
+}

@@ -80,6 +80,8 @@ pub struct Settings {
     pub excluded_any_port: Vec<u16>,
     /// How trace context crosses between processes.
     pub inject: crate::cli::Inject,
+    /// `--inject tcp-option` on loopback connections too (a test aid).
+    pub tcpopt_loopback: bool,
     /// The cgroup to inject in (None: the cgroup v2 root).
     pub cgroup: Option<std::path::PathBuf>,
     /// Sampling of traces that start here, as the kernel applies it.
@@ -186,12 +188,15 @@ pub fn load(s: &Settings) -> Result<Loaded, LoadError> {
             (0, 0)
         }
     };
-    if write_seq == 0 && mode == agent_common::INJECT_STITCH {
+    if write_seq == 0
+        && (mode == agent_common::INJECT_STITCH || mode == agent_common::INJECT_TCPOPT)
+    {
         mode = agent_common::INJECT_OFF;
     }
     let mut ebpf = EbpfLoader::new()
         .override_global("INJECT_MODE", &mode, true)
         .override_global("OFF_WRITE_SEQ", &write_seq, true)
+        .override_global("TCPOPT_LOOPBACK", &(s.tcpopt_loopback as u32), true)
         .override_global("OFF_COPIED_SEQ", &copied_seq, true)
         .override_global("AGENT_TGID", &me, true)
         .override_global("SAMPLE_THRESHOLD", &s.sample_threshold, true)
@@ -227,6 +232,18 @@ pub fn load(s: &Settings) -> Result<Loaded, LoadError> {
     }
     if mode != agent_common::INJECT_OFF {
         attach_stitch(&mut ebpf)?;
+    }
+    if mode == agent_common::INJECT_TCPOPT {
+        match inject::attach_tcp_option(&mut ebpf, s.cgroup.as_deref()) {
+            Ok(root) => tracing::info!(
+                "trace context also rides a TCP option on requests of selected processes in \
+                 cgroup {} to other hosts (--inject tcp-option)",
+                root.display()
+            ),
+            Err(e) => tracing::warn!(
+                "the TCP-option carrier is off: {e}; same-host stitching still runs. Run `agent check`"
+            ),
+        }
     }
     let injecting = if s.inject == crate::cli::Inject::Header {
         match inject::attach(&mut ebpf, s.cgroup.as_deref()) {
