@@ -194,6 +194,71 @@ fn chain_across_two_network_namespaces() {
     agent.stop();
 }
 
+/// `--inject tcp-option` across the veth pair: the proxy's requests to the other namespace carry
+/// their context in a TCP option (the sender drops its own record once the option is written),
+/// and the receiver's kernel records it for the backend; every request links exactly.
+#[test]
+fn tcp_option_carries_context_across_two_namespaces() {
+    require_root();
+    let ns = NetnsPair::new();
+    let rx = Receiver::start();
+    let agent = Agent::start(Export::Grpc(&rx), &["--inject", "tcp-option"]);
+    let chain = Arc::new(Chain::start(Layout {
+        front_ns: Some(ns.a.clone()),
+        back_ns: Some(ns.b.clone()),
+        back_ip: "10.231.0.2".into(),
+    }));
+    let mut paths: Vec<String> = (0..10).map(|i| format!("/opt/{i}")).collect();
+    for p in &paths {
+        assert_eq!(chain.curl(p, &[]), CHAIN_BODY);
+    }
+    let c2 = chain.clone();
+    paths.extend(concurrent(10, 5, "optc", move |p| {
+        assert_eq!(c2.curl(p, &[]), CHAIN_BODY);
+    }));
+    assert_all_linked(&rx, &paths);
+    let (_, err) = agent.stop();
+    let c = final_counters(&err);
+    let get = |k: &str| c.get(k).copied().unwrap_or(0);
+    // Exactly one hop per request crosses the veth pair, and only that hop uses the option.
+    assert_eq!(get("kernel_tcpopt_written"), paths.len() as u64, "{c:?}");
+    assert_eq!(get("kernel_tcpopt_received"), paths.len() as u64, "{c:?}");
+    assert_eq!(get("kernel_tcpopt_claimed"), paths.len() as u64, "{c:?}");
+    assert_eq!(get("kernel_tcpopt_no_room"), 0, "{c:?}");
+    assert_no_bytes_written(&c);
+}
+
+/// The option path alone over loopback (the test aid puts the option on loopback connections
+/// too): every hop of the chain is linked through an option, none through a local record.
+#[test]
+fn tcp_option_alone_links_every_hop_of_the_chain() {
+    require_root();
+    let rx = Receiver::start();
+    let agent = Agent::start_env(
+        Export::Grpc(&rx),
+        &["--inject", "tcp-option"],
+        &[("BEHOLDER_TCP_OPTION_LOOPBACK", "true")],
+    );
+    let chain = Arc::new(Chain::start(Layout::local()));
+    let c2 = chain.clone();
+    let paths = concurrent(5, 10, "optl", move |p| {
+        assert_eq!(c2.curl(p, &[]), CHAIN_BODY);
+    });
+    assert_all_linked(&rx, &paths);
+    let (_, err) = agent.stop();
+    let c = final_counters(&err);
+    let get = |k: &str| c.get(k).copied().unwrap_or(0);
+    // Four hops a request (curl, nginx, python, node); each claim came from an option.
+    let hops = 4 * paths.len() as u64;
+    assert!(get("kernel_tcpopt_claimed") >= hops, "{c:?}");
+    assert_eq!(
+        get("kernel_tcpopt_claimed"),
+        get("kernel_stitch_claimed"),
+        "{c:?}"
+    );
+    assert_no_bytes_written(&c);
+}
+
 #[test]
 fn incoming_traceparent_valid_garbage_and_unsampled() {
     require_root();

@@ -219,6 +219,30 @@ fn matrix_narrow_selection_leaves_the_unselected_alone() {
     }
 }
 
+/// The opt-in TCP-option carrier, on loopback too (the test aid): every request of the matrix
+/// from a traced process carries an option on its first segment, and still every transfer is
+/// byte-exact and on time.
+#[test]
+fn matrix_tcp_option_carrier() {
+    require_root();
+    let rx = Receiver::start();
+    let agent = Agent::start_env(
+        Export::Grpc(&rx),
+        &["--inject", "tcp-option"],
+        &[("BEHOLDER_TCP_OPTION_LOOPBACK", "true")],
+    );
+    let s = stack();
+    assert_all_pass("--inject tcp-option (loopback too)", &s);
+    std::thread::sleep(Duration::from_secs(2));
+    let (_, err) = agent.stop();
+    let c = final_counters(&err);
+    println!("counters: {c:?}");
+    let get = |k: &str| c.get(k).copied().unwrap_or(0);
+    assert!(get("kernel_tcpopt_written") >= 40, "{c:?}");
+    assert!(get("kernel_tcpopt_claimed") >= 40, "{c:?}");
+    assert_eq!(get("kernel_traceparent_inserted"), 0, "{c:?}");
+}
+
 /// The opt-in header carrier with a narrow selection: clients outside it never go through the
 /// socket map, so their large uploads followed by a blocking `recv` never see the spurious
 /// EAGAIN of `tcp_bpf` (the failure reported with `--exe '*/nginx'`), five times over.

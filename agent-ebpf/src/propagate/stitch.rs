@@ -11,9 +11,9 @@
 //! its server span becomes the client span's child. The record exists before the bytes do, so a
 //! reader on another CPU cannot overtake it; pipelined requests each have their own number.
 use agent_common::{
-    ConnTuple, FlowSeq, IoArgs, WireCtx, CNT_STITCH_CLAIMED, CNT_STITCH_FULL, CNT_STITCH_MARKED, CNT_TCPOPT_CLAIMED, WIRE_VIA_TCPOPT,
-    DIR_EGRESS, INJECT_OFF, IO_SEND_SEEN, IO_SEQ, VERDICT_TRACE, WIRE_CARRIED, WIRE_CARRIED_FWD,
-    WIRE_NONE,
+    ConnTuple, FlowSeq, IoArgs, WireCtx, CNT_STITCH_CLAIMED, CNT_STITCH_FULL, CNT_STITCH_MARKED,
+    CNT_TCPOPT_CLAIMED, DIR_EGRESS, INJECT_OFF, IO_SEND_SEEN, IO_SEQ, VERDICT_TRACE, WIRE_CARRIED,
+    WIRE_CARRIED_FWD, WIRE_NONE, WIRE_VIA_TCPOPT,
 };
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},

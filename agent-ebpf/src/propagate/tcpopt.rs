@@ -49,9 +49,8 @@ pub fn tcp_option(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB => connecting(&ctx),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
-            let _ = ctx.set_cb_flags(
-                (ctx.cb_flags() | BPF_SOCK_OPS_PARSE_UNKNOWN_HDR_OPT_CB_FLAG) as i32,
-            );
+            let _ = ctx
+                .set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_PARSE_UNKNOWN_HDR_OPT_CB_FLAG) as i32);
         }
         BPF_SOCK_OPS_HDR_OPT_LEN_CB => reserve(&ctx),
         BPF_SOCK_OPS_WRITE_HDR_OPT_CB => write(&ctx),
@@ -208,7 +207,9 @@ fn header_seq(o: &bpf_sock_ops) -> Option<u32> {
         if data + 8 > end {
             return None;
         }
-        Some(u32::from_be(core::ptr::read_unaligned((data + 4) as *const u32)))
+        Some(u32::from_be(core::ptr::read_unaligned(
+            (data + 4) as *const u32,
+        )))
     }
 }
 
