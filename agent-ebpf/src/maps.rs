@@ -5,7 +5,7 @@ use agent_common::{
 };
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
+    maps::{HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf, SockHash},
 };
 
 /// Set by userspace at load time (`EbpfLoader::set_global`).
@@ -234,3 +234,33 @@ pub fn process_traced(tgid: u32) -> bool {
 pub fn conn_key(tgid: u32, fd: u32) -> u64 {
     ((tgid as u64) << 32) | fd as u64
 }
+
+/// An edit `sk_msg` planned for a request head (`propagate::skmsg`), handed to the edit program
+/// through a tail call. `pid_tgid` names the sending thread, so a plan another task's send on
+/// this CPU overwrote in between is never carried out on the wrong message.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct MsgEdit {
+    pub pid_tgid: u64,
+    pub op: u32,
+    /// Where the text goes in the message.
+    pub at: u32,
+    /// `EDIT_REPLACE`: length of the value being replaced.
+    pub old_len: u32,
+    /// Bytes of the message's head to make contiguous again after the edit.
+    pub n: u32,
+    pub wire: WireCtx,
+    pub text: [u8; EDIT_TEXT],
+}
+pub const EDIT_REWRITE: u32 = 1;
+pub const EDIT_INSERT: u32 = 2;
+pub const EDIT_REPLACE: u32 = 3;
+/// Longest text an edit writes: the whole `traceparent` header line (70 bytes).
+pub const EDIT_TEXT: usize = 72;
+
+#[map]
+pub static EDIT: PerCpuArray<MsgEdit> = PerCpuArray::with_max_entries(1, 0);
+
+/// Slot 0: the `out_msg_edit` program (set by userspace).
+#[map]
+pub static MSG_EDIT: ProgramArray = ProgramArray::with_max_entries(1, 0);

@@ -9,6 +9,11 @@
 //!   flags follow the sampler (unchanged under the default parent-based one);
 //! - an invalid one: its value is replaced by a valid one, as if there had been none.
 //!
+//! The edit runs in a second program, `out_msg_edit`, reached by a tail call with a per-CPU
+//! plan: it grows or shrinks the message, writes the text, and if the write fails takes the
+//! grown bytes out again, so an uninitialised byte is never sent. (Split in two because the
+//! verifier's instruction budget does not cover head parsing and every edit path in one.)
+//!
 //! A head that is not whole in the first message is left alone and counted. So is anything that
 //! is not the start of an HTTP/1.x request (bodies, TLS, other protocols). The syscall still
 //! returns what the program wrote; only the bytes on the wire grow.
@@ -30,8 +35,8 @@ use super::{
     ids, inflight, MSG_SLOT,
 };
 use crate::maps::{
-    conn_key, count, process_traced, scratch, SockKey, ACTIVE_IO, BODY_LEFT, BODY_UNKNOWN,
-    LARGE_SENDS,
+    conn_key, count, process_traced, scratch, SockKey, ACTIVE_IO, BODY_LEFT, BODY_UNKNOWN, EDIT,
+    EDIT_INSERT, EDIT_REPLACE, EDIT_REWRITE, EDIT_TEXT, LARGE_SENDS, MSG_EDIT,
 };
 
 const SK_PASS: u32 = 1;
@@ -138,91 +143,156 @@ fn inject(ctx: &SkMsgContext) {
         mark_large(ctx);
     }
     let owner = inflight::owner(pid_tgid, io.fd);
-    // Ids for a request without a usable traceparent: the owner's trace, or a new one.
-    let fresh = || {
+    let Some(plan) = EDIT.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's plan slot; `pid_tgid` tells the edit program whether it is still ours.
+    let plan = unsafe { &mut *plan };
+    plan.pid_tgid = pid_tgid;
+    plan.n = n as u32;
+    if h.traceparent != 0 {
+        let v = h.traceparent;
+        if let Some(tp) = head::parse_traceparent(MSG_SLOT, buf, v, n) {
+            let mut w = WireCtx {
+                kind: WIRE_REWRITTEN,
+                trace_id: tp.trace_id,
+                span_id: ids::span_id(),
+                flags: ids::sampled(&tp.trace_id, Some(tp.flags)),
+                ..WireCtx::default()
+            };
+            if let Some(o) = owner.filter(|o| o.trace_id == tp.trace_id) {
+                w.parent_id = o.span_id;
+            }
+            // "<16 hex span>-<2 hex flags>" over the old parent id and flags.
+            ids::put_hex(&mut plan.text, 0, &w.span_id);
+            plan.text[16] = b'-';
+            ids::put_hex(&mut plan.text, 17, &[w.flags]);
+            plan.op = EDIT_REWRITE;
+            plan.at = (v + 36) as u32;
+            plan.wire = w;
+        } else {
+            let Some(end) = head::value_end(buf, v, n) else {
+                count(CNT_TP_SKIPPED_HEAD);
+                return;
+            };
+            let mut w = WireCtx {
+                span_id: ids::span_id(),
+                ..WireCtx::default()
+            };
+            super::client_ctx(&mut w, owner);
+            w.kind = WIRE_REPLACED;
+            ids::put_traceparent(&mut plan.text, 0, &w.trace_id, &w.span_id, w.flags);
+            plan.op = EDIT_REPLACE;
+            plan.at = v as u32;
+            plan.old_len = (end - v) as u32;
+            plan.wire = w;
+        }
+    } else if h.end != 0 {
         let mut w = WireCtx {
             span_id: ids::span_id(),
             ..WireCtx::default()
         };
         super::client_ctx(&mut w, owner);
-        w
+        w.kind = WIRE_INSERTED;
+        plan.text[..13].copy_from_slice(b"traceparent: ");
+        ids::put_traceparent(&mut plan.text, 13, &w.trace_id, &w.span_id, w.flags);
+        plan.text[HEADER_LEN - 2] = b'\r';
+        plan.text[HEADER_LEN - 1] = b'\n';
+        plan.op = EDIT_INSERT;
+        plan.at = line_end as u32;
+        plan.wire = w;
+    } else {
+        count(CNT_TP_SKIPPED_HEAD);
+        return;
+    }
+    // The scratch slot is released before the tail call, which does not come back.
+    drop(scratch);
+    // SAFETY: a tail call into the edit program of this message; on failure it returns here
+    // and nothing was changed.
+    unsafe { MSG_EDIT.tail_call(ctx, 0) };
+    plan.op = 0;
+    count(CNT_TP_FAILED);
+}
+
+/// The second half of `out_msg` (see the module comment): carries out this CPU's plan on the
+/// message, if the plan is this thread's.
+#[sk_msg]
+pub fn out_msg_edit(ctx: SkMsgContext) -> u32 {
+    edit(&ctx);
+    SK_PASS
+}
+
+#[inline(always)]
+fn edit(ctx: &SkMsgContext) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(plan) = EDIT.get_ptr_mut(0) else {
+        return;
     };
-    if h.traceparent != 0 {
-        let v = h.traceparent;
-        {
-            if let Some(tp) = head::parse_traceparent(MSG_SLOT, buf, v, n) {
-                let mut w = WireCtx {
-                    kind: WIRE_REWRITTEN,
-                    trace_id: tp.trace_id,
-                    span_id: ids::span_id(),
-                    flags: ids::sampled(&tp.trace_id, Some(tp.flags)),
-                    ..WireCtx::default()
-                };
-                if let Some(o) = owner.filter(|o| o.trace_id == tp.trace_id) {
-                    w.parent_id = o.span_id;
-                }
-                // "<16 hex span>-<2 hex flags>" over the old parent id and flags.
-                let mut text = [0u8; 19];
-                ids::put_hex(&mut text, 0, &w.span_id);
-                text[16] = b'-';
-                ids::put_hex(&mut text, 17, &[w.flags]);
-                if write_at(ctx, v + 36, &text) {
-                    io.wire = w;
-                    count(CNT_TP_REWRITTEN);
-                }
-            } else {
-                let Some(end) = head::value_end(buf, v, n) else {
-                    count(CNT_TP_SKIPPED_HEAD);
-                    return;
-                };
-                let old = end - v;
-                let ok = if old < TP_LEN {
-                    ctx.push_data(end as u32, (TP_LEN - old) as u32, 0).is_ok()
-                } else if old > TP_LEN {
-                    ctx.pop_data((v + TP_LEN) as u32, (old - TP_LEN) as u32, 0)
-                        .is_ok()
-                } else {
-                    true
-                };
-                if !ok {
-                    count(CNT_TP_FAILED);
-                    return;
-                }
-                let mut w = fresh();
-                w.kind = WIRE_REPLACED;
-                let mut text = [0u8; TP_LEN];
-                ids::put_traceparent(&mut text, 0, &w.trace_id, &w.span_id, w.flags);
-                if write_at(ctx, v, &text) {
-                    io.wire = w;
-                    count(CNT_TP_REPLACED);
-                }
-                rejoin(ctx, n + TP_LEN);
+    // SAFETY: this CPU's plan slot.
+    let plan = unsafe { &mut *plan };
+    let op = plan.op;
+    plan.op = 0;
+    if plan.pid_tgid != pid_tgid || op == 0 {
+        count(CNT_TP_FAILED); // another task's send on this CPU took the slot in between
+        return;
+    }
+    let Some(io) = ACTIVE_IO.get_ptr_mut(&pid_tgid) else {
+        return;
+    };
+    let at = plan.at as usize;
+    let n = plan.n as usize;
+    let done = match op {
+        EDIT_REWRITE => {
+            let ok = write_at::<19>(ctx, at, &plan.text);
+            if ok {
+                count(CNT_TP_REWRITTEN);
             }
+            ok
         }
-    } else if h.end != 0 {
-        {
-            if ctx
-                .push_data(line_end as u32, HEADER_LEN as u32, 0)
-                .is_err()
-            {
+        EDIT_INSERT => {
+            if ctx.push_data(at as u32, HEADER_LEN as u32, 0).is_err() {
                 count(CNT_TP_FAILED);
                 return;
             }
-            let mut w = fresh();
-            w.kind = WIRE_INSERTED;
-            let mut text = [0u8; HEADER_LEN];
-            text[..13].copy_from_slice(b"traceparent: ");
-            ids::put_traceparent(&mut text, 13, &w.trace_id, &w.span_id, w.flags);
-            text[HEADER_LEN - 2] = b'\r';
-            text[HEADER_LEN - 1] = b'\n';
-            if write_at(ctx, line_end, &text) {
-                io.wire = w;
+            let ok = write_at::<HEADER_LEN>(ctx, at, &plan.text);
+            if ok {
                 count(CNT_TP_INSERTED);
+            } else {
+                // The pushed bytes were never written: take them out again.
+                let _ = ctx.pop_data(at as u32, HEADER_LEN as u32, 0);
             }
             rejoin(ctx, n + HEADER_LEN);
+            ok
         }
-    } else {
-        count(CNT_TP_SKIPPED_HEAD);
+        _ => {
+            let old = plan.old_len as usize;
+            let end = at + old;
+            let resized = if old < TP_LEN {
+                ctx.push_data(end as u32, (TP_LEN - old) as u32, 0).is_ok()
+            } else if old > TP_LEN {
+                ctx.pop_data((at + TP_LEN) as u32, (old - TP_LEN) as u32, 0)
+                    .is_ok()
+            } else {
+                true
+            };
+            if !resized {
+                count(CNT_TP_FAILED);
+                return;
+            }
+            let ok = write_at::<TP_LEN>(ctx, at, &plan.text);
+            if ok {
+                count(CNT_TP_REPLACED);
+            } else if old < TP_LEN {
+                // The grown bytes were never written: take them out again.
+                let _ = ctx.pop_data(end as u32, (TP_LEN - old) as u32, 0);
+            }
+            rejoin(ctx, n + TP_LEN);
+            ok
+        }
+    };
+    if done {
+        // SAFETY: live map value of this thread.
+        unsafe { (*io).wire = plan.wire };
     }
 }
 
@@ -238,7 +308,7 @@ fn rejoin(ctx: &SkMsgContext, n: usize) {
 
 /// Overwrites message bytes `[at, at + N)` with `text`.
 #[inline(always)]
-fn write_at<const N: usize>(ctx: &SkMsgContext, at: usize, text: &[u8; N]) -> bool {
+fn write_at<const N: usize>(ctx: &SkMsgContext, at: usize, text: &[u8; EDIT_TEXT]) -> bool {
     // SAFETY: makes the range linear and points `data` at `at`.
     if unsafe { bpf_msg_pull_data(ctx.msg, at as u32, (at + N) as u32, 0) } != 0 {
         count(CNT_TP_FAILED);

@@ -4,7 +4,7 @@ use std::{fs::File, path::PathBuf};
 
 use agent_common::MAP_SOCKS;
 use aya::{
-    maps::SockHash,
+    maps::{ProgramArray, SockHash},
     programs::{links::CgroupAttachMode, SkMsg, SockOps},
     Ebpf,
 };
@@ -70,10 +70,37 @@ pub fn in_cgroup(pid: u32, root: &std::path::Path, dir: &std::path::Path) -> boo
         .is_some_and(|p| std::path::Path::new(p.trim_start_matches('/')).starts_with(rel))
 }
 
+/// The program `out_msg` tail-calls to carry out its edit, and the program array it is found in.
+const EDIT_PROGRAM: &str = "out_msg_edit";
+const EDIT_ARRAY: &str = "MSG_EDIT";
+
+/// Loads the edit program and puts it where `out_msg` tail-calls it.
+fn load_edit(ebpf: &mut Ebpf) -> Result<(), InjectError> {
+    let prog: &mut SkMsg = ebpf
+        .program_mut(EDIT_PROGRAM)
+        .ok_or(InjectError::Missing(EDIT_PROGRAM))?
+        .try_into()
+        .map_err(|e| InjectError::Program(EDIT_PROGRAM, e))?;
+    prog.load()
+        .map_err(|e| InjectError::Program(EDIT_PROGRAM, e))?;
+    let fd = prog
+        .fd()
+        .map_err(|e| InjectError::Program(EDIT_PROGRAM, e))?
+        .try_clone()
+        .map_err(InjectError::Dup)?;
+    let mut array = ProgramArray::try_from(
+        ebpf.map_mut(EDIT_ARRAY)
+            .ok_or(InjectError::Missing(EDIT_ARRAY))?,
+    )
+    .map_err(InjectError::Map)?;
+    array.set(0, &fd, 0).map_err(InjectError::Map)
+}
+
 /// Loads both programs (the verifier checks them) without attaching anything; returns the
 /// cgroup they would cover.
 pub fn verify(ebpf: &mut Ebpf) -> Result<PathBuf, InjectError> {
     let root = cgroup2_root().ok_or(InjectError::NoCgroup2)?;
+    load_edit(ebpf)?;
     for name in ["out_msg", "out_sockops"] {
         let prog = ebpf.program_mut(name).ok_or(InjectError::Missing(name))?;
         match prog {
@@ -99,6 +126,7 @@ pub fn attach(ebpf: &mut Ebpf, cgroup: Option<&std::path::Path>) -> Result<PathB
         SockHash::try_from(ebpf.map(MAP_SOCKS).ok_or(InjectError::Missing(MAP_SOCKS))?)
             .map_err(InjectError::Map)?;
     let socks_fd = socks.fd().try_clone().map_err(InjectError::Dup)?;
+    load_edit(ebpf)?;
 
     let msg: &mut SkMsg = ebpf
         .program_mut("out_msg")
