@@ -92,8 +92,34 @@ pub const CNT_TCPOPT_RECEIVED: u32 = 22;
 /// A reader claimed a context that came in a TCP option (`received - claimed`: options whose
 /// request no traced reader took, e.g. the server is not selected).
 pub const CNT_TCPOPT_CLAIMED: u32 = 23;
+/// LRU maps whose evictions are counted (index into `LRU_LIVE` and the counters from
+/// `CNT_LRU_EVICTED`): an entry of any of them evicted while still needed loses data (a
+/// connection's spans, a link, body tracking).
+pub const LRU_CONNS: u32 = 0;
+pub const LRU_STITCH: u32 = 1;
+pub const LRU_SERVER_REQS: u32 = 2;
+pub const LRU_THREAD_REQS: u32 = 3;
+pub const LRU_CONNECT_REFS: u32 = 4;
+pub const LRU_BODY_LEFT: u32 = 5;
+pub const LRU_LARGE_SENDS: u32 = 6;
+pub const LRU_CONNECTING: u32 = 7;
+pub const LRU_MAPS: u32 = 8;
+/// Names of the LRU maps, by `LRU_*` index.
+pub const LRU_MAP_NAMES: [&str; LRU_MAPS as usize] = [
+    "CONNS",
+    "STITCH",
+    "SERVER_REQS",
+    "THREAD_REQS",
+    "CONNECT_REFS",
+    "BODY_LEFT",
+    "LARGE_SENDS",
+    "CONNECTING",
+];
+/// First of the `LRU_MAPS` counters of new entries that went into a full LRU map, each of which
+/// evicted the least recently used entry (counted from the map's live-entry estimate).
+pub const CNT_LRU_EVICTED: u32 = 24;
 pub const NUM_COUNTERS: u32 = 32;
-pub const COUNTER_NAMES: [&str; 24] = [
+pub const COUNTER_NAMES: [&str; 32] = [
     "kernel_ringbuf_full_events",
     "kernel_inflight_syscall_map_full",
     "kernel_close_ringbuf_full_events",
@@ -118,6 +144,14 @@ pub const COUNTER_NAMES: [&str; 24] = [
     "kernel_tcpopt_no_room",
     "kernel_tcpopt_received",
     "kernel_tcpopt_claimed",
+    "kernel_lru_evicted_conns",
+    "kernel_lru_evicted_stitch",
+    "kernel_lru_evicted_server_reqs",
+    "kernel_lru_evicted_thread_reqs",
+    "kernel_lru_evicted_connect_refs",
+    "kernel_lru_evicted_body_left",
+    "kernel_lru_evicted_large_sends",
+    "kernel_lru_evicted_connecting",
 ];
 
 /// Addresses of one TCP connection, seen from the traced process. IPv4 addresses occupy the

@@ -3,6 +3,8 @@
 //!
 //! Formats: `sys_exit_accept{,4}`: `long ret` @16. `sys_enter_connect`: `int fd` @16,
 //! `struct sockaddr *uservaddr` @24. `sys_enter_close`: `unsigned int fd` @16.
+#[allow(unused_imports)]
+use crate::maps::lru::*;
 use agent_common::{
     CloseEvent, ConnInfo, ConnTuple, EVENT_CLOSE, ROLE_CLIENT, ROLE_SERVER, VERDICT_TRACE,
     VERDICT_UNKNOWN,
@@ -34,7 +36,7 @@ fn remember(tgid: u32, fd: u32, role: u32) {
         verdict: VERDICT_UNKNOWN,
         tuple: ConnTuple::default(),
     };
-    if CONNS.insert(&conn_key(tgid, fd), &info, 0).is_err() {
+    if lru_insert(&CONNS, LRU_CONNS, CAP_CONNS, &conn_key(tgid, fd), &info).is_err() {
         count(agent_common::CNT_CONNS_FULL);
     }
 }
@@ -107,12 +109,12 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
     };
     // SAFETY: live map value copied before removal.
     let info = unsafe { *info };
-    let _ = CONNS.remove(&key);
+    lru_remove(&CONNS, LRU_CONNS, &key);
     // Per-connection state of the trace-context code goes with the connection.
-    let _ = BODY_LEFT.remove(&key);
-    let _ = CONNECT_REFS.remove(&key);
+    lru_remove(&BODY_LEFT, LRU_BODY_LEFT, &key);
+    lru_remove(&CONNECT_REFS, LRU_CONNECT_REFS, &key);
     if info.sk != 0 {
-        let _ = SERVER_REQS.remove(&info.sk);
+        lru_remove(&SERVER_REQS, LRU_SERVER_REQS, &info.sk);
     }
     if info.verdict != VERDICT_TRACE {
         return 0;
@@ -141,7 +143,7 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    let _ = THREAD_REQS.remove(&(pid_tgid as u32));
+    lru_remove(&THREAD_REQS, LRU_THREAD_REQS, &(pid_tgid as u32));
     // SAFETY: offset from the tracepoint format.
     let group_dead = unsafe { ctx.read_at::<u8>(32) }.unwrap_or(0) != 0;
     let tgid = (pid_tgid >> 32) as u32;

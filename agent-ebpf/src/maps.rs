@@ -5,7 +5,7 @@ use agent_common::{
 };
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf, SockHash},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf, SockHash},
 };
 
 /// Set by userspace at load time (`EbpfLoader::set_global`).
@@ -66,8 +66,9 @@ pub static ACTIVE_CONNECT: HashMap<u64, u64> = HashMap::with_max_entries(4096, 0
 
 /// Known sockets keyed by `(pid << 32) | fd`: role, verdict and addresses, computed once.
 /// LRU: an evicted entry is recomputed from the socket on its next syscall, so nothing is lost.
+pub const CAP_CONNS: u32 = 65536;
 #[map]
-pub static CONNS: LruHashMap<u64, ConnInfo> = LruHashMap::with_max_entries(65536, 0);
+pub static CONNS: LruHashMap<u64, ConnInfo> = LruHashMap::with_max_entries(CAP_CONNS, 0);
 
 /// Process allow-list, used when `FILTER_FLAGS & FILTER_PIDS`.
 #[map]
@@ -93,29 +94,37 @@ pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(3, 0);
 /// context the sender's client span has, for a receiver on this host to claim (same-host
 /// stitching). A claimed entry is deleted. LRU: a mark nobody claims (the receiver is on another
 /// host, or not traced) ages out; `kernel_stitch_marked` - `kernel_stitch_claimed` shows them.
+pub const CAP_STITCH: u32 = 65536;
 #[map]
-pub static STITCH: LruHashMap<FlowSeq, WireCtx> = LruHashMap::with_max_entries(65536, 0);
+pub static STITCH: LruHashMap<FlowSeq, WireCtx> = LruHashMap::with_max_entries(CAP_STITCH, 0);
 
 /// The request each server connection is handling, keyed by its socket. LRU: an evicted entry
 /// only costs the in-process link of that request's outgoing calls.
+pub const CAP_SERVER_REQS: u32 = 65536;
 #[map]
-pub static SERVER_REQS: LruHashMap<u64, ServerReq> = LruHashMap::with_max_entries(65536, 0);
+pub static SERVER_REQS: LruHashMap<u64, ServerReq> =
+    LruHashMap::with_max_entries(CAP_SERVER_REQS, 0);
 
 /// Requests recently read by each thread, keyed by tid.
+pub const CAP_THREAD_REQS: u32 = 16384;
 #[map]
-pub static THREAD_REQS: LruHashMap<u32, ThreadReqs> = LruHashMap::with_max_entries(16384, 0);
+pub static THREAD_REQS: LruHashMap<u32, ThreadReqs> =
+    LruHashMap::with_max_entries(CAP_THREAD_REQS, 0);
 
 /// The request a thread was handling when it called `connect`, keyed by `(pid << 32) | fd`:
 /// the owner of the first request on that connection, even if more requests arrive before the
 /// connection is up (event loops).
+pub const CAP_CONNECT_REFS: u32 = 16384;
 #[map]
-pub static CONNECT_REFS: LruHashMap<u64, ReqRef> = LruHashMap::with_max_entries(16384, 0);
+pub static CONNECT_REFS: LruHashMap<u64, ReqRef> =
+    LruHashMap::with_max_entries(CAP_CONNECT_REFS, 0);
 
 /// Request body bytes still to come on an outgoing connection, keyed by `(pid << 32) | fd`:
 /// `sk_msg` never looks for a request head inside a body. `BODY_UNKNOWN` (chunked, or a head
 /// split across writes): nothing is touched until the response starts.
+pub const CAP_BODY_LEFT: u32 = 65536;
 #[map]
-pub static BODY_LEFT: LruHashMap<u64, u64> = LruHashMap::with_max_entries(65536, 0);
+pub static BODY_LEFT: LruHashMap<u64, u64> = LruHashMap::with_max_entries(CAP_BODY_LEFT, 0);
 pub const BODY_UNKNOWN: u64 = u64::MAX;
 
 /// An outgoing connection by what both `sk_msg` and `sock_ops` can see of it.
@@ -130,12 +139,14 @@ pub struct SockKey {
 
 /// Outgoing connections that sent (or announced) a large body: `sock_ops` takes them out of the
 /// socket map on their next acknowledgement (see `propagate/sockops.rs`).
+pub const CAP_LARGE_SENDS: u32 = 16384;
 #[map]
-pub static LARGE_SENDS: LruHashMap<SockKey, u8> = LruHashMap::with_max_entries(16384, 0);
+pub static LARGE_SENDS: LruHashMap<SockKey, u8> = LruHashMap::with_max_entries(CAP_LARGE_SENDS, 0);
 
 /// Sockets of selected processes between `connect` and "established" (header mode), by cookie.
+pub const CAP_CONNECTING: u32 = 16384;
 #[map]
-pub static CONNECTING: LruHashMap<u64, u8> = LruHashMap::with_max_entries(16384, 0);
+pub static CONNECTING: LruHashMap<u64, u8> = LruHashMap::with_max_entries(CAP_CONNECTING, 0);
 
 /// Outgoing TCP connections whose requests `sk_msg` may carry a `traceparent` in, keyed by
 /// socket cookie. Closed sockets leave the map by themselves.
@@ -264,3 +275,80 @@ pub static EDIT: PerCpuArray<MsgEdit> = PerCpuArray::with_max_entries(1, 0);
 /// Slot 0: the `out_msg_edit` program (set by userspace).
 #[map]
 pub static MSG_EDIT: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// Live entries of each counted LRU map (`agent_common::LRU_*`), kept by `lru_insert` and
+/// `lru_remove` and recounted by userspace on each sweep (evictions never decrement it).
+#[map]
+pub static LRU_LIVE: Array<u64> = Array::with_max_entries(agent_common::LRU_MAPS, 0);
+
+/// How far below its capacity an LRU map may already evict: the kernel keeps up to 128 free
+/// entries on each CPU's local list (set by userspace: 2 * 128 * CPUs).
+#[unsafe(no_mangle)]
+pub static LRU_SLACK: u32 = 512;
+
+const BPF_NOEXIST: u64 = 1;
+const BPF_EXIST: u64 = 2;
+
+/// Inserts or updates `k` in LRU map `which` of capacity `cap`. A new entry going into a map
+/// that is full (within the per-CPU slack) evicts the least recently used one: counted.
+#[inline(always)]
+pub fn lru_insert<K, V>(
+    map: &LruHashMap<K, V>,
+    which: u32,
+    cap: u32,
+    k: &K,
+    v: &V,
+) -> Result<(), i64> {
+    if map.insert(k, v, BPF_NOEXIST).is_err() {
+        // Already there: an update, nothing evicted.
+        return map.insert(k, v, BPF_EXIST).map_err(|e| e as i64);
+    }
+    let Some(live) = LRU_LIVE.get_ptr_mut(which) else {
+        return Ok(());
+    };
+    let slack = global(&LRU_SLACK);
+    let full = cap.saturating_sub(if slack < cap / 4 { slack } else { cap / 4 }) as u64;
+    // SAFETY: a live array slot. Every CPU shares it and the BPF target has no atomic
+    // read-modify-write in `core`, so a concurrent update can be lost: it is an estimate, and
+    // userspace recounts it on every sweep.
+    unsafe {
+        let n = core::ptr::read_volatile(live);
+        if n >= full {
+            count(agent_common::CNT_LRU_EVICTED + which);
+        } else {
+            core::ptr::write_volatile(live, n + 1);
+        }
+    }
+    Ok(())
+}
+
+/// Deletes `k` from LRU map `which`, keeping its live-entry estimate.
+#[inline(always)]
+pub fn lru_remove<K, V>(map: &LruHashMap<K, V>, which: u32, k: &K) {
+    if map.remove(k).is_err() {
+        return;
+    }
+    if let Some(live) = LRU_LIVE.get_ptr_mut(which) {
+        // SAFETY: as in `lru_insert`.
+        unsafe {
+            let n = core::ptr::read_volatile(live);
+            if n > 0 {
+                core::ptr::write_volatile(live, n - 1);
+            }
+        }
+    }
+}
+
+/// Everything a caller of `lru_insert`/`lru_remove` names, for one glob import.
+pub mod lru {
+    #[allow(unused_imports)]
+    pub use super::{
+        lru_insert, lru_remove, BODY_LEFT, CAP_BODY_LEFT, CAP_CONNECTING, CAP_CONNECT_REFS,
+        CAP_CONNS, CAP_LARGE_SENDS, CAP_SERVER_REQS, CAP_STITCH, CAP_THREAD_REQS, CONNECTING,
+        CONNECT_REFS, CONNS, LARGE_SENDS, SERVER_REQS, STITCH, THREAD_REQS,
+    };
+    pub use agent_common::{
+        LRU_BODY_LEFT, LRU_CONNECTING, LRU_CONNECT_REFS, LRU_CONNS, LRU_LARGE_SENDS,
+        LRU_SERVER_REQS, LRU_STITCH, LRU_THREAD_REQS,
+    };
+}

@@ -326,3 +326,53 @@ fn sigkill_leaves_nothing_attached() {
         "nginx unaffected"
     );
 }
+
+/// Requests from a traced client to a server nobody traces leave stitching records nobody
+/// claims. Past the map's capacity (65,536) each new one evicts the oldest: every such eviction
+/// is counted, and the client notices nothing.
+#[test]
+fn stitching_map_evictions_are_counted() {
+    let rx = Receiver::start();
+    let port = free_port();
+    let nginx = Nginx::start(port, NGINX);
+    let n = 72_000u64;
+    // ab waits for a line on stdin, so that the agent selects its pid before it sends anything.
+    let mut ab = Proc::spawn(
+        Command::new("sh")
+            .args([
+                "-c",
+                &format!("read go; exec ab -q -k -n {n} -c 1 http://127.0.0.1:{port}/hello"),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null()),
+    );
+    let pid = ab.pid().to_string();
+    let agent = Agent::start_env(
+        Export::Grpc(&rx),
+        &["--pid", &pid],
+        &[("OTEL_TRACES_EXPORTER", "none")],
+    );
+    let t = Instant::now();
+    {
+        use std::io::Write;
+        let mut stdin = ab.child.stdin.take().expect("ab stdin");
+        stdin.write_all(b"go\n").expect("start ab");
+    }
+    let st = ab.child.wait().expect("ab");
+    assert!(st.success(), "ab failed");
+    println!("{n} requests in {:?}", t.elapsed());
+    assert_eq!(nginx.access_log_lines(), n as usize);
+    let (_, err) = agent.stop();
+    let c = tests::agent::final_counters(&err);
+    let get = |k: &str| c.get(k).copied().unwrap_or(0);
+    let marked = get("kernel_stitch_marked");
+    assert_eq!(marked, n, "{c:?}");
+    assert_eq!(get("kernel_stitch_claimed"), 0, "{c:?}");
+    // The map holds 65,536; it may start evicting up to the per-CPU free lists' slack early.
+    let evicted = get("kernel_lru_evicted_stitch");
+    let slack = 256 * std::thread::available_parallelism().map_or(1, |n| n.get() as u64) + 64;
+    assert!(
+        evicted + 65_536 >= marked && evicted + 65_536 <= marked + 2 * slack,
+        "evictions {evicted} for {marked} unclaimed records: {c:?}"
+    );
+}

@@ -3,13 +3,15 @@
 //! the newest still-open request its thread read, or, for the first request on a connection, to
 //! the one open when the thread called `connect` (event loops connect inside the handler and
 //! write later).
+#[allow(unused_imports)]
+use crate::maps::lru::*;
 use agent_common::{ReqRef, ServerReq, ThreadReqs, CNT_STATE_MAP_FULL, THREAD_SLOTS};
 
 use crate::maps::{conn_key, count, CONNECT_REFS, SERVER_REQS, THREAD_REQS};
 
 #[inline(always)]
 pub fn open(tid: u32, sk: u64, req: &ServerReq) {
-    if SERVER_REQS.insert(&sk, req, 0).is_err() {
+    if lru_insert(&SERVER_REQS, LRU_SERVER_REQS, CAP_SERVER_REQS, &sk, req).is_err() {
         count(CNT_STATE_MAP_FULL);
     }
     let r = ReqRef { sk, seq: req.seq };
@@ -22,7 +24,7 @@ pub fn open(tid: u32, sk: u64, req: &ServerReq) {
         let mut t = ThreadReqs::default();
         t.refs[0] = r;
         t.next = 1;
-        if THREAD_REQS.insert(&tid, &t, 0).is_err() {
+        if lru_insert(&THREAD_REQS, LRU_THREAD_REQS, CAP_THREAD_REQS, &tid, &t).is_err() {
             count(CNT_STATE_MAP_FULL);
         }
     }
@@ -69,9 +71,14 @@ fn newest(tid: u32) -> Option<(ReqRef, ServerReq)> {
 #[inline(always)]
 pub fn on_connect(pid_tgid: u64, fd: u32) {
     if let Some((r, _)) = newest(pid_tgid as u32) {
-        if CONNECT_REFS
-            .insert(&conn_key((pid_tgid >> 32) as u32, fd), &r, 0)
-            .is_err()
+        if lru_insert(
+            &CONNECT_REFS,
+            LRU_CONNECT_REFS,
+            CAP_CONNECT_REFS,
+            &conn_key((pid_tgid >> 32) as u32, fd),
+            &r,
+        )
+        .is_err()
         {
             count(CNT_STATE_MAP_FULL);
         }
@@ -84,7 +91,7 @@ pub fn owner(pid_tgid: u64, fd: u32) -> Option<ServerReq> {
     let key = conn_key((pid_tgid >> 32) as u32, fd);
     // SAFETY: copied out of a live map value.
     if let Some(r) = CONNECT_REFS.get_ptr(&key).map(|r| unsafe { *r }) {
-        let _ = CONNECT_REFS.remove(&key);
+        lru_remove(&CONNECT_REFS, LRU_CONNECT_REFS, &key);
         if let Some(req) = live(&r) {
             return Some(req);
         }

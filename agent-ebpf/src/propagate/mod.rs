@@ -8,6 +8,8 @@ mod sockops;
 pub mod stitch;
 mod tcpopt;
 
+#[allow(unused_imports)]
+use crate::maps::lru::*;
 use agent_common::{ConnTuple, IoArgs, ServerReq, WireCtx, WIRE_LINKED, WIRE_SERVER};
 
 /// Scratch slots: the syscall capture's, `sk_msg`'s copy of an outgoing head, and the copy of
@@ -114,6 +116,6 @@ pub fn response_read(tgid: u32, fd: u32) {
     if crate::maps::BODY_LEFT.get_ptr(&key).map(|v| unsafe { *v })
         == Some(crate::maps::BODY_UNKNOWN)
     {
-        let _ = crate::maps::BODY_LEFT.remove(&key);
+        lru_remove(&BODY_LEFT, LRU_BODY_LEFT, &key);
     }
 }

@@ -17,6 +17,8 @@
 //! A head that is not whole in the first message is left alone and counted. So is anything that
 //! is not the start of an HTTP/1.x request (bodies, TLS, other protocols). The syscall still
 //! returns what the program wrote; only the bytes on the wire grow.
+#[allow(unused_imports)]
+use crate::maps::lru::*;
 use agent_common::{
     WireCtx, CNT_TP_FAILED, CNT_TP_INSERTED, CNT_TP_REPLACED, CNT_TP_REWRITTEN,
     CNT_TP_SKIPPED_HEAD, DATA_HEADER_SIZE, WIRE_INSERTED, WIRE_NONE, WIRE_REPLACED, WIRE_REWRITTEN,
@@ -64,7 +66,7 @@ fn mark_large(ctx: &SkMsgContext) {
         remote_ip4: m.remote_ip4,
         remote_ip6_last: m.remote_ip6[3],
     };
-    let _ = LARGE_SENDS.insert(&key, &1, 0);
+    let _ = lru_insert(&LARGE_SENDS, LRU_LARGE_SENDS, CAP_LARGE_SENDS, &key, &1);
 }
 
 #[inline(always)]
@@ -138,7 +140,7 @@ fn inject(ctx: &SkMsgContext) {
             None => 0,
         }
     };
-    let _ = BODY_LEFT.insert(&key, &after, 0);
+    let _ = lru_insert(&BODY_LEFT, LRU_BODY_LEFT, CAP_BODY_LEFT, &key, &after);
     if after != BODY_UNKNOWN && after >= LARGE {
         mark_large(ctx);
     }

@@ -9,6 +9,8 @@
 //! announces a large body, and its next acknowledgement takes it out of the map, while its sender
 //! is still sending, before it can block in `recv`. That connection gets no more injection
 //! (counted); its bytes and its program are never disturbed.
+#[allow(unused_imports)]
+use crate::maps::lru::*;
 use agent_common::{CNT_SOCKHASH_FULL, CNT_SOCK_RELEASED, FILTER_PORTS};
 use aya_ebpf::{
     bindings::{
@@ -63,7 +65,7 @@ fn acked(ctx: &SockOpsContext) {
     if unsafe { LARGE_SENDS.get(&key) }.is_none() {
         return;
     }
-    let _ = LARGE_SENDS.remove(&key);
+    lru_remove(&LARGE_SENDS, LRU_LARGE_SENDS, &key);
     // SAFETY: the context is the sock_ops argument the helper expects.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut _) };
     // SAFETY: deleting by key from our own map; allowed in sock_ops.
@@ -90,7 +92,7 @@ fn connecting(ctx: &SockOpsContext) {
     }
     // SAFETY: the context is the sock_ops argument the helper expects.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut _) };
-    if CONNECTING.insert(&cookie, &1, 0).is_err() {
+    if lru_insert(&CONNECTING, LRU_CONNECTING, CAP_CONNECTING, &cookie, &1).is_err() {
         count(agent_common::CNT_STATE_MAP_FULL);
     }
 }
@@ -104,7 +106,7 @@ fn established(ctx: &SockOpsContext) {
         if unsafe { CONNECTING.get(&selected) }.is_none() {
             return;
         }
-        let _ = CONNECTING.remove(&selected);
+        lru_remove(&CONNECTING, LRU_CONNECTING, &selected);
         let family = ctx.family();
         if family != AF_INET && family != AF_INET6 {
             return;

@@ -10,6 +10,8 @@
 //! (`tp->copied_seq - bytes read`, at `sock:sock_recv_length`) names the same request exactly:
 //! its server span becomes the client span's child. The record exists before the bytes do, so a
 //! reader on another CPU cannot overtake it; pipelined requests each have their own number.
+#[allow(unused_imports)]
+use crate::maps::lru::*;
 use agent_common::{
     ConnTuple, FlowSeq, IoArgs, WireCtx, CNT_STITCH_CLAIMED, CNT_STITCH_FULL, CNT_STITCH_MARKED,
     CNT_TCPOPT_CLAIMED, DIR_EGRESS, INJECT_OFF, IO_SEND_SEEN, IO_SEQ, VERDICT_TRACE, WIRE_CARRIED,
@@ -106,7 +108,7 @@ fn sending(sk: u64) {
     // SAFETY: live map value, read in place.
     let t = unsafe { &(*conn).tuple };
     let k = key(&t.local_addr, t.local_port, &t.peer_addr, t.peer_port, seq);
-    if STITCH.insert(&k, &io.wire, 0).is_ok() {
+    if lru_insert(&STITCH, LRU_STITCH, CAP_STITCH, &k, &io.wire).is_ok() {
         count(CNT_STITCH_MARKED);
     } else {
         count(CNT_STITCH_FULL);
@@ -221,7 +223,7 @@ pub fn claim(io: &IoArgs, t: &ConnTuple, out: &mut WireCtx) -> bool {
     if unsafe { (*w)._pad[0] } == WIRE_VIA_TCPOPT {
         count(CNT_TCPOPT_CLAIMED);
     }
-    let _ = STITCH.remove(&k);
+    lru_remove(&STITCH, LRU_STITCH, &k);
     count(CNT_STITCH_CLAIMED);
     true
 }

@@ -18,6 +18,8 @@
 //!
 //! Option layout (28 bytes: what remains of the 40 after timestamps): kind 254, length 28, a
 //! 16-bit experiment id (one for sampled, one for not sampled), trace id (16), span id (8).
+#[allow(unused_imports)]
+use crate::maps::lru::*;
 use agent_common::{
     FlowSeq, WireCtx, CNT_TCPOPT_NO_ROOM, CNT_TCPOPT_RECEIVED, CNT_TCPOPT_WRITTEN,
     TCPOPT_EXID_SAMPLED, TCPOPT_EXID_UNSAMPLED, TCPOPT_KIND, TCPOPT_LEN, WIRE_CARRIED,
@@ -249,7 +251,7 @@ fn write(ctx: &SockOpsContext) {
     }
     count(CNT_TCPOPT_WRITTEN);
     // The option carries the context now; a receiver on this host records it from the option.
-    let _ = STITCH.remove(&k);
+    lru_remove(&STITCH, LRU_STITCH, &k);
 }
 
 /// Reads our option from a received segment, if it has one, into a stitching record.
@@ -282,7 +284,7 @@ fn parse(ctx: &SockOpsContext) {
     let Some(k) = key(o, false, seq) else {
         return;
     };
-    if STITCH.insert(&k, &w, 0).is_ok() {
+    if lru_insert(&STITCH, LRU_STITCH, CAP_STITCH, &k, &w).is_ok() {
         count(CNT_TCPOPT_RECEIVED);
     } else {
         count(agent_common::CNT_STITCH_FULL);

@@ -7,6 +7,8 @@
 //! Addresses come from `struct sock_common`: `skc_daddr` @0, `skc_rcv_saddr` @4, `skc_dport` @12
 //! (big endian), `skc_num` @14 (host order), `skc_v6_daddr` @56, `skc_v6_rcv_saddr` @72. These
 //! offsets have been stable across 5.x and 6.x kernels; `agent check` compares them with BTF.
+#[allow(unused_imports)]
+use crate::maps::lru::*;
 use agent_common::{
     ConnInfo, ConnTuple, EndpointKey, IoArgs, ANY_ADDR, FILTER_PORTS, ROLE_UNKNOWN, VERDICT_IGNORE,
     VERDICT_TRACE,
@@ -118,7 +120,7 @@ pub fn classify(io: &mut IoArgs, pid_tgid: u64, sk: u64, family: u16, protocol: 
         }
     }
     io.verdict = info.verdict;
-    if CONNS.insert(&key, &info, 0).is_err() {
+    if lru_insert(&CONNS, LRU_CONNS, CAP_CONNS, &key, &info).is_err() {
         count(agent_common::CNT_CONNS_FULL);
     }
 }

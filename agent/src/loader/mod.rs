@@ -12,7 +12,7 @@ use agent_common::{
     MAX_PAYLOAD,
 };
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::TracePoint,
     Ebpf, EbpfLoader,
 };
@@ -161,6 +161,20 @@ pub fn raise_memlock() {
     }
 }
 
+/// How far below capacity the kernel's LRU maps may already evict: each CPU's local free list
+/// holds up to 128 entries (`LOCAL_FREE_TARGET`); twice that, per CPU.
+fn lru_slack() -> u32 {
+    // Every possible CPU has its own list ("0-N" in sysfs), whatever this process may use.
+    let cpus = std::fs::read_to_string("/sys/devices/system/cpu/possible")
+        .ok()
+        .and_then(|s| s.trim().rsplit(['-', ',']).next()?.parse::<u32>().ok())
+        .map_or_else(
+            || std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            |last| last + 1,
+        );
+    256 * cpus
+}
+
 pub fn load(s: &Settings) -> Result<Loaded, LoadError> {
     if OBJECT.is_empty() {
         return Err(LoadError::NoObject);
@@ -196,6 +210,7 @@ pub fn load(s: &Settings) -> Result<Loaded, LoadError> {
     let mut ebpf = EbpfLoader::new()
         .override_global("INJECT_MODE", &mode, true)
         .override_global("OFF_WRITE_SEQ", &write_seq, true)
+        .override_global("LRU_SLACK", &lru_slack(), true)
         .override_global("TCPOPT_LOOPBACK", &(s.tcpopt_loopback as u32), true)
         .override_global("OFF_COPIED_SEQ", &copied_seq, true)
         .override_global("AGENT_TGID", &me, true)
@@ -387,14 +402,53 @@ pub fn kernel_counters(ebpf: &Ebpf) -> Vec<u64> {
         .collect()
 }
 
+/// Entries in an LRU map, by its key and value sizes (the types are the kernel's).
+fn count_entries<const K: usize, const V: usize>(ebpf: &Ebpf, name: &str) -> Option<u64> {
+    let m = HashMap::<_, [u8; K], [u8; V]>::try_from(ebpf.map(name)?).ok()?;
+    Some(m.keys().filter(Result::is_ok).count() as u64)
+}
+
+/// Recounts the live entries of the LRU maps whose evictions the kernel counts (its running
+/// estimate drifts: an eviction never decrements it, and concurrent updates can be lost).
+fn recount_lru(ebpf: &mut Ebpf) {
+    use agent_common::{ConnInfo, FlowSeq, ServerReq, ThreadReqs, WireCtx, LRU_MAP_NAMES};
+    use std::mem::size_of;
+    let counts: Vec<Option<u64>> = LRU_MAP_NAMES
+        .iter()
+        .map(|name| match *name {
+            "CONNS" => count_entries::<8, { size_of::<ConnInfo>() }>(ebpf, name),
+            "STITCH" => {
+                count_entries::<{ size_of::<FlowSeq>() }, { size_of::<WireCtx>() }>(ebpf, name)
+            }
+            "SERVER_REQS" => count_entries::<8, { size_of::<ServerReq>() }>(ebpf, name),
+            "THREAD_REQS" => count_entries::<4, { size_of::<ThreadReqs>() }>(ebpf, name),
+            "CONNECT_REFS" => count_entries::<8, 16>(ebpf, name),
+            "BODY_LEFT" => count_entries::<8, 8>(ebpf, name),
+            "LARGE_SENDS" => count_entries::<16, 1>(ebpf, name),
+            "CONNECTING" => count_entries::<8, 1>(ebpf, name),
+            _ => None,
+        })
+        .collect();
+    let Some(Ok(mut live)) = ebpf.map_mut("LRU_LIVE").map(Array::<_, u64>::try_from) else {
+        return;
+    };
+    for (i, n) in counts.into_iter().enumerate() {
+        if let Some(n) = n {
+            let _ = live.set(i as u32, n, 0);
+        }
+    }
+}
+
 /// Removes in-flight entries of threads that died inside a syscall and conn entries of
-/// processes that exited without closing, so the bounded maps never fill with the dead.
+/// processes that exited without closing, so the bounded maps never fill with the dead; then
+/// recounts the LRU maps' live entries.
 pub fn sweep_dead(ebpf: &mut Ebpf) {
     let alive_thread = |k: u64| Path::new(&format!("/proc/{}/task/{}", k >> 32, k as u32)).exists();
     let alive_process = |k: u64| Path::new(&format!("/proc/{}", k >> 32)).exists();
     remove_dead::<IoArgs>(ebpf, MAP_ACTIVE_IO, alive_thread);
     remove_dead::<u64>(ebpf, MAP_ACTIVE_CONNECT, alive_thread);
     remove_dead::<ConnInfo>(ebpf, MAP_CONNS, alive_process);
+    recount_lru(ebpf);
 }
 
 /// Deletes the entries of a map keyed by pid_tgid (or `pid << 32 | fd`) whose owner is gone.
