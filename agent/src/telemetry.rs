@@ -50,6 +50,7 @@ counters! {
     spans_export_failed: "spans dropped after export retries ran out",
     spans_rejected: "spans the backend reported as rejected (partial success)",
     export_retries: "export attempts retried",
+    export_requests_split: "batches sent as several requests (over the size limit, or refused as too large)",
 }
 
 impl Metrics {

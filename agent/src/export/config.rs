@@ -23,7 +23,26 @@ pub struct Endpoint {
     pub url: String,
     pub headers: Vec<(String, String)>,
     pub timeout: Duration,
+    /// `OTEL_EXPORTER_OTLP_COMPRESSION=gzip`.
+    pub gzip: bool,
+    pub tls: TlsFiles,
+    /// Largest encoded export request; bigger batches go as several requests
+    /// (`BEHOLDER_EXPORT_MAX_BYTES`; default 4 MiB less a margin, a collector's default limit).
+    pub max_request_bytes: usize,
 }
+
+/// PEM files for TLS to the backend (`OTEL_EXPORTER_OTLP_[TRACES_]CERTIFICATE`, `..._CLIENT_CERTIFICATE`,
+/// `..._CLIENT_KEY`).
+#[derive(Clone, Debug, Default)]
+pub struct TlsFiles {
+    /// CA certificate(s) trusted for the backend, besides the public roots.
+    pub ca: Option<std::path::PathBuf>,
+    pub client_cert: Option<std::path::PathBuf>,
+    pub client_key: Option<std::path::PathBuf>,
+}
+
+/// 4 MiB (the gRPC default message limit of a collector) less room for framing.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = (4 << 20) - (64 << 10);
 
 #[derive(Clone, Debug)]
 pub struct BatchConfig {
@@ -50,6 +69,14 @@ pub enum ConfigError {
     Exporter(String),
     #[error("OTEL_EXPORTER_OTLP_HEADERS entry {0:?} is not key=value")]
     Header(String),
+    #[error("{var}={value:?}: expected gzip or none")]
+    Compression { var: &'static str, value: String },
+    #[error("{var}={value:?}: expected true or false")]
+    Bool { var: &'static str, value: String },
+    #[error(
+        "{0} is set but {1} is not: a client certificate needs its key, and a key its certificate"
+    )]
+    ClientPair(&'static str, &'static str),
 }
 
 fn var(
@@ -147,14 +174,36 @@ impl ExportConfig {
             Some((_, v)) if v.trim() == "http/protobuf" => Protocol::HttpProtobuf,
             Some((var, value)) => return Err(ConfigError::Protocol { var, value }),
         };
+        let insecure = match var(
+            env,
+            "OTEL_EXPORTER_OTLP_TRACES_INSECURE",
+            "OTEL_EXPORTER_OTLP_INSECURE",
+        ) {
+            None => false,
+            Some((var, value)) => match value.trim().to_ascii_lowercase().as_str() {
+                "true" => true,
+                "false" => false,
+                _ => return Err(ConfigError::Bool { var, value }),
+            },
+        };
+        // A gRPC endpoint without a scheme: TLS unless OTEL_EXPORTER_OTLP_INSECURE=true.
+        let scheme = |var: &'static str, v: &str| {
+            let v = v.trim();
+            if protocol == Protocol::Grpc && !v.contains("://") {
+                let s = if insecure { "http" } else { "https" };
+                check_url(var, &format!("{s}://{v}"))
+            } else {
+                check_url(var, v)
+            }
+        };
         let url = if let Some(v) =
             env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").filter(|v| !v.trim().is_empty())
         {
             // Signal-specific endpoints are used as they are.
-            Some(check_url("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", v.trim())?)
+            Some(scheme("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", &v)?)
         } else if let Some(v) = env("OTEL_EXPORTER_OTLP_ENDPOINT").filter(|v| !v.trim().is_empty())
         {
-            let base = check_url("OTEL_EXPORTER_OTLP_ENDPOINT", v.trim())?;
+            let base = scheme("OTEL_EXPORTER_OTLP_ENDPOINT", &v)?;
             Some(match protocol {
                 Protocol::HttpProtobuf => format!("{}/v1/traces", base.trim_end_matches('/')),
                 Protocol::Grpc => base,
@@ -203,12 +252,66 @@ impl ExportConfig {
                 unit: "milliseconds",
             })?,
         };
+        let gzip = match var(
+            env,
+            "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
+            "OTEL_EXPORTER_OTLP_COMPRESSION",
+        ) {
+            None => false,
+            Some((var, value)) => match value.trim().to_ascii_lowercase().as_str() {
+                "gzip" => true,
+                "none" => false,
+                _ => return Err(ConfigError::Compression { var, value }),
+            },
+        };
+        let path = |specific, general| {
+            var(env, specific, general).map(|(_, v)| std::path::PathBuf::from(v.trim()))
+        };
+        let tls = TlsFiles {
+            ca: path(
+                "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",
+                "OTEL_EXPORTER_OTLP_CERTIFICATE",
+            ),
+            client_cert: path(
+                "OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE",
+                "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+            ),
+            client_key: path(
+                "OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY",
+                "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+            ),
+        };
+        match (&tls.client_cert, &tls.client_key) {
+            (Some(_), None) => {
+                return Err(ConfigError::ClientPair(
+                    "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+                    "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::ClientPair(
+                    "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+                    "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+                ))
+            }
+            _ => {}
+        }
+        let max_request_bytes = number(
+            env,
+            "BEHOLDER_EXPORT_MAX_BYTES",
+            DEFAULT_MAX_REQUEST_BYTES as u64,
+            "bytes",
+        )?
+        .max(1024) as usize;
         Ok(ExportConfig {
             endpoint: Some(Endpoint {
                 protocol,
                 url,
                 headers,
                 timeout: Duration::from_millis(timeout_ms),
+                gzip,
+                tls,
+                max_request_bytes,
             }),
             discard: false,
             batch,
@@ -354,6 +457,59 @@ mod tests {
                 ("OTEL_EXPORTER_OTLP_HEADERS", "novalue"),
             ],
             &[("OTEL_BSP_MAX_QUEUE_SIZE", "-1")],
+        ] {
+            let e = cfg(vars).unwrap_err().to_string();
+            assert!(e.contains("OTEL_"), "{e}");
+        }
+    }
+
+    #[test]
+    fn compression_tls_and_schemeless_grpc() {
+        let c = cfg(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4317"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip"),
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/etc/ca.pem"),
+            ("OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE", "/etc/c.pem"),
+            ("OTEL_EXPORTER_OTLP_CLIENT_KEY", "/etc/k.pem"),
+        ])
+        .unwrap()
+        .endpoint
+        .unwrap();
+        assert_eq!(c.url, "https://collector:4317");
+        assert!(c.gzip);
+        assert_eq!(
+            c.tls.ca.as_deref(),
+            Some(std::path::Path::new("/etc/ca.pem"))
+        );
+        assert_eq!(
+            c.tls.client_cert.as_deref(),
+            Some(std::path::Path::new("/etc/c.pem"))
+        );
+        assert_eq!(c.max_request_bytes, DEFAULT_MAX_REQUEST_BYTES);
+        let c = cfg(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4317"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_EXPORTER_OTLP_INSECURE", "true"),
+        ])
+        .unwrap()
+        .endpoint
+        .unwrap();
+        assert_eq!(c.url, "http://collector:4317");
+        assert!(!c.gzip);
+        for vars in [
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c"),
+                ("OTEL_EXPORTER_OTLP_COMPRESSION", "brotli"),
+            ][..],
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c"),
+                ("OTEL_EXPORTER_OTLP_INSECURE", "maybe"),
+            ],
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c"),
+                ("OTEL_EXPORTER_OTLP_CLIENT_KEY", "/k.pem"),
+            ],
         ] {
             let e = cfg(vars).unwrap_err().to_string();
             assert!(e.contains("OTEL_"), "{e}");

@@ -61,6 +61,10 @@ pub async fn run(
     let max = cfg.batch.max_batch;
     let mut batch: Vec<Span> = Vec::with_capacity(max);
     let exporter = Exporter {
+        max_request_bytes: cfg
+            .endpoint
+            .as_ref()
+            .map_or(config::DEFAULT_MAX_REQUEST_BYTES, |e| e.max_request_bytes),
         metrics,
         failing: Arc::new(AtomicBool::new(false)),
         in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT as usize)),
@@ -107,6 +111,7 @@ pub async fn run(
 }
 
 struct Exporter {
+    max_request_bytes: usize,
     metrics: Arc<Metrics>,
     failing: Arc<AtomicBool>,
     in_flight: Arc<Semaphore>,
@@ -131,19 +136,35 @@ impl Exporter {
             }
             Sink::Otlp(t) => (**t).clone(),
         };
-        let req = encode::request(batch);
+        // Several requests when the batch encodes larger than the backend takes at once.
+        let requests = encode::requests(batch, self.max_request_bytes);
         batch.clear();
-        let Ok(permit) = self.in_flight.clone().acquire_owned().await else {
-            return;
-        };
-        let (metrics, failing) = (self.metrics.clone(), self.failing.clone());
-        tokio::spawn(async move {
-            send_with_retry(transport, req, n, retry_for, &metrics, &failing).await;
-            drop(permit);
-        });
+        if requests.len() > 1 {
+            self.metrics.export_requests_split.inc();
+        }
+        for (req, n) in requests {
+            let Ok(permit) = self.in_flight.clone().acquire_owned().await else {
+                return;
+            };
+            let (metrics, failing, transport) = (
+                self.metrics.clone(),
+                self.failing.clone(),
+                transport.clone(),
+            );
+            tokio::spawn(async move {
+                send_with_retry(transport, req, n, retry_for, &metrics, &failing).await;
+                drop(permit);
+            });
+        }
     }
 }
 
+/// Longest wait a backend's `Retry-After`/`RetryInfo` may ask for between attempts.
+const MAX_ASKED_DELAY: Duration = Duration::from_secs(30);
+
+/// Sends one request, retrying while the backend is unavailable (after the delay it asks for,
+/// or with backoff) until `retry_for` runs out. A request refused as too large is split in two
+/// once, and each half sent the same way; a half refused again is dropped, never split further.
 async fn send_with_retry(
     mut transport: Transport,
     req: opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
@@ -153,33 +174,58 @@ async fn send_with_retry(
     failing: &AtomicBool,
 ) {
     let give_up = Instant::now() + retry_for;
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        match transport.send(req.clone()).await {
-            Ok(rejected) => {
-                if failing.swap(false, Ordering::Relaxed) {
-                    tracing::info!("OTLP backend reachable again; export resumed");
+    let mut todo = vec![(req, n, true)];
+    while let Some((req, n, may_split)) = todo.pop() {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match transport.send(req.clone()).await {
+                Ok(rejected) => {
+                    if failing.swap(false, Ordering::Relaxed) {
+                        tracing::info!("OTLP backend reachable again; export resumed");
+                    }
+                    let rejected = (rejected.max(0) as u64).min(n);
+                    metrics.spans_rejected.inc_by(rejected);
+                    metrics.spans_exported.inc_by(n - rejected);
+                    break;
                 }
-                let rejected = (rejected.max(0) as u64).min(n);
-                metrics.spans_rejected.inc_by(rejected);
-                metrics.spans_exported.inc_by(n - rejected);
-                return;
-            }
-            Err(SendError::Retryable(e)) if Instant::now() + backoff < give_up => {
-                if !failing.swap(true, Ordering::Relaxed) {
-                    tracing::warn!("cannot export spans ({e}); retrying with backoff, the agent keeps tracing and counts what it must drop");
+                Err(SendError::Retryable(e, asked)) => {
+                    let wait = asked.map_or(backoff, |d| d.min(MAX_ASKED_DELAY).max(backoff));
+                    if Instant::now() + wait >= give_up {
+                        tracing::warn!(spans = n, "dropping a batch: {e}");
+                        metrics.spans_export_failed.inc_by(n);
+                        break;
+                    }
+                    if !failing.swap(true, Ordering::Relaxed) {
+                        tracing::warn!("cannot export spans ({e}); retrying with backoff, the agent keeps tracing and counts what it must drop");
+                    }
+                    metrics.export_retries.inc();
+                    tokio::time::sleep(wait).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
-                metrics.export_retries.inc();
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-            Err(e) => {
-                if !failing.swap(true, Ordering::Relaxed) {
-                    tracing::warn!("cannot export spans ({e})");
+                Err(SendError::TooLarge(e)) if may_split => {
+                    match encode::split(req) {
+                        Some((a, b)) => {
+                            tracing::warn!(spans = n, "{e}; sending it again in two halves");
+                            metrics.export_requests_split.inc();
+                            let na = encode::span_count(&a);
+                            todo.push((b, n - na, false));
+                            todo.push((a, na, false));
+                        }
+                        None => {
+                            tracing::warn!(spans = n, "dropping a span too large to export: {e}");
+                            metrics.spans_export_failed.inc_by(n);
+                        }
+                    }
+                    break;
                 }
-                tracing::warn!(spans = n, "dropping a batch: {e}");
-                metrics.spans_export_failed.inc_by(n);
-                return;
+                Err(e) => {
+                    if !failing.swap(true, Ordering::Relaxed) {
+                        tracing::warn!("cannot export spans ({e})");
+                    }
+                    tracing::warn!(spans = n, "dropping a batch: {e}");
+                    metrics.spans_export_failed.inc_by(n);
+                    break;
+                }
             }
         }
     }

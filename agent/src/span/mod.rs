@@ -74,3 +74,30 @@ impl Span {
             .map(|a| &a.value)
     }
 }
+
+/// A server span of one of three processes, with a few attributes (unit tests of the exporter).
+#[cfg(test)]
+pub fn test_span(i: usize) -> Span {
+    let resource = Arc::new(Resource {
+        service_name: format!("svc{}", i % 3),
+        attributes: vec![KeyValue::new(
+            "service.name",
+            Value::Str(format!("svc{}", i % 3)),
+        )],
+    });
+    Span {
+        trace_id: [i as u8 + 1; 16],
+        span_id: [i as u8 + 1; 8],
+        parent_span_id: None,
+        trace_state: String::new(),
+        flags: 1,
+        name: format!("GET /items/{i}"),
+        kind: Kind::Server,
+        start_unix_ns: 1,
+        end_unix_ns: 2,
+        attributes: vec![KeyValue::new("url.path", Value::Str(format!("/items/{i}")))],
+        dropped_attributes_count: 0,
+        status: Status::Unset,
+        resource,
+    }
+}
