@@ -19,6 +19,7 @@ use opentelemetry_proto::tonic::{
     trace::v1::Span,
 };
 use prost::Message;
+use tonic_types::StatusExt;
 
 /// A received span with its resource, flattened for assertions.
 #[derive(Clone, Debug)]
@@ -77,10 +78,31 @@ fn value(v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>) -> String
     }
 }
 
+/// One export request as the receiver saw it.
+#[derive(Clone, Debug)]
+pub struct Attempt {
+    pub at: std::time::Instant,
+    /// Encoded protobuf size (after decompression).
+    pub bytes: usize,
+    pub gzip: bool,
+    pub accepted: bool,
+}
+
+/// What the receiver answers a request.
+enum Verdict {
+    Accept,
+    TooLarge,
+    Throttle(Duration),
+}
+
 #[derive(Clone, Default)]
 struct Store {
     spans: Arc<Mutex<Vec<RSpan>>>,
     requests: Arc<Mutex<u64>>,
+    attempts: Arc<Mutex<Vec<Attempt>>>,
+    max_request_bytes: Option<usize>,
+    throttle_first: u32,
+    retry_delay: Duration,
     /// Spans by `service.name/kind`, kept even when spans are not stored.
     counts: Arc<Mutex<std::collections::BTreeMap<String, u64>>>,
     keep: bool,
@@ -144,6 +166,26 @@ impl Store {
 }
 
 impl Store {
+    /// Logs a request and decides its answer: refused while the first `throttle_first` are
+    /// throttled, or when larger than `max_request_bytes`.
+    fn judge(&self, bytes: usize, gzip: bool) -> Verdict {
+        let mut log = self.attempts.lock().expect("lock");
+        let v = if (log.len() as u32) < self.throttle_first {
+            Verdict::Throttle(self.retry_delay)
+        } else if self.max_request_bytes.is_some_and(|m| bytes > m) {
+            Verdict::TooLarge
+        } else {
+            Verdict::Accept
+        };
+        log.push(Attempt {
+            at: std::time::Instant::now(),
+            bytes,
+            gzip,
+            accepted: matches!(v, Verdict::Accept),
+        });
+        v
+    }
+
     /// `service/kind count` lines, for `GET /count`.
     fn count_text(&self) -> String {
         self.counts
@@ -165,6 +207,58 @@ pub struct Options {
     pub delay: Duration,
     /// Count spans without keeping them (benchmarks).
     pub count_only: bool,
+    /// Refuse larger requests (HTTP 413, gRPC RESOURCE_EXHAUSTED), as a collector's size
+    /// limit does.
+    pub max_request_bytes: Option<usize>,
+    /// Throttle the first this many requests (HTTP 429 with `Retry-After`, gRPC
+    /// RESOURCE_EXHAUSTED with `RetryInfo`), asking for `retry_delay` (whole seconds for HTTP).
+    pub throttle_first: u32,
+    pub retry_delay: Duration,
+    /// Serve both endpoints over TLS with this server certificate and key (PEM files), and
+    /// require a client certificate issued by `client_ca` when set.
+    pub tls: Option<TlsFiles>,
+    /// Answer every HTTP export with a 307 redirect to this address.
+    pub redirect_to: Option<SocketAddr>,
+}
+
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    pub client_ca: Option<std::path::PathBuf>,
+}
+
+/// The HTTP side's TLS acceptor.
+fn tls_acceptor(t: &TlsFiles) -> tokio_rustls::TlsAcceptor {
+    use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&t.cert)
+        .expect("server cert")
+        .map(|c| c.expect("server cert"))
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(&t.key).expect("server key");
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("tls versions");
+    let cfg = match &t.client_ca {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_file_iter(ca).expect("client ca") {
+                roots.add(c.expect("client ca")).expect("client ca");
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .expect("client verifier");
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    }
+    .with_single_cert(certs, key)
+    .expect("server tls config");
+    tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
 }
 
 #[tonic::async_trait]
@@ -174,6 +268,25 @@ impl TraceService for Store {
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         tokio::time::sleep(self.delay).await;
+        let gzip = request
+            .metadata()
+            .get("grpc-encoding")
+            .is_some_and(|v| v.as_bytes() == b"gzip");
+        match self.judge(request.get_ref().encoded_len(), gzip) {
+            Verdict::Accept => {}
+            Verdict::TooLarge => {
+                return Err(tonic::Status::resource_exhausted(
+                    "grpc: received message larger than max",
+                ))
+            }
+            Verdict::Throttle(d) => {
+                return Err(tonic::Status::with_error_details(
+                    tonic::Code::ResourceExhausted,
+                    "throttled",
+                    tonic_types::ErrorDetails::with_retry_info(Some(d)),
+                ))
+            }
+        }
         self.add(request.into_inner());
         Ok(tonic::Response::new(ExportTraceServiceResponse {
             partial_success: None,
@@ -203,6 +316,9 @@ impl Receiver {
         let store = Store {
             keep: !o.count_only,
             delay: o.delay,
+            max_request_bytes: o.max_request_bytes,
+            throttle_first: o.throttle_first,
+            retry_delay: o.retry_delay,
             ..Store::default()
         };
         let (grpc, http) = rt.block_on(async {
@@ -219,13 +335,32 @@ impl Receiver {
             http.local_addr().expect("addr"),
         );
         let s = store.clone();
-        rt.spawn(async move {
-            tonic::transport::Server::builder()
-                .add_service(TraceServiceServer::new(s))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(grpc))
-                .await
-                .expect("grpc receiver");
+        let grpc_tls = o.tls.as_ref().map(|t| {
+            let read = |p: &std::path::Path| std::fs::read(p).expect("tls file");
+            let mut c = tonic::transport::ServerTlsConfig::new().identity(
+                tonic::transport::Identity::from_pem(read(&t.cert), read(&t.key)),
+            );
+            if let Some(ca) = &t.client_ca {
+                c = c.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)));
+            }
+            c
         });
+        rt.spawn(async move {
+            let mut b = tonic::transport::Server::builder();
+            if let Some(tls) = grpc_tls {
+                b = b.tls_config(tls).expect("grpc tls");
+            }
+            b.add_service(
+                TraceServiceServer::new(s)
+                    .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+                    .max_decoding_message_size(256 << 20),
+            )
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(grpc))
+            .await
+            .expect("grpc receiver");
+        });
+        let acceptor = o.tls.as_ref().map(tls_acceptor);
+        let redirect_to = o.redirect_to;
         let s = store.clone();
         rt.spawn(async move {
             loop {
@@ -233,6 +368,7 @@ impl Receiver {
                     continue;
                 };
                 let s = s.clone();
+                let acceptor = acceptor.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                         let s = s.clone();
@@ -248,41 +384,75 @@ impl Receiver {
                                 .and_then(|v| v.to_str().ok())
                                 .unwrap_or("")
                                 .to_owned();
+                            let gzip = req
+                                .headers()
+                                .get("content-encoding")
+                                .is_some_and(|v| v.as_bytes() == b"gzip");
                             let body = req
                                 .into_body()
                                 .collect()
                                 .await
                                 .map(|b| b.to_bytes())
                                 .unwrap_or_default();
-                            let status = if !ok_path {
+                            let body = if gzip {
+                                gunzip(&body)
+                            } else {
+                                Some(body.to_vec())
+                            };
+                            let mut extra = None;
+                            let status = if let Some(to) = redirect_to {
+                                extra = Some(("location", format!("http://{to}/v1/traces")));
+                                307
+                            } else if !ok_path {
                                 404
                             } else if ct != "application/x-protobuf" {
                                 415
-                            } else {
-                                match ExportTraceServiceRequest::decode(body.as_ref()) {
-                                    Ok(r) => {
-                                        s.add(r);
-                                        200
+                            } else if let Some(body) = body {
+                                match s.judge(body.len(), gzip) {
+                                    Verdict::TooLarge => 413,
+                                    Verdict::Throttle(d) => {
+                                        extra = Some(("retry-after", d.as_secs().to_string()));
+                                        429
                                     }
-                                    Err(_) => 400,
+                                    Verdict::Accept => {
+                                        match ExportTraceServiceRequest::decode(body.as_ref()) {
+                                            Ok(r) => {
+                                                s.add(r);
+                                                200
+                                            }
+                                            Err(_) => 400,
+                                        }
+                                    }
                                 }
+                            } else {
+                                400
                             };
                             let body = ExportTraceServiceResponse {
                                 partial_success: None,
                             }
                             .encode_to_vec();
+                            let mut rb = Response::builder()
+                                .status(status)
+                                .header("content-type", "application/x-protobuf");
+                            if let Some((k, v)) = extra {
+                                rb = rb.header(k, v);
+                            }
                             Ok::<_, std::convert::Infallible>(
-                                Response::builder()
-                                    .status(status)
-                                    .header("content-type", "application/x-protobuf")
-                                    .body(Full::new(Bytes::from(body)))
-                                    .expect("response"),
+                                rb.body(Full::new(Bytes::from(body))).expect("response"),
                             )
                         }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match acceptor {
+                        Some(a) => {
+                            if let Ok(tls) = a.accept(stream).await {
+                                let _ = http.serve_connection(TokioIo::new(tls), svc).await;
+                            }
+                        }
+                        None => {
+                            let _ = http.serve_connection(TokioIo::new(stream), svc).await;
+                        }
+                    }
                 });
             }
         });
@@ -301,6 +471,11 @@ impl Receiver {
     /// Spans received by `service.name/kind`.
     pub fn counts(&self) -> std::collections::BTreeMap<String, u64> {
         self.store.counts.lock().expect("lock").clone()
+    }
+
+    /// Every export request, accepted or refused, in order.
+    pub fn attempts(&self) -> Vec<Attempt> {
+        self.store.attempts.lock().expect("lock").clone()
     }
 
     pub fn export_requests(&self) -> u64 {
@@ -332,4 +507,13 @@ impl Receiver {
                 .collect::<Vec<_>>()
         );
     }
+}
+
+fn gunzip(data: &[u8]) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(data)
+        .read_to_end(&mut out)
+        .ok()?;
+    Some(out)
 }
