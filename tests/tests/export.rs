@@ -32,7 +32,7 @@ fn hey(nginx: &Nginx, n: usize, pad: usize) {
             &n.to_string(),
             // hey gives each worker n / c requests.
             "-c",
-            if n % 2 == 0 { "2" } else { "1" },
+            if n.is_multiple_of(2) { "2" } else { "1" },
             &format!(
                 "http://127.0.0.1:{}/hello?pad={}",
                 nginx.port,
