@@ -28,8 +28,14 @@ pub fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
 
 /// Waits until something listens on `port`.
 pub fn wait_port(port: u16) {
+    wait_port_for(port, Duration::from_secs(10));
+}
+
+/// Waits until something listens on `port`, for up to `timeout` (an agent loading its programs
+/// on a busy machine takes longer than a test server).
+pub fn wait_port_for(port: u16, timeout: Duration) {
     wait_until(
-        Duration::from_secs(10),
+        timeout,
         &format!("a listener on port {port}"),
         || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
     );

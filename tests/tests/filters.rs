@@ -143,7 +143,8 @@ fn agent_with_metrics(port: u16, metrics_port: u16) -> Proc {
     .stdout(Stdio::null())
     .stderr(Stdio::null());
     let agent = Proc::spawn(&mut cmd);
-    tests::wait_port(metrics_port);
+    // As long as `Agent::start` allows for the programs to load.
+    tests::wait_port_for(metrics_port, std::time::Duration::from_secs(30));
     agent
 }
 

@@ -27,34 +27,30 @@ impl Report {
     }
 }
 
-fn capabilities() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("CapEff:"))
-                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        })
-        .unwrap_or(0)
-}
-
 /// Prints the report; returns whether everything the agent needs is there.
 pub fn run() -> bool {
     let mut r = Report { failed: 0 };
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     println!("kernel {}", release.trim());
-    let caps = capabilities();
-    let has = |bit: u32| caps & (1u64 << bit) != 0;
-    let (sys_admin, perfmon, bpf) = (has(21), has(38), has(39));
-    r.line(
-        sys_admin || (perfmon && bpf),
-        "privileges (root, or CAP_BPF + CAP_PERFMON)",
-        &if sys_admin || (perfmon && bpf) {
-            format!("CAP_SYS_ADMIN={sys_admin} CAP_BPF={bpf} CAP_PERFMON={perfmon}")
+    let caps = super::caps::effective();
+    for c in super::caps::NEEDED.iter() {
+        let held = caps & (1u64 << c.bit) != 0;
+        if held {
+            r.line(true, c.name, c.why);
+        } else if c.optional {
+            println!("[warn] {} missing: needed to {}", c.name, c.why);
         } else {
-            "missing: run as root, or grant CAP_BPF, CAP_PERFMON (and CAP_SYS_ADMIN to mount tracefs); in Kubernetes use a privileged DaemonSet".into()
-        },
-    );
+            r.line(
+                false,
+                c.name,
+                &format!(
+                    "missing: needed to {}. Run as root, or grant it (setpriv/capsh, or the \
+                     DaemonSet's capabilities list)",
+                    c.why
+                ),
+            );
+        }
+    }
     let lockdown = std::fs::read_to_string("/sys/kernel/security/lockdown").unwrap_or_default();
     if !lockdown.is_empty() {
         println!(

@@ -2,6 +2,7 @@
 pub mod adopt;
 pub mod btf;
 pub mod check;
+pub mod caps;
 pub mod inject;
 
 use std::{net::IpAddr, path::Path};
