@@ -66,4 +66,10 @@ if ! python3 -c 'import redis' 2>/dev/null; then
   log "installing redis-py from PyPI"
   python3 -m pip install -q --root-user-action=ignore 'redis>=4' || { log "pip install redis failed"; exit 1; }
 fi
+# The manifests' schema check (offline, bundled Kubernetes schemas).
+if ! command -v kubernetes-validate >/dev/null 2>&1; then
+  log "installing kubernetes-validate from PyPI"
+  python3 -m pip install -q --root-user-action=ignore 'kubernetes-validate>=1.30' \
+    || { log "pip install kubernetes-validate failed"; exit 1; }
+fi
 exit 0

@@ -34,11 +34,9 @@ pub fn wait_port(port: u16) {
 /// Waits until something listens on `port`, for up to `timeout` (an agent loading its programs
 /// on a busy machine takes longer than a test server).
 pub fn wait_port_for(port: u16, timeout: Duration) {
-    wait_until(
-        timeout,
-        &format!("a listener on port {port}"),
-        || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
-    );
+    wait_until(timeout, &format!("a listener on port {port}"), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
 }
 
 /// The tests load eBPF programs: they must run as root. In CI a missing capability is a failure.

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask run | test | build | check | bench`.
+//! Project tasks: `cargo xtask run | test | build | check | bench | image`.
 //!
 //! Each bootstraps what it needs (nightly rust-src, bpf-linker on nightly's LLVM, and for tests
 //! the real programs they drive) through `scripts/bootstrap.sh`, which is idempotent and takes
@@ -11,6 +11,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 mod bench;
+mod image;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -35,6 +36,9 @@ enum Task {
         /// Only run integration tests whose name contains this.
         filter: Option<String>,
     },
+    /// Build the agent's container image with podman (deploy/Containerfile):
+    /// localhost/beholder-agent:latest.
+    Image,
     /// Measure the agent's overhead and loss; writes bench/report.md and bench/report.json.
     Bench {
         /// Longer runs and more rounds (the short mode takes a few minutes).
@@ -110,6 +114,11 @@ fn main() -> Result<()> {
             bootstrap(false)?;
             let bin = build_agent()?;
             run(as_root(&bin).arg("check"))?;
+        }
+        Task::Image => {
+            bootstrap(false)?;
+            let bin = build_agent()?;
+            image::build(&root(), &bin)?;
         }
         Task::Run { args } => {
             bootstrap(false)?;

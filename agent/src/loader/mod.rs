@@ -1,8 +1,8 @@
 //! Loads the embedded kernel programs, fills their settings and filter maps, and attaches them.
 pub mod adopt;
 pub mod btf;
-pub mod check;
 pub mod caps;
+pub mod check;
 pub mod inject;
 
 use std::{net::IpAddr, path::Path};
