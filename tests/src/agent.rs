@@ -46,8 +46,26 @@ impl Agent {
     }
 
     pub fn start_env(export: Export<'_>, args: &[&str], env: &[(&str, &str)]) -> Agent {
+        Self::start_as(export, &[], args, env)
+    }
+
+    /// Starts the agent through `prefix` (a program and its arguments that then run the agent,
+    /// such as `setpriv ... --`).
+    pub fn start_as(
+        export: Export<'_>,
+        prefix: &[&str],
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Agent {
         crate::require_root();
-        let mut cmd = Command::new(agent_bin());
+        let mut cmd = match prefix.split_first() {
+            Some((p, rest)) => {
+                let mut c = Command::new(p);
+                c.args(rest).arg(agent_bin());
+                c
+            }
+            None => Command::new(agent_bin()),
+        };
         cmd.args(args)
             .args(["--metrics-addr", "off"])
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
