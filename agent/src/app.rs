@@ -21,6 +21,8 @@ use crate::{
 
 /// Kernel events waiting for the tracker.
 const EVENT_QUEUE: usize = 65_536;
+/// Payload bytes the event queue may hold at once.
+const EVENT_BYTES: usize = 64 << 20;
 
 fn is_privileged() -> bool {
     // SAFETY: no preconditions.
@@ -181,6 +183,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let sink = export::Sink::new(&cfg).context("setting up the OTLP exporter")?;
     let (span_tx, span_rx) = export::queue(&cfg);
     let (ev_tx, ev_rx) = mpsc::channel(EVENT_QUEUE);
+    let ev_budget = std::sync::Arc::new(crate::pipeline::budget::ByteBudget::new(EVENT_BYTES));
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let mut exporter = tokio::spawn(export::run(
@@ -191,9 +194,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Duration::from_secs(10),
     ));
     let mut tracker = tokio::spawn(
-        Tracker::new(metrics.clone(), span_tx, snapshot, sampler, (urls, limits)).run(ev_rx),
+        Tracker::new(metrics.clone(), span_tx, snapshot, sampler, (urls, limits))
+            .run(ev_rx, ev_budget.clone()),
     );
-    let mut reader = tokio::spawn(reader::run(ring, ev_tx, metrics.clone(), stop_rx));
+    let mut reader = tokio::spawn(reader::run(
+        ring,
+        ev_tx,
+        ev_budget,
+        metrics.clone(),
+        stop_rx,
+    ));
     // Ready once the kernel programs are attached (above) and the pipeline runs; a pipeline task
     // that ends makes the agent exit (below), so it is never attached and half-alive.
     let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));

@@ -36,12 +36,14 @@ counters! {
     ring_events: "kernel events read from the ring buffer",
     ring_decode_errors: "ring items that could not be decoded",
     events_channel_full: "kernel events dropped: tracker channel full",
+    events_bytes_full: "kernel events dropped: the tracker channel's byte budget was spent",
     tracker_conns_full: "kernel events dropped: connection table full",
     conns_evicted_idle: "connections forgotten after being idle",
     http_skipped_bytes: "bytes skipped because a stream could not be followed",
     http_orphan_responses: "responses without a request (stream started mid-exchange)",
     http_unanswered_requests: "requests whose connection ended before a response",
     http_pending_overflow: "pipelined requests dropped: too many waiting",
+    http_head_budget_drops: "incomplete heads given up: all connections' head bytes reached the budget",
     spans_created: "spans built",
     spans_unsampled: "spans not recorded because their trace is not sampled",
     spans_queue_full: "spans dropped: export queue full",
@@ -60,8 +62,10 @@ impl Metrics {
 
     /// Counters that stand for a lost span or event, where non-zero.
     pub fn losses(&self) -> Vec<(&'static str, u64)> {
-        const LOSSES: [&str; 10] = [
+        const LOSSES: [&str; 12] = [
             "events_channel_full",
+            "events_bytes_full",
+            "http_head_budget_drops",
             "tracker_conns_full",
             "spans_queue_full",
             "spans_export_failed",

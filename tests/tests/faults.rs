@@ -376,3 +376,96 @@ fn stitching_map_evictions_are_counted() {
         "evictions {evicted} for {marked} unclaimed records: {c:?}"
     );
 }
+
+/// 20,000 connections each send 15 KiB of a request head that never ends (1 KiB a write, so
+/// the kernel copies every byte), then trickle one byte a second, while normal traffic runs.
+/// The agent's memory stays under a ceiling well below the DaemonSet's 512 MiB limit (the
+/// incomplete heads share one 64 MiB budget, the event queue another), the normal traffic is
+/// still traced, and the heads given up are counted.
+#[test]
+fn twenty_thousand_slow_heads_stay_within_memory() {
+    const CEILING_MIB: f64 = 384.0;
+    let rx = Receiver::start();
+    let slow_port = free_port();
+    let _server = Proc::spawn(
+        python("slow_heads.py", &["server", &slow_port.to_string()]).stdout(Stdio::null()),
+    );
+    wait_port(slow_port);
+    let nginx = Nginx::start(free_port(), NGINX);
+    let agent = Agent::start(
+        Export::Grpc(&rx),
+        &[
+            "--port",
+            &slow_port.to_string(),
+            "--port",
+            &nginx.port.to_string(),
+        ],
+    );
+    let pid = agent.pid();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut peak: f64 = 0.0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(rss_mib(pid));
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            peak
+        })
+    };
+    let t = Instant::now();
+    let mut client = Proc::spawn(
+        python(
+            "slow_heads.py",
+            &["client", &slow_port.to_string(), "20000", "15", "10"],
+        )
+        .stdout(Stdio::piped()),
+    );
+    // Normal traffic while the slow heads pile up.
+    std::thread::sleep(Duration::from_secs(8));
+    run(Command::new("hey")
+        .args([
+            "-n",
+            "200",
+            "-c",
+            "4",
+            &format!("http://127.0.0.1:{}/hello", nginx.port),
+        ])
+        .stdout(Stdio::null()));
+    let st = loop {
+        if let Some(st) = client.child.try_wait().expect("client") {
+            break st;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(240),
+            "the slow clients stalled"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let mut out = String::new();
+    std::io::Read::read_to_string(client.child.stdout.as_mut().unwrap(), &mut out).unwrap();
+    assert!(st.success() && out.contains("done 20000"), "{out}");
+    rx.wait_for(
+        200,
+        Duration::from_secs(30),
+        "200 nginx server spans",
+        |s| s.kind() == "server" && s.attr("url.path") == Some("/hello"),
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let peak = sampler.join().unwrap();
+    let (_, err) = agent.stop();
+    let c = tests::agent::final_counters(&err);
+    println!(
+        "20,000 slow heads in {:?}: agent peak RSS {peak:.0} MiB; counters {c:?}",
+        t.elapsed()
+    );
+    assert!(peak > 0.0 && peak < CEILING_MIB, "peak RSS {peak:.0} MiB");
+    let given_up = c.get("http_head_budget_drops").copied().unwrap_or(0)
+        + c.get("events_bytes_full").copied().unwrap_or(0)
+        + c.get("kernel_ringbuf_full_events").copied().unwrap_or(0);
+    assert!(
+        given_up > 0,
+        "nothing given up: the test did not load the agent: {c:?}"
+    );
+}

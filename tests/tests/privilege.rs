@@ -11,7 +11,13 @@ use tests::{
 };
 
 /// The capabilities of `loader::caps::NEEDED`, as setpriv spells them.
-const CAPS: [&str; 5] = ["bpf", "perfmon", "dac_read_search", "sys_ptrace", "net_admin"];
+const CAPS: [&str; 5] = [
+    "bpf",
+    "perfmon",
+    "dac_read_search",
+    "sys_ptrace",
+    "net_admin",
+];
 
 /// `setpriv` arguments that run a program as nobody with exactly `caps` (inheritable, ambient
 /// and bounding), and no way to gain more.
@@ -55,7 +61,8 @@ fn check_passes_with_the_needed_capabilities_and_names_a_missing_one() {
         let name = format!("CAP_{}", missing.to_uppercase());
         assert!(!ok, "check passed without {name}:\n{text}");
         assert!(
-            text.lines().any(|l| l.starts_with("[FAIL]") && l.contains(&name)),
+            text.lines()
+                .any(|l| l.starts_with("[FAIL]") && l.contains(&name)),
             "{name} not named:\n{text}"
         );
     }
@@ -73,7 +80,7 @@ fn check_passes_with_the_needed_capabilities_and_names_a_missing_one() {
 fn agent_as_nobody_traces_and_links() {
     let rx = Receiver::start();
     let port = free_port();
-    let _server = Proc::spawn(python("threaded_server.py", &[&port.to_string()]));
+    let _server = Proc::spawn(&mut python("threaded_server.py", &[&port.to_string()]));
     wait_port(port);
     let prefix = setpriv(&CAPS);
     let prefix: Vec<&str> = prefix.iter().map(String::as_str).collect();
@@ -86,18 +93,33 @@ fn agent_as_nobody_traces_and_links() {
     // The agent really runs as nobody.
     let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
     let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
-    assert!(uid.split_whitespace().skip(1).all(|u| u == "65534"), "{uid}");
-    assert!(!agent.stderr().contains("TCP-option carrier is off"), "{}", agent.stderr());
+    assert!(
+        uid.split_whitespace().skip(1).all(|u| u == "65534"),
+        "{uid}"
+    );
+    assert!(
+        !agent.stderr().contains("TCP-option carrier is off"),
+        "{}",
+        agent.stderr()
+    );
     for i in 0..5 {
         let out = Command::new("curl")
-            .args(["-sf", "-m", "10", &format!("http://127.0.0.1:{port}/priv/{i}")])
+            .args([
+                "-sf",
+                "-m",
+                "10",
+                &format!("http://127.0.0.1:{port}/priv/{i}"),
+            ])
             .output()
             .expect("curl");
         assert!(out.status.success());
     }
-    let spans = rx.wait_for(10, std::time::Duration::from_secs(20), "5 client and 5 server spans", |s| {
-        s.attr("url.path").is_some_and(|p| p.starts_with("/priv/"))
-    });
+    let spans = rx.wait_for(
+        10,
+        std::time::Duration::from_secs(20),
+        "5 client and 5 server spans",
+        |s| s.attr("url.path").is_some_and(|p| p.starts_with("/priv/")),
+    );
     let (_, err) = agent.stop();
     for i in 0..5 {
         let path = format!("/priv/{i}");
@@ -111,8 +133,13 @@ fn agent_as_nobody_traces_and_links() {
             .expect("server span");
         assert_eq!(s.trace_id(), c.trace_id(), "{path}");
         assert_eq!(s.parent_id(), c.span_id(), "{path}");
-        assert!(s.res("process.executable.name").is_some_and(|n| n.starts_with("python")));
+        assert!(s
+            .res("process.executable.name")
+            .is_some_and(|n| n.starts_with("python")));
     }
     let c = tests::agent::final_counters(&err);
-    assert!(c.get("kernel_tcpopt_claimed").copied().unwrap_or(0) >= 5, "{c:?}");
+    assert!(
+        c.get("kernel_tcpopt_claimed").copied().unwrap_or(0) >= 5,
+        "{c:?}"
+    );
 }

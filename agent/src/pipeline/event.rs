@@ -19,6 +19,14 @@ pub enum DecodeError {
 }
 
 impl KernelEvent {
+    /// Payload bytes this event holds (what the event queue's byte budget counts).
+    pub fn bytes(&self) -> usize {
+        match self {
+            KernelEvent::Data { payload, .. } => payload.len(),
+            KernelEvent::Close(_) => 0,
+        }
+    }
+
     /// Decodes one ring item; the payload is copied once, out of the ring.
     pub fn decode(item: &[u8]) -> Result<KernelEvent, DecodeError> {
         if item.len() < 4 {

@@ -8,15 +8,21 @@ use tokio::{
     sync::{mpsc, watch},
 };
 
-use super::event::KernelEvent;
+use super::{budget::ByteBudget, event::KernelEvent};
 use crate::telemetry::Metrics;
 
 pub async fn run(
     ring: RingBuf<MapData>,
     events: mpsc::Sender<KernelEvent>,
+    budget: Arc<ByteBudget>,
     metrics: Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
+    let q = Queue {
+        events: &events,
+        budget: &budget,
+        metrics: &metrics,
+    };
     // SAFETY: the ring buffer owns its fd and keeps it open for as long as the AsyncFd lives.
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(|e| std::io::Error::other(e.to_string()))?;
@@ -25,27 +31,39 @@ pub async fn run(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tokio::select! {
-            _ = tick.tick() => drain(fd.get_mut(), &events, &metrics),
+            _ = tick.tick() => drain(fd.get_mut(), &q),
             guard = fd.readable_mut() => {
                 let mut guard = guard?;
-                drain(guard.get_inner_mut(), &events, &metrics);
+                drain(guard.get_inner_mut(), &q);
                 guard.clear_ready();
             }
             _ = stop.changed() => {
                 // Take what the kernel already produced, then stop.
-                drain(fd.get_mut(), &events, &metrics);
+                drain(fd.get_mut(), &q);
                 return Ok(());
             }
         }
     }
 }
 
-fn drain(ring: &mut RingBuf<MapData>, events: &mpsc::Sender<KernelEvent>, metrics: &Metrics) {
+/// Where drained events go: the tracker's channel, bounded in items and in bytes.
+struct Queue<'a> {
+    events: &'a mpsc::Sender<KernelEvent>,
+    budget: &'a ByteBudget,
+    metrics: &'a Metrics,
+}
+
+fn drain(ring: &mut RingBuf<MapData>, q: &Queue<'_>) {
+    let metrics = q.metrics;
     while let Some(item) = ring.next() {
         metrics.ring_events.inc();
         match KernelEvent::decode(&item) {
             Ok(ev) => {
-                if events.try_send(ev).is_err() {
+                let n = ev.bytes();
+                if !q.budget.try_take(n) {
+                    metrics.events_bytes_full.inc();
+                } else if q.events.try_send(ev).is_err() {
+                    q.budget.release(n);
                     metrics.events_channel_full.inc();
                 }
             }

@@ -6,6 +6,7 @@ use agent_common::{DataHeader, DIR_INGRESS, ROLE_CLIENT, ROLE_SERVER};
 use tokio::sync::mpsc;
 
 use super::{
+    budget::ByteBudget,
     discovery::Snapshot,
     event::{endpoints, Endpoints, KernelEvent},
 };
@@ -13,7 +14,7 @@ use crate::{
     clock::Clock,
     process::{ProcessCache, Resource},
     protocol::{
-        http1::{Exchange, Http1Conn, Side},
+        http1::{Exchange, HeadBudget, Http1Conn, Side},
         Dir, Segment,
     },
     sampling::Sampler,
@@ -27,6 +28,10 @@ use crate::{
 
 /// Connections followed at once; events of further connections are dropped and counted.
 pub const MAX_CONNS: usize = 65_536;
+
+/// Bytes of incomplete request/response heads held across all connections (each is also
+/// capped at `MAX_HEAD`, 16 KiB).
+pub const HEAD_BUDGET: usize = 64 << 20;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct ConnId {
@@ -50,6 +55,7 @@ pub struct Tracker {
     preexisting: Snapshot,
     idle: Duration,
     exchanges: Vec<Exchange>,
+    head_budget: Arc<HeadBudget>,
     out: Output,
 }
 
@@ -78,6 +84,7 @@ impl Tracker {
             preexisting,
             idle: Duration::from_secs(60),
             exchanges: Vec::new(),
+            head_budget: HeadBudget::new(HEAD_BUDGET),
             out: Output {
                 clock: Clock::sample(),
                 metrics,
@@ -90,13 +97,18 @@ impl Tracker {
         }
     }
 
-    /// Consumes events until the channel closes, sweeping idle connections now and then.
-    pub async fn run(mut self, mut events: mpsc::Receiver<KernelEvent>) {
+    /// Consumes events until the channel closes, sweeping idle connections now and then; gives
+    /// each event's bytes back to the channel's byte budget once handled.
+    pub async fn run(mut self, mut events: mpsc::Receiver<KernelEvent>, budget: Arc<ByteBudget>) {
         let mut sweep = tokio::time::interval(Duration::from_secs(5));
         loop {
             tokio::select! {
                 ev = events.recv() => match ev {
-                    Some(ev) => self.handle(ev),
+                    Some(ev) => {
+                        let n = ev.bytes();
+                        self.handle(ev);
+                        budget.release(n);
+                    }
                     None => break,
                 },
                 _ = sweep.tick() => {
@@ -145,7 +157,7 @@ impl Tracker {
             self.conns.insert(
                 id,
                 Conn {
-                    http: Http1Conn::default(),
+                    http: Http1Conn::with_budget(self.head_budget.clone()),
                     ends,
                     resource,
                     expected,
@@ -260,5 +272,6 @@ impl Output {
             .http_unanswered_requests
             .inc_by(s.unanswered_requests);
         metrics.http_pending_overflow.inc_by(s.pending_overflow);
+        metrics.http_head_budget_drops.inc_by(s.head_budget_drops);
     }
 }

@@ -23,6 +23,19 @@ pub trait Sink {
     fn event(&mut self, event: Event);
     /// Bytes skipped because the stream could not be followed (mid-message start, garbage).
     fn skipped(&mut self, _bytes: u64) {}
+    /// Whether `bytes` more of an incomplete head may be kept in memory (a global budget across
+    /// connections); false gives the head up.
+    fn may_hold(&mut self, _bytes: usize) -> bool {
+        true
+    }
+}
+
+/// Whether the bytes from `from` on (with three before it) can end a head: a blank line, `\n\n`
+/// or `\n\r\n`. Until one arrives a head cannot be complete, so a head that arrives in many
+/// pieces is scanned once, not parsed again for each piece.
+fn may_end_head(buf: &[u8], from: usize) -> bool {
+    let tail = &buf[from.saturating_sub(3)..];
+    tail.windows(2).any(|w| w == b"\n\n") || tail.windows(3).any(|w| w == b"\n\r\n")
 }
 
 #[derive(Debug)]
@@ -121,10 +134,19 @@ impl StreamParser {
                     let parsed = if old == 0 {
                         parse_head(data, sink)
                     } else {
-                        buf.extend_from_slice(
-                            &data[..data.len().min(MAX_HEAD + 1 - old.min(MAX_HEAD))],
-                        );
-                        parse_head(&buf, sink)
+                        let add = data.len().min(MAX_HEAD + 1 - old.min(MAX_HEAD));
+                        if !sink.may_hold(add) {
+                            sink.skipped(old as u64 + data.len() as u64 + gap);
+                            self.state = State::Idle { synced: false };
+                            return;
+                        }
+                        buf.reserve_exact(add);
+                        buf.extend_from_slice(&data[..add]);
+                        if may_end_head(&buf, old) {
+                            parse_head(&buf, sink)
+                        } else {
+                            Parsed::Partial
+                        }
                     };
                     match parsed {
                         Parsed::Complete(h, n) => {
@@ -134,6 +156,12 @@ impl StreamParser {
                         }
                         Parsed::Partial if gap == 0 && old + data.len() <= MAX_HEAD => {
                             if old == 0 {
+                                if !sink.may_hold(data.len()) {
+                                    sink.skipped(data.len() as u64);
+                                    self.state = State::Idle { synced: false };
+                                    return;
+                                }
+                                buf.reserve_exact(data.len());
                                 buf.extend_from_slice(data);
                             }
                             self.state = State::Head { buf, start_ns };
@@ -286,6 +314,14 @@ impl StreamParser {
                 head: o.head,
                 end_ns,
             });
+        }
+    }
+
+    /// Bytes of an incomplete head held in memory.
+    pub fn held(&self) -> usize {
+        match &self.state {
+            State::Head { buf, .. } => buf.capacity(),
+            _ => 0,
         }
     }
 

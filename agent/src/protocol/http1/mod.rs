@@ -6,7 +6,13 @@ mod message;
 #[cfg(test)]
 mod tests;
 
-use std::collections::VecDeque;
+use std::{
+    collections::VecDeque,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+};
 
 use agent_common::WireCtx;
 
@@ -46,6 +52,30 @@ pub struct Stats {
     pub orphan_responses: u64,
     pub unanswered_requests: u64,
     pub pending_overflow: u64,
+    /// Incomplete heads given up because every connection's together reached the budget.
+    pub head_budget_drops: u64,
+}
+
+/// One byte budget for the incomplete heads of all connections (each is also capped at
+/// `MAX_HEAD`): thousands of connections that send a long head slowly cannot hold more.
+#[derive(Debug)]
+pub struct HeadBudget {
+    used: AtomicUsize,
+    limit: usize,
+}
+
+impl HeadBudget {
+    pub fn new(limit: usize) -> Arc<HeadBudget> {
+        Arc::new(HeadBudget {
+            used: AtomicUsize::new(0),
+            limit,
+        })
+    }
+
+    /// Bytes held now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -61,6 +91,7 @@ struct Pairing {
     out: Vec<Exchange>,
     stats: Stats,
     new_request: bool,
+    budget: Option<Arc<HeadBudget>>,
 }
 
 impl Sink for Pairing {
@@ -130,6 +161,17 @@ impl Sink for Pairing {
     fn skipped(&mut self, bytes: u64) {
         self.stats.skipped_bytes += bytes;
     }
+
+    fn may_hold(&mut self, bytes: usize) -> bool {
+        let Some(b) = &self.budget else {
+            return true;
+        };
+        let ok = b.used() + bytes <= b.limit;
+        if !ok {
+            self.stats.head_budget_drops += 1;
+        }
+        ok
+    }
 }
 
 /// Both directions of one connection.
@@ -138,9 +180,39 @@ pub struct Http1Conn {
     ingress: StreamParser,
     egress: StreamParser,
     pairing: Pairing,
+    /// Bytes of incomplete heads this connection has counted in the budget.
+    held: usize,
+}
+
+impl Drop for Http1Conn {
+    fn drop(&mut self) {
+        if let Some(b) = &self.pairing.budget {
+            b.used.fetch_sub(self.held, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Http1Conn {
+    /// A connection whose incomplete heads count against `budget`.
+    pub fn with_budget(budget: Arc<HeadBudget>) -> Http1Conn {
+        let mut c = Http1Conn::default();
+        c.pairing.budget = Some(budget);
+        c
+    }
+
+    /// Brings the budget up to date with what the parsers hold now.
+    fn account(&mut self) {
+        let now = self.ingress.held() + self.egress.held();
+        if let Some(b) = &self.pairing.budget {
+            if now > self.held {
+                b.used.fetch_add(now - self.held, Ordering::Relaxed);
+            } else {
+                b.used.fetch_sub(self.held - now, Ordering::Relaxed);
+            }
+        }
+        self.held = now;
+    }
+
     /// Feeds one syscall's bytes; completed exchanges are appended to `out`.
     pub fn feed(&mut self, dir: Dir, seg: Segment<'_>, out: &mut Vec<Exchange>) {
         self.pairing.dir = Some(dir);
@@ -162,6 +234,7 @@ impl Http1Conn {
             self.ingress.enter_tunnel();
             self.egress.enter_tunnel();
         }
+        self.account();
         out.append(&mut self.pairing.out);
     }
 
@@ -177,6 +250,7 @@ impl Http1Conn {
         self.pairing.stats.unanswered_requests += self.pairing.pending.len() as u64;
         self.pairing.pending.clear();
         self.pairing.unvisited = 0;
+        self.account();
         out.append(&mut self.pairing.out);
     }
 

@@ -305,3 +305,43 @@ fn connect_tunnel_stops_parsing() {
     ]);
     assert_eq!(d, "Client CONNECT h:443 1.1 tp=- -> 200 [0..1]");
 }
+
+#[test]
+fn bare_lf_head_in_single_bytes() {
+    // A blank line of bare LFs also ends a head that arrives byte by byte.
+    let req = b"GET /lf HTTP/1.1\nHost: x\n\n";
+    let mut pieces: Vec<(Dir, &[u8])> = req.chunks(1).map(|c| (I, c)).collect();
+    pieces.push((E, b"HTTP/1.1 204 No Content\r\n\r\n"));
+    let (got, _) = run(&pieces);
+    assert!(got.starts_with("Server GET /lf 1.1"), "{got}");
+}
+
+#[test]
+fn incomplete_heads_share_one_budget() {
+    let budget = HeadBudget::new(1000);
+    let head = |n: usize| {
+        let mut h = b"GET /slow HTTP/1.1\r\nX-Pad: ".to_vec();
+        h.resize(n, b'a');
+        h
+    };
+    let mut a = Http1Conn::with_budget(budget.clone());
+    let mut b = Http1Conn::with_budget(budget.clone());
+    let mut out = Vec::new();
+    // a holds 600 bytes of an unterminated head, in two pieces.
+    let h = head(600);
+    a.feed(I, Segment::whole(&h[..300], 1), &mut out);
+    a.feed(I, Segment::whole(&h[300..], 2), &mut out);
+    assert!(budget.used() >= 600);
+    // b's 600 bytes do not fit next to them: its head is given up and counted.
+    let h2 = head(600);
+    b.feed(I, Segment::whole(&h2[..300], 3), &mut out);
+    b.feed(I, Segment::whole(&h2[300..], 4), &mut out);
+    assert_eq!(b.take_stats().head_budget_drops, 1);
+    // a completes: its bytes go back, and so do b's when it is dropped.
+    a.feed(I, Segment::whole(b"\r\n\r\n", 5), &mut out);
+    a.feed(E, Segment::whole(OK, 6), &mut out);
+    assert_eq!(dump(&out), "Server GET /slow 1.1 tp=- -> 200 [1..6]");
+    drop(b);
+    drop(a);
+    assert_eq!(budget.used(), 0);
+}
