@@ -24,9 +24,13 @@ const EVENT_QUEUE: usize = 65_536;
 /// Payload bytes the event queue may hold at once.
 const EVENT_BYTES: usize = 64 << 20;
 
-fn is_privileged() -> bool {
+/// The capabilities the agent needs and this process lacks (none for root).
+fn missing_privileges() -> Vec<&'static crate::loader::caps::Cap> {
     // SAFETY: no preconditions.
-    unsafe { libc::geteuid() == 0 }
+    if unsafe { libc::geteuid() } == 0 {
+        return Vec::new();
+    }
+    crate::loader::caps::missing(crate::loader::caps::effective())
 }
 
 /// Processes whose executable path or name matches one of the globs.
@@ -93,8 +97,17 @@ async fn probe_backend(cfg: &ExportConfig) {
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    if !is_privileged() {
-        anyhow::bail!("the agent must run as root (it loads eBPF programs): try `sudo agent`, or `agent check` to see what is missing");
+    let missing = missing_privileges();
+    if !missing.is_empty() {
+        let names: Vec<String> = missing
+            .iter()
+            .map(|c| format!("{} (to {})", c.name, c.why))
+            .collect();
+        anyhow::bail!(
+            "the agent must run as root or hold these capabilities (it loads eBPF programs); \
+             missing: {}. Try `sudo agent`, or `agent check` to see what is missing",
+            names.join(", ")
+        );
     }
     let cfg = ExportConfig::from_env().context("invalid OpenTelemetry exporter configuration")?;
     let sampler = crate::sampling::Sampler::from_env()

@@ -386,17 +386,26 @@ fn stitching_map_evictions_are_counted() {
 fn twenty_thousand_slow_heads_stay_within_memory() {
     const CEILING_MIB: f64 = 384.0;
     let rx = Receiver::start();
-    let slow_port = free_port();
-    let _server = Proc::spawn(
-        python("slow_heads.py", &["server", &slow_port.to_string()]).stdout(Stdio::null()),
-    );
-    wait_port(slow_port);
+    // Two servers and two clients of 10,000 connections each: a process here may hold at most
+    // 20,000 open files (hard limit, and no CAP_SYS_RESOURCE to raise it).
+    let slow_ports = [free_port(), free_port()];
+    let _servers: Vec<Proc> = slow_ports
+        .iter()
+        .map(|p| {
+            Proc::spawn(python("slow_heads.py", &["server", &p.to_string()]).stdout(Stdio::null()))
+        })
+        .collect();
+    for p in slow_ports {
+        wait_port(p);
+    }
     let nginx = Nginx::start(free_port(), NGINX);
     let agent = Agent::start(
         Export::Grpc(&rx),
         &[
             "--port",
-            &slow_port.to_string(),
+            &slow_ports[0].to_string(),
+            "--port",
+            &slow_ports[1].to_string(),
             "--port",
             &nginx.port.to_string(),
         ],
@@ -415,13 +424,18 @@ fn twenty_thousand_slow_heads_stay_within_memory() {
         })
     };
     let t = Instant::now();
-    let mut client = Proc::spawn(
-        python(
-            "slow_heads.py",
-            &["client", &slow_port.to_string(), "20000", "15", "10"],
-        )
-        .stdout(Stdio::piped()),
-    );
+    let mut clients: Vec<Proc> = slow_ports
+        .iter()
+        .map(|p| {
+            Proc::spawn(
+                python(
+                    "slow_heads.py",
+                    &["client", &p.to_string(), "10000", "15", "10"],
+                )
+                .stdout(Stdio::piped()),
+            )
+        })
+        .collect();
     // Normal traffic while the slow heads pile up.
     std::thread::sleep(Duration::from_secs(8));
     run(Command::new("hey")
@@ -433,19 +447,21 @@ fn twenty_thousand_slow_heads_stay_within_memory() {
             &format!("http://127.0.0.1:{}/hello", nginx.port),
         ])
         .stdout(Stdio::null()));
-    let st = loop {
-        if let Some(st) = client.child.try_wait().expect("client") {
-            break st;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(240),
-            "the slow clients stalled"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let mut out = String::new();
-    std::io::Read::read_to_string(client.child.stdout.as_mut().unwrap(), &mut out).unwrap();
-    assert!(st.success() && out.contains("done 20000"), "{out}");
+    for client in &mut clients {
+        let st = loop {
+            if let Some(st) = client.child.try_wait().expect("client") {
+                break st;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(240),
+                "the slow clients stalled"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let mut out = String::new();
+        std::io::Read::read_to_string(client.child.stdout.as_mut().unwrap(), &mut out).unwrap();
+        assert!(st.success() && out.contains("done 10000"), "{out}");
+    }
     rx.wait_for(
         200,
         Duration::from_secs(30),

@@ -55,7 +55,7 @@ fn check_passes_with_the_needed_capabilities_and_names_a_missing_one() {
     let (ok, text) = check_as(&CAPS);
     assert!(ok, "{text}");
     assert!(text.contains("all checks passed"), "{text}");
-    for missing in ["perfmon", "sys_ptrace"] {
+    for missing in ["perfmon", "sys_ptrace", "net_admin"] {
         let caps: Vec<&str> = CAPS.iter().copied().filter(|c| *c != missing).collect();
         let (ok, text) = check_as(&caps);
         let name = format!("CAP_{}", missing.to_uppercase());
@@ -66,11 +66,6 @@ fn check_passes_with_the_needed_capabilities_and_names_a_missing_one() {
             "{name} not named:\n{text}"
         );
     }
-    // NET_ADMIN serves only the opt-in carriers: a warning, not a failure.
-    let caps: Vec<&str> = CAPS.iter().copied().filter(|c| *c != "net_admin").collect();
-    let (ok, text) = check_as(&caps);
-    assert!(ok, "{text}");
-    assert!(text.contains("[warn] CAP_NET_ADMIN missing"), "{text}");
 }
 
 /// As nobody with the needed capabilities (NET_ADMIN too, for the TCP-option carrier): a

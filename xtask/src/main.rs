@@ -36,6 +36,12 @@ enum Task {
         /// Only run integration tests whose name contains this.
         filter: Option<String>,
     },
+    /// Run every cargo-fuzz target (fuzz/) for a bounded time each (nightly, cargo-fuzz).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        secs: u64,
+    },
     /// Build the agent's container image with podman (deploy/Containerfile):
     /// localhost/beholder-agent:latest.
     Image,
@@ -115,6 +121,10 @@ fn main() -> Result<()> {
             let bin = build_agent()?;
             run(as_root(&bin).arg("check"))?;
         }
+        Task::Fuzz { secs } => {
+            bootstrap(false)?;
+            fuzz(secs)?;
+        }
         Task::Image => {
             bootstrap(false)?;
             let bin = build_agent()?;
@@ -170,12 +180,42 @@ fn main() -> Result<()> {
                 "--test-threads=1",
                 "--nocapture",
             ]);
-            if let Some(f) = filter {
+            if let Some(f) = &filter {
                 cmd.arg(f);
             }
             cmd.env("AGENT_BIN", &bin);
             run(&mut cmd)?;
+            // A short bounded fuzzing pass (the long runs are recorded in the README).
+            if filter.is_none() {
+                fuzz(10)?;
+            }
         }
+    }
+    Ok(())
+}
+
+/// The fuzz targets of `fuzz/Cargo.toml`.
+const FUZZ_TARGETS: [&str; 4] = ["http1", "trace_context", "otel_config", "url_redact"];
+
+/// Builds the fuzz targets (cargo-fuzz on nightly, installed if missing) and runs each for
+/// `secs` seconds; a crash fails the task.
+fn fuzz(secs: u64) -> Result<()> {
+    let have = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have {
+        run(cargo().args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    let dir = root().join("fuzz");
+    for t in FUZZ_TARGETS {
+        run(Command::new("cargo")
+            .current_dir(&dir)
+            // The kernel object is not needed to fuzz userspace parsers.
+            .env("AYA_BUILD_SKIP", "1")
+            .args(["+nightly", "fuzz", "run", "-O", t, "--"])
+            .arg(format!("-max_total_time={secs}"))
+            .arg("-max_len=4096"))?;
     }
     Ok(())
 }

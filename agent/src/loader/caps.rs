@@ -7,8 +7,6 @@ pub struct Cap {
     pub name: &'static str,
     pub bit: u32,
     pub why: &'static str,
-    /// Needed only by an opt-in mode (`--inject header` / `tcp-option`).
-    pub optional: bool,
 }
 
 pub const NEEDED: [Cap; 5] = [
@@ -16,31 +14,26 @@ pub const NEEDED: [Cap; 5] = [
         name: "CAP_BPF",
         bit: 39,
         why: "load the kernel programs and create their maps",
-        optional: false,
     },
     Cap {
         name: "CAP_PERFMON",
         bit: 38,
         why: "attach to tracepoints and read kernel memory from the programs",
-        optional: false,
     },
     Cap {
         name: "CAP_DAC_READ_SEARCH",
         bit: 2,
         why: "read tracefs event ids and other users' /proc files",
-        optional: false,
     },
     Cap {
         name: "CAP_SYS_PTRACE",
         bit: 19,
         why: "read other users' processes' executables, environments and sockets in /proc",
-        optional: false,
     },
     Cap {
         name: "CAP_NET_ADMIN",
         bit: 12,
-        why: "attach sock_ops/sk_msg to a cgroup (--inject tcp-option and --inject header)",
-        optional: true,
+        why: "create the socket map (the kernel refuses it without) and attach sock_ops/sk_msg",
     },
 ];
 

@@ -37,8 +37,6 @@ pub fn run() -> bool {
         let held = caps & (1u64 << c.bit) != 0;
         if held {
             r.line(true, c.name, c.why);
-        } else if c.optional {
-            println!("[warn] {} missing: needed to {}", c.name, c.why);
         } else {
             r.line(
                 false,
