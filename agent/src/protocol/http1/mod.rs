@@ -142,6 +142,13 @@ impl Sink for Pairing {
                     self.stats.orphan_responses += 1;
                     return;
                 }
+                // A response whose last byte moved before the request's first one answers
+                // something else (a stream picked up mid-exchange): never a span that ends
+                // before it starts.
+                if self.pending.front().is_some_and(|(_, start, _)| end_ns < *start) {
+                    self.stats.orphan_responses += 1;
+                    return;
+                }
                 self.unvisited = self.unvisited.min(self.pending.len().saturating_sub(1));
                 match self.pending.pop_front() {
                     Some((request, start_ns, ctx)) => self.out.push(Exchange {

@@ -345,3 +345,18 @@ fn incomplete_heads_share_one_budget() {
     drop(a);
     assert_eq!(budget.used(), 0);
 }
+
+#[test]
+fn response_older_than_the_request_is_not_its_answer() {
+    // Found by fuzzing: an until-close response opened before a request arrived was paired
+    // with it at close, giving a span that ends before it starts.
+    let mut conn = Http1Conn::default();
+    let mut out = Vec::new();
+    conn.feed(I, Segment::whole(b"GET /a HTTP/1.0\r\n\r\n", 1), &mut out);
+    conn.feed(E, Segment::whole(b"HTTP/1.0 200 OK\r\n\r\npartial", 2), &mut out);
+    conn.feed(I, Segment::whole(b"GET /b HTTP/1.0\r\n\r\n", 8), &mut out);
+    conn.close(&mut out);
+    for e in &out {
+        assert!(e.start_ns <= e.end_ns, "{e:?}");
+    }
+}
