@@ -144,6 +144,11 @@ pub fn parse_response(buf: &[u8], answers: RequestKind) -> HeadParse<ResponseHea
     let (Some(status), Some(version)) = (resp.code, resp.version) else {
         return HeadParse::Invalid;
     };
+    // Three digits is all httparse checks; a status below 100 is no HTTP response (found by
+    // fuzzing: "000" became a span with status code 0).
+    if status < 100 {
+        return HeadParse::Invalid;
+    }
     let Ok(body) = body_headers(resp.headers) else {
         return HeadParse::Invalid;
     };

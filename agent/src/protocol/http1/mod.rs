@@ -145,7 +145,11 @@ impl Sink for Pairing {
                 // A response whose last byte moved before the request's first one answers
                 // something else (a stream picked up mid-exchange): never a span that ends
                 // before it starts.
-                if self.pending.front().is_some_and(|(_, start, _)| end_ns < *start) {
+                if self
+                    .pending
+                    .front()
+                    .is_some_and(|(_, start, _)| end_ns < *start)
+                {
                     self.stats.orphan_responses += 1;
                     return;
                 }

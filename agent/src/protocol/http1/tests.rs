@@ -353,10 +353,21 @@ fn response_older_than_the_request_is_not_its_answer() {
     let mut conn = Http1Conn::default();
     let mut out = Vec::new();
     conn.feed(I, Segment::whole(b"GET /a HTTP/1.0\r\n\r\n", 1), &mut out);
-    conn.feed(E, Segment::whole(b"HTTP/1.0 200 OK\r\n\r\npartial", 2), &mut out);
+    conn.feed(
+        E,
+        Segment::whole(b"HTTP/1.0 200 OK\r\n\r\npartial", 2),
+        &mut out,
+    );
     conn.feed(I, Segment::whole(b"GET /b HTTP/1.0\r\n\r\n", 8), &mut out);
     conn.close(&mut out);
     for e in &out {
         assert!(e.start_ns <= e.end_ns, "{e:?}");
     }
+}
+
+#[test]
+fn status_below_100_is_not_a_response() {
+    let (got, stats) = run(&[(I, GET), (E, b"HTTP/1.1 000 Zero\r\n\r\n"), (E, OK)]);
+    assert!(!got.contains("-> 0 "), "{got}");
+    assert!(stats.skipped_bytes > 0);
 }
