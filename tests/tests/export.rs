@@ -139,20 +139,21 @@ fn a_request_refused_again_is_dropped_never_looped() {
     assert_eq!(c.get("spans_export_failed").copied(), Some(40), "{c:?}");
 }
 
-/// A throttling backend's requested delay is honoured (HTTP `Retry-After`), and gzip is used
-/// on every request when asked for.
-#[test]
-fn http_retry_after_and_gzip() {
+/// A backend that throttles the first request asking for 2 s, over `protocol`: the agent
+/// waits that long before retrying, every request is gzip-compressed, and every span arrives.
+fn throttled_once_with_gzip(protocol: &str) {
     let rx = Receiver::start_with(Options {
         throttle_first: 1,
         retry_delay: Duration::from_secs(2),
         ..Options::default()
     });
     let n = nginx();
-    let agent = start(
-        Export::Http(&rx),
-        &[("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip")],
-    );
+    let export = if protocol == "grpc" {
+        Export::Grpc(&rx)
+    } else {
+        Export::Http(&rx)
+    };
+    let agent = start(export, &[("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip")]);
     hey(&n, 20, 10);
     wait_spans(&rx, 20);
     agent.stop();
@@ -161,38 +162,22 @@ fn http_retry_after_and_gzip() {
     let waited = a[1].at - a[0].at;
     assert!(
         waited >= Duration::from_millis(1900),
-        "retried after {waited:?}, asked 2 s"
+        "{protocol}: retried after {waited:?}, asked 2 s"
     );
     assert!(a.iter().all(|x| x.gzip), "{a:?}");
     assert_eq!(server_spans(&rx), 20);
 }
 
-/// The same over gRPC: RESOURCE_EXHAUSTED with `RetryInfo` is throttling, retried after the
-/// delay it carries; requests are gzip-compressed.
+/// HTTP: 429 with `Retry-After: 2`.
+#[test]
+fn http_retry_after_and_gzip() {
+    throttled_once_with_gzip("http");
+}
+
+/// gRPC: RESOURCE_EXHAUSTED with `RetryInfo` is throttling, retried after the delay it carries.
 #[test]
 fn grpc_retry_info_and_gzip() {
-    let rx = Receiver::start_with(Options {
-        throttle_first: 1,
-        retry_delay: Duration::from_secs(2),
-        ..Options::default()
-    });
-    let n = nginx();
-    let agent = start(
-        Export::Grpc(&rx),
-        &[("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip")],
-    );
-    hey(&n, 20, 10);
-    wait_spans(&rx, 20);
-    agent.stop();
-    let a = rx.attempts();
-    assert!(a.len() >= 2 && !a[0].accepted && a[1].accepted, "{a:?}");
-    let waited = a[1].at - a[0].at;
-    assert!(
-        waited >= Duration::from_millis(1900),
-        "retried after {waited:?}, asked 2 s"
-    );
-    assert!(a.iter().all(|x| x.gzip), "{a:?}");
-    assert_eq!(server_spans(&rx), 20);
+    throttled_once_with_gzip("grpc");
 }
 
 /// TLS to a backend with its own CA that requires a client certificate: both protocols
