@@ -4,6 +4,7 @@
 //! time so both sides cannot drift.
 #![no_std]
 
+pub mod head_scan;
 #[cfg(feature = "user")]
 mod user;
 
@@ -118,8 +119,13 @@ pub const LRU_MAP_NAMES: [&str; LRU_MAPS as usize] = [
 /// First of the `LRU_MAPS` counters of new entries that went into a full LRU map, each of which
 /// evicted the least recently used entry (counted from the map's live-entry estimate).
 pub const CNT_LRU_EVICTED: u32 = 24;
-pub const NUM_COUNTERS: u32 = 32;
-pub const COUNTER_NAMES: [&str; 32] = [
+/// Connections seen from their start whose client's first bytes were not an HTTP request
+/// (TLS, a database protocol): the kernel copies nothing more of them.
+pub const CNT_CONNS_NOT_HTTP: u32 = 32;
+/// Size of the kernel's counter array: room for counters yet to come without a layout change.
+pub const NUM_COUNTERS: u32 = 40;
+const _: () = assert!(COUNTER_NAMES.len() <= NUM_COUNTERS as usize);
+pub const COUNTER_NAMES: [&str; 33] = [
     "kernel_ringbuf_full_events",
     "kernel_inflight_syscall_map_full",
     "kernel_close_ringbuf_full_events",
@@ -152,6 +158,7 @@ pub const COUNTER_NAMES: [&str; 32] = [
     "kernel_lru_evicted_body_left",
     "kernel_lru_evicted_large_sends",
     "kernel_lru_evicted_connecting",
+    "kernel_conns_not_http",
 ];
 
 /// Addresses of one TCP connection, seen from the traced process. IPv4 addresses occupy the
@@ -333,11 +340,15 @@ pub struct ConnInfo {
     /// 1: traced, 2: ignored (not TCP, filtered out, or the OTLP endpoint).
     pub verdict: u32,
     pub tuple: ConnTuple,
+    /// 1 while a connection seen from its start (accept or connect) waits for the client's
+    /// first bytes, which decide whether it is HTTP at all (`head_scan::opening`).
+    pub opening: u32,
+    pub _pad: u32,
 }
 pub const VERDICT_UNKNOWN: u32 = 0;
 pub const VERDICT_TRACE: u32 = 1;
 pub const VERDICT_IGNORE: u32 = 2;
-const _: () = assert!(core::mem::size_of::<ConnInfo>() == 56);
+const _: () = assert!(core::mem::size_of::<ConnInfo>() == 64);
 
 /// Key of the excluded-endpoint map: an address and port whose traffic is never traced, on
 /// either side of a connection (the OTLP backend).

@@ -1,8 +1,10 @@
 //! Payload capture: copy a bounded prefix of what a data syscall moved into the per-CPU scratch,
 //! behind a `DataHeader`, then into the ring buffer in one `bpf_ringbuf_output`.
 use agent_common::{
-    DataHeader, CNT_READ_FAULT, CNT_RINGBUF_FULL, CNT_TRUNCATED, DATA_HEADER_SIZE, DIR_INGRESS,
-    EVENT_DATA, MAX_IOVECS, MAX_PAYLOAD, WIRE_NONE,
+    head_scan::{self, Opening},
+    ConnInfo, DataHeader, CNT_CONNS_NOT_HTTP, CNT_READ_FAULT, CNT_RINGBUF_FULL, CNT_TRUNCATED,
+    DATA_HEADER_SIZE, DIR_INGRESS, EVENT_DATA, MAX_IOVECS, MAX_PAYLOAD, ROLE_SERVER,
+    VERDICT_IGNORE, WIRE_NONE,
 };
 use aya_ebpf::helpers::{
     bpf_get_current_comm, bpf_probe_read_user,
@@ -21,12 +23,12 @@ const MASK: usize = MAX_PAYLOAD - 1;
 #[inline(always)]
 pub fn emit_data<const DIR: u32>(args: &IoArgs, pid_tgid: u64, moved: u64) {
     let tgid = (pid_tgid >> 32) as u32;
-    let Some(conn) = CONNS.get_ptr(&conn_key(tgid, args.fd)) else {
+    let Some(conn) = CONNS.get_ptr_mut(&conn_key(tgid, args.fd)) else {
         return;
     };
-    // SAFETY: live map value, read in place (RCU keeps it valid for this program's run even if
+    // SAFETY: live map value, used in place (RCU keeps it valid for this program's run even if
     // the LRU evicts it); a copy would not fit the BPF stack.
-    let conn = unsafe { &*conn };
+    let conn = unsafe { &mut *conn };
     let Some(scratch) = scratch(propagate::CAPTURE_SLOT) else {
         return;
     };
@@ -46,6 +48,10 @@ pub fn emit_data<const DIR: u32>(args: &IoArgs, pid_tgid: u64, moved: u64) {
     } else {
         copy_plain(payload, args.buf, want as usize)
     };
+
+    if conn.opening != 0 && !opens_http::<DIR>(conn, payload, captured) {
+        return;
+    }
 
     // SAFETY: helper without preconditions.
     let ts_exit = unsafe { bpf_ktime_get_boot_ns() };
@@ -105,6 +111,32 @@ pub fn emit_data<const DIR: u32>(args: &IoArgs, pid_tgid: u64, moved: u64) {
     };
     if ret < 0 {
         count(CNT_RINGBUF_FULL);
+    }
+}
+
+/// The first bytes of a connection seen from its start: when the client's opening is not an HTTP
+/// request (or the server speaks first), the connection is ignored from here on, so the kernel
+/// copies none of its bytes again (TLS, databases, any binary protocol). False when ignored.
+#[inline(always)]
+fn opens_http<const DIR: u32>(conn: &mut ConnInfo, payload: *const u8, captured: usize) -> bool {
+    let from_client = (conn.role == ROLE_SERVER) == (DIR == DIR_INGRESS);
+    let opening = if from_client {
+        head_scan::opening(&head::Masked(payload), captured)
+    } else {
+        Opening::Other
+    };
+    match opening {
+        Opening::Undecided => true,
+        Opening::Request => {
+            conn.opening = 0;
+            true
+        }
+        Opening::Other => {
+            conn.opening = 0;
+            conn.verdict = VERDICT_IGNORE;
+            count(CNT_CONNS_NOT_HTTP);
+            false
+        }
     }
 }
 

@@ -4,19 +4,36 @@ use std::sync::Arc;
 
 use prometheus_client::{metrics::counter::Counter, registry::Registry};
 
+/// One counter per kernel counter name (an array longer than 32 has no derived `Default`).
+#[derive(Clone)]
+pub struct KernelCounters([Counter; agent_common::COUNTER_NAMES.len()]);
+
+impl Default for KernelCounters {
+    fn default() -> Self {
+        KernelCounters(std::array::from_fn(|_| Counter::default()))
+    }
+}
+
+impl std::ops::Deref for KernelCounters {
+    type Target = [Counter];
+    fn deref(&self) -> &[Counter] {
+        &self.0
+    }
+}
+
 macro_rules! counters {
     ($($field:ident: $help:literal,)*) => {
         #[derive(Default, Clone)]
         pub struct Metrics {
             $(pub $field: Counter,)*
-            pub kernel: [Counter; agent_common::COUNTER_NAMES.len()],
+            pub kernel: KernelCounters,
         }
 
         impl Metrics {
             pub fn registry(&self) -> Registry {
                 let mut r = Registry::with_prefix("agent");
                 $(r.register(stringify!($field), $help, self.$field.clone());)*
-                for (name, c) in agent_common::COUNTER_NAMES.iter().zip(&self.kernel) {
+                for (name, c) in agent_common::COUNTER_NAMES.iter().zip(self.kernel.iter()) {
                     r.register(*name, "kernel-side count (see agent-common CNT_*)", c.clone());
                 }
                 r
@@ -25,7 +42,7 @@ macro_rules! counters {
             /// `(name, value)` of every counter, for logs and tests.
             pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
                 let mut v = vec![$((stringify!($field), self.$field.get()),)*];
-                v.extend(agent_common::COUNTER_NAMES.iter().zip(&self.kernel).map(|(n, c)| (*n, c.get())));
+                v.extend(agent_common::COUNTER_NAMES.iter().zip(self.kernel.iter()).map(|(n, c)| (*n, c.get())));
                 v
             }
         }

@@ -13,6 +13,7 @@ use tests::{
 };
 
 const T: Duration = Duration::from_secs(20);
+const NGINX: &str = "    location = /hello { return 200 \"hello\\n\"; }\n";
 
 /// `python3 -m http.server` speaks HTTP/1.0; here on IPv6 loopback, called by curl over IPv6.
 #[test]
@@ -202,5 +203,122 @@ fn health_endpoints_and_header_timeout() {
     assert!(
         waited >= Duration::from_secs(4) && waited < Duration::from_secs(14),
         "idle connection closed after {waited:?} ({n} bytes)"
+    );
+}
+
+/// Connections that are not HTTP cost nothing once their first bytes show it: redis-server
+/// moving 16 MiB values (RESP) and `openssl s_server` answering curl over TLS (ciphertext), both
+/// in selected processes next to nginx. The kernel copies none of their bytes (without the check,
+/// 33 MB reach userspace to be skipped there), counts each such connection, and the
+/// HTTP traffic beside them is still traced exactly; the programs see their bytes unchanged.
+#[test]
+fn non_http_connections_are_not_copied() {
+    let rx = Receiver::start();
+    let (http_port, redis_port, tls_port) = (free_port(), free_port(), free_port());
+    let nginx = Nginx::start(http_port, NGINX);
+    let _redis = Proc::spawn(
+        Command::new("redis-server")
+            .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .stdout(Stdio::null()),
+    );
+    let pki = tests::pki::Pki::new("not-http");
+    let _tls = Proc::spawn(
+        Command::new("openssl")
+            .args([
+                "s_server",
+                "-quiet",
+                "-www",
+                "-accept",
+                &tls_port.to_string(),
+            ])
+            .arg("-cert")
+            .arg(&pki.server_cert)
+            .arg("-key")
+            .arg(&pki.server_key)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    tests::wait_port(redis_port);
+    tests::wait_port(tls_port);
+    // Debian's redis-server is a link to redis-check-rdb, the executable the agent sees.
+    let agent = Agent::start(
+        Export::Grpc(&rx),
+        &[
+            "--exe",
+            "*/nginx",
+            "--exe",
+            "*/redis-check-rdb",
+            "--exe",
+            "*/openssl",
+        ],
+    );
+
+    // 16 MiB into redis and back out, through two connections of redis-cli.
+    let value: Vec<u8> = (0..16u32 << 20).map(|i| b'a' + (i % 23) as u8).collect();
+    let file = std::env::temp_dir().join(format!("not-http-{redis_port}.bin"));
+    std::fs::write(&file, &value).expect("value file");
+    let redis_cli = |args: &[&str]| {
+        let mut c = Command::new("timeout");
+        c.args(["60", "redis-cli", "-p", &redis_port.to_string()])
+            .args(args);
+        c
+    };
+    let set = run(redis_cli(&["-x", "set", "big"]).stdin(std::fs::File::open(&file).unwrap()));
+    assert_eq!(String::from_utf8_lossy(&set.stdout).trim(), "OK");
+    let got = run(redis_cli(&["--no-raw", "strlen", "big"]).stdout(Stdio::piped()));
+    assert_eq!(
+        String::from_utf8_lossy(&got.stdout).trim(),
+        "(integer) 16777216"
+    );
+    let got = run(redis_cli(&["get", "big"]).stdout(Stdio::piped()));
+    assert!(
+        got.stdout.starts_with(&value),
+        "redis returned the 16 MiB value unchanged"
+    );
+    // Five TLS connections, each a full handshake and an HTTP exchange inside TLS.
+    for _ in 0..5 {
+        let page = run(Command::new("curl")
+            .args(["-sS", "--max-time", "10", "--cacert"])
+            .arg(&pki.ca)
+            .arg(format!("https://127.0.0.1:{tls_port}/")));
+        assert!(String::from_utf8_lossy(&page.stdout).contains("s_server"));
+    }
+    // And HTTP beside them, traced as always.
+    for _ in 0..20 {
+        assert_eq!(
+            curl(&[&format!("http://127.0.0.1:{http_port}/hello")]),
+            "hello\n"
+        );
+    }
+    rx.wait_for(20, T, "20 nginx server spans", |s| s.kind() == "server");
+    std::thread::sleep(Duration::from_millis(800));
+    let (_, err) = agent.stop();
+    let _ = std::fs::remove_file(&file);
+    assert_eq!(nginx.access_log_lines(), 20);
+
+    let spans = rx.spans();
+    assert_eq!(spans.len(), 20, "only nginx's requests became spans");
+    assert!(spans
+        .iter()
+        .all(|s| s.attr("server.port") == Some(&http_port.to_string())));
+    let c = tests::agent::final_counters(&err);
+    let not_http = c.get("kernel_conns_not_http").copied().unwrap_or(0);
+    assert!(
+        (3 + 5..=3 + 5 + 4).contains(&not_http),
+        "three redis-cli and five TLS connections counted as not HTTP (a client may open one \
+         more): {not_http}\n{c:?}"
+    );
+    let events = c.get("ring_events").copied().unwrap_or(0);
+    assert!(
+        events <= 3 * 20 + 8,
+        "20 HTTP exchanges take three ring events each (read, write, close), plus at most one \
+         for each non-HTTP connection's opening: {events}\n{c:?}"
+    );
+    assert_eq!(
+        c.get("http_skipped_bytes"),
+        None,
+        "no byte of redis or TLS traffic reached userspace: {c:?}"
     );
 }

@@ -195,7 +195,13 @@ fn main() -> Result<()> {
 }
 
 /// The fuzz targets of `fuzz/Cargo.toml`.
-const FUZZ_TARGETS: [&str; 4] = ["http1", "trace_context", "otel_config", "url_redact"];
+const FUZZ_TARGETS: [&str; 5] = [
+    "http1",
+    "trace_context",
+    "otel_config",
+    "url_redact",
+    "kernel_head",
+];
 
 /// Builds the fuzz targets (cargo-fuzz on nightly, installed if missing) and runs each for
 /// `secs` seconds; a crash fails the task.

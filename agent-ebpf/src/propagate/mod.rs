@@ -42,7 +42,7 @@ pub fn incoming(
     if stitch::claim(io, tuple, wire) {
         wire.flags = ids::sampled(&wire.trace_id, Some(wire.flags));
     } else {
-        let h = head::read_head(CAPTURE_SLOT, line_end, len);
+        let h = head::read_head::<false>(CAPTURE_SLOT, line_end, len);
         if h.end == 0 {
             // The head goes on in a later read and may still carry a traceparent: deciding a
             // trace now could contradict it. Userspace decides from the whole head instead.

@@ -130,9 +130,9 @@ fn inject(ctx: &SkMsgContext) {
     if line_end == 0 {
         return;
     }
-    let h = head::read_head(MSG_SLOT, line_end, n);
+    let h = head::read_head::<true>(MSG_SLOT, line_end, n);
     // What of the body is still to come after this message.
-    let after = if h.end == 0 || h.transfer_encoding {
+    let after = if h.end == 0 || h.body_unknown {
         BODY_UNKNOWN
     } else {
         match h.content_length {
@@ -170,7 +170,7 @@ fn inject(ctx: &SkMsgContext) {
             plan.text[16] = b'-';
             ids::put_hex(&mut plan.text, 17, &[w.flags]);
             plan.op = EDIT_REWRITE;
-            plan.at = (v + 36) as u32;
+            plan.at = (tp.at + 36) as u32;
             plan.wire = w;
         } else {
             let Some(end) = head::value_end(buf, v, n) else {

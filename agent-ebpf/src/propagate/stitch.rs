@@ -134,7 +134,7 @@ fn decide(io: &mut IoArgs, pid_tgid: u64) -> bool {
     if line_end == 0 {
         return false;
     }
-    let h = head::read_head(SEND_SLOT, line_end, n);
+    let h = head::read_head::<false>(SEND_SLOT, line_end, n);
     let tp = if h.traceparent != 0 {
         head::parse_traceparent(SEND_SLOT, buf, h.traceparent, n)
     } else {
@@ -152,8 +152,14 @@ fn decide(io: &mut IoArgs, pid_tgid: u64) -> bool {
             w.kind = WIRE_CARRIED_FWD;
             w.trace_id = tp.trace_id;
             w.flags = ids::sampled(&tp.trace_id, Some(tp.flags));
-            if let Some(o) = owner.filter(|o| o.trace_id == tp.trace_id) {
-                w.parent_id = o.span_id;
+            if let Some(o) = owner {
+                // A volatile read: LLVM would otherwise compare the ids before it knows there is
+                // an owner, on stack bytes that may hold a pointer, which the verifier refuses.
+                // SAFETY: a read of a local.
+                let owner_trace = unsafe { core::ptr::read_volatile(&o.trace_id) };
+                if owner_trace == tp.trace_id {
+                    w.parent_id = o.span_id;
+                }
             }
         }
         None => {

@@ -113,10 +113,14 @@ pub fn classify(io: &mut IoArgs, pid_tgid: u64, sk: u64, family: u16, protocol: 
         role,
         verdict: VERDICT_IGNORE,
         tuple: ConnTuple::default(),
+        opening: 0,
+        _pad: 0,
     };
     if (family == AF_INET || family == AF_INET6) && protocol == IPPROTO_TCP {
         if read_tuple(sk, family, &mut info.tuple).is_ok() && wanted(&info.tuple) {
             info.verdict = VERDICT_TRACE;
+            // Seen from accept or connect: its first bytes decide whether it is HTTP.
+            info.opening = (role != ROLE_UNKNOWN) as u32;
         }
     }
     io.verdict = info.verdict;

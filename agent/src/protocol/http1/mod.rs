@@ -16,7 +16,7 @@ use std::{
 
 use agent_common::WireCtx;
 
-pub use head::{Framing, RequestHead, RequestKind, ResponseHead};
+pub use head::{parse_request, Framing, HeadParse, RequestHead, RequestKind, ResponseHead};
 use message::{Event, Sink, StreamParser};
 
 use super::{Dir, Segment};
