@@ -215,13 +215,19 @@ fn fuzz(secs: u64) -> Result<()> {
     }
     let dir = root().join("fuzz");
     for t in FUZZ_TARGETS {
-        run(Command::new("cargo")
-            .current_dir(&dir)
-            // The kernel object is not needed to fuzz userspace parsers.
+        let mut cmd = Command::new("cargo");
+        cmd.current_dir(&dir)
+            // The kernel object is not needed: its head scan is fuzzed as host code.
             .env("AYA_BUILD_SKIP", "1")
             .args(["+nightly", "fuzz", "run", "-O", t, "--"])
             .arg(format!("-max_total_time={secs}"))
-            .arg("-max_len=4096"))?;
+            .arg("-max_len=4096");
+        // A dictionary of the target's tokens, where one is kept (`fuzz/dict/<target>.dict`).
+        let dict = format!("dict/{t}.dict");
+        if dir.join(&dict).exists() {
+            cmd.arg(format!("-dict={dict}"));
+        }
+        run(&mut cmd)?;
     }
     Ok(())
 }
