@@ -205,6 +205,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         cfg.clone(),
         metrics.clone(),
         Duration::from_secs(10),
+        stop_rx.clone(),
     ));
     let mut tracker = tokio::spawn(
         Tracker::new(metrics.clone(), span_tx, snapshot, sampler, (urls, limits))

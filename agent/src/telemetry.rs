@@ -64,6 +64,7 @@ counters! {
     spans_created: "spans built",
     spans_unsampled: "spans not recorded because their trace is not sampled",
     spans_queue_full: "spans dropped: export queue full",
+    spans_queue_bytes_full: "spans dropped: the export queue's byte budget was spent",
     spans_exported: "spans accepted by the backend (or printed)",
     spans_discarded: "spans built and discarded on purpose (OTEL_TRACES_EXPORTER=none)",
     spans_export_failed: "spans dropped after export retries ran out",
@@ -79,12 +80,13 @@ impl Metrics {
 
     /// Counters that stand for a lost span or event, where non-zero.
     pub fn losses(&self) -> Vec<(&'static str, u64)> {
-        const LOSSES: [&str; 12] = [
+        const LOSSES: [&str; 13] = [
             "events_channel_full",
             "events_bytes_full",
             "http_head_budget_drops",
             "tracker_conns_full",
             "spans_queue_full",
+            "spans_queue_bytes_full",
             "spans_export_failed",
             "spans_rejected",
             "kernel_ringbuf_full_events",

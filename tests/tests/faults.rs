@@ -485,3 +485,59 @@ fn twenty_thousand_slow_heads_stay_within_memory() {
         "nothing given up: the test did not load the agent: {c:?}"
     );
 }
+
+/// The span export queue is bounded in bytes as well as in spans: with the backend down and
+/// requests whose URLs are 4 KiB long, a 256 KiB budget fills long before the 8192-span bound,
+/// and every span is either exported, refused by the byte budget or dropped after retries, each
+/// counted.
+#[test]
+fn span_queue_is_bounded_in_bytes() {
+    let port = free_port();
+    let nginx = Nginx::start(port, "    location / { return 200 \"ok\\n\"; }\n");
+    let down = free_port();
+    let agent = Agent::start_env(
+        Export::Console,
+        &["--exe", "*/nginx"],
+        &[
+            (
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                &format!("http://127.0.0.1:{down}"),
+            ),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "500"),
+            ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "1"),
+            ("BEHOLDER_SPAN_QUEUE_MAX_BYTES", "262144"),
+        ],
+    );
+    let long = "a".repeat(4096);
+    let urls: Vec<String> = (0..300)
+        .map(|i| format!("http://127.0.0.1:{port}/{i}/{long}"))
+        .collect();
+    // One curl for all 300 requests (keep-alive), bounded in time.
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--max-time", "60", "-o", "/dev/null"]);
+    for u in &urls {
+        cmd.arg(u);
+    }
+    run(&mut cmd);
+    assert_eq!(nginx.access_log_lines(), 300);
+    std::thread::sleep(Duration::from_secs(2));
+    let (_, err) = agent.stop();
+    let c = tests::agent::final_counters(&err);
+    let get = |k: &str| c.get(k).copied().unwrap_or(0);
+    assert_eq!(get("spans_created"), 300, "{c:?}");
+    assert!(
+        (200..300).contains(&get("spans_queue_bytes_full")),
+        "about 60 spans of 4 KiB fit in 256 KiB; the rest are refused and counted: {c:?}"
+    );
+    assert_eq!(
+        get("spans_queue_full"),
+        0,
+        "the 8192-span bound was never reached: {c:?}"
+    );
+    assert_eq!(
+        get("spans_queue_bytes_full") + get("spans_export_failed") + get("spans_exported"),
+        300,
+        "every span accounted for: {c:?}"
+    );
+}

@@ -41,12 +41,18 @@ pub struct TlsFiles {
     pub client_key: Option<std::path::PathBuf>,
 }
 
+/// What the spans waiting for export may hold: far above 8192 ordinary spans (about 2 KiB each),
+/// far below the DaemonSet's memory limit.
+pub const DEFAULT_SPAN_QUEUE_BYTES: usize = 64 << 20;
+
 /// 4 MiB (the gRPC default message limit of a collector) less room for framing.
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = (4 << 20) - (64 << 10);
 
 #[derive(Clone, Debug)]
 pub struct BatchConfig {
     pub max_queue: usize,
+    /// Bytes the queued spans may hold (`BEHOLDER_SPAN_QUEUE_MAX_BYTES`, default 64 MiB).
+    pub max_queue_bytes: usize,
     pub max_batch: usize,
     pub delay: Duration,
     /// How long one batch is retried while the backend is unavailable.
@@ -140,6 +146,13 @@ impl ExportConfig {
     pub fn from_lookup(env: &dyn Fn(&str) -> Option<String>) -> Result<ExportConfig, ConfigError> {
         let batch = BatchConfig {
             max_queue: number(env, "OTEL_BSP_MAX_QUEUE_SIZE", 8192, "spans")?.max(1) as usize,
+            max_queue_bytes: number(
+                env,
+                "BEHOLDER_SPAN_QUEUE_MAX_BYTES",
+                DEFAULT_SPAN_QUEUE_BYTES as u64,
+                "bytes",
+            )?
+            .max(64 << 10) as usize,
             max_batch: number(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512, "spans")?.max(1) as usize,
             // 1 s rather than the SDK's 5 s: traces of observed traffic show up promptly.
             delay: Duration::from_millis(number(

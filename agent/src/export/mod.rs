@@ -3,21 +3,23 @@
 pub mod config;
 pub mod console;
 pub mod encode;
+pub mod queue;
 pub mod transport;
 
 use std::{
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
     },
     time::Duration,
 };
 
 use tokio::{
-    sync::{mpsc, Semaphore},
+    sync::{watch, Semaphore},
     time::Instant,
 };
 
+pub use self::queue::{Full, SpanReceiver, SpanSender};
 use self::{
     config::ExportConfig,
     transport::{SendError, Transport},
@@ -41,9 +43,10 @@ impl Sink {
     }
 }
 
-/// The queue in front of the exporter; `try_send` never blocks the pipeline.
-pub fn queue(cfg: &ExportConfig) -> (mpsc::Sender<Span>, mpsc::Receiver<Span>) {
-    mpsc::channel(cfg.batch.max_queue)
+/// The queue in front of the exporter, bounded in spans and bytes; `try_send` never blocks the
+/// pipeline.
+pub fn queue(cfg: &ExportConfig) -> (SpanSender, SpanReceiver) {
+    queue::bounded(cfg.batch.max_queue, cfg.batch.max_queue_bytes)
 }
 
 /// Batches exported at once: enough to keep up with bursts while one request is in flight.
@@ -52,11 +55,12 @@ const MAX_IN_FLIGHT: u32 = 4;
 /// Runs until the queue's senders are all dropped, then flushes what is left (bounded by
 /// `final_flush`) and returns.
 pub async fn run(
-    mut rx: mpsc::Receiver<Span>,
+    mut rx: SpanReceiver,
     sink: Sink,
     cfg: ExportConfig,
     metrics: Arc<Metrics>,
     final_flush: Duration,
+    stop: watch::Receiver<bool>,
 ) {
     let max = cfg.batch.max_batch;
     let mut batch: Vec<Span> = Vec::with_capacity(max);
@@ -68,6 +72,8 @@ pub async fn run(
         metrics,
         failing: Arc::new(AtomicBool::new(false)),
         in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT as usize)),
+        pending: Arc::new(AtomicU64::new(0)),
+        stop,
         sink,
     };
     let mut deadline = Instant::now() + cfg.batch.delay;
@@ -91,9 +97,11 @@ pub async fn run(
             }
         }
     }
-    // Shutdown: everything still queued, in batches, within the final-flush budget.
+    // Shutdown (the agent's stop signal already told requests being retried to stop retrying: a
+    // backend that is down now is not waited for): everything still queued gets one attempt, in
+    // batches, within the final-flush budget.
     let stop = Instant::now() + final_flush;
-    while let Ok(span) = rx.try_recv() {
+    while let Some(span) = rx.try_recv() {
         batch.push(span);
         if batch.len() >= max {
             exporter
@@ -108,6 +116,15 @@ pub async fn run(
     }
     let left = stop.saturating_duration_since(Instant::now()) + Duration::from_secs(1);
     let _ = tokio::time::timeout(left, exporter.in_flight.acquire_many(MAX_IN_FLIGHT)).await;
+    // Spans of requests still in flight are lost with the process: counted, never silent.
+    let lost = exporter.pending.swap(0, Ordering::AcqRel);
+    if lost > 0 {
+        tracing::warn!(
+            spans = lost,
+            "export requests still in flight at exit: spans dropped"
+        );
+        exporter.metrics.spans_export_failed.inc_by(lost);
+    }
 }
 
 struct Exporter {
@@ -115,6 +132,10 @@ struct Exporter {
     metrics: Arc<Metrics>,
     failing: Arc<AtomicBool>,
     in_flight: Arc<Semaphore>,
+    /// Spans in requests handed to sender tasks and not yet accounted for.
+    pending: Arc<AtomicU64>,
+    /// The agent's stop signal: sender tasks stop retrying once it is set.
+    stop: watch::Receiver<bool>,
     sink: Sink,
 }
 
@@ -151,8 +172,16 @@ impl Exporter {
                 self.failing.clone(),
                 transport.clone(),
             );
+            let (pending, stopping) = (self.pending.clone(), self.stop.clone());
+            pending.fetch_add(n, Ordering::AcqRel);
             tokio::spawn(async move {
-                send_with_retry(transport, req, n, retry_for, &metrics, &failing).await;
+                let ctx = SendCtx {
+                    metrics: &metrics,
+                    failing: &failing,
+                    stopping,
+                };
+                send_with_retry(transport, req, n, retry_for, ctx).await;
+                pending.fetch_sub(n, Ordering::AcqRel);
                 drop(permit);
             });
         }
@@ -165,14 +194,22 @@ const MAX_ASKED_DELAY: Duration = Duration::from_secs(30);
 /// Sends one request, retrying while the backend is unavailable (after the delay it asks for,
 /// or with backoff) until `retry_for` runs out. A request refused as too large is split in two
 /// once, and each half sent the same way; a half refused again is dropped, never split further.
+/// What a sender task shares with the exporter.
+struct SendCtx<'a> {
+    metrics: &'a Metrics,
+    failing: &'a AtomicBool,
+    /// Becomes true at shutdown: no more retries.
+    stopping: watch::Receiver<bool>,
+}
+
 async fn send_with_retry(
     mut transport: Transport,
     req: opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
     n: u64,
     retry_for: Duration,
-    metrics: &Metrics,
-    failing: &AtomicBool,
+    mut ctx: SendCtx<'_>,
 ) {
+    let (metrics, failing) = (ctx.metrics, ctx.failing);
     let give_up = Instant::now() + retry_for;
     let mut todo = vec![(req, n, true)];
     while let Some((req, n, may_split)) = todo.pop() {
@@ -190,7 +227,7 @@ async fn send_with_retry(
                 }
                 Err(SendError::Retryable(e, asked)) => {
                     let wait = asked.map_or(backoff, |d| d.min(MAX_ASKED_DELAY).max(backoff));
-                    if Instant::now() + wait >= give_up {
+                    if Instant::now() + wait >= give_up || *ctx.stopping.borrow() {
                         tracing::warn!(spans = n, "dropping a batch: {e}");
                         metrics.spans_export_failed.inc_by(n);
                         break;
@@ -199,7 +236,11 @@ async fn send_with_retry(
                         tracing::warn!("cannot export spans ({e}); retrying with backoff, the agent keeps tracing and counts what it must drop");
                     }
                     metrics.export_retries.inc();
-                    tokio::time::sleep(wait).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        // Shutdown: the next failure drops the batch instead of waiting.
+                        _ = ctx.stopping.wait_for(|s| *s) => {}
+                    }
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
                 Err(SendError::TooLarge(e)) if may_split => {

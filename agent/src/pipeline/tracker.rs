@@ -18,7 +18,7 @@ use crate::{
         Dir, Segment,
     },
     sampling::Sampler,
-    span::{build_span, limits::Limits, redact::UrlPolicy, Span},
+    span::{build_span, limits::Limits, redact::UrlPolicy},
     telemetry::Metrics,
     trace_context::{
         link::{decide, server_ctx, Decision, Registry},
@@ -63,7 +63,7 @@ pub struct Tracker {
 struct Output {
     clock: Clock,
     metrics: Arc<Metrics>,
-    spans: mpsc::Sender<Span>,
+    spans: crate::export::SpanSender,
     sampler: Sampler,
     registry: Registry,
     urls: UrlPolicy,
@@ -73,7 +73,7 @@ struct Output {
 impl Tracker {
     pub fn new(
         metrics: Arc<Metrics>,
-        spans: mpsc::Sender<Span>,
+        spans: crate::export::SpanSender,
         preexisting: Snapshot,
         sampler: Sampler,
         (urls, limits): (UrlPolicy, Limits),
@@ -259,8 +259,14 @@ impl Output {
                     );
                     self.limits.apply(&mut span);
                     metrics.spans_created.inc();
-                    if self.spans.try_send(*span).is_err() {
-                        metrics.spans_queue_full.inc();
+                    match self.spans.try_send(*span) {
+                        Ok(()) => {}
+                        Err(crate::export::Full::Spans) => {
+                            metrics.spans_queue_full.inc();
+                        }
+                        Err(crate::export::Full::Bytes) => {
+                            metrics.spans_queue_bytes_full.inc();
+                        }
                     }
                 }
             }

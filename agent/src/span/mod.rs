@@ -67,6 +67,31 @@ pub struct Span {
 }
 
 impl Span {
+    /// Memory the span holds: its struct and what its strings own (the resource is shared by the
+    /// process's spans and not counted). What the export queue's byte budget charges.
+    pub fn approx_bytes(&self) -> usize {
+        let owned = |c: &Cow<'static, str>| match c {
+            Cow::Borrowed(_) => 0,
+            Cow::Owned(s) => s.capacity(),
+        };
+        let attrs: usize = self
+            .attributes
+            .iter()
+            .map(|a| {
+                owned(&a.key)
+                    + match &a.value {
+                        Value::Str(s) => s.capacity(),
+                        Value::Int(_) => 0,
+                    }
+            })
+            .sum();
+        std::mem::size_of::<Span>()
+            + self.name.capacity()
+            + self.trace_state.capacity()
+            + self.attributes.capacity() * std::mem::size_of::<KeyValue>()
+            + attrs
+    }
+
     pub fn attr(&self, key: &str) -> Option<&Value> {
         self.attributes
             .iter()
