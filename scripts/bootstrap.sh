@@ -66,6 +66,10 @@ if ! python3 -c 'import redis' 2>/dev/null; then
   log "installing redis-py from PyPI"
   python3 -m pip install -q --root-user-action=ignore 'redis>=4' || { log "pip install redis failed"; exit 1; }
 fi
+if ! python3 -c 'import aiohttp' 2>/dev/null; then
+  log "installing aiohttp from PyPI (the asyncio service of the linking tests)"
+  python3 -m pip install -q --root-user-action=ignore 'aiohttp>=3.8' || { log "pip install aiohttp failed"; exit 1; }
+fi
 # The manifests' schema check (offline, bundled Kubernetes schemas).
 if ! command -v kubernetes-validate >/dev/null 2>&1; then
   log "installing kubernetes-validate from PyPI"

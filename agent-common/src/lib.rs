@@ -122,10 +122,13 @@ pub const CNT_LRU_EVICTED: u32 = 24;
 /// Connections seen from their start whose client's first bytes were not an HTTP request
 /// (TLS, a database protocol): the kernel copies nothing more of them.
 pub const CNT_CONNS_NOT_HTTP: u32 = 32;
+/// Outgoing requests sent by a thread with several requests open (an event loop): left without
+/// an in-thread parent rather than given a guessed one.
+pub const CNT_LINK_AMBIGUOUS: u32 = 33;
 /// Size of the kernel's counter array: room for counters yet to come without a layout change.
 pub const NUM_COUNTERS: u32 = 40;
 const _: () = assert!(COUNTER_NAMES.len() <= NUM_COUNTERS as usize);
-pub const COUNTER_NAMES: [&str; 33] = [
+pub const COUNTER_NAMES: [&str; 34] = [
     "kernel_ringbuf_full_events",
     "kernel_inflight_syscall_map_full",
     "kernel_close_ringbuf_full_events",
@@ -159,6 +162,7 @@ pub const COUNTER_NAMES: [&str; 33] = [
     "kernel_lru_evicted_large_sends",
     "kernel_lru_evicted_connecting",
     "kernel_conns_not_http",
+    "kernel_link_ambiguous",
 ];
 
 /// Addresses of one TCP connection, seen from the traced process. IPv4 addresses occupy the
@@ -246,7 +250,7 @@ pub const TCPOPT_KIND: u8 = 254;
 pub const TCPOPT_LEN: usize = 28;
 pub const TCPOPT_EXID_SAMPLED: u16 = 0xbe01;
 pub const TCPOPT_EXID_UNSAMPLED: u16 = 0xbe00;
-/// `WireCtx::_pad[0]` of a stitching record that arrived in a TCP option.
+/// `WireCtx::via` of a stitching record that arrived in a TCP option.
 pub const WIRE_VIA_TCPOPT: u8 = 1;
 
 /// Key of the same-host stitching map: one request start, by its connection seen from the client
@@ -274,9 +278,21 @@ pub struct WireCtx {
     pub kind: u8,
     /// W3C trace flags as decided (bit 0: sampled).
     pub flags: u8,
-    pub _pad: [u8; 6],
+    /// `WIRE_VIA_TCPOPT` for a stitching record that arrived in a TCP option.
+    pub via: u8,
+    /// `LINK_*`: how an outgoing request's in-process owner was decided.
+    pub link: u8,
+    pub _pad: [u8; 4],
 }
 const _: () = assert!(core::mem::size_of::<WireCtx>() == 40);
+
+/// `WireCtx::link` of an outgoing request: no request was open on the sending thread.
+pub const LINK_NONE: u8 = 0;
+/// Exactly one request was open on the sending thread (or on the thread that connected): it
+/// is the owner.
+pub const LINK_THREAD: u8 = 1;
+/// Several requests were open on the sending thread (an event loop): no owner is guessed.
+pub const LINK_AMBIGUOUS: u8 = 2;
 
 /// An incoming request a server connection is handling (kernel map `SERVER_REQS`, keyed by the
 /// server socket). `live` drops to 0 when the response starts.
@@ -289,7 +305,9 @@ pub struct ServerReq {
     pub span_id: [u8; 8],
     pub flags: u8,
     pub live: u8,
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
+    /// The thread that read it (whose `ThreadReqs::live` counts it while `live`).
+    pub tid: u32,
 }
 const _: () = assert!(core::mem::size_of::<ServerReq>() == 40);
 
@@ -310,8 +328,12 @@ pub struct ThreadReqs {
     pub refs: [ReqRef; THREAD_SLOTS],
     pub next: u32,
     pub _pad: u32,
+    /// Requests this thread read that have not started their response: never fewer than the
+    /// real number (a lost close leaves it high, which makes the thread ambiguous, never wrong).
+    /// 64 bits: BPF has no 32-bit atomics.
+    pub live: u64,
 }
-const _: () = assert!(core::mem::size_of::<ThreadReqs>() == 72);
+const _: () = assert!(core::mem::size_of::<ThreadReqs>() == 80);
 
 /// Sampling settings as kernel globals: the decision for a new trace is
 /// `(low 8 bytes of the trace id, big endian) >> 1 < SAMPLE_THRESHOLD`.

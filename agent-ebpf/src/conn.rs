@@ -116,6 +116,8 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
     lru_remove(&BODY_LEFT, LRU_BODY_LEFT, &key);
     lru_remove(&CONNECT_REFS, LRU_CONNECT_REFS, &key);
     if info.sk != 0 {
+        // A request still open on this connection no longer counts on its thread.
+        crate::propagate::inflight::close(info.sk);
         lru_remove(&SERVER_REQS, LRU_SERVER_REQS, &info.sk);
     }
     if info.verdict != VERDICT_TRACE {

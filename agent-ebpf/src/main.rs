@@ -1,6 +1,9 @@
 //! Kernel programs of the agent. Entry points are thin; each hook family lives in its own file.
 #![no_std]
 #![no_main]
+// `atomic_xadd`: the only way to an atomic add on the BPF target (see `propagate/inflight.rs`).
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 mod capture;
 mod conn;

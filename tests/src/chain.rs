@@ -265,6 +265,65 @@ pub fn check_trace(path: &str, spans: &[RSpan], root_parent: &str) -> Result<Str
     Ok(trace)
 }
 
+/// Checks one request's spans through the chain without requiring every in-process link: each
+/// SERVER span must be the child of the CLIENT span that called it (stitching is exact), and
+/// each CLIENT span must be either the child of its own service's SERVER span for this request
+/// (`beholder.link.method=thread`) or have no parent at all, saying why (`ambiguous` or
+/// `none`). Anything else is a wrong parent. Returns how many of the three in-process hops
+/// linked.
+pub fn check_honest(path: &str, spans: &[RSpan]) -> Result<usize, String> {
+    let mut ordered = Vec::new();
+    for (service, kind) in HOPS {
+        let found: Vec<&RSpan> = spans
+            .iter()
+            .filter(|s| s.res("service.name") == Some(service) && s.kind() == kind)
+            .collect();
+        if found.len() != 1 {
+            return Err(format!(
+                "{path}: {} {service} {kind} spans (want 1); spans: {:?}",
+                found.len(),
+                describe(spans)
+            ));
+        }
+        ordered.push(found[0]);
+    }
+    let mut linked = 0;
+    for w in ordered.windows(2) {
+        let (caller, s) = (w[0], w[1]);
+        let what = |s: &RSpan| format!("{} {}", s.res("service.name").unwrap_or("?"), s.kind());
+        if s.kind() == "server" || (s.parent_id() == caller.span_id()) {
+            if s.parent_id() != caller.span_id() || s.trace_id() != caller.trace_id() {
+                return Err(format!(
+                    "{path}: {} is not the child of {}: {:?}",
+                    what(s),
+                    what(caller),
+                    describe(spans)
+                ));
+            }
+            if s.kind() == "client" {
+                let method = s.attr("beholder.link.method").unwrap_or("");
+                if method != "thread" {
+                    return Err(format!("{path}: {} linked by {method:?}", what(s)));
+                }
+                linked += 1;
+            }
+        } else {
+            let method = s.attr("beholder.link.method").unwrap_or("");
+            if !s.parent_id().is_empty() || !matches!(method, "ambiguous" | "none") {
+                return Err(format!(
+                    "{path}: WRONG PARENT: {} has parent {:?} ({method}), not {} {}: {:?}",
+                    what(s),
+                    s.parent_id(),
+                    what(caller),
+                    caller.span_id(),
+                    describe(spans)
+                ));
+            }
+        }
+    }
+    Ok(linked)
+}
+
 fn describe(spans: &[RSpan]) -> Vec<String> {
     spans
         .iter()

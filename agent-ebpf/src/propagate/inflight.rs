@@ -5,37 +5,105 @@
 //! write later).
 #[allow(unused_imports)]
 use crate::maps::lru::*;
-use agent_common::{ReqRef, ServerReq, ThreadReqs, CNT_STATE_MAP_FULL, THREAD_SLOTS};
+use agent_common::{
+    ReqRef, ServerReq, ThreadReqs, CNT_LINK_AMBIGUOUS, CNT_STATE_MAP_FULL, LINK_AMBIGUOUS,
+    LINK_NONE, LINK_THREAD, THREAD_SLOTS,
+};
 
 use crate::maps::{conn_key, count, CONNECT_REFS, SERVER_REQS, THREAD_REQS};
 
+/// `*p += v` as one atomic instruction (`lock xadd`; `u64::MAX` subtracts one). Core's
+/// `AtomicU64::fetch_add` is not offered on the BPF target, the instruction is.
+///
+/// # Safety
+/// `p` points into a live map value, 8-byte aligned.
+#[inline(always)]
+unsafe fn add(p: *mut u64, v: u64) {
+    use core::intrinsics::{atomic_xadd, AtomicOrdering};
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, v) };
+}
+
+/// The in-process owner of an outgoing request, as far as the evidence goes.
+#[derive(Clone, Copy)]
+pub struct Owner {
+    /// Valid when `link` is `LINK_THREAD` (zeros otherwise, never undefined: the verifier reads
+    /// what LLVM computes ahead of a branch).
+    pub req: ServerReq,
+    /// Where `req` is (its connection and sequence).
+    pub at: ReqRef,
+    /// `LINK_*`.
+    pub link: u8,
+}
+
+impl Owner {
+    const NONE: Owner = Owner {
+        req: ServerReq {
+            seq: 0,
+            trace_id: [0; 16],
+            span_id: [0; 8],
+            flags: 0,
+            live: 0,
+            _pad: [0; 2],
+            tid: 0,
+        },
+        at: ReqRef { sk: 0, seq: 0 },
+        link: LINK_NONE,
+    };
+
+    #[inline(always)]
+    pub fn request(&self) -> Option<&ServerReq> {
+        (self.link == LINK_THREAD).then_some(&self.req)
+    }
+}
+
+/// A request head was read by thread `tid` on server connection `sk`.
 #[inline(always)]
 pub fn open(tid: u32, sk: u64, req: &ServerReq) {
-    if lru_insert(&SERVER_REQS, LRU_SERVER_REQS, CAP_SERVER_REQS, &sk, req).is_err() {
+    // The connection's previous request, if its response was never seen, is over now.
+    close(sk);
+    let mut req = *req;
+    req.tid = tid;
+    req.live = 1;
+    if lru_insert(&SERVER_REQS, LRU_SERVER_REQS, CAP_SERVER_REQS, &sk, &req).is_err() {
         count(CNT_STATE_MAP_FULL);
+        return;
     }
     let r = ReqRef { sk, seq: req.seq };
     if let Some(t) = THREAD_REQS.get_ptr_mut(&tid) {
-        // SAFETY: live map value; only this thread writes its entry.
+        // SAFETY: live map value; only this thread writes its slots, `live` is atomic.
         let t = unsafe { &mut *t };
         t.refs[(t.next as usize) & (THREAD_SLOTS - 1)] = r;
         t.next = t.next.wrapping_add(1);
+        // SAFETY: an aligned u64 of a live map value.
+        unsafe { add(&mut t.live, 1) };
     } else {
         let mut t = ThreadReqs::default();
         t.refs[0] = r;
         t.next = 1;
+        t.live = 1;
         if lru_insert(&THREAD_REQS, LRU_THREAD_REQS, CAP_THREAD_REQS, &tid, &t).is_err() {
             count(CNT_STATE_MAP_FULL);
         }
     }
 }
 
-/// The server connection `sk` started a response: its request no longer takes new calls.
+/// The server connection `sk` started a response (or closed): its request no longer takes new
+/// calls, and its thread has one request fewer open.
 #[inline(always)]
 pub fn close(sk: u64) {
-    if let Some(r) = SERVER_REQS.get_ptr_mut(&sk) {
-        // SAFETY: live map value.
-        unsafe { (*r).live = 0 };
+    let Some(r) = SERVER_REQS.get_ptr_mut(&sk) else {
+        return;
+    };
+    // SAFETY: live map value.
+    let r = unsafe { &mut *r };
+    if r.live == 0 {
+        return;
+    }
+    r.live = 0;
+    if let Some(t) = THREAD_REQS.get_ptr_mut(&r.tid) {
+        // SAFETY: an aligned u64 of a live map value. A race that closes twice wraps the count
+        // around, which leaves the thread ambiguous (no guessed parent), never wrong.
+        unsafe { add(&mut (*t).live, u64::MAX) };
     }
 }
 
@@ -49,17 +117,36 @@ fn live(r: &ReqRef) -> Option<ServerReq> {
     (req.live != 0 && req.seq == r.seq).then_some(req)
 }
 
+/// The request thread `tid` is handling, when it has exactly one open: then that one is the
+/// newest live request in its slots. With several open (an event loop between requests), there
+/// is no evidence which one a call belongs to.
 #[inline(always)]
-fn newest(tid: u32) -> Option<(ReqRef, ServerReq)> {
+fn sole(tid: u32) -> Owner {
     // SAFETY: live map value, read in place (a 72-byte copy would crowd the BPF stack).
-    let t = unsafe { &*THREAD_REQS.get_ptr(&tid)? };
-    let mut best: Option<(ReqRef, ServerReq)> = None;
+    let Some(t) = THREAD_REQS.get_ptr(&tid).map(|t| unsafe { &*t }) else {
+        return Owner::NONE;
+    };
+    let open = t.live;
+    if open == 0 {
+        return Owner::NONE;
+    }
+    if open > 1 {
+        return Owner {
+            link: LINK_AMBIGUOUS,
+            ..Owner::NONE
+        };
+    }
+    let mut best = Owner::NONE;
     let mut i = 0;
     while i < THREAD_SLOTS {
         let r = t.refs[i];
         if let Some(req) = live(&r) {
-            if best.is_none_or(|(b, _)| b.seq < r.seq) {
-                best = Some((r, req));
+            if best.link == LINK_NONE || best.req.seq < req.seq {
+                best = Owner {
+                    req,
+                    at: r,
+                    link: LINK_THREAD,
+                };
             }
         }
         i += 1;
@@ -67,34 +154,47 @@ fn newest(tid: u32) -> Option<(ReqRef, ServerReq)> {
     best
 }
 
-/// A `connect` from this thread: remember the request it is handling for that socket.
+/// A `connect` from this thread: remember the request it is handling for that socket, when
+/// there is exactly one.
 #[inline(always)]
 pub fn on_connect(pid_tgid: u64, fd: u32) {
-    if let Some((r, _)) = newest(pid_tgid as u32) {
-        if lru_insert(
-            &CONNECT_REFS,
-            LRU_CONNECT_REFS,
-            CAP_CONNECT_REFS,
-            &conn_key((pid_tgid >> 32) as u32, fd),
-            &r,
-        )
-        .is_err()
-        {
-            count(CNT_STATE_MAP_FULL);
-        }
+    let o = sole(pid_tgid as u32);
+    if o.link != LINK_THREAD {
+        return;
+    }
+    if lru_insert(
+        &CONNECT_REFS,
+        LRU_CONNECT_REFS,
+        CAP_CONNECT_REFS,
+        &conn_key((pid_tgid >> 32) as u32, fd),
+        &o.at,
+    )
+    .is_err()
+    {
+        count(CNT_STATE_MAP_FULL);
     }
 }
 
-/// The request an outgoing request on `fd`, sent by this thread now, belongs to.
+/// The owner of an outgoing request on `fd`, sent by this thread now: the request open when the
+/// connection was made (event loops connect inside the handler and write later), else the one
+/// request open on this thread. Ambiguity is counted.
 #[inline(always)]
-pub fn owner(pid_tgid: u64, fd: u32) -> Option<ServerReq> {
+pub fn owner(pid_tgid: u64, fd: u32) -> Owner {
     let key = conn_key((pid_tgid >> 32) as u32, fd);
     // SAFETY: copied out of a live map value.
     if let Some(r) = CONNECT_REFS.get_ptr(&key).map(|r| unsafe { *r }) {
         lru_remove(&CONNECT_REFS, LRU_CONNECT_REFS, &key);
         if let Some(req) = live(&r) {
-            return Some(req);
+            return Owner {
+                req,
+                at: r,
+                link: LINK_THREAD,
+            };
         }
     }
-    newest(pid_tgid as u32).map(|(_, req)| req)
+    let o = sole(pid_tgid as u32);
+    if o.link == LINK_AMBIGUOUS {
+        count(CNT_LINK_AMBIGUOUS);
+    }
+    o
 }

@@ -73,7 +73,8 @@ pub fn incoming(
         span_id: wire.span_id,
         flags: wire.flags,
         live: 1,
-        _pad: [0; 6],
+        _pad: [0; 2],
+        tid: pid_tgid as u32,
     };
     inflight::open(pid_tgid as u32, io.sk, &req);
     true
@@ -82,8 +83,9 @@ pub fn incoming(
 /// The trace, parent and flags of a client span whose request carries no usable `traceparent`:
 /// those of the request its thread is handling (`owner`), or a new trace.
 #[inline(always)]
-pub fn client_ctx(w: &mut WireCtx, owner: Option<ServerReq>) {
-    match owner {
+pub fn client_ctx(w: &mut WireCtx, owner: &inflight::Owner) {
+    w.link = owner.link;
+    match owner.request() {
         Some(o) => {
             w.trace_id = o.trace_id;
             w.parent_id = o.span_id;
@@ -96,14 +98,20 @@ pub fn client_ctx(w: &mut WireCtx, owner: Option<ServerReq>) {
     }
 }
 
-/// The in-process link of an outgoing request whose context was not decided when it was sent.
+/// The in-process link of an outgoing request whose context was not decided when it was sent:
+/// its owner's ids, or only the news that its thread was ambiguous.
 #[inline(always)]
 pub fn linked(pid_tgid: u64, fd: u32, wire: &mut WireCtx) {
-    if let Some(owner) = inflight::owner(pid_tgid, fd) {
-        wire.kind = WIRE_LINKED;
-        wire.trace_id = owner.trace_id;
-        wire.parent_id = owner.span_id;
-        wire.flags = owner.flags;
+    let owner = inflight::owner(pid_tgid, fd);
+    if owner.link == agent_common::LINK_NONE {
+        return;
+    }
+    wire.kind = WIRE_LINKED;
+    wire.link = owner.link;
+    if let Some(o) = owner.request() {
+        wire.trace_id = o.trace_id;
+        wire.parent_id = o.span_id;
+        wire.flags = o.flags;
     }
 }
 

@@ -162,8 +162,9 @@ fn inject(ctx: &SkMsgContext) {
                 flags: ids::sampled(&tp.trace_id, Some(tp.flags)),
                 ..WireCtx::default()
             };
-            if let Some(o) = owner.filter(|o| o.trace_id == tp.trace_id) {
-                w.parent_id = o.span_id;
+            w.link = owner.link;
+            if owner.link == agent_common::LINK_THREAD && owner.req.trace_id == tp.trace_id {
+                w.parent_id = owner.req.span_id;
             }
             // "<16 hex span>-<2 hex flags>" over the old parent id and flags.
             ids::put_hex(&mut plan.text, 0, &w.span_id);
@@ -181,7 +182,7 @@ fn inject(ctx: &SkMsgContext) {
                 span_id: ids::span_id(),
                 ..WireCtx::default()
             };
-            super::client_ctx(&mut w, owner);
+            super::client_ctx(&mut w, &owner);
             w.kind = WIRE_REPLACED;
             ids::put_traceparent(&mut plan.text, 0, &w.trace_id, &w.span_id, w.flags);
             plan.op = EDIT_REPLACE;
@@ -194,7 +195,7 @@ fn inject(ctx: &SkMsgContext) {
             span_id: ids::span_id(),
             ..WireCtx::default()
         };
-        super::client_ctx(&mut w, owner);
+        super::client_ctx(&mut w, &owner);
         w.kind = WIRE_INSERTED;
         plan.text[..13].copy_from_slice(b"traceparent: ");
         ids::put_traceparent(&mut plan.text, 13, &w.trace_id, &w.span_id, w.flags);

@@ -14,8 +14,8 @@
 use crate::maps::lru::*;
 use agent_common::{
     ConnTuple, FlowSeq, IoArgs, WireCtx, CNT_STITCH_CLAIMED, CNT_STITCH_FULL, CNT_STITCH_MARKED,
-    CNT_TCPOPT_CLAIMED, DIR_EGRESS, INJECT_OFF, IO_SEND_SEEN, IO_SEQ, VERDICT_TRACE, WIRE_CARRIED,
-    WIRE_CARRIED_FWD, WIRE_NONE, WIRE_VIA_TCPOPT,
+    CNT_TCPOPT_CLAIMED, DIR_EGRESS, INJECT_OFF, IO_SEND_SEEN, IO_SEQ, LINK_THREAD, VERDICT_TRACE,
+    WIRE_CARRIED, WIRE_CARRIED_FWD, WIRE_NONE, WIRE_VIA_TCPOPT,
 };
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
@@ -152,19 +152,14 @@ fn decide(io: &mut IoArgs, pid_tgid: u64) -> bool {
             w.kind = WIRE_CARRIED_FWD;
             w.trace_id = tp.trace_id;
             w.flags = ids::sampled(&tp.trace_id, Some(tp.flags));
-            if let Some(o) = owner {
-                // A volatile read: LLVM would otherwise compare the ids before it knows there is
-                // an owner, on stack bytes that may hold a pointer, which the verifier refuses.
-                // SAFETY: a read of a local.
-                let owner_trace = unsafe { core::ptr::read_volatile(&o.trace_id) };
-                if owner_trace == tp.trace_id {
-                    w.parent_id = o.span_id;
-                }
+            w.link = owner.link;
+            if owner.link == LINK_THREAD && owner.req.trace_id == tp.trace_id {
+                w.parent_id = owner.req.span_id;
             }
         }
         None => {
             w.kind = WIRE_CARRIED;
-            super::client_ctx(w, owner);
+            super::client_ctx(w, &owner);
         }
     }
     true
@@ -226,7 +221,7 @@ pub fn claim(io: &IoArgs, t: &ConnTuple, out: &mut WireCtx) -> bool {
         out.flags = (*w).flags;
     }
     // SAFETY: as above.
-    if unsafe { (*w)._pad[0] } == WIRE_VIA_TCPOPT {
+    if unsafe { (*w).via } == WIRE_VIA_TCPOPT {
         count(CNT_TCPOPT_CLAIMED);
     }
     lru_remove(&STITCH, LRU_STITCH, &k);

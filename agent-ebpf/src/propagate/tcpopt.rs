@@ -277,7 +277,7 @@ fn parse(ctx: &SockOpsContext) {
     if w.trace_id == [0; 16] || w.span_id == [0; 8] {
         return;
     }
-    w._pad[0] = WIRE_VIA_TCPOPT;
+    w.via = WIRE_VIA_TCPOPT;
     let Some(seq) = header_seq(o) else {
         return;
     };

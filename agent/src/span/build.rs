@@ -51,6 +51,7 @@ pub fn build_span(
         parent_span_id,
         flags,
         trace_state,
+        link,
     } = ids;
 
     let known = KNOWN_METHODS.contains(&req.method.as_str());
@@ -74,6 +75,10 @@ pub fn build_span(
         ));
     }
     attrs.push(KeyValue::new("url.path", Value::Str(path.into())));
+    attrs.push(KeyValue::new(
+        "beholder.link.method",
+        Value::Str(link.as_str().into()),
+    ));
     attrs.push(KeyValue::new("url.scheme", Value::Str("http".into())));
     attrs.push(KeyValue::new(
         "http.response.status_code",

@@ -21,8 +21,8 @@
 use std::collections::{HashMap, VecDeque};
 
 use agent_common::{
-    WireCtx, WIRE_CARRIED, WIRE_CARRIED_FWD, WIRE_INSERTED, WIRE_LINKED, WIRE_REPLACED,
-    WIRE_REWRITTEN, WIRE_SERVER,
+    WireCtx, LINK_AMBIGUOUS, LINK_THREAD, WIRE_CARRIED, WIRE_CARRIED_FWD, WIRE_INSERTED,
+    WIRE_LINKED, WIRE_REPLACED, WIRE_REWRITTEN, WIRE_SERVER,
 };
 use rand::Rng;
 
@@ -32,6 +32,47 @@ use crate::{
     sampling::Sampler,
 };
 
+/// How a span's parent was found: the span attribute `beholder.link.method`, so that users (and
+/// tests) can see what evidence each link rests on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkMethod {
+    /// CLIENT: the one request open on the sending thread (or on the thread that connected).
+    Thread,
+    /// CLIENT: the request carried a context this process received with a request it served.
+    Forwarded,
+    /// SERVER: the request's `traceparent`; CLIENT: the program's own `traceparent`.
+    Header,
+    /// SERVER: the context its sender on this host (or across hosts, in a TCP option) recorded.
+    Stitch,
+    /// CLIENT: several requests were open on the sending thread (an event loop); no parent is
+    /// guessed, the span starts its own trace.
+    Ambiguous,
+    /// No evidence of a parent: the span starts its trace.
+    None,
+}
+
+impl LinkMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkMethod::Thread => "thread",
+            LinkMethod::Forwarded => "forwarded",
+            LinkMethod::Header => "header",
+            LinkMethod::Stitch => "stitch",
+            LinkMethod::Ambiguous => "ambiguous",
+            LinkMethod::None => "none",
+        }
+    }
+
+    /// A CLIENT span's method from the kernel's owner decision (`WireCtx::link`).
+    fn of_owner(w: &WireCtx) -> LinkMethod {
+        match w.link {
+            LINK_THREAD if w.parent_id != [0; 8] => LinkMethod::Thread,
+            LINK_AMBIGUOUS => LinkMethod::Ambiguous,
+            _ => LinkMethod::None,
+        }
+    }
+}
+
 /// The ids a span is built with.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Ids {
@@ -40,6 +81,7 @@ pub struct Ids {
     pub parent_span_id: Option<[u8; 8]>,
     pub flags: u8,
     pub trace_state: String,
+    pub link: LinkMethod,
 }
 
 pub enum Decision {
@@ -125,7 +167,7 @@ pub fn server_ctx(head: &RequestHead, sampler: &Sampler) -> WireCtx {
         parent_id,
         kind: WIRE_SERVER,
         flags: sampler.sample(&trace_id, incoming) as u8,
-        _pad: [0; 6],
+        ..WireCtx::default()
     }
 }
 
@@ -141,7 +183,12 @@ fn random_span_id(rng: &mut impl Rng) -> [u8; 8] {
     id
 }
 
-fn from_wire(w: &WireCtx, parent: Option<[u8; 8]>, trace_state: String) -> Decision {
+fn from_wire(
+    w: &WireCtx,
+    parent: Option<[u8; 8]>,
+    trace_state: String,
+    link: LinkMethod,
+) -> Decision {
     if w.flags & 1 == 0 {
         return Decision::Unsampled;
     }
@@ -151,6 +198,13 @@ fn from_wire(w: &WireCtx, parent: Option<[u8; 8]>, trace_state: String) -> Decis
         parent_span_id: parent,
         flags: 1,
         trace_state,
+        link: if parent.is_some() {
+            link
+        } else if link == LinkMethod::Ambiguous {
+            LinkMethod::Ambiguous
+        } else {
+            LinkMethod::None
+        },
     })
 }
 
@@ -175,12 +229,23 @@ pub fn decide(ex: &Exchange, pid: u32, reg: &Registry, sampler: &Sampler) -> Dec
             } else {
                 String::new()
             };
-            from_wire(&w, parent, trace_state)
+            // The parent came from the header when the header names it; else from a record.
+            let link = if header.as_ref().is_some_and(|h| Some(h.parent_id) == parent) {
+                LinkMethod::Header
+            } else {
+                LinkMethod::Stitch
+            };
+            from_wire(&w, parent, trace_state, link)
         }
         (Side::Client, Some(w))
             if w.kind == WIRE_INSERTED || w.kind == WIRE_REPLACED || w.kind == WIRE_CARRIED =>
         {
-            from_wire(&w, nonzero(w.parent_id), String::new())
+            from_wire(
+                &w,
+                nonzero(w.parent_id),
+                String::new(),
+                LinkMethod::of_owner(&w),
+            )
         }
         (Side::Client, Some(w)) if w.kind == WIRE_REWRITTEN || w.kind == WIRE_CARRIED_FWD => {
             let forwarded = header.as_ref().and_then(|h| reg.server_with(pid, h));
@@ -192,26 +257,37 @@ pub fn decide(ex: &Exchange, pid: u32, reg: &Registry, sampler: &Sampler) -> Dec
                     "forwarded context matches no server request"
                 );
             }
-            let parent = forwarded
-                .or(nonzero(w.parent_id))
-                .or(header.as_ref().map(|h| h.parent_id));
-            from_wire(&w, parent, state(&header))
+            let (parent, link) = match (forwarded, nonzero(w.parent_id)) {
+                (Some(f), _) => (Some(f), LinkMethod::Forwarded),
+                (None, Some(p)) => (Some(p), LinkMethod::of_owner(&w)),
+                (None, None) => (header.as_ref().map(|h| h.parent_id), LinkMethod::Header),
+            };
+            from_wire(&w, parent, state(&header), link)
         }
         (side, wire) => {
             // Nothing written on the wire by the agent: follow the program's own header, else
             // the in-thread owner, else start a trace.
-            let (trace_id, parent, incoming) = match (&header, wire) {
+            let (trace_id, parent, incoming, link) = match (&header, wire) {
                 (Some(h), _) => {
-                    let parent = match side {
-                        Side::Client => reg.server_with(pid, h).unwrap_or(h.parent_id),
-                        Side::Server => h.parent_id,
+                    let (parent, link) = match side {
+                        Side::Client => match reg.server_with(pid, h) {
+                            Some(s) => (s, LinkMethod::Forwarded),
+                            None => (h.parent_id, LinkMethod::Header),
+                        },
+                        Side::Server => (h.parent_id, LinkMethod::Header),
                     };
-                    (h.trace_id, Some(parent), Some(h.sampled()))
+                    (h.trace_id, Some(parent), Some(h.sampled()), link)
                 }
-                (None, Some(w)) if w.kind == WIRE_LINKED => {
-                    (w.trace_id, nonzero(w.parent_id), Some(w.flags & 1 != 0))
+                (None, Some(w)) if w.kind == WIRE_LINKED && w.link == LINK_THREAD => (
+                    w.trace_id,
+                    nonzero(w.parent_id),
+                    Some(w.flags & 1 != 0),
+                    LinkMethod::of_owner(&w),
+                ),
+                (None, Some(w)) if w.link == LINK_AMBIGUOUS => {
+                    (rng.random::<[u8; 16]>(), None, None, LinkMethod::Ambiguous)
                 }
-                (None, _) => (rng.random::<[u8; 16]>(), None, None),
+                (None, _) => (rng.random::<[u8; 16]>(), None, None, LinkMethod::None),
             };
             if !sampler.sample(&trace_id, incoming) {
                 return Decision::Unsampled;
@@ -222,6 +298,7 @@ pub fn decide(ex: &Exchange, pid: u32, reg: &Registry, sampler: &Sampler) -> Dec
                 parent_span_id: parent,
                 flags: 1,
                 trace_state: state(&header),
+                link,
             })
         }
     }
@@ -277,7 +354,8 @@ mod tests {
             parent_id: parent,
             kind,
             flags,
-            _pad: [0; 6],
+            link: if parent == [0; 8] { 0 } else { LINK_THREAD },
+            ..WireCtx::default()
         }
     }
 
@@ -350,6 +428,65 @@ mod tests {
         let i = ids(decide(&none, 7, &reg, &Sampler::default()));
         assert_eq!(i.parent_span_id, None);
         assert_ne!(i.trace_id, T);
+    }
+
+    #[test]
+    fn every_span_says_how_it_was_linked() {
+        let method =
+            |e: &Exchange, reg: &Registry| ids(decide(e, 7, reg, &Sampler::default())).link;
+        let mut reg = Registry::default();
+        // Server: parent named by the request's header, or by a record only.
+        let header = ex(
+            Side::Server,
+            Some(tp_header(T, P, 1)),
+            Some(wire(WIRE_SERVER, S, P, 1)),
+        );
+        assert_eq!(method(&header, &reg), LinkMethod::Header);
+        let stitched = ex(Side::Server, None, Some(wire(WIRE_SERVER, S, C, 1)));
+        assert_eq!(method(&stitched, &reg), LinkMethod::Stitch);
+        let root = ex(Side::Server, None, Some(wire(WIRE_SERVER, S, [0; 8], 1)));
+        assert_eq!(method(&root, &reg), LinkMethod::None);
+        // Client: the thread's one open request, a forwarded context, or nothing.
+        let thread = ex(Side::Client, None, Some(wire(WIRE_CARRIED, C, S, 1)));
+        assert_eq!(method(&thread, &reg), LinkMethod::Thread);
+        reg.server_started(7, &wire(WIRE_SERVER, S, P, 1), None);
+        let fwd = ex(
+            Side::Client,
+            Some(tp_header(T, P, 1)),
+            Some(wire(WIRE_CARRIED_FWD, C, [0; 8], 1)),
+        );
+        assert_eq!(method(&fwd, &reg), LinkMethod::Forwarded);
+    }
+
+    #[test]
+    fn an_ambiguous_thread_gives_no_parent() {
+        // The kernel saw several requests open on the sending thread: it decided a new trace
+        // (stitch mode) or nothing (no injection); either way there is no guessed parent.
+        let mut carried = wire(WIRE_CARRIED, C, [0; 8], 1);
+        carried.link = LINK_AMBIGUOUS;
+        let i = ids(decide(
+            &ex(Side::Client, None, Some(carried)),
+            7,
+            &Registry::default(),
+            &Sampler::default(),
+        ));
+        assert_eq!((i.parent_span_id, i.link), (None, LinkMethod::Ambiguous));
+        let linked = WireCtx {
+            kind: WIRE_LINKED,
+            link: LINK_AMBIGUOUS,
+            ..WireCtx::default()
+        };
+        let i = ids(decide(
+            &ex(Side::Client, None, Some(linked)),
+            7,
+            &Registry::default(),
+            &Sampler::default(),
+        ));
+        assert_eq!((i.parent_span_id, i.link), (None, LinkMethod::Ambiguous));
+        assert_ne!(
+            i.trace_id, [0; 16],
+            "a trace of its own, never the zero trace"
+        );
     }
 
     #[test]
