@@ -41,6 +41,8 @@ pub const MAP_PIDS: &str = "TRACED_PIDS";
 pub const MAP_PORTS: &str = "TRACED_PORTS";
 pub const MAP_EXCLUDED: &str = "EXCLUDED_ENDPOINTS";
 pub const MAP_CONNS: &str = "CONNS";
+/// How each process's runtime maps requests to threads (`RUNTIME_*`), by tgid.
+pub const MAP_RUNTIMES: &str = "PROC_RUNTIME";
 pub const MAP_SOCKS: &str = "OUT_SOCKS";
 
 /// Kernel counters: indices into the per-CPU `COUNTERS` array. Each is something that could not
@@ -125,10 +127,17 @@ pub const CNT_CONNS_NOT_HTTP: u32 = 32;
 /// Outgoing requests sent by a thread with several requests open (an event loop): left without
 /// an in-thread parent rather than given a guessed one.
 pub const CNT_LINK_AMBIGUOUS: u32 = 33;
+/// Outgoing requests of processes whose runtime runs tasks on several threads (Go, tokio's
+/// multi-thread scheduler, .NET): left without an in-thread parent, since the thread is no
+/// evidence there.
+pub const CNT_LINK_RUNTIME: u32 = 34;
+/// Outgoing requests of processes the agent had not classified yet (exec'd a moment ago, or
+/// new since the last scan): left without an in-thread parent.
+pub const CNT_LINK_UNCLASSIFIED: u32 = 35;
 /// Size of the kernel's counter array: room for counters yet to come without a layout change.
 pub const NUM_COUNTERS: u32 = 40;
 const _: () = assert!(COUNTER_NAMES.len() <= NUM_COUNTERS as usize);
-pub const COUNTER_NAMES: [&str; 34] = [
+pub const COUNTER_NAMES: [&str; 36] = [
     "kernel_ringbuf_full_events",
     "kernel_inflight_syscall_map_full",
     "kernel_close_ringbuf_full_events",
@@ -163,6 +172,8 @@ pub const COUNTER_NAMES: [&str; 34] = [
     "kernel_lru_evicted_connecting",
     "kernel_conns_not_http",
     "kernel_link_ambiguous",
+    "kernel_link_runtime",
+    "kernel_link_unclassified",
 ];
 
 /// Addresses of one TCP connection, seen from the traced process. IPv4 addresses occupy the
@@ -293,6 +304,21 @@ pub const LINK_NONE: u8 = 0;
 pub const LINK_THREAD: u8 = 1;
 /// Several requests were open on the sending thread (an event loop): no owner is guessed.
 pub const LINK_AMBIGUOUS: u8 = 2;
+/// The process's runtime moves work between threads (`RUNTIME_TASKS`): no owner is taken from
+/// the thread.
+pub const LINK_RUNTIME: u8 = 3;
+/// The process's runtime is not known yet (`RUNTIME_PENDING` or absent): no owner is taken.
+pub const LINK_UNCLASSIFIED: u8 = 4;
+
+/// `PROC_RUNTIME` values: what a thread is evidence of in that process.
+/// Not classified yet (set by the kernel at `exec`; userspace classifies it).
+pub const RUNTIME_PENDING: u8 = 0;
+/// A thread runs one request's work at a time while it has one open (threaded servers, and
+/// single-threaded event loops: Node, Python asyncio, nginx): the thread rule applies.
+pub const RUNTIME_THREADS: u8 = 1;
+/// Tasks migrate between threads and hand I/O to other tasks (Go's goroutines, tokio's
+/// multi-thread scheduler, .NET's thread pool, Erlang): the thread says nothing.
+pub const RUNTIME_TASKS: u8 = 2;
 
 /// An incoming request a server connection is handling (kernel map `SERVER_REQS`, keyed by the
 /// server socket). `live` drops to 0 when the response starts.

@@ -17,7 +17,7 @@ use aya_ebpf::{
 
 use crate::maps::{
     conn_key, count, process_traced, ACTIVE_CONNECT, BODY_LEFT, CONNECT_REFS, CONNS, EVENTS,
-    SERVER_REQS, THREAD_REQS, TRACED_PIDS,
+    PROC_RUNTIME, SERVER_REQS, THREAD_REQS, TRACED_PIDS,
 };
 
 const EINPROGRESS: i64 = -115;
@@ -151,8 +151,29 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     // SAFETY: offset from the tracepoint format.
     let group_dead = unsafe { ctx.read_at::<u8>(32) }.unwrap_or(0) != 0;
     let tgid = (pid_tgid >> 32) as u32;
-    if group_dead && TRACED_PIDS.remove(&tgid).is_ok() {
-        count(agent_common::CNT_PID_EXITED);
+    if group_dead {
+        let _ = PROC_RUNTIME.remove(&tgid);
+        if TRACED_PIDS.remove(&tgid).is_ok() {
+            count(agent_common::CNT_PID_EXITED);
+        }
+    }
+    0
+}
+
+/// A process replaced its program: what its threads were evidence of no longer holds (a shell
+/// that execs a Go binary keeps its pid). Until userspace has looked at the new executable, its
+/// calls get no in-thread link.
+#[tracepoint]
+pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if !process_traced(tgid) {
+        return 0;
+    }
+    if PROC_RUNTIME
+        .insert(&tgid, &agent_common::RUNTIME_PENDING, 0)
+        .is_err()
+    {
+        count(agent_common::CNT_STATE_MAP_FULL);
     }
     0
 }

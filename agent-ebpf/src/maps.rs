@@ -74,6 +74,13 @@ pub static CONNS: LruHashMap<u64, ConnInfo> = LruHashMap::with_max_entries(CAP_C
 #[map]
 pub static TRACED_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(16384, 0);
 
+/// What a thread is evidence of in each process (`agent_common::RUNTIME_*`), by tgid:
+/// userspace classifies each process from its executable and libraries; `exec` resets an entry
+/// to `RUNTIME_PENDING` and exit removes it. A process without an entry gets no in-thread link.
+pub const CAP_RUNTIMES: u32 = 65536;
+#[map]
+pub static PROC_RUNTIME: HashMap<u32, u8> = HashMap::with_max_entries(CAP_RUNTIMES, 0);
+
 /// Port allow-list (local or peer port), used when `FILTER_FLAGS & FILTER_PORTS`.
 #[map]
 pub static TRACED_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(1024, 0);

@@ -182,6 +182,27 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             tracing::info!(protocol = ?ep.protocol, "exporting spans to {}", export::config::display_url(&ep.url))
         }
     }
+    // What a thread is evidence of in each process, before any call is linked by it; then kept
+    // up to date by its own thread (new processes, and those the kernel reset at exec).
+    let runtimes_stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let map = ebpf
+            .take_map(agent_common::MAP_RUNTIMES)
+            .context("the kernel object has no runtime map")?;
+        let map = aya::maps::HashMap::try_from(map).context("the runtime map")?;
+        let mut c = crate::runtimes::Classifier::new(map, metrics.runtime_map_full.clone());
+        let t0 = std::time::Instant::now();
+        c.sweep();
+        tracing::info!(
+            elapsed_ms = t0.elapsed().as_millis() as u64,
+            "classified the runtime of every process"
+        );
+        let stop = runtimes_stop.clone();
+        std::thread::Builder::new()
+            .name("runtimes".into())
+            .spawn(move || c.run(Duration::from_millis(250), stop))
+            .context("starting the runtime classifier")?;
+    }
     tracing::info!(
         connections_open_before_start = snapshot.established_count(),
         "tracing HTTP/1.x on {}",
@@ -275,6 +296,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         drop(ebpf); // detaches every program
         anyhow::bail!(why);
     }
+    runtimes_stop.store(true, std::sync::atomic::Ordering::Release);
     tracing::info!("stopping: flushing queued spans");
     let _ = stop_tx.send(true);
     let _ = reader.await;

@@ -10,6 +10,7 @@ pub mod metrics_server;
 pub mod pipeline;
 pub mod process;
 pub mod protocol;
+pub mod runtimes;
 pub mod sampling;
 pub mod span;
 pub mod telemetry;

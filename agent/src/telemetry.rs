@@ -70,6 +70,7 @@ counters! {
     spans_export_failed: "spans dropped after export retries ran out",
     spans_rejected: "spans the backend reported as rejected (partial success)",
     export_retries: "export attempts retried",
+    runtime_map_full: "processes whose runtime could not be recorded in the kernel map (their calls get no in-thread parent)",
     export_requests_split: "batches sent as several requests (over the size limit, or refused as too large)",
 }
 

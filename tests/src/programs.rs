@@ -114,3 +114,23 @@ pub fn python(script: &str, args: &[&str]) -> Command {
     c.arg(crate::fixture(script)).args(args);
     c
 }
+
+/// Builds the Go program in `fixtures/<name>/` (Debian's `golang-go`, offline: no modules, no
+/// cgo, so a static binary with symbols) and returns its path. Built once per test binary run.
+pub fn go_binary(name: &str) -> PathBuf {
+    let out_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/go-fixtures");
+    let out = out_dir.join(name);
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    std::fs::create_dir_all(&out_dir).expect("go fixture dir");
+    run(Command::new("go")
+        .args(["build", "-o"])
+        .arg(&out)
+        .arg(crate::fixture(&format!("{name}/main.go")))
+        .env("GO111MODULE", "off")
+        .env("CGO_ENABLED", "0")
+        .env("GOPATH", "/usr/share/gocode")
+        .env("GOCACHE", out_dir.join("cache"))
+        .env_remove("GOFLAGS"));
+    out
+}

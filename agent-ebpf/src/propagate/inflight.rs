@@ -6,11 +6,12 @@
 #[allow(unused_imports)]
 use crate::maps::lru::*;
 use agent_common::{
-    ReqRef, ServerReq, ThreadReqs, CNT_LINK_AMBIGUOUS, CNT_STATE_MAP_FULL, LINK_AMBIGUOUS,
-    LINK_NONE, LINK_THREAD, THREAD_SLOTS,
+    ReqRef, ServerReq, ThreadReqs, CNT_LINK_AMBIGUOUS, CNT_LINK_RUNTIME, CNT_LINK_UNCLASSIFIED,
+    CNT_STATE_MAP_FULL, LINK_AMBIGUOUS, LINK_NONE, LINK_RUNTIME, LINK_THREAD, LINK_UNCLASSIFIED,
+    RUNTIME_TASKS, RUNTIME_THREADS, THREAD_SLOTS,
 };
 
-use crate::maps::{conn_key, count, CONNECT_REFS, SERVER_REQS, THREAD_REQS};
+use crate::maps::{conn_key, count, CONNECT_REFS, PROC_RUNTIME, SERVER_REQS, THREAD_REQS};
 
 /// `*p += v` as one atomic instruction (`lock xadd`; `u64::MAX` subtracts one). Core's
 /// `AtomicU64::fetch_add` is not offered on the BPF target, the instruction is.
@@ -117,9 +118,22 @@ fn live(r: &ReqRef) -> Option<ServerReq> {
     (req.live != 0 && req.seq == r.seq).then_some(req)
 }
 
+/// `LINK_THREAD` when a thread of process `tgid` is evidence of the request it works for (its
+/// runtime runs a request's work on the thread that read it, one at a time); otherwise why not.
+#[inline(always)]
+fn thread_evidence(tgid: u32) -> u8 {
+    // SAFETY: copied out of a live map value.
+    match PROC_RUNTIME.get_ptr(&tgid).map(|r| unsafe { *r }) {
+        Some(RUNTIME_THREADS) => LINK_THREAD,
+        Some(RUNTIME_TASKS) => LINK_RUNTIME,
+        _ => LINK_UNCLASSIFIED,
+    }
+}
+
 /// The request thread `tid` is handling, when it has exactly one open: then that one is the
 /// newest live request in its slots. With several open (an event loop between requests), there
-/// is no evidence which one a call belongs to.
+/// is no evidence which one a call belongs to. Only for processes whose threads are evidence
+/// (`thread_evidence`).
 #[inline(always)]
 fn sole(tid: u32) -> Owner {
     // SAFETY: live map value, read in place (a 72-byte copy would crowd the BPF stack).
@@ -158,6 +172,9 @@ fn sole(tid: u32) -> Owner {
 /// there is exactly one.
 #[inline(always)]
 pub fn on_connect(pid_tgid: u64, fd: u32) {
+    if thread_evidence((pid_tgid >> 32) as u32) != LINK_THREAD {
+        return;
+    }
     let o = sole(pid_tgid as u32);
     if o.link != LINK_THREAD {
         return;
@@ -180,6 +197,18 @@ pub fn on_connect(pid_tgid: u64, fd: u32) {
 /// request open on this thread. Ambiguity is counted.
 #[inline(always)]
 pub fn owner(pid_tgid: u64, fd: u32) -> Owner {
+    let evidence = thread_evidence((pid_tgid >> 32) as u32);
+    if evidence != LINK_THREAD {
+        count(if evidence == LINK_RUNTIME {
+            CNT_LINK_RUNTIME
+        } else {
+            CNT_LINK_UNCLASSIFIED
+        });
+        return Owner {
+            link: evidence,
+            ..Owner::NONE
+        };
+    }
     let key = conn_key((pid_tgid >> 32) as u32, fd);
     // SAFETY: copied out of a live map value.
     if let Some(r) = CONNECT_REFS.get_ptr(&key).map(|r| unsafe { *r }) {

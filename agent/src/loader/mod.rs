@@ -23,7 +23,7 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 
 /// Every program and the tracepoint it attaches to. Exits and the socket classifier go first so
 /// no entry is saved that nothing would consume.
-pub const PROGRAMS: [(&str, &str); 24] = [
+pub const PROGRAMS: [(&str, &str); 25] = [
     ("sys_exit_read", "syscalls"),
     ("sys_exit_recvfrom", "syscalls"),
     ("sys_exit_readv", "syscalls"),
@@ -48,6 +48,7 @@ pub const PROGRAMS: [(&str, &str); 24] = [
     ("sys_enter_writev", "syscalls"),
     ("sys_enter_sendmsg", "syscalls"),
     ("sched_process_exit", "sched"),
+    ("sched_process_exec", "sched"),
 ];
 
 #[derive(Debug, thiserror::Error)]

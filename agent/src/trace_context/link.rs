@@ -21,8 +21,8 @@
 use std::collections::{HashMap, VecDeque};
 
 use agent_common::{
-    WireCtx, LINK_AMBIGUOUS, LINK_THREAD, WIRE_CARRIED, WIRE_CARRIED_FWD, WIRE_INSERTED,
-    WIRE_LINKED, WIRE_REPLACED, WIRE_REWRITTEN, WIRE_SERVER,
+    WireCtx, LINK_AMBIGUOUS, LINK_RUNTIME, LINK_THREAD, LINK_UNCLASSIFIED, WIRE_CARRIED,
+    WIRE_CARRIED_FWD, WIRE_INSERTED, WIRE_LINKED, WIRE_REPLACED, WIRE_REWRITTEN, WIRE_SERVER,
 };
 use rand::Rng;
 
@@ -47,6 +47,12 @@ pub enum LinkMethod {
     /// CLIENT: several requests were open on the sending thread (an event loop); no parent is
     /// guessed, the span starts its own trace.
     Ambiguous,
+    /// CLIENT: the process's runtime moves work between threads (Go, tokio's multi-thread
+    /// scheduler, .NET): its threads are no evidence, no parent is guessed.
+    Runtime,
+    /// CLIENT: the process's runtime was not classified yet (it exec'd a moment ago): no
+    /// parent is guessed.
+    Unclassified,
     /// No evidence of a parent: the span starts its trace.
     None,
 }
@@ -59,8 +65,18 @@ impl LinkMethod {
             LinkMethod::Header => "header",
             LinkMethod::Stitch => "stitch",
             LinkMethod::Ambiguous => "ambiguous",
+            LinkMethod::Runtime => "runtime",
+            LinkMethod::Unclassified => "unclassified",
             LinkMethod::None => "none",
         }
+    }
+
+    /// A method that says why a span has no parent (rather than how it got one).
+    fn is_why_unlinked(self) -> bool {
+        matches!(
+            self,
+            LinkMethod::Ambiguous | LinkMethod::Runtime | LinkMethod::Unclassified
+        )
     }
 
     /// A CLIENT span's method from the kernel's owner decision (`WireCtx::link`).
@@ -68,6 +84,8 @@ impl LinkMethod {
         match w.link {
             LINK_THREAD if w.parent_id != [0; 8] => LinkMethod::Thread,
             LINK_AMBIGUOUS => LinkMethod::Ambiguous,
+            LINK_RUNTIME => LinkMethod::Runtime,
+            LINK_UNCLASSIFIED => LinkMethod::Unclassified,
             _ => LinkMethod::None,
         }
     }
@@ -198,10 +216,8 @@ fn from_wire(
         parent_span_id: parent,
         flags: 1,
         trace_state,
-        link: if parent.is_some() {
+        link: if parent.is_some() || link.is_why_unlinked() {
             link
-        } else if link == LinkMethod::Ambiguous {
-            LinkMethod::Ambiguous
         } else {
             LinkMethod::None
         },
@@ -284,8 +300,15 @@ pub fn decide(ex: &Exchange, pid: u32, reg: &Registry, sampler: &Sampler) -> Dec
                     Some(w.flags & 1 != 0),
                     LinkMethod::of_owner(&w),
                 ),
-                (None, Some(w)) if w.link == LINK_AMBIGUOUS => {
-                    (rng.random::<[u8; 16]>(), None, None, LinkMethod::Ambiguous)
+                (None, Some(w))
+                    if matches!(w.link, LINK_AMBIGUOUS | LINK_RUNTIME | LINK_UNCLASSIFIED) =>
+                {
+                    (
+                        rng.random::<[u8; 16]>(),
+                        None,
+                        None,
+                        LinkMethod::of_owner(&w),
+                    )
                 }
                 (None, _) => (rng.random::<[u8; 16]>(), None, None, LinkMethod::None),
             };
@@ -487,6 +510,39 @@ mod tests {
             i.trace_id, [0; 16],
             "a trace of its own, never the zero trace"
         );
+    }
+
+    #[test]
+    fn a_runtime_that_moves_work_gives_no_parent_and_says_why() {
+        for (link, method) in [
+            (LINK_RUNTIME, LinkMethod::Runtime),
+            (LINK_UNCLASSIFIED, LinkMethod::Unclassified),
+        ] {
+            let mut carried = wire(WIRE_CARRIED, C, [0; 8], 1);
+            carried.link = link;
+            let linked = WireCtx {
+                kind: WIRE_LINKED,
+                link,
+                ..WireCtx::default()
+            };
+            for w in [carried, linked] {
+                let i = ids(decide(
+                    &ex(Side::Client, None, Some(w)),
+                    7,
+                    &Registry::default(),
+                    &Sampler::default(),
+                ));
+                assert_eq!((i.parent_span_id, i.link), (None, method));
+                assert_eq!(
+                    i.link.as_str(),
+                    if link == LINK_RUNTIME {
+                        "runtime"
+                    } else {
+                        "unclassified"
+                    }
+                );
+            }
+        }
     }
 
     #[test]

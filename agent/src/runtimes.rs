@@ -1,0 +1,279 @@
+//! What a thread is evidence of in each process: its runtime, read from its executable and the
+//! libraries it maps, and written into the kernel's `PROC_RUNTIME` map.
+//!
+//! The kernel links an outgoing call to the one request its thread has open (`thread`). That
+//! is evidence only where a request's work stays on the thread that read it: threaded servers,
+//! and single-threaded event loops (Node, Python asyncio, nginx). Runtimes that move tasks
+//! between threads and write a request from another task than the one handling it (Go's
+//! goroutines, tokio's scheduler, .NET's thread pool, Erlang's schedulers) would get wrong
+//! parents from it, so their calls get none. A process not classified yet (exec'd a moment ago)
+//! gets none either: the kernel resets a process's entry at `exec`.
+use std::{
+    collections::HashMap,
+    fs::File,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use agent_common::{RUNTIME_PENDING, RUNTIME_TASKS, RUNTIME_THREADS};
+use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
+use object::{Object, ObjectSection};
+
+/// What the thread is evidence of in a process, and why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Runtime {
+    /// One request's work at a time on the thread that read it.
+    Threads,
+    /// Tasks move between threads: the named runtime.
+    Tasks(&'static str),
+}
+
+impl Runtime {
+    fn kernel_value(self) -> u8 {
+        match self {
+            Runtime::Threads => RUNTIME_THREADS,
+            Runtime::Tasks(_) => RUNTIME_TASKS,
+        }
+    }
+}
+
+/// Largest file whose read-only data is searched for a runtime's marks (a bigger one is judged
+/// by its sections and name only).
+const MAX_SCAN_BYTES: u64 = 512 << 20;
+/// Distinct files remembered; past that the cache starts over.
+const MAX_FILES: usize = 16_384;
+
+/// Judges one ELF file by what any build of these runtimes leaves in it, stripped or not.
+/// Hand-written: no crate names the runtime an ELF file was built with.
+pub fn classify_elf<'a, R: object::ReadRef<'a>>(data: R, file_name: &str) -> Runtime {
+    if file_name == "beam.smp" {
+        return Runtime::Tasks("erlang");
+    }
+    if file_name.starts_with("libcoreclr.so") {
+        return Runtime::Tasks("dotnet");
+    }
+    let Ok(elf) = object::File::parse(data) else {
+        return Runtime::Threads;
+    };
+    // Every Go binary, stripped or not, keeps its build info and pc-line table sections.
+    if elf.sections().any(|s| {
+        s.name()
+            .is_ok_and(|n| n == ".go.buildinfo" || n.ends_with(".gopclntab"))
+    }) {
+        return Runtime::Tasks("go");
+    }
+    // tokio's default worker thread name is a string constant of every binary that builds a
+    // tokio runtime; it survives stripping.
+    let marks = memchr::memmem::Finder::new(b"tokio-runtime-worker");
+    if elf
+        .sections()
+        .filter(|s| s.name().is_ok_and(|n| n.starts_with(".rodata")))
+        .any(|s| s.data().is_ok_and(|d| marks.find(d).is_some()))
+    {
+        return Runtime::Tasks("tokio");
+    }
+    Runtime::Threads
+}
+
+/// The runtime of the file at `path`, remembered by its identity.
+struct FileCache {
+    by_file: HashMap<(u64, u64, i64), Runtime>,
+}
+
+impl FileCache {
+    fn judge(&mut self, path: &Path) -> Option<Runtime> {
+        let f = File::open(path).ok()?;
+        let m = f.metadata().ok()?;
+        let id = (m.dev(), m.ino(), m.mtime());
+        if let Some(r) = self.by_file.get(&id) {
+            return Some(*r);
+        }
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let r = if m.len() > MAX_SCAN_BYTES {
+            classify_elf(&[][..], &name)
+        } else {
+            // Reads only the headers and the sections looked at, not the whole file.
+            let cache = object::read::ReadCache::new(f);
+            classify_elf(&cache, &name)
+        };
+        if self.by_file.len() >= MAX_FILES {
+            self.by_file.clear();
+        }
+        self.by_file.insert(id, r);
+        Some(r)
+    }
+}
+
+/// The runtime of process `pid`: its executable, then each file-backed library it maps.
+fn classify_pid(files: &mut FileCache, pid: u32) -> Option<Runtime> {
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    let exe = files.judge(Path::new(&format!("/proc/{pid}/exe")))?;
+    if exe != Runtime::Threads {
+        return Some(exe);
+    }
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    let mut seen = std::collections::HashSet::new();
+    for line in maps.lines() {
+        // address perms offset dev inode path
+        let Some(path) = line.split_whitespace().nth(5) else {
+            continue;
+        };
+        if !path.starts_with('/') || !path.contains(".so") || !seen.insert(path) {
+            continue;
+        }
+        let inside = root.join(path.trim_start_matches('/'));
+        if let Some(r @ Runtime::Tasks(_)) = files.judge(&inside) {
+            return Some(r);
+        }
+    }
+    Some(Runtime::Threads)
+}
+
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 22, counted after the parenthesised command name (which may hold spaces).
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
+/// Identity of the executable of `pid` (changes at `exec`).
+fn exe_id(pid: u32) -> Option<(u64, u64)> {
+    let m = std::fs::metadata(format!("/proc/{pid}/exe")).ok()?;
+    Some((m.dev(), m.ino()))
+}
+
+fn pids() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Keeps the kernel's `PROC_RUNTIME` map in step with the processes on this host.
+pub struct Classifier {
+    map: BpfHashMap<MapData, u32, u8>,
+    files: FileCache,
+    /// Processes classified, by pid, with their start time (a reused pid is a new process).
+    known: HashMap<u32, u64>,
+    /// Processes whose entry did not fit in the kernel map (`runtime_map_full`).
+    map_full: prometheus_client::metrics::counter::Counter,
+}
+
+impl Classifier {
+    pub fn new(
+        map: BpfHashMap<MapData, u32, u8>,
+        map_full: prometheus_client::metrics::counter::Counter,
+    ) -> Classifier {
+        Classifier {
+            map,
+            files: FileCache {
+                by_file: HashMap::new(),
+            },
+            known: HashMap::new(),
+            map_full,
+        }
+    }
+
+    /// Classifies every process not classified yet, and those the kernel reset at `exec`.
+    pub fn sweep(&mut self) {
+        let pending: Vec<u32> = self
+            .map
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| *v == RUNTIME_PENDING)
+            .map(|(k, _)| k)
+            .collect();
+        for pid in pending {
+            self.known.remove(&pid);
+        }
+        let live = pids();
+        if self.known.len() > live.len() * 2 + 1024 {
+            let set: std::collections::HashSet<u32> = live.iter().copied().collect();
+            self.known.retain(|p, _| set.contains(p));
+        }
+        for pid in live {
+            let Some(start) = start_time(pid) else {
+                continue;
+            };
+            if self.known.get(&pid) == Some(&start) {
+                continue;
+            }
+            let exe = exe_id(pid);
+            let Some(r) = classify_pid(&mut self.files, pid) else {
+                continue;
+            };
+            match self.set(pid, r) {
+                Ok(()) if exe_id(pid) != exe => {
+                    // It exec'd while being looked at: judge the new program next time.
+                    let _ = self.map.insert(pid, RUNTIME_PENDING, 0);
+                }
+                Ok(()) => {
+                    if let Runtime::Tasks(name) = r {
+                        tracing::debug!(
+                            pid,
+                            runtime = name,
+                            "runtime moves work between threads: its calls get no in-thread parent"
+                        );
+                    }
+                    self.known.insert(pid, start);
+                }
+                Err(e) => {
+                    self.map_full.inc();
+                    tracing::debug!(pid, "cannot record the process's runtime: {e}");
+                }
+            }
+        }
+    }
+
+    fn set(&mut self, pid: u32, r: Runtime) -> Result<(), MapError> {
+        self.map.insert(pid, r.kernel_value(), 0)
+    }
+
+    /// Runs `sweep` every `every` until `stop` is set.
+    pub fn run(mut self, every: Duration, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+        while !stop.load(std::sync::atomic::Ordering::Acquire) {
+            self.sweep();
+            std::thread::sleep(every);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_c_binary_is_threaded_and_names_decide_the_rest() {
+        let ls = std::fs::read("/bin/ls").expect("/bin/ls");
+        assert_eq!(classify_elf(&ls[..], "ls"), Runtime::Threads);
+        assert_eq!(classify_elf(&b"not an elf"[..], "x"), Runtime::Threads);
+        assert_eq!(classify_elf(&[][..], "beam.smp"), Runtime::Tasks("erlang"));
+        assert_eq!(
+            classify_elf(&[][..], "libcoreclr.so"),
+            Runtime::Tasks("dotnet")
+        );
+    }
+
+    #[test]
+    fn this_tokio_binary_is_a_task_runtime() {
+        // The unit-test binary links tokio with its multi-thread runtime.
+        let me = std::fs::read("/proc/self/exe").expect("own exe");
+        assert_eq!(classify_elf(&me[..], "agent-test"), Runtime::Tasks("tokio"));
+        let mut files = FileCache {
+            by_file: HashMap::new(),
+        };
+        let pid = std::process::id();
+        assert_eq!(classify_pid(&mut files, pid), Some(Runtime::Tasks("tokio")));
+        assert_eq!(files.by_file.len(), 1, "judged once, by the executable");
+    }
+}
