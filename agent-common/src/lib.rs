@@ -106,7 +106,10 @@ pub const LRU_CONNECT_REFS: u32 = 4;
 pub const LRU_BODY_LEFT: u32 = 5;
 pub const LRU_LARGE_SENDS: u32 = 6;
 pub const LRU_CONNECTING: u32 = 7;
-pub const LRU_MAPS: u32 = 8;
+pub const LRU_GO_G_REQ: u32 = 8;
+pub const LRU_GO_REQ_OWNER: u32 = 9;
+pub const LRU_GO_WRITING: u32 = 10;
+pub const LRU_MAPS: u32 = 11;
 /// Names of the LRU maps, by `LRU_*` index.
 pub const LRU_MAP_NAMES: [&str; LRU_MAPS as usize] = [
     "CONNS",
@@ -117,10 +120,25 @@ pub const LRU_MAP_NAMES: [&str; LRU_MAPS as usize] = [
     "BODY_LEFT",
     "LARGE_SENDS",
     "CONNECTING",
+    "GO_G_REQ",
+    "GO_REQ_OWNER",
+    "GO_WRITING",
 ];
 /// First of the `LRU_MAPS` counters of new entries that went into a full LRU map, each of which
 /// evicted the least recently used entry (counted from the map's live-entry estimate).
 pub const CNT_LRU_EVICTED: u32 = 24;
+/// Where the eviction counters of LRU maps 8 and up start (the first eight come before).
+pub const CNT_LRU_EVICTED_MORE: u32 = 37;
+
+/// The eviction counter of LRU map `which` (`LRU_*`).
+#[inline(always)]
+pub const fn lru_evicted_counter(which: u32) -> u32 {
+    if which < 8 {
+        CNT_LRU_EVICTED + which
+    } else {
+        CNT_LRU_EVICTED_MORE + which - 8
+    }
+}
 /// Connections seen from their start whose client's first bytes were not an HTTP request
 /// (TLS, a database protocol): the kernel copies nothing more of them.
 pub const CNT_CONNS_NOT_HTTP: u32 = 32;
@@ -134,10 +152,12 @@ pub const CNT_LINK_RUNTIME: u32 = 34;
 /// Outgoing requests of processes the agent had not classified yet (exec'd a moment ago, or
 /// new since the last scan): left without an in-thread parent.
 pub const CNT_LINK_UNCLASSIFIED: u32 = 35;
+/// Outgoing requests linked to their owner by the runtime's task identity (Go goroutines).
+pub const CNT_LINK_TASK: u32 = 36;
 /// Size of the kernel's counter array: room for counters yet to come without a layout change.
-pub const NUM_COUNTERS: u32 = 40;
+pub const NUM_COUNTERS: u32 = 48;
 const _: () = assert!(COUNTER_NAMES.len() <= NUM_COUNTERS as usize);
-pub const COUNTER_NAMES: [&str; 36] = [
+pub const COUNTER_NAMES: [&str; 40] = [
     "kernel_ringbuf_full_events",
     "kernel_inflight_syscall_map_full",
     "kernel_close_ringbuf_full_events",
@@ -174,7 +194,12 @@ pub const COUNTER_NAMES: [&str; 36] = [
     "kernel_link_ambiguous",
     "kernel_link_runtime",
     "kernel_link_unclassified",
+    "kernel_link_task",
+    "kernel_lru_evicted_go_g_req",
+    "kernel_lru_evicted_go_req_owner",
+    "kernel_lru_evicted_go_writing",
 ];
+const _: () = assert!(lru_evicted_counter(LRU_MAPS - 1) as usize == COUNTER_NAMES.len() - 1);
 
 /// Addresses of one TCP connection, seen from the traced process. IPv4 addresses occupy the
 /// first four bytes of the 16-byte fields.
@@ -309,6 +334,9 @@ pub const LINK_AMBIGUOUS: u8 = 2;
 pub const LINK_RUNTIME: u8 = 3;
 /// The process's runtime is not known yet (`RUNTIME_PENDING` or absent): no owner is taken.
 pub const LINK_UNCLASSIFIED: u8 = 4;
+/// The runtime's own task identity names the owner: the Go goroutine that read the request
+/// called `http.Transport.roundTrip` for the request being written (uprobes).
+pub const LINK_TASK: u8 = 5;
 
 /// `PROC_RUNTIME` values: what a thread is evidence of in that process.
 /// Not classified yet (set by the kernel at `exec`; userspace classifies it).
@@ -319,6 +347,35 @@ pub const RUNTIME_THREADS: u8 = 1;
 /// Tasks migrate between threads and hand I/O to other tasks (Go's goroutines, tokio's
 /// multi-thread scheduler, .NET's thread pool, Erlang): the thread says nothing.
 pub const RUNTIME_TASKS: u8 = 2;
+/// Go: tasks as above, and the current goroutine is in `r14` (Go's register ABI on x86_64, Go
+/// 1.17 and later), so uprobes on `net/http` can tell which goroutine works for which request.
+pub const RUNTIME_GO: u8 = 3;
+
+/// A goroutine (`ptr` = its `g`) or a Go object (`ptr` = its address) in process `tgid`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct GoKey {
+    pub ptr: u64,
+    pub tgid: u32,
+    pub _pad: u32,
+}
+
+/// A server request (`at`) a goroutine or an outgoing Go request works for, noted at `ts`
+/// (boot-time ns).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GoRef {
+    pub at: ReqRef,
+    pub ts: u64,
+}
+
+/// The Go functions the agent probes, by symbol: `(*Transport).roundTrip(t, req)` runs in the
+/// goroutine of the caller; `(*Request).write(r, ...)` in the connection's writer goroutine.
+pub const GO_ROUNDTRIP_SYMBOL: &str = "net/http.(*Transport).roundTrip";
+pub const GO_REQUEST_WRITE_SYMBOL: &str = "net/http.(*Request).write";
+/// Their kernel programs.
+pub const GO_ROUNDTRIP_PROGRAM: &str = "go_transport_roundtrip";
+pub const GO_REQUEST_WRITE_PROGRAM: &str = "go_request_write";
 
 /// An incoming request a server connection is handling (kernel map `SERVER_REQS`, keyed by the
 /// server socket). `live` drops to 0 when the response starts.

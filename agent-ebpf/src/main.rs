@@ -10,6 +10,7 @@ mod conn;
 mod data;
 mod maps;
 mod propagate;
+mod regs;
 mod sock;
 
 #[cfg(not(test))]

@@ -1,7 +1,7 @@
 //! Every map and load-time setting of the kernel side, in one place.
 use agent_common::{
-    ConnInfo, EndpointKey, FlowSeq, ReqRef, ServerReq, ThreadReqs, WireCtx, CNT_SCRATCH_BUSY,
-    DATA_HEADER_SIZE, INJECT_STITCH, MAX_PAYLOAD, NUM_COUNTERS, SAMPLE_ALWAYS,
+    ConnInfo, EndpointKey, FlowSeq, GoKey, GoRef, ReqRef, ServerReq, ThreadReqs, WireCtx,
+    CNT_SCRATCH_BUSY, DATA_HEADER_SIZE, INJECT_STITCH, MAX_PAYLOAD, NUM_COUNTERS, SAMPLE_ALWAYS,
 };
 use aya_ebpf::{
     macros::map,
@@ -133,6 +133,20 @@ pub const CAP_BODY_LEFT: u32 = 65536;
 #[map]
 pub static BODY_LEFT: LruHashMap<u64, u64> = LruHashMap::with_max_entries(CAP_BODY_LEFT, 0);
 pub const BODY_UNKNOWN: u64 = u64::MAX;
+
+/// Go (`propagate::goroutine`): the request each goroutine read last, by goroutine; the
+/// request each outgoing `*http.Request` is made for, by its address; the request each writer
+/// goroutine is about to send a request for. LRU: a note evicted only costs that link.
+pub const CAP_GO_G_REQ: u32 = 65536;
+#[map]
+pub static GO_G_REQ: LruHashMap<GoKey, GoRef> = LruHashMap::with_max_entries(CAP_GO_G_REQ, 0);
+pub const CAP_GO_REQ_OWNER: u32 = 16384;
+#[map]
+pub static GO_REQ_OWNER: LruHashMap<GoKey, GoRef> =
+    LruHashMap::with_max_entries(CAP_GO_REQ_OWNER, 0);
+pub const CAP_GO_WRITING: u32 = 16384;
+#[map]
+pub static GO_WRITING: LruHashMap<GoKey, GoRef> = LruHashMap::with_max_entries(CAP_GO_WRITING, 0);
 
 /// An outgoing connection by what both `sk_msg` and `sock_ops` can see of it.
 #[repr(C)]
@@ -321,7 +335,7 @@ pub fn lru_insert<K, V>(
     unsafe {
         let n = core::ptr::read_volatile(live);
         if n >= full {
-            count(agent_common::CNT_LRU_EVICTED + which);
+            count(agent_common::lru_evicted_counter(which));
         } else {
             core::ptr::write_volatile(live, n + 1);
         }
@@ -351,11 +365,12 @@ pub mod lru {
     #[allow(unused_imports)]
     pub use super::{
         lru_insert, lru_remove, BODY_LEFT, CAP_BODY_LEFT, CAP_CONNECTING, CAP_CONNECT_REFS,
-        CAP_CONNS, CAP_LARGE_SENDS, CAP_SERVER_REQS, CAP_STITCH, CAP_THREAD_REQS, CONNECTING,
-        CONNECT_REFS, CONNS, LARGE_SENDS, SERVER_REQS, STITCH, THREAD_REQS,
+        CAP_CONNS, CAP_GO_G_REQ, CAP_GO_REQ_OWNER, CAP_GO_WRITING, CAP_LARGE_SENDS,
+        CAP_SERVER_REQS, CAP_STITCH, CAP_THREAD_REQS, CONNECTING, CONNECT_REFS, CONNS, GO_G_REQ,
+        GO_REQ_OWNER, GO_WRITING, LARGE_SENDS, SERVER_REQS, STITCH, THREAD_REQS,
     };
     pub use agent_common::{
-        LRU_BODY_LEFT, LRU_CONNECTING, LRU_CONNECT_REFS, LRU_CONNS, LRU_LARGE_SENDS,
-        LRU_SERVER_REQS, LRU_STITCH, LRU_THREAD_REQS,
+        LRU_BODY_LEFT, LRU_CONNECTING, LRU_CONNECT_REFS, LRU_CONNS, LRU_GO_G_REQ, LRU_GO_REQ_OWNER,
+        LRU_GO_WRITING, LRU_LARGE_SENDS, LRU_SERVER_REQS, LRU_STITCH, LRU_THREAD_REQS,
     };
 }

@@ -185,18 +185,21 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // What a thread is evidence of in each process, before any call is linked by it; then kept
     // up to date by its own thread (new processes, and those the kernel reset at exec).
     let runtimes_stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (go_tx, go_rx) = std::sync::mpsc::channel();
+    let mut go_probes = crate::loader::go::GoProbes::default();
     {
         let map = ebpf
             .take_map(agent_common::MAP_RUNTIMES)
             .context("the kernel object has no runtime map")?;
         let map = aya::maps::HashMap::try_from(map).context("the runtime map")?;
-        let mut c = crate::runtimes::Classifier::new(map, metrics.runtime_map_full.clone());
+        let mut c = crate::runtimes::Classifier::new(map, metrics.runtime_map_full.clone(), go_tx);
         let t0 = std::time::Instant::now();
         c.sweep();
         tracing::info!(
             elapsed_ms = t0.elapsed().as_millis() as u64,
             "classified the runtime of every process"
         );
+        probe_go(&mut ebpf, &mut go_probes, &go_rx);
         let stop = runtimes_stop.clone();
         std::thread::Builder::new()
             .name("runtimes".into())
@@ -266,6 +269,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = tick.tick() => {
                 ticks += 1;
                 sync_kernel_counters(&ebpf, &metrics, &mut last_kernel);
+                probe_go(&mut ebpf, &mut go_probes, &go_rx);
                 if !args.exe.is_empty() && ticks.is_multiple_of(2) {
                     // The kernel drops a pid from the allow-list when its process exits; forget
                     // it here too, so a later process that reuses it is judged afresh.
@@ -312,6 +316,28 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!("final counters: {}", summary.join(" "));
     drop(ebpf); // detaches every program
     Ok(())
+}
+
+/// Attaches the `net/http` uprobes to the Go executables the runtime classifier found.
+fn probe_go(
+    ebpf: &mut aya::Ebpf,
+    probes: &mut crate::loader::go::GoProbes,
+    found: &std::sync::mpsc::Receiver<std::path::PathBuf>,
+) {
+    while let Ok(exe) = found.try_recv() {
+        match probes.attach(ebpf, &exe) {
+            Ok(true) => tracing::info!(
+                "Go executable {}: outgoing net/http calls link to their request by goroutine",
+                exe.display()
+            ),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(
+                "Go executable {}: cannot probe net/http ({e}); its calls get no in-process \
+                 parent (a stripped binary has no symbols to probe)",
+                exe.display()
+            ),
+        }
+    }
 }
 
 /// Why a pipeline task ended before the agent was asked to stop.

@@ -16,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use agent_common::{RUNTIME_PENDING, RUNTIME_TASKS, RUNTIME_THREADS};
+use agent_common::{RUNTIME_GO, RUNTIME_PENDING, RUNTIME_TASKS, RUNTIME_THREADS};
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
 use object::{Object, ObjectSection};
 
@@ -33,6 +33,7 @@ impl Runtime {
     fn kernel_value(self) -> u8 {
         match self {
             Runtime::Threads => RUNTIME_THREADS,
+            Runtime::Tasks("go") => RUNTIME_GO,
             Runtime::Tasks(_) => RUNTIME_TASKS,
         }
     }
@@ -126,8 +127,12 @@ fn classify_pid(files: &mut FileCache, pid: u32) -> Option<Runtime> {
             continue;
         }
         let inside = root.join(path.trim_start_matches('/'));
-        if let Some(r @ Runtime::Tasks(_)) = files.judge(&inside) {
-            return Some(r);
+        match files.judge(&inside) {
+            // Go inside a library: the process's own threads are not goroutines, so `r14` is
+            // no goroutine there; only the thread rule is switched off.
+            Some(Runtime::Tasks("go")) => return Some(Runtime::Tasks("go library")),
+            Some(r @ Runtime::Tasks(_)) => return Some(r),
+            _ => {}
         }
     }
     Some(Runtime::Threads)
@@ -150,6 +155,13 @@ fn exe_id(pid: u32) -> Option<(u64, u64)> {
     Some((m.dev(), m.ino()))
 }
 
+/// The executable of `pid` as a path the agent can open (inside the process's root).
+fn exe_path(pid: u32) -> Option<PathBuf> {
+    let target = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+    let rel = target.strip_prefix("/").ok()?;
+    Some(Path::new(&format!("/proc/{pid}/root")).join(rel))
+}
+
 fn pids() -> Vec<u32> {
     std::fs::read_dir("/proc")
         .map(|d| {
@@ -167,12 +179,15 @@ pub struct Classifier {
     known: HashMap<u32, u64>,
     /// Processes whose entry did not fit in the kernel map (`runtime_map_full`).
     map_full: prometheus_client::metrics::counter::Counter,
+    /// Go executables found (paths valid from here), for their `net/http` probes.
+    go_exes: std::sync::mpsc::Sender<PathBuf>,
 }
 
 impl Classifier {
     pub fn new(
         map: BpfHashMap<MapData, u32, u8>,
         map_full: prometheus_client::metrics::counter::Counter,
+        go_exes: std::sync::mpsc::Sender<PathBuf>,
     ) -> Classifier {
         Classifier {
             map,
@@ -181,6 +196,7 @@ impl Classifier {
             },
             known: HashMap::new(),
             map_full,
+            go_exes,
         }
     }
 
@@ -218,6 +234,11 @@ impl Classifier {
                     let _ = self.map.insert(pid, RUNTIME_PENDING, 0);
                 }
                 Ok(()) => {
+                    if r == Runtime::Tasks("go") {
+                        if let Some(exe) = exe_path(pid) {
+                            let _ = self.go_exes.send(exe);
+                        }
+                    }
                     if let Runtime::Tasks(name) = r {
                         tracing::debug!(
                             pid,

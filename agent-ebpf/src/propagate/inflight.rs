@@ -6,9 +6,9 @@
 #[allow(unused_imports)]
 use crate::maps::lru::*;
 use agent_common::{
-    ReqRef, ServerReq, ThreadReqs, CNT_LINK_AMBIGUOUS, CNT_LINK_RUNTIME, CNT_LINK_UNCLASSIFIED,
-    CNT_STATE_MAP_FULL, LINK_AMBIGUOUS, LINK_NONE, LINK_RUNTIME, LINK_THREAD, LINK_UNCLASSIFIED,
-    RUNTIME_TASKS, RUNTIME_THREADS, THREAD_SLOTS,
+    ReqRef, ServerReq, ThreadReqs, CNT_LINK_AMBIGUOUS, CNT_LINK_RUNTIME, CNT_LINK_TASK,
+    CNT_LINK_UNCLASSIFIED, CNT_STATE_MAP_FULL, LINK_AMBIGUOUS, LINK_NONE, LINK_RUNTIME, LINK_TASK,
+    LINK_THREAD, LINK_UNCLASSIFIED, RUNTIME_GO, RUNTIME_TASKS, RUNTIME_THREADS, THREAD_SLOTS,
 };
 
 use crate::maps::{conn_key, count, CONNECT_REFS, PROC_RUNTIME, SERVER_REQS, THREAD_REQS};
@@ -27,7 +27,7 @@ unsafe fn add(p: *mut u64, v: u64) {
 /// The in-process owner of an outgoing request, as far as the evidence goes.
 #[derive(Clone, Copy)]
 pub struct Owner {
-    /// Valid when `link` is `LINK_THREAD` (zeros otherwise, never undefined: the verifier reads
+    /// Valid when `link` is `LINK_THREAD` or `LINK_TASK` (zeros otherwise, never undefined: the verifier reads
     /// what LLVM computes ahead of a branch).
     pub req: ServerReq,
     /// Where `req` is (its connection and sequence).
@@ -53,13 +53,14 @@ impl Owner {
 
     #[inline(always)]
     pub fn request(&self) -> Option<&ServerReq> {
-        (self.link == LINK_THREAD).then_some(&self.req)
+        (self.link == LINK_THREAD || self.link == LINK_TASK).then_some(&self.req)
     }
 }
 
-/// A request head was read by thread `tid` on server connection `sk`.
+/// A request head was read by thread `pid_tgid` on server connection `sk`.
 #[inline(always)]
-pub fn open(tid: u32, sk: u64, req: &ServerReq) {
+pub fn open(pid_tgid: u64, sk: u64, req: &ServerReq) {
+    let tid = pid_tgid as u32;
     // The connection's previous request, if its response was never seen, is over now.
     close(sk);
     let mut req = *req;
@@ -70,6 +71,7 @@ pub fn open(tid: u32, sk: u64, req: &ServerReq) {
         return;
     }
     let r = ReqRef { sk, seq: req.seq };
+    super::goroutine::request_read(pid_tgid, r);
     if let Some(t) = THREAD_REQS.get_ptr_mut(&tid) {
         // SAFETY: live map value; only this thread writes its slots, `live` is atomic.
         let t = unsafe { &mut *t };
@@ -108,6 +110,12 @@ pub fn close(sk: u64) {
     }
 }
 
+/// Whether `r` is still open (read, its response not started).
+#[inline(always)]
+pub fn is_live(r: &ReqRef) -> bool {
+    live(r).is_some()
+}
+
 #[inline(always)]
 fn live(r: &ReqRef) -> Option<ServerReq> {
     if r.sk == 0 {
@@ -125,7 +133,7 @@ fn thread_evidence(tgid: u32) -> u8 {
     // SAFETY: copied out of a live map value.
     match PROC_RUNTIME.get_ptr(&tgid).map(|r| unsafe { *r }) {
         Some(RUNTIME_THREADS) => LINK_THREAD,
-        Some(RUNTIME_TASKS) => LINK_RUNTIME,
+        Some(RUNTIME_TASKS) | Some(RUNTIME_GO) => LINK_RUNTIME,
         _ => LINK_UNCLASSIFIED,
     }
 }
@@ -197,7 +205,20 @@ pub fn on_connect(pid_tgid: u64, fd: u32) {
 /// request open on this thread. Ambiguity is counted.
 #[inline(always)]
 pub fn owner(pid_tgid: u64, fd: u32) -> Owner {
-    let evidence = thread_evidence((pid_tgid >> 32) as u32);
+    let tgid = (pid_tgid >> 32) as u32;
+    let evidence = thread_evidence(tgid);
+    if evidence == LINK_RUNTIME && super::goroutine::is_go(tgid) {
+        if let Some(at) = super::goroutine::writing_for(tgid) {
+            if let Some(req) = live(&at) {
+                count(CNT_LINK_TASK);
+                return Owner {
+                    req,
+                    at,
+                    link: LINK_TASK,
+                };
+            }
+        }
+    }
     if evidence != LINK_THREAD {
         count(if evidence == LINK_RUNTIME {
             CNT_LINK_RUNTIME

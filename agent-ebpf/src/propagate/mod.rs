@@ -1,5 +1,6 @@
 //! Trace context on the wire without `bpf_probe_write_user`: the kernel decides the context of
 //! each request a traced process reads or sends, and `sk_msg` writes it into outgoing requests.
+pub mod goroutine;
 pub mod head;
 pub mod ids;
 pub mod inflight;
@@ -76,7 +77,7 @@ pub fn incoming(
         _pad: [0; 2],
         tid: pid_tgid as u32,
     };
-    inflight::open(pid_tgid as u32, io.sk, &req);
+    inflight::open(pid_tgid, io.sk, &req);
     true
 }
 

@@ -163,7 +163,7 @@ fn inject(ctx: &SkMsgContext) {
                 ..WireCtx::default()
             };
             w.link = owner.link;
-            if owner.link == agent_common::LINK_THREAD && owner.req.trace_id == tp.trace_id {
+            if owner.request().is_some() && owner.req.trace_id == tp.trace_id {
                 w.parent_id = owner.req.span_id;
             }
             // "<16 hex span>-<2 hex flags>" over the old parent id and flags.

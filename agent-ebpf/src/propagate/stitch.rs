@@ -14,8 +14,8 @@
 use crate::maps::lru::*;
 use agent_common::{
     ConnTuple, FlowSeq, IoArgs, WireCtx, CNT_STITCH_CLAIMED, CNT_STITCH_FULL, CNT_STITCH_MARKED,
-    CNT_TCPOPT_CLAIMED, DIR_EGRESS, INJECT_OFF, IO_SEND_SEEN, IO_SEQ, LINK_THREAD, VERDICT_TRACE,
-    WIRE_CARRIED, WIRE_CARRIED_FWD, WIRE_NONE, WIRE_VIA_TCPOPT,
+    CNT_TCPOPT_CLAIMED, DIR_EGRESS, INJECT_OFF, IO_SEND_SEEN, IO_SEQ, VERDICT_TRACE, WIRE_CARRIED,
+    WIRE_CARRIED_FWD, WIRE_NONE, WIRE_VIA_TCPOPT,
 };
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
@@ -153,7 +153,7 @@ fn decide(io: &mut IoArgs, pid_tgid: u64) -> bool {
             w.trace_id = tp.trace_id;
             w.flags = ids::sampled(&tp.trace_id, Some(tp.flags));
             w.link = owner.link;
-            if owner.link == LINK_THREAD && owner.req.trace_id == tp.trace_id {
+            if owner.request().is_some() && owner.req.trace_id == tp.trace_id {
                 w.parent_id = owner.req.span_id;
             }
         }

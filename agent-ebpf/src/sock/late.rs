@@ -3,37 +3,9 @@
 //! arguments in `di`, `si`, `dx`). Without this, the first request on every connection whose
 //! server thread sat blocked in `read` at start-up would be lost.
 use agent_common::{IoArgs, BUF_IOVEC, BUF_PLAIN, DIR_EGRESS, DIR_INGRESS};
-use aya_ebpf::helpers::{
-    bpf_probe_read_kernel, bpf_probe_read_user,
-    generated::{bpf_get_current_task_btf, bpf_ktime_get_boot_ns, bpf_task_pt_regs},
-};
+use aya_ebpf::helpers::{bpf_probe_read_user, generated::bpf_ktime_get_boot_ns};
 
-/// x86_64 `struct pt_regs` (arch/x86/include/asm/ptrace.h), a stable user-visible layout.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct PtRegs {
-    r15: u64,
-    r14: u64,
-    r13: u64,
-    r12: u64,
-    bp: u64,
-    bx: u64,
-    r11: u64,
-    r10: u64,
-    r9: u64,
-    r8: u64,
-    ax: u64,
-    cx: u64,
-    dx: u64,
-    si: u64,
-    di: u64,
-    orig_ax: u64,
-    ip: u64,
-    cs: u64,
-    flags: u64,
-    sp: u64,
-    ss: u64,
-}
+use crate::regs::user_regs;
 
 const SYS_READ: u64 = 0;
 const SYS_WRITE: u64 = 1;
@@ -46,12 +18,7 @@ const SYS_RECVMSG: u64 = 47;
 
 #[inline(always)]
 pub fn args(send: bool) -> Option<IoArgs> {
-    // SAFETY: helpers return the current task and its saved registers; read fault-tolerantly.
-    let regs = unsafe {
-        let task = bpf_get_current_task_btf();
-        let regs = bpf_task_pt_regs(task) as *const PtRegs;
-        bpf_probe_read_kernel(regs).ok()?
-    };
+    let regs = user_regs()?;
     let (direction, buf_kind, msg) = match regs.orig_ax {
         SYS_READ | SYS_RECVFROM => (DIR_INGRESS, BUF_PLAIN, false),
         SYS_WRITE | SYS_SENDTO => (DIR_EGRESS, BUF_PLAIN, false),

@@ -3,6 +3,7 @@ pub mod adopt;
 pub mod btf;
 pub mod caps;
 pub mod check;
+pub mod go;
 pub mod inject;
 
 use std::{net::IpAddr, path::Path};
@@ -428,6 +429,10 @@ fn recount_lru(ebpf: &mut Ebpf) {
             "BODY_LEFT" => count_entries::<8, 8>(ebpf, name),
             "LARGE_SENDS" => count_entries::<16, 1>(ebpf, name),
             "CONNECTING" => count_entries::<8, 1>(ebpf, name),
+            "GO_G_REQ" | "GO_REQ_OWNER" | "GO_WRITING" => count_entries::<
+                { size_of::<agent_common::GoKey>() },
+                { size_of::<agent_common::GoRef>() },
+            >(ebpf, name),
             _ => None,
         })
         .collect();

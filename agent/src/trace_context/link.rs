@@ -21,7 +21,7 @@
 use std::collections::{HashMap, VecDeque};
 
 use agent_common::{
-    WireCtx, LINK_AMBIGUOUS, LINK_RUNTIME, LINK_THREAD, LINK_UNCLASSIFIED, WIRE_CARRIED,
+    WireCtx, LINK_AMBIGUOUS, LINK_RUNTIME, LINK_TASK, LINK_THREAD, LINK_UNCLASSIFIED, WIRE_CARRIED,
     WIRE_CARRIED_FWD, WIRE_INSERTED, WIRE_LINKED, WIRE_REPLACED, WIRE_REWRITTEN, WIRE_SERVER,
 };
 use rand::Rng;
@@ -38,6 +38,9 @@ use crate::{
 pub enum LinkMethod {
     /// CLIENT: the one request open on the sending thread (or on the thread that connected).
     Thread,
+    /// CLIENT: the runtime's own task identity: the goroutine that read the request made the
+    /// call that is being written (Go, uprobes on `net/http`).
+    Task,
     /// CLIENT: the request carried a context this process received with a request it served.
     Forwarded,
     /// SERVER: the request's `traceparent`; CLIENT: the program's own `traceparent`.
@@ -61,6 +64,7 @@ impl LinkMethod {
     pub fn as_str(self) -> &'static str {
         match self {
             LinkMethod::Thread => "thread",
+            LinkMethod::Task => "task",
             LinkMethod::Forwarded => "forwarded",
             LinkMethod::Header => "header",
             LinkMethod::Stitch => "stitch",
@@ -83,6 +87,7 @@ impl LinkMethod {
     fn of_owner(w: &WireCtx) -> LinkMethod {
         match w.link {
             LINK_THREAD if w.parent_id != [0; 8] => LinkMethod::Thread,
+            LINK_TASK if w.parent_id != [0; 8] => LinkMethod::Task,
             LINK_AMBIGUOUS => LinkMethod::Ambiguous,
             LINK_RUNTIME => LinkMethod::Runtime,
             LINK_UNCLASSIFIED => LinkMethod::Unclassified,
@@ -294,12 +299,16 @@ pub fn decide(ex: &Exchange, pid: u32, reg: &Registry, sampler: &Sampler) -> Dec
                     };
                     (h.trace_id, Some(parent), Some(h.sampled()), link)
                 }
-                (None, Some(w)) if w.kind == WIRE_LINKED && w.link == LINK_THREAD => (
-                    w.trace_id,
-                    nonzero(w.parent_id),
-                    Some(w.flags & 1 != 0),
-                    LinkMethod::of_owner(&w),
-                ),
+                (None, Some(w))
+                    if w.kind == WIRE_LINKED && (w.link == LINK_THREAD || w.link == LINK_TASK) =>
+                {
+                    (
+                        w.trace_id,
+                        nonzero(w.parent_id),
+                        Some(w.flags & 1 != 0),
+                        LinkMethod::of_owner(&w),
+                    )
+                }
                 (None, Some(w))
                     if matches!(w.link, LINK_AMBIGUOUS | LINK_RUNTIME | LINK_UNCLASSIFIED) =>
                 {

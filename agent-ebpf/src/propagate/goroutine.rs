@@ -1,0 +1,134 @@
+//! Go: which request an outgoing `net/http` request is made for, by goroutine.
+//!
+//! Go moves goroutines between threads and writes each request from its connection's own writer
+//! goroutine, so the thread says nothing. Go's register ABI (1.17 and later, x86_64) keeps the
+//! running goroutine's `g` in `r14`, in Go code and at every syscall Go makes, so:
+//! - a server request head read by goroutine G (net/http reads it in the connection's goroutine,
+//!   which then runs the handler) is noted as G's request;
+//! - `(*Transport).roundTrip(t, req)` entered by G notes `req` (`rbx`) as made for G's request,
+//!   if that one is still open;
+//! - `(*Request).write(r, ...)` entered by writer goroutine W (`rax` = r) hands that note to W;
+//! - W's next request head sent is made for that request (`LINK_TASK`).
+//! Every note is consumed once and is trusted only briefly, so a stale one (a request that
+//! failed before it was written) cannot name the owner of a later request.
+#[allow(unused_imports)]
+use crate::maps::lru::*;
+use agent_common::{GoKey, GoRef, ReqRef, RUNTIME_GO};
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, generated::bpf_ktime_get_boot_ns},
+    macros::uprobe,
+    programs::ProbeContext,
+};
+
+use crate::maps::{count, GO_G_REQ, GO_REQ_OWNER, GO_WRITING, PROC_RUNTIME};
+
+/// How long a note from `roundTrip` waits for its write (a new connection is dialled in
+/// between), and a writer's note for its send (the head is flushed as `write` ends).
+const ROUNDTRIP_TO_WRITE_NS: u64 = 5_000_000_000;
+const WRITE_TO_SEND_NS: u64 = 1_000_000_000;
+
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: helper without preconditions.
+    unsafe { bpf_ktime_get_boot_ns() }
+}
+
+#[inline(always)]
+fn key(tgid: u32, ptr: u64) -> GoKey {
+    GoKey { ptr, tgid, _pad: 0 }
+}
+
+#[inline(always)]
+pub fn is_go(tgid: u32) -> bool {
+    // SAFETY: copied out of a live map value.
+    PROC_RUNTIME.get_ptr(&tgid).map(|r| unsafe { *r }) == Some(RUNTIME_GO)
+}
+
+#[inline(always)]
+fn note<K, V>(map: &aya_ebpf::maps::LruHashMap<K, V>, which: u32, cap: u32, k: &K, v: &V) {
+    if lru_insert(map, which, cap, k, v).is_err() {
+        count(agent_common::CNT_STATE_MAP_FULL);
+    }
+}
+
+/// A Go process read request `at` in the current goroutine (called from a syscall exit).
+#[inline(always)]
+pub fn request_read(pid_tgid: u64, at: ReqRef) {
+    let tgid = (pid_tgid >> 32) as u32;
+    if !is_go(tgid) {
+        return;
+    }
+    let Some(g) = crate::regs::user_r14() else {
+        return;
+    };
+    note(
+        &GO_G_REQ,
+        LRU_GO_G_REQ,
+        CAP_GO_G_REQ,
+        &key(tgid, g),
+        &GoRef { at, ts: now() },
+    );
+}
+
+/// `net/http.(*Transport).roundTrip(t *Transport, req *Request)`: `rax` = t, `rbx` = req.
+#[uprobe]
+pub fn go_transport_roundtrip(ctx: ProbeContext) -> u32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: a uprobe's context is the probed task's user registers.
+    let (g, req) = unsafe { ((*ctx.regs).r14, (*ctx.regs).rbx) };
+    let req_key = key(tgid, req);
+    // SAFETY: copied out of a live map value.
+    match GO_G_REQ.get_ptr(&key(tgid, g)).map(|r| unsafe { *r }) {
+        Some(r) if super::inflight::is_live(&r.at) => note(
+            &GO_REQ_OWNER,
+            LRU_GO_REQ_OWNER,
+            CAP_GO_REQ_OWNER,
+            &req_key,
+            &GoRef {
+                at: r.at,
+                ts: now(),
+            },
+        ),
+        // A request made for nothing open: no older note about this address may survive it.
+        _ => lru_remove(&GO_REQ_OWNER, LRU_GO_REQ_OWNER, &req_key),
+    }
+    0
+}
+
+/// `net/http.(*Request).write(r *Request, w io.Writer, ...)`: `rax` = r, in the writer goroutine.
+#[uprobe]
+pub fn go_request_write(ctx: ProbeContext) -> u32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: a uprobe's context is the probed task's user registers.
+    let (g, r) = unsafe { ((*ctx.regs).r14, (*ctx.regs).rax) };
+    let req_key = key(tgid, r);
+    let writer = key(tgid, g);
+    // SAFETY: copied out of a live map value.
+    let owner = GO_REQ_OWNER.get_ptr(&req_key).map(|o| unsafe { *o });
+    lru_remove(&GO_REQ_OWNER, LRU_GO_REQ_OWNER, &req_key);
+    let t = now();
+    match owner {
+        Some(o) if t.wrapping_sub(o.ts) < ROUNDTRIP_TO_WRITE_NS => note(
+            &GO_WRITING,
+            LRU_GO_WRITING,
+            CAP_GO_WRITING,
+            &writer,
+            &GoRef { at: o.at, ts: t },
+        ),
+        // This write is for no known request: the writer's older note (if any) is void.
+        _ => lru_remove(&GO_WRITING, LRU_GO_WRITING, &writer),
+    }
+    0
+}
+
+/// The request the current goroutine is writing an outgoing request for, if `net/http` said so
+/// just before; the note is used up.
+#[inline(always)]
+pub fn writing_for(tgid: u32) -> Option<ReqRef> {
+    let g = crate::regs::user_r14()?;
+    let k = key(tgid, g);
+    // SAFETY: copied out of a live map value.
+    let r = unsafe { *GO_WRITING.get_ptr(&k)? };
+    lru_remove(&GO_WRITING, LRU_GO_WRITING, &k);
+    (now().wrapping_sub(r.ts) < WRITE_TO_SEND_NS).then_some(r.at)
+}
