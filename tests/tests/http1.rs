@@ -68,7 +68,11 @@ fn check_reports_every_feature() {
     let out = run(Command::new(tests::agent::agent_bin()).arg("check"));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("all checks passed"), "{text}");
-    assert!(text.contains("24/24"), "{text}");
+    assert!(text.contains("25/25"), "{text}");
+    assert!(
+        text.contains("[ ok ] verifier accepted the Go net/http uprobes"),
+        "{text}"
+    );
     assert!(text.contains("loaded, not attached"), "{text}");
     assert!(text.contains("[ ok ] same-host stitching"), "{text}");
 }
