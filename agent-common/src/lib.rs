@@ -20,6 +20,16 @@ pub const MAX_IOVECS: u32 = 8;
 /// Ring buffer item kinds (first `u32` of every item).
 pub const EVENT_DATA: u32 = 1;
 pub const EVENT_CLOSE: u32 = 2;
+/// A traced process `exec`'d (`ExecEvent`): its runtime is to be classified again, now.
+pub const EVENT_EXEC: u32 = 3;
+
+/// An `EVENT_EXEC` ring item.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ExecEvent {
+    pub kind: u32,
+    pub pid: u32,
+}
 
 /// Direction of a data event, seen from the traced process.
 pub const DIR_INGRESS: u32 = 0;
@@ -106,10 +116,9 @@ pub const LRU_CONNECT_REFS: u32 = 4;
 pub const LRU_BODY_LEFT: u32 = 5;
 pub const LRU_LARGE_SENDS: u32 = 6;
 pub const LRU_CONNECTING: u32 = 7;
-pub const LRU_GO_G_REQ: u32 = 8;
-pub const LRU_GO_REQ_OWNER: u32 = 9;
-pub const LRU_GO_WRITING: u32 = 10;
-pub const LRU_MAPS: u32 = 11;
+pub const LRU_GO_REQ_OWNER: u32 = 8;
+pub const LRU_GO_WRITING: u32 = 9;
+pub const LRU_MAPS: u32 = 10;
 /// Names of the LRU maps, by `LRU_*` index.
 pub const LRU_MAP_NAMES: [&str; LRU_MAPS as usize] = [
     "CONNS",
@@ -120,7 +129,6 @@ pub const LRU_MAP_NAMES: [&str; LRU_MAPS as usize] = [
     "BODY_LEFT",
     "LARGE_SENDS",
     "CONNECTING",
-    "GO_G_REQ",
     "GO_REQ_OWNER",
     "GO_WRITING",
 ];
@@ -195,11 +203,15 @@ pub const COUNTER_NAMES: [&str; 40] = [
     "kernel_link_runtime",
     "kernel_link_unclassified",
     "kernel_link_task",
-    "kernel_lru_evicted_go_g_req",
     "kernel_lru_evicted_go_req_owner",
     "kernel_lru_evicted_go_writing",
+    "kernel_exec_ringbuf_full_events",
 ];
-const _: () = assert!(lru_evicted_counter(LRU_MAPS - 1) as usize == COUNTER_NAMES.len() - 1);
+/// An `exec` whose event did not fit in the ring buffer (the process is still classified by the
+/// next periodic sweep).
+pub const CNT_EXEC_RINGBUF_FULL: u32 = 39;
+const _: () = assert!((lru_evicted_counter(LRU_MAPS - 1) as usize) < COUNTER_NAMES.len());
+const _: () = assert!(lru_evicted_counter(LRU_MAPS - 1) < CNT_EXEC_RINGBUF_FULL);
 
 /// Addresses of one TCP connection, seen from the traced process. IPv4 addresses occupy the
 /// first four bytes of the 16-byte fields.
@@ -495,8 +507,11 @@ pub struct IoArgs {
     pub seq: u32,
     /// `IO_*` bits.
     pub state: u32,
+    /// Go processes: the goroutine (`g`, from `r14`) that made this read on a traced socket
+    /// (0: not Go, or not known).
+    pub g: u64,
 }
-const _: () = assert!(core::mem::size_of::<IoArgs>() == 96);
+const _: () = assert!(core::mem::size_of::<IoArgs>() == 104);
 /// `IoArgs::seq` is known.
 pub const IO_SEQ: u32 = 1;
 /// The start of this send was already looked at.

@@ -1,5 +1,5 @@
 //! Userspace-only trait impls.
-use crate::{ConnInfo, ConnTuple, EndpointKey, FlowSeq, IoArgs, WireCtx};
+use crate::{ConnInfo, ConnTuple, EndpointKey, FlowSeq, GoKey, GoRef, IoArgs, WireCtx};
 
 // SAFETY: plain-old-data `#[repr(C)]` types with explicit padding and no pointers.
 unsafe impl aya::Pod for ConnTuple {}
@@ -8,3 +8,5 @@ unsafe impl aya::Pod for EndpointKey {}
 unsafe impl aya::Pod for IoArgs {}
 unsafe impl aya::Pod for WireCtx {}
 unsafe impl aya::Pod for FlowSeq {}
+unsafe impl aya::Pod for GoKey {}
+unsafe impl aya::Pod for GoRef {}

@@ -175,5 +175,13 @@ pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
     {
         count(agent_common::CNT_STATE_MAP_FULL);
     }
+    // Woken at once: a new server's first requests should find it classified.
+    let ev = agent_common::ExecEvent {
+        kind: agent_common::EVENT_EXEC,
+        pid: tgid,
+    };
+    if EVENTS.output::<agent_common::ExecEvent>(&ev, 2).is_err() {
+        count(agent_common::CNT_EXEC_RINGBUF_FULL);
+    }
     0
 }

@@ -46,6 +46,7 @@ fn save(buf: u64, count: u64, fd: u64, buf_kind: u32, direction: u32) {
         wire: agent_common::WireCtx::default(),
         seq: 0,
         state: 0,
+        g: 0,
     };
     if ACTIVE_IO.insert(&pid_tgid, &args, 0).is_err() {
         crate::maps::count(agent_common::CNT_ACTIVE_IO_FULL);

@@ -136,7 +136,9 @@ pub const BODY_UNKNOWN: u64 = u64::MAX;
 
 /// Go (`propagate::goroutine`): the request each goroutine read last, by goroutine; the
 /// request each outgoing `*http.Request` is made for, by its address; the request each writer
-/// goroutine is about to send a request for. LRU: a note evicted only costs that link.
+/// goroutine is about to send a request for. LRU: a note evicted only costs that link. The
+/// first is filled inside the largest programs without the eviction estimate (see
+/// `goroutine::request_read`); userspace reports when it is full.
 pub const CAP_GO_G_REQ: u32 = 65536;
 #[map]
 pub static GO_G_REQ: LruHashMap<GoKey, GoRef> = LruHashMap::with_max_entries(CAP_GO_G_REQ, 0);
@@ -365,12 +367,12 @@ pub mod lru {
     #[allow(unused_imports)]
     pub use super::{
         lru_insert, lru_remove, BODY_LEFT, CAP_BODY_LEFT, CAP_CONNECTING, CAP_CONNECT_REFS,
-        CAP_CONNS, CAP_GO_G_REQ, CAP_GO_REQ_OWNER, CAP_GO_WRITING, CAP_LARGE_SENDS,
-        CAP_SERVER_REQS, CAP_STITCH, CAP_THREAD_REQS, CONNECTING, CONNECT_REFS, CONNS, GO_G_REQ,
-        GO_REQ_OWNER, GO_WRITING, LARGE_SENDS, SERVER_REQS, STITCH, THREAD_REQS,
+        CAP_CONNS, CAP_GO_REQ_OWNER, CAP_GO_WRITING, CAP_LARGE_SENDS, CAP_SERVER_REQS, CAP_STITCH,
+        CAP_THREAD_REQS, CONNECTING, CONNECT_REFS, CONNS, GO_REQ_OWNER, GO_WRITING, LARGE_SENDS,
+        SERVER_REQS, STITCH, THREAD_REQS,
     };
     pub use agent_common::{
-        LRU_BODY_LEFT, LRU_CONNECTING, LRU_CONNECT_REFS, LRU_CONNS, LRU_GO_G_REQ, LRU_GO_REQ_OWNER,
+        LRU_BODY_LEFT, LRU_CONNECTING, LRU_CONNECT_REFS, LRU_CONNS, LRU_GO_REQ_OWNER,
         LRU_GO_WRITING, LRU_LARGE_SENDS, LRU_SERVER_REQS, LRU_STITCH, LRU_THREAD_REQS,
     };
 }

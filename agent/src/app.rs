@@ -186,6 +186,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // up to date by its own thread (new processes, and those the kernel reset at exec).
     let runtimes_stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (go_tx, go_rx) = std::sync::mpsc::channel();
+    let (exec_tx, exec_rx) = std::sync::mpsc::sync_channel(4096);
     let mut go_probes = crate::loader::go::GoProbes::default();
     {
         let map = ebpf
@@ -203,7 +204,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let stop = runtimes_stop.clone();
         std::thread::Builder::new()
             .name("runtimes".into())
-            .spawn(move || c.run(Duration::from_millis(250), stop))
+            .spawn(move || c.run(Duration::from_millis(250), exec_rx, stop))
             .context("starting the runtime classifier")?;
     }
     tracing::info!(
@@ -238,6 +239,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut reader = tokio::spawn(reader::run(
         ring,
         ev_tx,
+        exec_tx,
         ev_budget,
         metrics.clone(),
         stop_rx,
@@ -284,6 +286,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 }
                 if ticks.is_multiple_of(30) {
                     loader::sweep_dead(&mut ebpf);
+                    if loader::go_notes_full(&ebpf) {
+                        metrics.go_notes_map_full.inc();
+                    }
                     let losses = metrics.losses();
                     if !losses.is_empty() {
                         tracing::warn!(?losses, "events or spans were dropped (see the agent metrics)");

@@ -218,40 +218,45 @@ impl Classifier {
             self.known.retain(|p, _| set.contains(p));
         }
         for pid in live {
-            let Some(start) = start_time(pid) else {
-                continue;
-            };
-            if self.known.get(&pid) == Some(&start) {
-                continue;
+            self.classify(pid);
+        }
+    }
+
+    /// Classifies `pid` unless it already is (same process: same start time).
+    fn classify(&mut self, pid: u32) {
+        let Some(start) = start_time(pid) else {
+            return;
+        };
+        if self.known.get(&pid) == Some(&start) {
+            return;
+        }
+        let exe = exe_id(pid);
+        let Some(r) = classify_pid(&mut self.files, pid) else {
+            return;
+        };
+        match self.set(pid, r) {
+            Ok(()) if exe_id(pid) != exe => {
+                // It exec'd while being looked at: judge the new program next time.
+                let _ = self.map.insert(pid, RUNTIME_PENDING, 0);
             }
-            let exe = exe_id(pid);
-            let Some(r) = classify_pid(&mut self.files, pid) else {
-                continue;
-            };
-            match self.set(pid, r) {
-                Ok(()) if exe_id(pid) != exe => {
-                    // It exec'd while being looked at: judge the new program next time.
-                    let _ = self.map.insert(pid, RUNTIME_PENDING, 0);
-                }
-                Ok(()) => {
-                    if r == Runtime::Tasks("go") {
-                        if let Some(exe) = exe_path(pid) {
-                            let _ = self.go_exes.send(exe);
-                        }
+            Ok(()) => {
+                if r == Runtime::Tasks("go") {
+                    if let Some(exe) = exe_path(pid) {
+                        let _ = self.go_exes.send(exe);
                     }
-                    if let Runtime::Tasks(name) = r {
-                        tracing::debug!(
-                            pid,
-                            runtime = name,
-                            "runtime moves work between threads: its calls get no in-thread parent"
-                        );
-                    }
-                    self.known.insert(pid, start);
                 }
-                Err(e) => {
-                    self.map_full.inc();
-                    tracing::debug!(pid, "cannot record the process's runtime: {e}");
+                if let Runtime::Tasks(name) = r {
+                    tracing::debug!(
+                        pid,
+                        runtime = name,
+                        "runtime moves work between threads: its calls get no in-thread parent"
+                    );
                 }
+                self.known.insert(pid, start);
+            }
+            Err(e) => {
+                self.map_full.inc();
+                tracing::debug!(pid, "cannot record the process's runtime: {e}");
             }
         }
     }
@@ -260,11 +265,33 @@ impl Classifier {
         self.map.insert(pid, r.kernel_value(), 0)
     }
 
-    /// Runs `sweep` every `every` until `stop` is set.
-    pub fn run(mut self, every: Duration, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    /// Sweeps every `every`, and classifies a process again as soon as the kernel reports its
+    /// `exec` (`execs`), until `stop` is set.
+    pub fn run(
+        mut self,
+        every: Duration,
+        execs: std::sync::mpsc::Receiver<u32>,
+        stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        use std::sync::mpsc::RecvTimeoutError;
+        let mut next = std::time::Instant::now() + every;
         while !stop.load(std::sync::atomic::Ordering::Acquire) {
-            self.sweep();
-            std::thread::sleep(every);
+            let wait = next.saturating_duration_since(std::time::Instant::now());
+            match execs.recv_timeout(wait) {
+                Ok(pid) => {
+                    self.known.remove(&pid);
+                    self.classify(pid);
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    self.sweep();
+                    next = std::time::Instant::now() + every;
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    std::thread::sleep(wait);
+                    self.sweep();
+                    next = std::time::Instant::now() + every;
+                }
+            }
         }
     }
 }

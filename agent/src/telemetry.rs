@@ -70,6 +70,8 @@ counters! {
     spans_export_failed: "spans dropped after export retries ran out",
     spans_rejected: "spans the backend reported as rejected (partial success)",
     export_retries: "export attempts retried",
+    go_notes_map_full: "sweeps that found the kernel's goroutine-note map full (its oldest notes were evicted: those Go calls get no parent)",
+    runtime_exec_queue_full: "exec events the runtime classifier had no room for (the process is classified by the next sweep instead)",
     runtime_map_full: "processes whose runtime could not be recorded in the kernel map (their calls get no in-thread parent)",
     export_requests_split: "batches sent as several requests (over the size limit, or refused as too large)",
 }

@@ -68,7 +68,8 @@ fn check_reports_every_feature() {
     let out = run(Command::new(tests::agent::agent_bin()).arg("check"));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("all checks passed"), "{text}");
-    assert!(text.contains("25/25"), "{text}");
+    // 25 tracepoints; the data-syscall exits of each direction share one program.
+    assert!(text.contains("19/19"), "{text}");
     assert!(
         text.contains("[ ok ] verifier accepted the Go net/http uprobes"),
         "{text}"

@@ -254,3 +254,46 @@ fn go_service_links_by_goroutine_and_never_gets_a_wrong_parent() {
         l.counters
     );
 }
+
+/// The Java service with `client` (`urlconnection` or `httpclient`) under the shared load.
+fn java_calls(client: &str) -> Links {
+    let backend = free_port();
+    let port = free_port();
+    let _nginx =
+        tests::programs::Nginx::start(backend, "    location / { return 200 \"ok\\n\"; }\n");
+    let service = Proc::spawn(
+        Command::new("java")
+            .arg(fixture("java_service/Service.java"))
+            .args([
+                port.to_string(),
+                format!("http://127.0.0.1:{backend}"),
+                client.to_owned(),
+            ])
+            .stdout(Stdio::null()),
+    );
+    // The JDK compiles the source file at start-up.
+    tests::wait_port_for(port, Duration::from_secs(60));
+    concurrent_calls(&service, port, 200, "java")
+}
+
+/// Java's `HttpServer` on a fixed pool of handler threads, calling out with the blocking
+/// `HttpURLConnection` on the handler thread: each handler thread has exactly its one request
+/// open, so every call links by the thread, and none wrongly.
+#[test]
+fn java_thread_pool_with_urlconnection_links_every_call() {
+    let l = java_calls("urlconnection");
+    eprintln!("Java (HttpServer + HttpURLConnection, 8 concurrent): {l:?}");
+    assert_eq!(l.wrong, 0, "a wrong parent is worse than none");
+    assert_eq!(l.linked, 200, "blocking calls on handler threads: {l:?}");
+}
+
+/// The same server calling out with `java.net.http.HttpClient`, whose I/O runs on the client's
+/// selector thread, which reads no request of its own: no thread evidence names the caller, so
+/// those calls get no parent, and none a wrong one.
+#[test]
+fn java_httpclient_calls_are_never_given_a_wrong_parent() {
+    let l = java_calls("httpclient");
+    eprintln!("Java (HttpServer + HttpClient, 8 concurrent): {l:?}");
+    assert_eq!(l.wrong, 0, "a wrong parent is worse than none");
+    assert_eq!(l.linked + l.unlinked, 200);
+}

@@ -51,23 +51,15 @@ fn note<K, V>(map: &aya_ebpf::maps::LruHashMap<K, V>, which: u32, cap: u32, k: &
     }
 }
 
-/// A Go process read request `at` in the current goroutine (called from a syscall exit).
+/// Goroutine `g` of process `tgid` (`IoArgs::g`, taken at `sock:sock_recv_length`) read
+/// request `at`. This runs inside the largest kernel programs, whose every branch the verifier
+/// walks: one branch and a plain insert, no eviction estimate (userspace watches this map's
+/// fill instead, `go_notes_map_full`).
 #[inline(always)]
-pub fn request_read(pid_tgid: u64, at: ReqRef) {
-    let tgid = (pid_tgid >> 32) as u32;
-    if !is_go(tgid) {
-        return;
+pub fn request_read(tgid: u32, g: u64, at: ReqRef) {
+    if g != 0 {
+        let _ = GO_G_REQ.insert(&key(tgid, g), &GoRef { at, ts: now() }, 0);
     }
-    let Some(g) = crate::regs::user_r14() else {
-        return;
-    };
-    note(
-        &GO_G_REQ,
-        LRU_GO_G_REQ,
-        CAP_GO_G_REQ,
-        &key(tgid, g),
-        &GoRef { at, ts: now() },
-    );
 }
 
 /// `net/http.(*Transport).roundTrip(t *Transport, req *Request)`: `rax` = t, `rbx` = req.

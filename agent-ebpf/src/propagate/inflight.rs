@@ -57,9 +57,10 @@ impl Owner {
     }
 }
 
-/// A request head was read by thread `pid_tgid` on server connection `sk`.
+/// A request head was read by thread `pid_tgid` (goroutine `g` in a Go process, else 0) on
+/// server connection `sk`.
 #[inline(always)]
-pub fn open(pid_tgid: u64, sk: u64, req: &ServerReq) {
+pub fn open(pid_tgid: u64, g: u64, sk: u64, req: &ServerReq) {
     let tid = pid_tgid as u32;
     // The connection's previous request, if its response was never seen, is over now.
     close(sk);
@@ -71,7 +72,7 @@ pub fn open(pid_tgid: u64, sk: u64, req: &ServerReq) {
         return;
     }
     let r = ReqRef { sk, seq: req.seq };
-    super::goroutine::request_read(pid_tgid, r);
+    super::goroutine::request_read((pid_tgid >> 32) as u32, g, r);
     if let Some(t) = THREAD_REQS.get_ptr_mut(&tid) {
         // SAFETY: live map value; only this thread writes its slots, `live` is atomic.
         let t = unsafe { &mut *t };

@@ -77,7 +77,7 @@ pub fn incoming(
         _pad: [0; 2],
         tid: pid_tgid as u32,
     };
-    inflight::open(pid_tgid, io.sk, &req);
+    inflight::open(pid_tgid, io.g, io.sk, &req);
     true
 }
 

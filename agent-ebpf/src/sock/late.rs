@@ -55,5 +55,6 @@ pub fn args(send: bool) -> Option<IoArgs> {
         wire: agent_common::WireCtx::default(),
         seq: 0,
         state: 0,
+        g: 0,
     })
 }

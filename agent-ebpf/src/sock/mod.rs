@@ -77,6 +77,9 @@ fn on_syscall(ctx: &TracePointContext, send: bool) {
     classify(io, pid_tgid, sk, family, protocol);
     if !send && io.verdict == VERDICT_TRACE {
         crate::propagate::stitch::received(io, sk, ret, flags);
+        if io.g == 0 && crate::propagate::goroutine::is_go((pid_tgid >> 32) as u32) {
+            io.g = crate::regs::user_r14().unwrap_or(0);
+        }
     }
 }
 

@@ -118,7 +118,8 @@ pub fn run() -> bool {
                 );
                 // Only verified, never attached: a check must not touch live traffic.
                 let mut verified = 0;
-                for (name, _) in PROGRAMS {
+                let programs = super::distinct_programs();
+                for name in programs.iter().copied() {
                     let res = ebpf
                         .program_mut(name)
                         .ok_or_else(|| "missing".to_string())
@@ -130,9 +131,9 @@ pub fn run() -> bool {
                     }
                 }
                 r.line(
-                    verified == PROGRAMS.len(),
+                    verified == programs.len(),
                     "verifier accepted the tracepoint programs (loaded, not attached)",
-                    &format!("{verified}/{}", PROGRAMS.len()),
+                    &format!("{verified}/{}", programs.len()),
                 );
                 // The Go uprobes: verified here, attached only to Go executables when found.
                 let go: Vec<String> = [

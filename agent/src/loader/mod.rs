@@ -9,9 +9,9 @@ pub mod inject;
 use std::{net::IpAddr, path::Path};
 
 use agent_common::{
-    ConnInfo, EndpointKey, IoArgs, ANY_ADDR, FILTER_PIDS, FILTER_PORTS, MAP_ACTIVE_CONNECT,
-    MAP_ACTIVE_IO, MAP_CONNS, MAP_COUNTERS, MAP_EVENTS, MAP_EXCLUDED, MAP_PIDS, MAP_PORTS,
-    MAX_PAYLOAD,
+    ConnInfo, EndpointKey, GoKey, GoRef, IoArgs, ANY_ADDR, FILTER_PIDS, FILTER_PORTS,
+    MAP_ACTIVE_CONNECT, MAP_ACTIVE_IO, MAP_CONNS, MAP_COUNTERS, MAP_EVENTS, MAP_EXCLUDED, MAP_PIDS,
+    MAP_PORTS, MAX_PAYLOAD,
 };
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
@@ -51,6 +51,29 @@ pub const PROGRAMS: [(&str, &str); 25] = [
     ("sched_process_exit", "sched"),
     ("sched_process_exec", "sched"),
 ];
+
+/// The program attached to tracepoint `name`. The data-syscall exits of one direction run the
+/// same code (each verifies in about 2 s, the largest part of start-up), so each direction's is
+/// verified once and attached to all four of its tracepoints.
+pub fn program_for(name: &'static str) -> &'static str {
+    match name {
+        "sys_exit_recvfrom" | "sys_exit_readv" | "sys_exit_recvmsg" => "sys_exit_read",
+        "sys_exit_sendto" | "sys_exit_writev" | "sys_exit_sendmsg" => "sys_exit_write",
+        other => other,
+    }
+}
+
+/// The distinct programs `PROGRAMS` attach (what the verifier must accept).
+pub fn distinct_programs() -> Vec<&'static str> {
+    let mut v: Vec<&'static str> = Vec::new();
+    for (name, _) in PROGRAMS {
+        let p = program_for(name);
+        if !v.contains(&p) {
+            v.push(p);
+        }
+    }
+    v
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -226,21 +249,26 @@ pub fn load(s: &Settings) -> Result<Loaded, LoadError> {
         .map_err(LoadError::Load)?;
 
     fill_maps(&mut ebpf, s)?;
+    let t0 = std::time::Instant::now();
+    let mut loaded = std::collections::HashSet::new();
     for (name, category) in PROGRAMS {
+        let program = program_for(name);
         let prog: &mut TracePoint = ebpf
-            .program_mut(name)
-            .ok_or(LoadError::Missing(name))?
+            .program_mut(program)
+            .ok_or(LoadError::Missing(program))?
             .try_into()
             .map_err(|source| LoadError::Attach {
                 name,
                 category,
                 source,
             })?;
-        prog.load().map_err(|source| LoadError::Attach {
-            name,
-            category,
-            source,
-        })?;
+        if loaded.insert(program) {
+            prog.load().map_err(|source| LoadError::Attach {
+                name,
+                category,
+                source,
+            })?;
+        }
         prog.attach(category, name)
             .map_err(|source| LoadError::Attach {
                 name,
@@ -248,6 +276,12 @@ pub fn load(s: &Settings) -> Result<Loaded, LoadError> {
                 source,
             })?;
     }
+    tracing::debug!(
+        programs = loaded.len(),
+        tracepoints = PROGRAMS.len(),
+        elapsed_ms = t0.elapsed().as_millis() as u64,
+        "tracepoint programs verified and attached"
+    );
     if mode != agent_common::INJECT_OFF {
         attach_stitch(&mut ebpf)?;
     }
@@ -429,7 +463,7 @@ fn recount_lru(ebpf: &mut Ebpf) {
             "BODY_LEFT" => count_entries::<8, 8>(ebpf, name),
             "LARGE_SENDS" => count_entries::<16, 1>(ebpf, name),
             "CONNECTING" => count_entries::<8, 1>(ebpf, name),
-            "GO_G_REQ" | "GO_REQ_OWNER" | "GO_WRITING" => count_entries::<
+            "GO_REQ_OWNER" | "GO_WRITING" => count_entries::<
                 { size_of::<agent_common::GoKey>() },
                 { size_of::<agent_common::GoRef>() },
             >(ebpf, name),
@@ -455,7 +489,37 @@ pub fn sweep_dead(ebpf: &mut Ebpf) {
     remove_dead::<IoArgs>(ebpf, MAP_ACTIVE_IO, alive_thread);
     remove_dead::<u64>(ebpf, MAP_ACTIVE_CONNECT, alive_thread);
     remove_dead::<ConnInfo>(ebpf, MAP_CONNS, alive_process);
+    for name in ["GO_G_REQ", "GO_REQ_OWNER", "GO_WRITING"] {
+        remove_dead_go(ebpf, name);
+    }
     recount_lru(ebpf);
+}
+
+/// Capacity of the kernel's `GO_G_REQ` map (`agent-ebpf/src/maps.rs`).
+const CAP_GO_G_REQ: usize = 65536;
+
+/// Whether the goroutine-note map is full, so that its oldest notes are being evicted (it is
+/// filled without the kernel's eviction estimate, see `propagate::goroutine`).
+pub fn go_notes_full(ebpf: &Ebpf) -> bool {
+    count_entries::<{ std::mem::size_of::<GoKey>() }, { std::mem::size_of::<GoRef>() }>(
+        ebpf, "GO_G_REQ",
+    )
+    .is_some_and(|n| n as usize + lru_slack() as usize >= CAP_GO_G_REQ)
+}
+
+/// Deletes the Go notes of processes that exited.
+fn remove_dead_go(ebpf: &mut Ebpf, name: &str) {
+    let Some(Ok(mut m)) = ebpf.map_mut(name).map(HashMap::<_, GoKey, GoRef>::try_from) else {
+        return;
+    };
+    let dead: Vec<GoKey> = m
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !Path::new(&format!("/proc/{}", k.tgid)).exists())
+        .collect();
+    for k in dead {
+        let _ = m.remove(&k);
+    }
 }
 
 /// Deletes the entries of a map keyed by pid_tgid (or `pid << 32 | fd`) whose owner is gone.

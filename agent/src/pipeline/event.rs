@@ -1,13 +1,21 @@
 //! Kernel ring-buffer items decoded into owned values.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use agent_common::{CloseEvent, ConnTuple, DataHeader, DATA_HEADER_SIZE, EVENT_CLOSE, EVENT_DATA};
+use agent_common::{
+    CloseEvent, ConnTuple, DataHeader, ExecEvent, DATA_HEADER_SIZE, EVENT_CLOSE, EVENT_DATA,
+    EVENT_EXEC,
+};
 use bytes::Bytes;
 
 #[derive(Debug)]
 pub enum KernelEvent {
-    Data { header: DataHeader, payload: Bytes },
+    Data {
+        header: DataHeader,
+        payload: Bytes,
+    },
     Close(CloseEvent),
+    /// A traced process `exec`'d (for the runtime classifier, not the tracker).
+    Exec(u32),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -23,7 +31,7 @@ impl KernelEvent {
     pub fn bytes(&self) -> usize {
         match self {
             KernelEvent::Data { payload, .. } => payload.len(),
-            KernelEvent::Close(_) => 0,
+            KernelEvent::Close(_) | KernelEvent::Exec(_) => 0,
         }
     }
 
@@ -52,6 +60,14 @@ impl KernelEvent {
                 Ok(KernelEvent::Close(unsafe {
                     std::ptr::read_unaligned(item.as_ptr().cast())
                 }))
+            }
+            EVENT_EXEC => {
+                if item.len() < std::mem::size_of::<ExecEvent>() {
+                    return Err(DecodeError::Short(item.len()));
+                }
+                // SAFETY: length checked; `ExecEvent` is plain old data.
+                let e: ExecEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                Ok(KernelEvent::Exec(e.pid))
             }
             other => Err(DecodeError::Kind(other)),
         }

@@ -14,12 +14,14 @@ use crate::telemetry::Metrics;
 pub async fn run(
     ring: RingBuf<MapData>,
     events: mpsc::Sender<KernelEvent>,
+    execs: std::sync::mpsc::SyncSender<u32>,
     budget: Arc<ByteBudget>,
     metrics: Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let q = Queue {
         events: &events,
+        execs: &execs,
         budget: &budget,
         metrics: &metrics,
     };
@@ -49,6 +51,9 @@ pub async fn run(
 /// Where drained events go: the tracker's channel, bounded in items and in bytes.
 struct Queue<'a> {
     events: &'a mpsc::Sender<KernelEvent>,
+    /// `exec`s, for the runtime classifier (bounded; one that does not fit is still found by
+    /// its next sweep).
+    execs: &'a std::sync::mpsc::SyncSender<u32>,
     budget: &'a ByteBudget,
     metrics: &'a Metrics,
 }
@@ -58,6 +63,11 @@ fn drain(ring: &mut RingBuf<MapData>, q: &Queue<'_>) {
     while let Some(item) = ring.next() {
         metrics.ring_events.inc();
         match KernelEvent::decode(&item) {
+            Ok(KernelEvent::Exec(pid)) => {
+                if q.execs.try_send(pid).is_err() {
+                    metrics.runtime_exec_queue_full.inc();
+                }
+            }
             Ok(ev) => {
                 let n = ev.bytes();
                 if !q.budget.try_take(n) {

@@ -122,6 +122,7 @@ impl Tracker {
     pub fn handle(&mut self, ev: KernelEvent) {
         match ev {
             KernelEvent::Data { header, payload } => self.data(&header, &payload),
+            KernelEvent::Exec(_) => {}
             KernelEvent::Close(c) => {
                 let id = ConnId {
                     pid: c.pid,
