@@ -64,9 +64,11 @@ pub fn classify_elf<'a, R: object::ReadRef<'a>>(data: R, file_name: &str) -> Run
     }) {
         return Runtime::Tasks("go");
     }
-    // tokio's default worker thread name is a string constant of every binary that builds a
-    // tokio runtime; it survives stripping.
-    let marks = memchr::memmem::Finder::new(b"tokio-runtime-worker");
+    // Every binary with a tokio runtime keeps tokio's own panic message for a call outside
+    // one (the same text in every tokio 1.x); read-only data survives stripping. (Its default
+    // worker-thread name is no mark: tokio 1.4x renamed it, and the compiler builds such short
+    // strings from immediates.)
+    let marks = memchr::memmem::Finder::new(b"must be called from the context of a Tokio 1.x runtime");
     if elf
         .sections()
         .filter(|s| s.name().is_ok_and(|n| n.starts_with(".rodata")))

@@ -297,3 +297,35 @@ fn java_httpclient_calls_are_never_given_a_wrong_parent() {
     assert_eq!(l.wrong, 0, "a wrong parent is worse than none");
     assert_eq!(l.linked + l.unlinked, 200);
 }
+
+/// A tokio service built by the tests (multi-thread runtime, hyper server, reqwest client):
+/// tasks move between worker threads and reqwest writes each request from its connection's
+/// own task, so no thread is evidence of the caller. The agent classifies the binary as tokio
+/// and gives its calls no parent, never a wrong one, and says why (`runtime`).
+#[test]
+fn tokio_service_never_gets_a_wrong_parent() {
+    let backend = free_port();
+    let port = free_port();
+    let _nginx =
+        tests::programs::Nginx::start(backend, "    location / { return 200 \"ok\\n\"; }\n");
+    let service = Proc::spawn(
+        Command::new(env!("CARGO_BIN_EXE_tokio-service"))
+            .args([port.to_string(), format!("http://127.0.0.1:{backend}")])
+            .stdout(Stdio::null()),
+    );
+    wait_port(port);
+    let l = concurrent_calls(&service, port, 200, "tokio");
+    eprintln!("tokio (hyper + reqwest, 8 concurrent): {l:?}");
+    assert_eq!(l.wrong, 0, "a wrong parent is worse than none");
+    assert_eq!(
+        l.methods.get("runtime").copied(),
+        Some(200),
+        "every call of a tokio process says its runtime is why it has no parent: {:?}",
+        l.methods
+    );
+    assert!(
+        l.counters.get("kernel_link_runtime").copied().unwrap_or(0) >= 200,
+        "counted: {:?}",
+        l.counters
+    );
+}

@@ -1,0 +1,47 @@
+//! A tokio service (multi-thread runtime, hyper server, reqwest client with its own connection
+//! pool): every request awaits a 2 ms sleep, then calls the next service without forwarding any
+//! header. Nothing here knows about tracing. GET /<id> answers "tokio[<what NEXT/<id> said>]".
+//! Usage: `tokio-service PORT NEXT_URL`.
+use std::convert::Infallible;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{server::conn::http1, service::service_fn, Request, Response};
+use hyper_util::rt::TokioIo;
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 4)]
+async fn main() {
+    let mut args = std::env::args().skip(1);
+    let port: u16 = args.next().and_then(|p| p.parse().ok()).expect("PORT");
+    let next = args.next().expect("NEXT_URL");
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+        .expect("client");
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .expect("bind");
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let (client, next) = (client.clone(), next.clone());
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let (client, url) = (client.clone(), format!("{next}{}", req.uri().path()));
+                async move {
+                    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                    let inner = match client.get(&url).send().await {
+                        Ok(r) => r.text().await.unwrap_or_default(),
+                        Err(e) => format!("error: {e}"),
+                    };
+                    let body = format!("tokio[{}]\n", inner.trim());
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
+                }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
