@@ -185,7 +185,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // What a thread is evidence of in each process, before any call is linked by it; then kept
     // up to date by its own thread (new processes, and those the kernel reset at exec).
     let runtimes_stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (go_tx, go_rx) = std::sync::mpsc::channel();
+    // Go executables found by the classifier, probed by this loop as soon as they arrive.
+    let (go_tx, mut go_rx) = mpsc::channel(1024);
     let (exec_tx, exec_rx) = std::sync::mpsc::sync_channel(4096);
     let mut go_probes = crate::loader::go::GoProbes::default();
     {
@@ -193,14 +194,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             .take_map(agent_common::MAP_RUNTIMES)
             .context("the kernel object has no runtime map")?;
         let map = aya::maps::HashMap::try_from(map).context("the runtime map")?;
-        let mut c = crate::runtimes::Classifier::new(map, metrics.runtime_map_full.clone(), go_tx);
+        let mut c = crate::runtimes::Classifier::new(map, metrics.clone(), go_tx);
         let t0 = std::time::Instant::now();
         c.sweep();
         tracing::info!(
             elapsed_ms = t0.elapsed().as_millis() as u64,
             "classified the runtime of every process"
         );
-        probe_go(&mut ebpf, &mut go_probes, &go_rx);
+        while let Ok(exe) = go_rx.try_recv() {
+            probe_go(&mut ebpf, &mut go_probes, exe);
+        }
         let stop = runtimes_stop.clone();
         std::thread::Builder::new()
             .name("runtimes".into())
@@ -268,10 +271,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             r = &mut reader => { failed = Some(task_ended("ring reader", r)); break; }
             r = &mut tracker => { failed = Some(task_ended("connection tracker", r)); break; }
             r = &mut exporter => { failed = Some(task_ended("exporter", r)); break; }
+            Some(exe) = go_rx.recv() => probe_go(&mut ebpf, &mut go_probes, exe),
             _ = tick.tick() => {
                 ticks += 1;
                 sync_kernel_counters(&ebpf, &metrics, &mut last_kernel);
-                probe_go(&mut ebpf, &mut go_probes, &go_rx);
                 if !args.exe.is_empty() && ticks.is_multiple_of(2) {
                     // The kernel drops a pid from the allow-list when its process exits; forget
                     // it here too, so a later process that reuses it is judged afresh.
@@ -327,21 +330,19 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 fn probe_go(
     ebpf: &mut aya::Ebpf,
     probes: &mut crate::loader::go::GoProbes,
-    found: &std::sync::mpsc::Receiver<std::path::PathBuf>,
+    exe: std::path::PathBuf,
 ) {
-    while let Ok(exe) = found.try_recv() {
-        match probes.attach(ebpf, &exe) {
-            Ok(true) => tracing::info!(
-                "Go executable {}: outgoing net/http calls link to their request by goroutine",
-                exe.display()
-            ),
-            Ok(false) => {}
-            Err(e) => tracing::warn!(
-                "Go executable {}: cannot probe net/http ({e}); its calls get no in-process \
-                 parent (a stripped binary has no symbols to probe)",
-                exe.display()
-            ),
-        }
+    match probes.attach(ebpf, &exe) {
+        Ok(true) => tracing::info!(
+            "Go executable {}: outgoing net/http calls link to their request by goroutine",
+            exe.display()
+        ),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(
+            "Go executable {}: cannot probe net/http ({e}); its calls get no in-process \
+             parent (a stripped binary has no symbols to probe)",
+            exe.display()
+        ),
     }
 }
 

@@ -68,7 +68,8 @@ pub fn classify_elf<'a, R: object::ReadRef<'a>>(data: R, file_name: &str) -> Run
     // one (the same text in every tokio 1.x); read-only data survives stripping. (Its default
     // worker-thread name is no mark: tokio 1.4x renamed it, and the compiler builds such short
     // strings from immediates.)
-    let marks = memchr::memmem::Finder::new(b"must be called from the context of a Tokio 1.x runtime");
+    let marks =
+        memchr::memmem::Finder::new(b"must be called from the context of a Tokio 1.x runtime");
     if elf
         .sections()
         .filter(|s| s.name().is_ok_and(|n| n.starts_with(".rodata")))
@@ -179,17 +180,18 @@ pub struct Classifier {
     files: FileCache,
     /// Processes classified, by pid, with their start time (a reused pid is a new process).
     known: HashMap<u32, u64>,
-    /// Processes whose entry did not fit in the kernel map (`runtime_map_full`).
-    map_full: prometheus_client::metrics::counter::Counter,
+    /// `runtime_map_full`: processes whose entry did not fit in the kernel map;
+    /// `runtime_go_queue_full`: Go executables the agent's loop had no room for.
+    metrics: std::sync::Arc<crate::telemetry::Metrics>,
     /// Go executables found (paths valid from here), for their `net/http` probes.
-    go_exes: std::sync::mpsc::Sender<PathBuf>,
+    go_exes: tokio::sync::mpsc::Sender<PathBuf>,
 }
 
 impl Classifier {
     pub fn new(
         map: BpfHashMap<MapData, u32, u8>,
-        map_full: prometheus_client::metrics::counter::Counter,
-        go_exes: std::sync::mpsc::Sender<PathBuf>,
+        metrics: std::sync::Arc<crate::telemetry::Metrics>,
+        go_exes: tokio::sync::mpsc::Sender<PathBuf>,
     ) -> Classifier {
         Classifier {
             map,
@@ -197,7 +199,7 @@ impl Classifier {
                 by_file: HashMap::new(),
             },
             known: HashMap::new(),
-            map_full,
+            metrics,
             go_exes,
         }
     }
@@ -244,7 +246,10 @@ impl Classifier {
             Ok(()) => {
                 if r == Runtime::Tasks("go") {
                     if let Some(exe) = exe_path(pid) {
-                        let _ = self.go_exes.send(exe);
+                        if self.go_exes.try_send(exe).is_err() {
+                            // Probed when another process runs the same executable, else not.
+                            self.metrics.runtime_go_queue_full.inc();
+                        }
                     }
                 }
                 if let Runtime::Tasks(name) = r {
@@ -257,7 +262,7 @@ impl Classifier {
                 self.known.insert(pid, start);
             }
             Err(e) => {
-                self.map_full.inc();
+                self.metrics.runtime_map_full.inc();
                 tracing::debug!(pid, "cannot record the process's runtime: {e}");
             }
         }

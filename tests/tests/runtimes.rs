@@ -96,8 +96,20 @@ struct Links {
 /// request answered with `marker[...]` after one call to a backend), traced with
 /// `--pid service`: pairs each request's server span with its client span.
 fn concurrent_calls(service: &Proc, port: u16, n: usize, marker: &str) -> Links {
+    concurrent_calls_after(service, port, n, marker, || {})
+}
+
+/// As `concurrent_calls`, running `ready` once the agent traces (before the load).
+fn concurrent_calls_after(
+    service: &Proc,
+    port: u16,
+    n: usize,
+    marker: &str,
+    ready: impl FnOnce(),
+) -> Links {
     let rx = Receiver::start();
     let agent = Agent::start(Export::Grpc(&rx), &["--pid", &service.pid().to_string()]);
+    ready();
     let mut curl = Command::new("curl");
     curl.args([
         "-sS",
@@ -253,6 +265,44 @@ fn go_service_links_by_goroutine_and_never_gets_a_wrong_parent() {
         "each link counted: {:?}",
         l.counters
     );
+}
+
+/// A shell, traced from before, that later execs the Go service: the pid keeps its place in
+/// the selection, but its runtime changes at `exec`. The kernel resets the process's runtime
+/// there and tells the agent, which classifies the new program and probes it at once, so the
+/// shell's threaded verdict never applies to Go's threads.
+#[test]
+fn a_shell_that_execs_go_is_judged_as_go() {
+    let bin = tests::programs::go_binary("go_service");
+    let backend = free_port();
+    let port = free_port();
+    let _nginx =
+        tests::programs::Nginx::start(backend, "    location / { return 200 \"ok\\n\"; }\n");
+    let go = std::env::temp_dir().join(format!("go-exec-{port}"));
+    let _ = std::fs::remove_file(&go);
+    let script = format!(
+        "while [ ! -e {go} ]; do sleep 0.05; done; exec {bin} {port} http://127.0.0.1:{backend}",
+        go = go.display(),
+        bin = bin.display()
+    );
+    let service = Proc::spawn(
+        Command::new("sh")
+            .args(["-c", &script])
+            .stdout(Stdio::null()),
+    );
+    let l = concurrent_calls_after(&service, port, 200, "go", || {
+        std::fs::write(&go, b"go").expect("go file");
+        wait_port(port);
+    });
+    let _ = std::fs::remove_file(&go);
+    eprintln!("Go exec'd by a traced shell (8 concurrent): {l:?}");
+    assert_eq!(l.wrong, 0, "a wrong parent is worse than none");
+    assert_eq!(
+        l.methods.get("thread"),
+        None,
+        "never the shell's thread rule: {l:?}"
+    );
+    assert!(l.linked >= 180, "probed right after the exec: {l:?}");
 }
 
 /// The Java service with `client` (`urlconnection` or `httpclient`) under the shared load.
