@@ -78,6 +78,13 @@ fn node_server_node_and_go_clients() {
         .all(|c| c.attr("url.path") == Some("/go")));
 }
 
+/// The service under test's callee: nginx answering "ok" on a free port.
+fn backend() -> (tests::programs::Nginx, u16) {
+    let port = free_port();
+    let nginx = tests::programs::Nginx::start(port, "    location / { return 200 \"ok\\n\"; }\n");
+    (nginx, port)
+}
+
 /// What the client spans of a service under concurrent load say about their parents.
 #[derive(Debug, Default)]
 struct Links {
@@ -184,10 +191,8 @@ fn concurrent_calls_after(
 /// when its thread had exactly one request open, and says so (`beholder.link.method`).
 #[test]
 fn asyncio_service_never_gets_a_wrong_parent() {
-    let backend = free_port();
+    let (_nginx, backend) = backend();
     let port = free_port();
-    let _nginx =
-        tests::programs::Nginx::start(backend, "    location / { return 200 \"ok\\n\"; }\n");
     let service = Proc::spawn(
         tests::programs::python(
             "aiohttp_service.py",
@@ -229,10 +234,8 @@ fn asyncio_service_never_gets_a_wrong_parent() {
 #[test]
 fn go_service_links_by_goroutine_and_never_gets_a_wrong_parent() {
     let bin = tests::programs::go_binary("go_service");
-    let backend = free_port();
+    let (_nginx, backend) = backend();
     let port = free_port();
-    let _nginx =
-        tests::programs::Nginx::start(backend, "    location / { return 200 \"ok\\n\"; }\n");
     let service = Proc::spawn(
         Command::new(&bin)
             .args([port.to_string(), format!("http://127.0.0.1:{backend}")])
@@ -274,10 +277,8 @@ fn go_service_links_by_goroutine_and_never_gets_a_wrong_parent() {
 #[test]
 fn a_shell_that_execs_go_is_judged_as_go() {
     let bin = tests::programs::go_binary("go_service");
-    let backend = free_port();
+    let (_nginx, backend) = backend();
     let port = free_port();
-    let _nginx =
-        tests::programs::Nginx::start(backend, "    location / { return 200 \"ok\\n\"; }\n");
     let go = std::env::temp_dir().join(format!("go-exec-{port}"));
     let _ = std::fs::remove_file(&go);
     let script = format!(
@@ -307,10 +308,8 @@ fn a_shell_that_execs_go_is_judged_as_go() {
 
 /// The Java service with `client` (`urlconnection` or `httpclient`) under the shared load.
 fn java_calls(client: &str) -> Links {
-    let backend = free_port();
+    let (_nginx, backend) = backend();
     let port = free_port();
-    let _nginx =
-        tests::programs::Nginx::start(backend, "    location / { return 200 \"ok\\n\"; }\n");
     let service = Proc::spawn(
         Command::new("java")
             .arg(fixture("java_service/Service.java"))
@@ -354,10 +353,8 @@ fn java_httpclient_calls_are_never_given_a_wrong_parent() {
 /// and gives its calls no parent, never a wrong one, and says why (`runtime`).
 #[test]
 fn tokio_service_never_gets_a_wrong_parent() {
-    let backend = free_port();
+    let (_nginx, backend) = backend();
     let port = free_port();
-    let _nginx =
-        tests::programs::Nginx::start(backend, "    location / { return 200 \"ok\\n\"; }\n");
     let service = Proc::spawn(
         Command::new(env!("CARGO_BIN_EXE_tokio-service"))
             .args([port.to_string(), format!("http://127.0.0.1:{backend}")])

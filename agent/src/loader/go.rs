@@ -46,25 +46,24 @@ impl GoProbes {
         }
         if !self.loaded {
             for (program, _) in PROBES {
-                let p: &mut UProbe = ebpf
-                    .program_mut(program)
-                    .ok_or(GoProbeError::Missing(program))?
-                    .try_into()
-                    .map_err(|source| GoProbeError::Program { program, source })?;
-                p.load()
+                uprobe(ebpf, program)?
+                    .load()
                     .map_err(|source| GoProbeError::Program { program, source })?;
             }
             self.loaded = true;
         }
         for (program, symbol) in PROBES {
-            let p: &mut UProbe = ebpf
-                .program_mut(program)
-                .ok_or(GoProbeError::Missing(program))?
-                .try_into()
-                .map_err(|source| GoProbeError::Program { program, source })?;
-            p.attach(symbol, exe, UProbeScope::AllProcesses)
+            uprobe(ebpf, program)?
+                .attach(symbol, exe, UProbeScope::AllProcesses)
                 .map_err(|source| GoProbeError::Program { program, source })?;
         }
         Ok(true)
     }
+}
+
+fn uprobe<'a>(ebpf: &'a mut Ebpf, program: &'static str) -> Result<&'a mut UProbe, GoProbeError> {
+    ebpf.program_mut(program)
+        .ok_or(GoProbeError::Missing(program))?
+        .try_into()
+        .map_err(|source| GoProbeError::Program { program, source })
 }
