@@ -141,17 +141,6 @@ fn classify_pid(files: &mut FileCache, pid: u32) -> Option<Runtime> {
     Some(Runtime::Threads)
 }
 
-fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Field 22, counted after the parenthesised command name (which may hold spaces).
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(19)?
-        .parse()
-        .ok()
-}
-
 /// Identity of the executable of `pid` (changes at `exec`).
 fn exe_id(pid: u32) -> Option<(u64, u64)> {
     let m = std::fs::metadata(format!("/proc/{pid}/exe")).ok()?;
@@ -178,8 +167,6 @@ fn pids() -> Vec<u32> {
 pub struct Classifier {
     map: BpfHashMap<MapData, u32, u8>,
     files: FileCache,
-    /// Processes classified, by pid, with their start time (a reused pid is a new process).
-    known: HashMap<u32, u64>,
     /// `runtime_map_full`: processes whose entry did not fit in the kernel map;
     /// `runtime_go_queue_full`: Go executables the agent's loop had no room for.
     metrics: std::sync::Arc<crate::telemetry::Metrics>,
@@ -198,42 +185,31 @@ impl Classifier {
             files: FileCache {
                 by_file: HashMap::new(),
             },
-            known: HashMap::new(),
             metrics,
             go_exes,
         }
     }
 
-    /// Classifies every process not classified yet, and those the kernel reset at `exec`.
+    /// Classifies every process not classified yet, and those the kernel reset at `exec`. The
+    /// kernel map itself says which are done: the kernel removes a process's entry when it
+    /// exits (so a reused pid has none) and resets it at `exec`.
     pub fn sweep(&mut self) {
-        let pending: Vec<u32> = self
+        let done: std::collections::HashSet<u32> = self
             .map
             .iter()
             .filter_map(Result::ok)
-            .filter(|(_, v)| *v == RUNTIME_PENDING)
+            .filter(|(_, v)| *v != RUNTIME_PENDING)
             .map(|(k, _)| k)
             .collect();
-        for pid in pending {
-            self.known.remove(&pid);
-        }
-        let live = pids();
-        if self.known.len() > live.len() * 2 + 1024 {
-            let set: std::collections::HashSet<u32> = live.iter().copied().collect();
-            self.known.retain(|p, _| set.contains(p));
-        }
-        for pid in live {
-            self.classify(pid);
+        for pid in pids() {
+            if !done.contains(&pid) {
+                self.classify(pid);
+            }
         }
     }
 
-    /// Classifies `pid` unless it already is (same process: same start time).
+    /// Classifies `pid` and records it in the kernel map.
     fn classify(&mut self, pid: u32) {
-        let Some(start) = start_time(pid) else {
-            return;
-        };
-        if self.known.get(&pid) == Some(&start) {
-            return;
-        }
         let exe = exe_id(pid);
         let Some(r) = classify_pid(&mut self.files, pid) else {
             return;
@@ -259,7 +235,6 @@ impl Classifier {
                         "runtime moves work between threads: its calls get no in-thread parent"
                     );
                 }
-                self.known.insert(pid, start);
             }
             Err(e) => {
                 self.metrics.runtime_map_full.inc();
@@ -285,10 +260,7 @@ impl Classifier {
         while !stop.load(std::sync::atomic::Ordering::Acquire) {
             let wait = next.saturating_duration_since(std::time::Instant::now());
             match execs.recv_timeout(wait) {
-                Ok(pid) => {
-                    self.known.remove(&pid);
-                    self.classify(pid);
-                }
+                Ok(pid) => self.classify(pid),
                 Err(RecvTimeoutError::Timeout) => {
                     self.sweep();
                     next = std::time::Instant::now() + every;

@@ -73,7 +73,7 @@ counters! {
     go_notes_map_full: "sweeps that found the kernel's goroutine-note map full (its oldest notes were evicted: those Go calls get no parent)",
     runtime_exec_queue_full: "exec events the runtime classifier had no room for (the process is classified by the next sweep instead)",
     runtime_go_queue_full: "Go executables found while the agent's loop had no room for them (not probed until another process runs them)",
-    runtime_map_full: "processes whose runtime could not be recorded in the kernel map (their calls get no in-thread parent)",
+    runtime_map_full: "attempts to record a process's runtime that found the kernel map full (retried every sweep; until then its calls get no in-thread parent)",
     export_requests_split: "batches sent as several requests (over the size limit, or refused as too large)",
 }
 

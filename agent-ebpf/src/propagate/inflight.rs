@@ -131,8 +131,19 @@ fn live(r: &ReqRef) -> Option<ServerReq> {
 /// runtime runs a request's work on the thread that read it, one at a time); otherwise why not.
 #[inline(always)]
 fn thread_evidence(tgid: u32) -> u8 {
+    evidence_of(runtime_of(tgid))
+}
+
+/// Process `tgid`'s `RUNTIME_*`, if classified.
+#[inline(always)]
+fn runtime_of(tgid: u32) -> Option<u8> {
     // SAFETY: copied out of a live map value.
-    match PROC_RUNTIME.get_ptr(&tgid).map(|r| unsafe { *r }) {
+    PROC_RUNTIME.get_ptr(&tgid).map(|r| unsafe { *r })
+}
+
+#[inline(always)]
+fn evidence_of(runtime: Option<u8>) -> u8 {
+    match runtime {
         Some(RUNTIME_THREADS) => LINK_THREAD,
         Some(RUNTIME_TASKS) | Some(RUNTIME_GO) => LINK_RUNTIME,
         _ => LINK_UNCLASSIFIED,
@@ -207,8 +218,9 @@ pub fn on_connect(pid_tgid: u64, fd: u32) {
 #[inline(always)]
 pub fn owner(pid_tgid: u64, fd: u32) -> Owner {
     let tgid = (pid_tgid >> 32) as u32;
-    let evidence = thread_evidence(tgid);
-    if evidence == LINK_RUNTIME && super::goroutine::is_go(tgid) {
+    let runtime = runtime_of(tgid);
+    let evidence = evidence_of(runtime);
+    if runtime == Some(RUNTIME_GO) {
         if let Some(at) = super::goroutine::writing_for(tgid) {
             if let Some(req) = live(&at) {
                 count(CNT_LINK_TASK);
