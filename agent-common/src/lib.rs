@@ -388,6 +388,14 @@ pub const GO_REQUEST_WRITE_SYMBOL: &str = "net/http.(*Request).write";
 /// Their kernel programs.
 pub const GO_ROUNDTRIP_PROGRAM: &str = "go_transport_roundtrip";
 pub const GO_REQUEST_WRITE_PROGRAM: &str = "go_request_write";
+/// `runtime.newproc1(fn, callergp, ...) *g` creates every goroutine (`go f()`): probed at its
+/// entry (`rbx` = the spawning goroutine) and at each of its return instructions (`rax` = the
+/// new one), never with a uretprobe (see `propagate::goroutine`).
+pub const GO_NEWPROC_SYMBOL: &str = "runtime.newproc1";
+pub const GO_NEWPROC_PROGRAM: &str = "go_newproc1";
+pub const GO_NEWPROC_RET_PROGRAM: &str = "go_newproc1_ret";
+/// Kernel map of the spawns in progress (pid_tgid -> spawning goroutine).
+pub const MAP_GO_SPAWNING: &str = "GO_SPAWNING";
 
 /// An incoming request a server connection is handling (kernel map `SERVER_REQS`, keyed by the
 /// server socket). `live` drops to 0 when the response starts.

@@ -149,6 +149,11 @@ pub static GO_REQ_OWNER: LruHashMap<GoKey, GoRef> =
 pub const CAP_GO_WRITING: u32 = 16384;
 #[map]
 pub static GO_WRITING: LruHashMap<GoKey, GoRef> = LruHashMap::with_max_entries(CAP_GO_WRITING, 0);
+/// Go goroutine spawns in progress: the spawning goroutine, by the thread running
+/// `runtime.newproc1` (from its entry to its return, on the thread's system stack). A plain
+/// hash: every entry is consumed at the return, and userspace removes those of dead threads.
+#[map]
+pub static GO_SPAWNING: HashMap<u64, u64> = HashMap::with_max_entries(4096, 0);
 
 /// An outgoing connection by what both `sk_msg` and `sock_ops` can see of it.
 #[repr(C)]

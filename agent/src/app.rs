@@ -332,12 +332,19 @@ fn probe_go(
     probes: &mut crate::loader::go::GoProbes,
     exe: std::path::PathBuf,
 ) {
+    use crate::loader::go::Attached;
     match probes.attach(ebpf, &exe) {
-        Ok(true) => tracing::info!(
-            "Go executable {}: outgoing net/http calls link to their request by goroutine",
+        Ok(Attached::New { spawns: Ok(n) }) => tracing::info!(
+            "Go executable {}: outgoing net/http calls link to their request by goroutine, \
+             also from goroutines the handler spawns (runtime.newproc1, {n} return points)",
             exe.display()
         ),
-        Ok(false) => {}
+        Ok(Attached::New { spawns: Err(e) }) => tracing::warn!(
+            "Go executable {}: outgoing net/http calls link to their request by goroutine, \
+             but calls from goroutines the handler spawns stay unlinked: {e}",
+            exe.display()
+        ),
+        Ok(Attached::Before) => {}
         Err(e) => tracing::warn!(
             "Go executable {}: cannot probe net/http ({e}); its calls get no in-process \
              parent (a stripped binary has no symbols to probe)",

@@ -114,6 +114,19 @@ fn concurrent_calls_after(
     marker: &str,
     ready: impl FnOnce(),
 ) -> Links {
+    concurrent_fanout(service, port, n, marker, &[""], ready)
+}
+
+/// As `concurrent_calls_after`, for a service that makes one call per suffix in `calls` for
+/// each request, to the request's own path plus that suffix.
+fn concurrent_fanout(
+    service: &Proc,
+    port: u16,
+    n: usize,
+    marker: &str,
+    calls: &[&str],
+    ready: impl FnOnce(),
+) -> Links {
     let rx = Receiver::start();
     let agent = Agent::start(Export::Grpc(&rx), &["--pid", &service.pid().to_string()]);
     ready();
@@ -138,9 +151,9 @@ fn concurrent_calls_after(
         n
     );
     rx.wait_for(
-        2 * n,
+        (1 + calls.len()) * n,
         Duration::from_secs(30),
-        "a server and a client span per request",
+        "a server span and its client spans per request",
         |_| true,
     );
     std::thread::sleep(Duration::from_millis(800));
@@ -152,32 +165,36 @@ fn concurrent_calls_after(
     };
     for i in 0..n {
         let path = format!("/r/{i}");
-        let one = |kind: &str| {
+        let one = |kind: &str, path: &str| {
             let v: Vec<_> = spans
                 .iter()
-                .filter(|s| s.kind() == kind && s.attr("url.path") == Some(path.as_str()))
+                .filter(|s| s.kind() == kind && s.attr("url.path") == Some(path))
                 .collect();
             assert_eq!(v.len(), 1, "one {kind} span for {path}");
             v[0]
         };
-        let (server, client) = (one("server"), one("client"));
-        let method = client.attr("beholder.link.method").expect("link method");
-        *l.methods.entry(method.to_owned()).or_default() += 1;
-        if client.parent_id().is_empty() {
-            assert!(
-                !matches!(method, "thread" | "task"),
-                "{path}: method {method} without a parent"
-            );
-            l.unlinked += 1;
-        } else {
-            assert!(
-                matches!(method, "thread" | "task"),
-                "{path}: a parent only from the thread or the runtime's task, not {method}"
-            );
-            if client.parent_id() == server.span_id() {
-                l.linked += 1;
+        let server = one("server", &path);
+        for suffix in calls {
+            let call = format!("{path}{suffix}");
+            let client = one("client", &call);
+            let method = client.attr("beholder.link.method").expect("link method");
+            *l.methods.entry(method.to_owned()).or_default() += 1;
+            if client.parent_id().is_empty() {
+                assert!(
+                    !matches!(method, "thread" | "task"),
+                    "{call}: method {method} without a parent"
+                );
+                l.unlinked += 1;
             } else {
-                l.wrong += 1;
+                assert!(
+                    matches!(method, "thread" | "task"),
+                    "{call}: a parent only from the thread or the runtime's task, not {method}"
+                );
+                if client.parent_id() == server.span_id() {
+                    l.linked += 1;
+                } else {
+                    l.wrong += 1;
+                }
             }
         }
     }
@@ -267,6 +284,45 @@ fn go_service_links_by_goroutine_and_never_gets_a_wrong_parent() {
         l.linked as u64,
         "each link counted: {:?}",
         l.counters
+    );
+}
+
+/// The Go service fanning each request out to goroutines it spawns: one call from a child,
+/// one from a grandchild, concurrently. Each new goroutine inherits the request of the one that
+/// spawned it (`runtime.newproc1`, probed at its return instructions), so both calls link to
+/// their request; before, the spawned goroutines had no note and every call stayed unlinked.
+#[test]
+fn go_calls_from_spawned_goroutines_link_to_their_request() {
+    let bin = tests::programs::go_binary("go_service");
+    let (_nginx, backend) = backend();
+    let port = free_port();
+    let service = Proc::spawn(
+        Command::new(&bin)
+            .args([
+                port.to_string(),
+                format!("http://127.0.0.1:{backend}"),
+                "spawn".to_owned(),
+            ])
+            .stdout(Stdio::null()),
+    );
+    wait_port(port);
+    let l = concurrent_fanout(&service, port, 150, "go", &["/a", "/b"], || {});
+    eprintln!("Go (net/http, calls from spawned goroutines, 8 concurrent): {l:?}");
+    assert_eq!(l.wrong, 0, "a wrong parent is worse than none");
+    assert_eq!(
+        l.methods.get("task").copied().unwrap_or(0),
+        l.linked,
+        "every link of a Go call comes from its goroutine: {:?}",
+        l.methods
+    );
+    assert!(
+        l.linked >= 270,
+        "children and grandchildren of the handler's goroutine link nearly every call: {l:?}"
+    );
+    assert_eq!(
+        l.linked + l.unlinked,
+        300,
+        "two client spans per request: {l:?}"
     );
 }
 

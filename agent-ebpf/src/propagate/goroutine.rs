@@ -8,7 +8,13 @@
 //! - `(*Transport).roundTrip(t, req)` entered by G notes `req` (`rbx`) as made for G's request,
 //!   if that one is still open;
 //! - `(*Request).write(r, ...)` entered by writer goroutine W (`rax` = r) hands that note to W;
-//! - W's next request head sent is made for that request (`LINK_TASK`).
+//! - W's next request head sent is made for that request (`LINK_TASK`);
+//! - a goroutine G spawns (`go f()`, `runtime.newproc1(fn, callergp=G)`) inherits G's note, so
+//!   a handler that fans its calls out to goroutines (or their goroutines) links them too. The
+//!   new `g` is `newproc1`'s result, read at each of its return instructions: Go moves goroutine
+//!   stacks, so a uretprobe's rewritten return address would crash the process. (`newproc1`
+//!   runs on the thread's system stack, which never moves, so entry and return meet by thread.)
+//!   A `g` is reused after its goroutine exits: a spawn without a note clears the old one.
 //! Every note is consumed once and is trusted only briefly, so a stale one (a request that
 //! failed before it was written) cannot name the owner of a later request.
 #[allow(unused_imports)]
@@ -20,7 +26,7 @@ use aya_ebpf::{
     programs::ProbeContext,
 };
 
-use crate::maps::{count, GO_G_REQ, GO_REQ_OWNER, GO_WRITING, PROC_RUNTIME};
+use crate::maps::{count, GO_G_REQ, GO_REQ_OWNER, GO_SPAWNING, GO_WRITING, PROC_RUNTIME};
 
 /// How long a note from `roundTrip` waits for its write (a new connection is dialled in
 /// between), and a writer's note for its send (the head is flushed as `write` ends).
@@ -109,6 +115,64 @@ pub fn go_request_write(ctx: ProbeContext) -> u32 {
         ),
         // This write is for no known request: the writer's older note (if any) is void.
         _ => lru_remove(&GO_WRITING, LRU_GO_WRITING, &writer),
+    }
+    0
+}
+
+/// `runtime.newproc1(fn *funcval, callergp *g, ...)` entered: `rbx` = the spawning goroutine.
+/// Only a spawner with a live note is remembered.
+#[uprobe]
+pub fn go_newproc1(ctx: ProbeContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: a uprobe's context is the probed task's user registers.
+    let parent = unsafe { (*ctx.regs).rbx };
+    // SAFETY: copied out of a live map value.
+    let noted = GO_G_REQ
+        .get_ptr(&key((pid_tgid >> 32) as u32, parent))
+        .map(|r| unsafe { *r })
+        .is_some_and(|r| super::inflight::is_live(&r.at));
+    if noted {
+        if GO_SPAWNING.insert(&pid_tgid, &parent, 0).is_err() {
+            count(agent_common::CNT_STATE_MAP_FULL);
+        }
+    } else {
+        let _ = GO_SPAWNING.remove(&pid_tgid);
+    }
+    0
+}
+
+/// A return instruction of `runtime.newproc1` reached: `rax` = the new goroutine, which takes
+/// its spawner's note, or loses whatever note its reused `g` still had.
+#[uprobe]
+pub fn go_newproc1_ret(ctx: ProbeContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    // SAFETY: a uprobe's context is the probed task's user registers.
+    let child = key(tgid, unsafe { (*ctx.regs).rax });
+    // SAFETY: copied out of a live map value.
+    let parent = GO_SPAWNING.get_ptr(&pid_tgid).map(|p| unsafe { *p });
+    let inherited = match parent {
+        Some(p) => {
+            let _ = GO_SPAWNING.remove(&pid_tgid);
+            // SAFETY: copied out of a live map value.
+            GO_G_REQ.get_ptr(&key(tgid, p)).map(|r| unsafe { *r })
+        }
+        None => None,
+    };
+    match inherited {
+        Some(r) if super::inflight::is_live(&r.at) => {
+            let _ = GO_G_REQ.insert(
+                &child,
+                &GoRef {
+                    at: r.at,
+                    ts: now(),
+                },
+                0,
+            );
+        }
+        _ => {
+            let _ = GO_G_REQ.remove(&child);
+        }
     }
     0
 }

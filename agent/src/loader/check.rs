@@ -136,25 +136,22 @@ pub fn run() -> bool {
                     &format!("{verified}/{}", programs.len()),
                 );
                 // The Go uprobes: verified here, attached only to Go executables when found.
-                let go: Vec<String> = [
-                    agent_common::GO_ROUNDTRIP_PROGRAM,
-                    agent_common::GO_REQUEST_WRITE_PROGRAM,
-                ]
-                .into_iter()
-                .filter_map(|name| {
-                    ebpf.program_mut(name)
-                        .ok_or_else(|| "missing".to_string())
-                        .and_then(|p| {
-                            <&mut aya::programs::UProbe>::try_from(p).map_err(|e| e.to_string())
-                        })
-                        .and_then(|p| p.load().map_err(|e| e.to_string()))
-                        .err()
-                        .map(|e| format!("{name}: {e}"))
-                })
-                .collect();
+                let go: Vec<String> = super::go::PROGRAMS
+                    .into_iter()
+                    .filter_map(|name| {
+                        ebpf.program_mut(name)
+                            .ok_or_else(|| "missing".to_string())
+                            .and_then(|p| {
+                                <&mut aya::programs::UProbe>::try_from(p).map_err(|e| e.to_string())
+                            })
+                            .and_then(|p| p.load().map_err(|e| e.to_string()))
+                            .err()
+                            .map(|e| format!("{name}: {e}"))
+                    })
+                    .collect();
                 r.line(
                     go.is_empty(),
-                    "verifier accepted the Go net/http uprobes (goroutine linking)",
+                    "verifier accepted the Go uprobes (net/http and goroutine spawns: goroutine linking)",
                     &go.join("; "),
                 );
                 let stitch = super::btf::tcp_seq_offsets().and_then(|_| {

@@ -488,6 +488,7 @@ pub fn sweep_dead(ebpf: &mut Ebpf) {
     let alive_process = |k: u64| Path::new(&format!("/proc/{}", k >> 32)).exists();
     remove_dead::<IoArgs>(ebpf, MAP_ACTIVE_IO, alive_thread);
     remove_dead::<u64>(ebpf, MAP_ACTIVE_CONNECT, alive_thread);
+    remove_dead::<u64>(ebpf, agent_common::MAP_GO_SPAWNING, alive_thread);
     remove_dead::<ConnInfo>(ebpf, MAP_CONNS, alive_process);
     for name in ["GO_G_REQ", "GO_REQ_OWNER", "GO_WRITING"] {
         remove_dead_go(ebpf, name);
