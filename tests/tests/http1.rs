@@ -71,7 +71,7 @@ fn check_reports_every_feature() {
     // 25 tracepoints; the data-syscall exits of each direction share one program.
     assert!(text.contains("19/19"), "{text}");
     assert!(
-        text.contains("[ ok ] verifier accepted the Go net/http uprobes"),
+        text.contains("[ ok ] verifier accepted the Go uprobes (net/http and goroutine spawns"),
         "{text}"
     );
     assert!(text.contains("loaded, not attached"), "{text}");
