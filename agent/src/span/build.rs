@@ -200,6 +200,7 @@ mod tests {
             start_ns: 1_000,
             end_ns: 5_000,
             ctx: None,
+            h2: None,
         }
     }
 

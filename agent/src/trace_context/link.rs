@@ -376,6 +376,7 @@ mod tests {
             start_ns: 1,
             end_ns: 2,
             ctx,
+            h2: None,
         }
     }
 

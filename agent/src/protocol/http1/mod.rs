@@ -43,6 +43,8 @@ pub struct Exchange {
     pub end_ns: u64,
     /// The kernel's trace context for the request, when its head started a segment.
     pub ctx: Option<WireCtx>,
+    /// HTTP/2 only: the stream, how it ended, and gRPC's part.
+    pub h2: Option<Box<crate::protocol::http2::H2Info>>,
 }
 
 /// What went wrong on a connection, for the agent's counters.
@@ -162,6 +164,7 @@ impl Sink for Pairing {
                         start_ns,
                         end_ns,
                         ctx,
+                        h2: None,
                     }),
                     None => self.stats.orphan_responses += 1,
                 }

@@ -1,5 +1,8 @@
-//! HTTP/2 (RFC 9113): framing, HPACK that survives a mid-connection start, and (to come) one
-//! record per stream. Pure and synchronous.
+//! HTTP/2 (RFC 9113): framing, HPACK that survives a mid-connection start, and one exchange per
+//! stream. Pure and synchronous.
+mod conn;
 pub mod frame;
 pub mod hpack;
 mod static_table;
+
+pub use conn::{Grpc, H2Info, H2Stats, Http2Conn, StreamEnd, MAX_STREAMS};
