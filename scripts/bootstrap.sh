@@ -47,7 +47,7 @@ fi
 if [[ $want_test -eq 0 ]]; then exit 0; fi
 
 # --- Debian packages the integration tests drive ---------------------------------------------------
-pkgs=(nginx wrk curl wget iproute2 procps hey bpftool apache2-utils haproxy redis-server golang-go openjdk-17-jdk-headless)
+pkgs=(nginx wrk curl wget iproute2 procps hey bpftool apache2-utils haproxy redis-server golang-go openjdk-17-jdk-headless nghttp2-client)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

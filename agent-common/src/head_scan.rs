@@ -119,6 +119,49 @@ pub fn opening<B: Bytes>(buf: &B, len: usize) -> Opening {
     Opening::Other
 }
 
+/// The HTTP/2 client preface.
+pub const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether a client's first bytes are the HTTP/2 preface, given its three little-endian 8-byte
+/// words (three loads and compares: the kernel's largest programs have no room for a loop).
+#[inline(always)]
+pub fn is_h2_preface_words(words: [u64; 3], len: usize) -> bool {
+    len >= H2_PREFACE.len() && words == H2_PREFACE_WORDS
+}
+
+const fn word(i: usize) -> u64 {
+    let p = H2_PREFACE;
+    u64::from_le_bytes([
+        p[i],
+        p[i + 1],
+        p[i + 2],
+        p[i + 3],
+        p[i + 4],
+        p[i + 5],
+        p[i + 6],
+        p[i + 7],
+    ])
+}
+
+/// The preface as three little-endian 8-byte words.
+pub const H2_PREFACE_WORDS: [u64; 3] = [word(0), word(8), word(16)];
+
+/// Whether a server's first bytes on a connection are an HTTP/2 SETTINGS frame header (type 4,
+/// no flags, stream 0, a length that is a multiple of 6): HTTP/2 servers send their settings
+/// as soon as they accept, often before the client's preface is read, so the opening is
+/// decided by the client's bytes that follow.
+#[inline(always)]
+pub fn server_settings_first<B: Bytes>(buf: &B, len: usize) -> bool {
+    len >= 9
+        && buf.at(3) == 4
+        && buf.at(4) == 0
+        && buf.at(5) == 0
+        && buf.at(6) == 0
+        && buf.at(7) == 0
+        && buf.at(8) == 0
+        && ((buf.at(0) as u32) << 16 | (buf.at(1) as u32) << 8 | buf.at(2) as u32).is_multiple_of(6)
+}
+
 /// State of the search for the end of the request line (`newline_step`).
 #[repr(C)]
 pub struct LineWalk {
@@ -560,6 +603,51 @@ pub mod host {
 mod tests {
     use super::host::*;
     use super::*;
+
+    #[test]
+    fn the_http2_preface_is_recognised_whole() {
+        let words = |b: &[u8]| {
+            let w = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
+            [w(0), w(8), w(16)]
+        };
+        let mut b = H2_PREFACE.to_vec();
+        assert!(is_h2_preface_words(words(&b), b.len()));
+        assert!(!is_h2_preface_words(words(&b), 23));
+        b[22] = b'\n';
+        assert!(!is_h2_preface_words(words(&b), b.len()));
+        assert!(!is_h2_preface_words(
+            words(b"PRI * HTTP/1.1\r\n\r\nSM\r\n\r\n"),
+            24
+        ));
+    }
+
+    #[test]
+    fn an_http2_servers_settings_leave_the_opening_to_the_client() {
+        // Node's http2 server: SETTINGS with 3 settings (18 bytes) before reading anything.
+        let settings = [0u8, 0, 18, 4, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 100];
+        assert!(server_settings_first(&padded(&settings), settings.len()));
+        // A SETTINGS ACK, a frame on a stream, a length not a multiple of 6, too short, text.
+        assert!(!server_settings_first(
+            &padded(&[0u8, 0, 0, 4, 1, 0, 0, 0, 0]),
+            9
+        ));
+        assert!(!server_settings_first(
+            &padded(&[0u8, 0, 6, 4, 0, 0, 0, 0, 1]),
+            9
+        ));
+        assert!(!server_settings_first(
+            &padded(&[0u8, 0, 7, 4, 0, 0, 0, 0, 0]),
+            9
+        ));
+        assert!(!server_settings_first(
+            &padded(&[0u8, 0, 6, 4, 0, 0, 0, 0]),
+            8
+        ));
+        assert!(!server_settings_first(
+            &padded(&b"220 smtp.example.com"[..]),
+            20
+        ));
+    }
 
     fn padded(b: &[u8]) -> Padded<'_> {
         Padded {

@@ -165,7 +165,7 @@ pub const CNT_LINK_TASK: u32 = 36;
 /// Size of the kernel's counter array: room for counters yet to come without a layout change.
 pub const NUM_COUNTERS: u32 = 48;
 const _: () = assert!(COUNTER_NAMES.len() <= NUM_COUNTERS as usize);
-pub const COUNTER_NAMES: [&str; 40] = [
+pub const COUNTER_NAMES: [&str; 42] = [
     "kernel_ringbuf_full_events",
     "kernel_inflight_syscall_map_full",
     "kernel_close_ringbuf_full_events",
@@ -206,10 +206,18 @@ pub const COUNTER_NAMES: [&str; 40] = [
     "kernel_lru_evicted_go_req_owner",
     "kernel_lru_evicted_go_writing",
     "kernel_exec_ringbuf_full_events",
+    "kernel_h2_walk_incomplete",
+    "kernel_h2_chunks_full",
 ];
 /// An `exec` whose event did not fit in the ring buffer (the process is still classified by the
 /// next periodic sweep).
 pub const CNT_EXEC_RINGBUF_FULL: u32 = 39;
+/// An HTTP/2 syscall with more frames than the walk's steps: the rest was passed over (the
+/// frame boundaries there are unknown; userspace realigns).
+pub const CNT_H2_WALK_INCOMPLETE: u32 = 40;
+/// An HTTP/2 syscall whose kept frame bytes did not all fit in one event: the rest was passed
+/// over (a header block lost: userspace resynchronises its table).
+pub const CNT_H2_CHUNKS_FULL: u32 = 41;
 const _: () = assert!((lru_evicted_counter(LRU_MAPS - 1) as usize) < COUNTER_NAMES.len());
 const _: () = assert!(lru_evicted_counter(LRU_MAPS - 1) < CNT_EXEC_RINGBUF_FULL);
 
@@ -248,13 +256,20 @@ pub struct DataHeader {
     pub ts_enter: u64,
     pub ts_exit: u64,
     pub role: u32,
-    pub _pad: u32,
+    /// `LAYOUT_PREFIX`: the payload is the syscall's first `captured` bytes. `LAYOUT_H2_CHUNKS`:
+    /// records `[u32 data][u32 gap][data bytes]`, each `data` bytes of the stream followed by
+    /// `gap` bytes the kernel passed over, in order, covering the whole syscall.
+    pub layout: u32,
     pub tuple: ConnTuple,
     /// The task's `comm`: names the process when it has exited before userspace looks at /proc.
     pub comm: [u8; 16],
     /// Trace context the kernel decided for a request that starts in this event.
     pub wire: WireCtx,
 }
+pub const LAYOUT_PREFIX: u32 = 0;
+pub const LAYOUT_H2_CHUNKS: u32 = 1;
+/// Bytes of a chunk record's header (`LAYOUT_H2_CHUNKS`).
+pub const H2_CHUNK_HEADER: usize = 8;
 pub const DATA_HEADER_SIZE: usize = core::mem::size_of::<DataHeader>();
 const _: () = assert!(DATA_HEADER_SIZE == 160);
 
@@ -468,12 +483,41 @@ pub struct ConnInfo {
     /// 1 while a connection seen from its start (accept or connect) waits for the client's
     /// first bytes, which decide whether it is HTTP at all (`head_scan::opening`).
     pub opening: u32,
-    pub _pad: u32,
+    /// `PROTO_H2` once the client's preface showed HTTP/2: the kernel then walks its frames
+    /// (`agent-ebpf/src/h2walk.rs`) instead of copying a prefix of each syscall.
+    pub proto: u32,
+    /// Where each direction (`DIR_*`) stands in its frame stream between syscalls.
+    pub h2: [H2Walk; 2],
 }
+pub const PROTO_HTTP1: u32 = 0;
+pub const PROTO_H2: u32 = 1;
+
+/// One direction of an HTTP/2 connection between two syscalls: bytes of the current frame
+/// still to come that are kept (`keep`: a whole HEADERS, CONTINUATION, SETTINGS, RST_STREAM,
+/// GOAWAY or PUSH_PROMISE payload, or the first 5 bytes of a DATA payload, a gRPC message
+/// prefix) and then passed over (`skip`), or the `have` bytes of a frame header cut in two.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct H2Walk {
+    pub keep: u32,
+    pub skip: u32,
+    pub have: u32,
+    pub _pad: u32,
+    pub hdr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<H2Walk>() == 32);
+/// The client preface (`PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`), kept whole.
+pub const H2_PREFACE_LEN: u32 = 24;
+/// Steps of the kernel's frame walk per syscall (a frame takes up to three: header, kept
+/// payload, passed-over payload); what is left beyond them is passed over and counted.
+pub const H2_WALK_STEPS: u32 = 2048;
+/// The tail-called walkers, by direction (`DIR_INGRESS`, `DIR_EGRESS`), and their array.
+pub const H2_WALK_PROGRAMS: [&str; 2] = ["h2_walk_ingress", "h2_walk_egress"];
+pub const MAP_H2_WALK: &str = "H2_WALK";
 pub const VERDICT_UNKNOWN: u32 = 0;
 pub const VERDICT_TRACE: u32 = 1;
 pub const VERDICT_IGNORE: u32 = 2;
-const _: () = assert!(core::mem::size_of::<ConnInfo>() == 64);
+const _: () = assert!(core::mem::size_of::<ConnInfo>() == 128);
 
 /// Key of the excluded-endpoint map: an address and port whose traffic is never traced, on
 /// either side of a connection (the OTLP backend).

@@ -3,7 +3,7 @@
 use agent_common::{
     head_scan::{self, Opening},
     ConnInfo, DataHeader, CNT_CONNS_NOT_HTTP, CNT_READ_FAULT, CNT_RINGBUF_FULL, CNT_TRUNCATED,
-    DATA_HEADER_SIZE, DIR_INGRESS, EVENT_DATA, MAX_IOVECS, MAX_PAYLOAD, ROLE_SERVER,
+    DATA_HEADER_SIZE, DIR_INGRESS, EVENT_DATA, MAX_IOVECS, MAX_PAYLOAD, PROTO_H2, ROLE_SERVER,
     VERDICT_IGNORE, WIRE_NONE,
 };
 use aya_ebpf::helpers::{
@@ -19,18 +19,23 @@ use crate::{
 const MASK: usize = MAX_PAYLOAD - 1;
 
 /// `DIR` is the direction of the calling program (`DIR_INGRESS` or `DIR_EGRESS`), a constant so
-/// that each program carries only its own side's trace-context work.
+/// that each program carries only its own side's trace-context work. True when the connection
+/// speaks HTTP/2: the caller hands the syscall to the frame walker instead (`h2walk`).
 #[inline(always)]
-pub fn emit_data<const DIR: u32>(args: &IoArgs, pid_tgid: u64, moved: u64) {
+pub fn emit_data<const DIR: u32>(args: &IoArgs, pid_tgid: u64, moved: u64) -> bool {
     let tgid = (pid_tgid >> 32) as u32;
     let Some(conn) = CONNS.get_ptr_mut(&conn_key(tgid, args.fd)) else {
-        return;
+        return false;
     };
     // SAFETY: live map value, used in place (RCU keeps it valid for this program's run even if
     // the LRU evicts it); a copy would not fit the BPF stack.
     let conn = unsafe { &mut *conn };
+    if conn.proto == PROTO_H2 {
+        // Opened with the HTTP/2 preface (`sock::h2_opening`): the frame walker copies it.
+        return true;
+    }
     let Some(scratch) = scratch(propagate::CAPTURE_SLOT) else {
-        return;
+        return false;
     };
     let buf = scratch.buf();
 
@@ -50,7 +55,7 @@ pub fn emit_data<const DIR: u32>(args: &IoArgs, pid_tgid: u64, moved: u64) {
     };
 
     if conn.opening != 0 && !opens_http::<DIR>(conn, payload, captured) {
-        return;
+        return false;
     }
 
     // SAFETY: helper without preconditions.
@@ -69,7 +74,7 @@ pub fn emit_data<const DIR: u32>(args: &IoArgs, pid_tgid: u64, moved: u64) {
     header.ts_enter = args.ts_enter;
     header.ts_exit = ts_exit;
     header.role = conn.role;
-    header._pad = 0;
+    header.layout = agent_common::LAYOUT_PREFIX;
     header.tuple = conn.tuple;
     header.comm = bpf_get_current_comm().unwrap_or_default();
     header.wire = args.wire;
@@ -112,6 +117,7 @@ pub fn emit_data<const DIR: u32>(args: &IoArgs, pid_tgid: u64, moved: u64) {
     if ret < 0 {
         count(CNT_RINGBUF_FULL);
     }
+    false
 }
 
 /// The first bytes of a connection seen from its start: when the client's opening is not an HTTP
@@ -122,6 +128,8 @@ fn opens_http<const DIR: u32>(conn: &mut ConnInfo, payload: *const u8, captured:
     let from_client = (conn.role == ROLE_SERVER) == (DIR == DIR_INGRESS);
     let opening = if from_client {
         head_scan::opening(&head::Masked(payload), captured)
+    } else if head_scan::server_settings_first(&head::Masked(payload), captured) {
+        Opening::Undecided
     } else {
         Opening::Other
     };

@@ -36,7 +36,8 @@ fn remember(tgid: u32, fd: u32, role: u32) {
         verdict: VERDICT_UNKNOWN,
         tuple: ConnTuple::default(),
         opening: 0,
-        _pad: 0,
+        proto: agent_common::PROTO_HTTP1,
+        h2: [agent_common::H2Walk::default(); 2],
     };
     if lru_insert(&CONNS, LRU_CONNS, CAP_CONNS, &conn_key(tgid, fd), &info).is_err() {
         count(agent_common::CNT_CONNS_FULL);

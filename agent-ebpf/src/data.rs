@@ -101,8 +101,15 @@ fn exit<const DIR: u32>(ctx: &TracePointContext) -> u32 {
     // and removed only after the last use.
     let args = unsafe { &*args };
     let ret = arg(ctx, RET) as i64;
-    if args.verdict == agent_common::VERDICT_TRACE && ret > 0 {
-        capture::emit_data::<DIR>(args, pid_tgid, ret as u64);
+    if args.verdict == agent_common::VERDICT_TRACE
+        && ret > 0
+        && capture::emit_data::<DIR>(args, pid_tgid, ret as u64)
+    {
+        // HTTP/2: the walker copies the frames and removes the entry; if the tail call fails,
+        // nothing of this syscall is copied (and the walk stays where it was).
+        // SAFETY: the array holds tracepoint programs of this type.
+        let _ = unsafe { crate::maps::H2_WALK.tail_call(ctx, DIR) };
+        crate::maps::count(agent_common::CNT_H2_WALK_INCOMPLETE);
     }
     let _ = ACTIVE_IO.remove(&pid_tgid);
     0

@@ -304,6 +304,10 @@ pub static EDIT: PerCpuArray<MsgEdit> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 pub static MSG_EDIT: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
+/// The HTTP/2 frame walkers (`h2walk`), by direction: tail-called by the data-syscall exits.
+#[map]
+pub static H2_WALK: ProgramArray = ProgramArray::with_max_entries(2, 0);
+
 /// Live entries of each counted LRU map (`agent_common::LRU_*`), kept by `lru_insert` and
 /// `lru_remove` and recounted by userspace on each sweep (evictions never decrement it).
 #[map]

@@ -43,7 +43,7 @@ fn item(direction: u32, payload: &[u8], ts: u64) -> Vec<u8> {
         ts_enter: ts,
         ts_exit: ts + 1_000,
         role: ROLE_SERVER,
-        _pad: 0,
+        layout: agent_common::LAYOUT_PREFIX,
         tuple: t,
         comm: *b"nginx\0\0\0\0\0\0\0\0\0\0\0",
         wire: Default::default(),

@@ -212,7 +212,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     tracing::info!(
         connections_open_before_start = snapshot.established_count(),
-        "tracing HTTP/1.x on {}",
+        "tracing HTTP/1.x and HTTP/2 on {}",
         if settings.filter_pids {
             format!("{} selected process(es)", settings.pids.len())
         } else {

@@ -75,6 +75,13 @@ counters! {
     runtime_go_queue_full: "Go executables found while the agent's loop had no room for them (not probed until another process runs them)",
     runtime_map_full: "attempts to record a process's runtime that found the kernel map full (retried every sweep; until then its calls get no in-thread parent)",
     export_requests_split: "batches sent as several requests (over the size limit, or refused as too large)",
+    http2_connections: "connections recognised as HTTP/2 (by the client preface, or in their middle by whole valid frames)",
+    http2_unresolved_fields: "HTTP/2 header fields that named table entries from before the agent saw the connection (left unknown)",
+    http2_alignment_lost: "times an HTTP/2 direction lost its frame boundaries (bytes the kernel did not copy spanned one); it realigns on the next whole-frame read",
+    http2_streams_dropped: "HTTP/2 streams dropped: too many open on one connection",
+    http2_orphan_frames: "HTTP/2 response header blocks for streams whose request was not seen",
+    http2_malformed_blocks: "HTTP/2 header blocks lost or malformed (the table resynchronises)",
+    http2_ends_unseen: "HTTP/2 streams whose end may have gone unseen when their connection ended: no span",
 }
 
 impl Metrics {

@@ -110,7 +110,7 @@ impl Agent {
         };
         let start = std::time::Instant::now();
         loop {
-            if agent.stderr().contains("tracing HTTP/1.x on") {
+            if agent.stderr().contains("tracing HTTP/1.x and HTTP/2 on") {
                 break;
             }
             if let Ok(Some(status)) = agent.child.try_wait() {

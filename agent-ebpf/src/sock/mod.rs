@@ -10,11 +10,12 @@
 #[allow(unused_imports)]
 use crate::maps::lru::*;
 use agent_common::{
-    ConnInfo, ConnTuple, EndpointKey, IoArgs, ANY_ADDR, FILTER_PORTS, ROLE_UNKNOWN, VERDICT_IGNORE,
-    VERDICT_TRACE,
+    head_scan, ConnInfo, ConnTuple, EndpointKey, H2Walk, IoArgs, ANY_ADDR, BUF_IOVEC, DIR_EGRESS,
+    DIR_INGRESS, FILTER_PORTS, H2_PREFACE_LEN, PROTO_H2, PROTO_HTTP1, ROLE_SERVER, ROLE_UNKNOWN,
+    VERDICT_IGNORE, VERDICT_TRACE,
 };
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_user},
     macros::tracepoint,
     programs::TracePointContext,
 };
@@ -75,6 +76,9 @@ fn on_syscall(ctx: &TracePointContext, send: bool) {
     };
     let io = unsafe { &mut *io };
     classify(io, pid_tgid, sk, family, protocol);
+    if io.verdict == VERDICT_TRACE && ret > 0 {
+        h2_opening(io, pid_tgid, send, ret as u64);
+    }
     if !send && io.verdict == VERDICT_TRACE {
         crate::propagate::stitch::received(io, sk, ret, flags);
         if io.g == 0 && crate::propagate::goroutine::is_go((pid_tgid >> 32) as u32) {
@@ -117,7 +121,8 @@ pub fn classify(io: &mut IoArgs, pid_tgid: u64, sk: u64, family: u16, protocol: 
         verdict: VERDICT_IGNORE,
         tuple: ConnTuple::default(),
         opening: 0,
-        _pad: 0,
+        proto: agent_common::PROTO_HTTP1,
+        h2: [agent_common::H2Walk::default(); 2],
     };
     if (family == AF_INET || family == AF_INET6) && protocol == IPPROTO_TCP {
         if read_tuple(sk, family, &mut info.tuple).is_ok() && wanted(&info.tuple) {
@@ -210,4 +215,44 @@ fn excluded(addr: [u8; 16], port: u16) -> bool {
     };
     // SAFETY: presence tests only.
     unsafe { EXCLUDED_ENDPOINTS.get(&exact).is_some() || EXCLUDED_ENDPOINTS.get(&any).is_some() }
+}
+
+/// A connection seen from its start whose client opens with the HTTP/2 preface: from this
+/// syscall on, the kernel walks its frames (`h2walk`) instead of copying prefixes. Looked at
+/// here, where the bytes are already in the buffer (after a receive, before a send returns),
+/// because the data-syscall exits have no verifier budget left for it.
+#[inline(always)]
+fn h2_opening(io: &IoArgs, pid_tgid: u64, send: bool, moved: u64) {
+    let Some(c) = CONNS.get_ptr_mut(&conn_key((pid_tgid >> 32) as u32, io.fd)) else {
+        return;
+    };
+    // SAFETY: live map value, used in place.
+    let c = unsafe { &mut *c };
+    if c.opening == 0 || c.proto != PROTO_HTTP1 || c.sk != io.sk || moved < 24 {
+        return;
+    }
+    // The client's bytes: a server receiving, a client sending.
+    if (c.role == ROLE_SERVER) == send {
+        return;
+    }
+    let base = if io.buf_kind == BUF_IOVEC {
+        // SAFETY: the first struct iovec, read from user memory.
+        match unsafe { bpf_probe_read_user(io.buf as *const [u64; 2]) } {
+            Ok(v) if v[1] >= 24 => v[0],
+            _ => return,
+        }
+    } else {
+        io.buf
+    };
+    // SAFETY: user memory through the fault-tolerant helper.
+    let Ok(words) = (unsafe { bpf_probe_read_user(base as *const [u64; 3]) }) else {
+        return;
+    };
+    if head_scan::is_h2_preface_words(words, moved as usize) {
+        c.proto = PROTO_H2;
+        c.opening = 0;
+        c.h2 = [H2Walk::default(); 2];
+        let client = if send { DIR_EGRESS } else { DIR_INGRESS };
+        c.h2[(client & 1) as usize].keep = H2_PREFACE_LEN;
+    }
 }

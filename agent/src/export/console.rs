@@ -22,11 +22,17 @@ pub fn format_span(s: &Span) -> String {
     } else {
         ""
     };
+    // An RPC span is named by its method and answers with a status name; HTTP by path and code.
+    let (target, code) = match s.attr("rpc.method") {
+        Some(_) => (String::new(), get("rpc.response.status_code")),
+        None => (
+            format!(" {}", get("url.path")),
+            get("http.response.status_code"),
+        ),
+    };
     let mut out = format!(
-        "{kind} {name} {path} -> {code}{status}  {ms:.3} ms  [{svc} pid {pid}]\n    trace_id={trace} span_id={span} parent_id={parent}\n   ",
+        "{kind} {name}{target} -> {code}{status}  {ms:.3} ms  [{svc} pid {pid}]\n    trace_id={trace} span_id={span} parent_id={parent}\n   ",
         name = s.name,
-        path = get("url.path"),
-        code = get("http.response.status_code"),
         svc = s.resource.service_name,
         pid = s.resource.attributes.iter().find(|a| a.key == "process.pid").map(|a| match &a.value {
             Value::Int(i) => i.to_string(),

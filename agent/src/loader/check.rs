@@ -135,6 +135,19 @@ pub fn run() -> bool {
                     "verifier accepted the tracepoint programs (loaded, not attached)",
                     &format!("{verified}/{}", programs.len()),
                 );
+                // The HTTP/2 frame walkers: tail-called by the data-syscall exits.
+                match super::load_h2_walkers(&mut ebpf) {
+                    Ok(()) => r.line(
+                        true,
+                        "verifier accepted the HTTP/2 frame walkers (tail-called, not attached)",
+                        "",
+                    ),
+                    Err(e) => r.line(
+                        false,
+                        "verifier accepted the HTTP/2 frame walkers (tail-called, not attached)",
+                        &e.to_string(),
+                    ),
+                }
                 // The Go uprobes: verified here, attached only to Go executables when found.
                 let go: Vec<String> = super::go::PROGRAMS
                     .into_iter()

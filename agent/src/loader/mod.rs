@@ -63,6 +63,38 @@ pub fn program_for(name: &'static str) -> &'static str {
     }
 }
 
+/// Loads the HTTP/2 frame walkers (`agent-ebpf/src/h2walk.rs`) and puts them where the
+/// data-syscall exits tail-call them, by direction.
+pub fn load_h2_walkers(ebpf: &mut Ebpf) -> Result<(), LoadError> {
+    let mut fds = Vec::new();
+    for name in agent_common::H2_WALK_PROGRAMS {
+        let prog: &mut TracePoint = ebpf
+            .program_mut(name)
+            .ok_or(LoadError::Missing(name))?
+            .try_into()
+            .map_err(|source| LoadError::Walker { name, source })?;
+        prog.load()
+            .map_err(|source| LoadError::Walker { name, source })?;
+        let fd = prog
+            .fd()
+            .map_err(|source| LoadError::Walker { name, source })?
+            .try_clone()
+            .map_err(|e| LoadError::WalkerArray(e.to_string()))?;
+        fds.push(fd);
+    }
+    let mut array = aya::maps::ProgramArray::try_from(
+        ebpf.map_mut(agent_common::MAP_H2_WALK)
+            .ok_or(LoadError::Missing(agent_common::MAP_H2_WALK))?,
+    )
+    .map_err(|e| LoadError::WalkerArray(e.to_string()))?;
+    for (i, fd) in fds.iter().enumerate() {
+        array
+            .set(i as u32, fd, 0)
+            .map_err(|e| LoadError::WalkerArray(e.to_string()))?;
+    }
+    Ok(())
+}
+
 /// The distinct programs `PROGRAMS` attach (what the verifier must accept).
 pub fn distinct_programs() -> Vec<&'static str> {
     let mut v: Vec<&'static str> = Vec::new();
@@ -93,6 +125,13 @@ pub enum LoadError {
     Tracefs(std::io::Error),
     #[error("map {0}: {1}")]
     Map(&'static str, aya::maps::MapError),
+    #[error("the HTTP/2 frame walker {name} failed to load: {source}. Run `agent check`")]
+    Walker {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("the HTTP/2 frame walkers' program array: {0}")]
+    WalkerArray(String),
 }
 
 pub struct Settings {
@@ -250,6 +289,8 @@ pub fn load(s: &Settings) -> Result<Loaded, LoadError> {
 
     fill_maps(&mut ebpf, s)?;
     let t0 = std::time::Instant::now();
+    // The HTTP/2 frame walkers the data-syscall exits tail-call: in place before those attach.
+    load_h2_walkers(&mut ebpf)?;
     let mut loaded = std::collections::HashSet::new();
     for (name, category) in PROGRAMS {
         let program = program_for(name);

@@ -15,6 +15,7 @@ use crate::{
     process::{ProcessCache, Resource},
     protocol::{
         http1::{Exchange, HeadBudget, Http1Conn, Side},
+        http2::{frame, Http2Conn},
         Dir, Segment,
     },
     sampling::Sampler,
@@ -42,11 +43,38 @@ struct ConnId {
 
 struct Conn {
     http: Http1Conn,
+    /// Set once the connection shows it speaks HTTP/2; then it alone parses.
+    h2: Option<Box<Http2Conn>>,
     ends: Endpoints,
     resource: Arc<Resource>,
     /// The side the socket's origin says this process is on (accept/connect, or /proc).
     expected: Option<Side>,
     last_boot_ns: u64,
+}
+
+/// The records of an HTTP/2 event (`LAYOUT_H2_CHUNKS`): each a run of kept bytes and the
+/// number of bytes passed over after it.
+fn h2_chunks(mut p: &[u8]) -> impl Iterator<Item = (&[u8], u32)> {
+    std::iter::from_fn(move || {
+        let head = p.get(..agent_common::H2_CHUNK_HEADER)?;
+        let data = u32::from_le_bytes(head[..4].try_into().ok()?) as usize;
+        let gap = u32::from_le_bytes(head[4..8].try_into().ok()?);
+        let rest = &p[agent_common::H2_CHUNK_HEADER..];
+        let data = data.min(rest.len());
+        let (d, r) = rest.split_at(data);
+        p = r;
+        Some((d, gap))
+    })
+}
+
+impl Conn {
+    /// The connection ended: what is still open ends with it.
+    fn close(&mut self, out: &mut Vec<Exchange>) {
+        match &mut self.h2 {
+            Some(h2) => h2.close(self.last_boot_ns, out),
+            None => self.http.close(out),
+        }
+    }
 }
 
 pub struct Tracker {
@@ -130,7 +158,7 @@ impl Tracker {
                     sk: c.sk,
                 };
                 if let Some(mut conn) = self.conns.remove(&id) {
-                    conn.http.close(&mut self.exchanges);
+                    conn.close(&mut self.exchanges);
                     self.out.spans_for(&mut self.exchanges, id.pid, &mut conn);
                 }
             }
@@ -159,6 +187,7 @@ impl Tracker {
                 id,
                 Conn {
                     http: Http1Conn::with_budget(self.head_budget.clone()),
+                    h2: None,
                     ends,
                     resource,
                     expected,
@@ -188,8 +217,49 @@ impl Tracker {
             end_ns: h.ts_exit,
             ctx,
         };
-        conn.http.feed(dir, seg, &mut self.exchanges);
-        if dir == Dir::Ingress {
+        if h.layout == agent_common::LAYOUT_H2_CHUNKS {
+            // The kernel walked HTTP/2 frames: records of kept bytes and passed-over gaps.
+            let h2 = conn.h2.get_or_insert_with(|| {
+                self.out.metrics.http2_connections.inc();
+                let opens = payload
+                    .get(agent_common::H2_CHUNK_HEADER..)
+                    .is_some_and(|d| d.starts_with(frame::PREFACE));
+                Box::new(if opens {
+                    Http2Conn::from_preface(dir)
+                } else {
+                    Http2Conn::mid_stream()
+                })
+            });
+            for (data, gap) in h2_chunks(payload) {
+                let seg = Segment {
+                    data,
+                    len: data.len() as u64 + gap as u64,
+                    ..seg
+                };
+                h2.feed(dir, seg, &mut self.exchanges);
+            }
+            conn.last_boot_ns = h.ts_exit;
+            if !self.exchanges.is_empty() {
+                self.emit(id);
+            }
+            return;
+        }
+        if conn.h2.is_none() && !conn.http.decided() {
+            if payload.starts_with(frame::PREFACE) {
+                conn.h2 = Some(Box::new(Http2Conn::from_preface(dir)));
+            } else if seg.len == payload.len() as u64 && frame::is_midstream_http2(payload) {
+                conn.h2 = Some(Box::new(Http2Conn::mid_stream()));
+            }
+            if conn.h2.is_some() {
+                self.out.metrics.http2_connections.inc();
+            }
+        }
+        if let Some(h2) = &mut conn.h2 {
+            h2.feed(dir, seg, &mut self.exchanges);
+        } else {
+            conn.http.feed(dir, seg, &mut self.exchanges);
+        }
+        if dir == Dir::Ingress && conn.h2.is_none() {
             let (sampler, registry) = (&self.out.sampler, &mut self.out.registry);
             conn.http.new_server_heads(|head, ctx| {
                 let w = *ctx.get_or_insert_with(|| server_ctx(head, sampler));
@@ -222,7 +292,7 @@ impl Tracker {
         for id in stale {
             if let Some(mut conn) = self.conns.remove(&id) {
                 self.out.metrics.conns_evicted_idle.inc();
-                conn.http.close(&mut self.exchanges);
+                conn.close(&mut self.exchanges);
                 self.out.spans_for(&mut self.exchanges, id.pid, &mut conn);
             }
         }
@@ -271,6 +341,15 @@ impl Output {
                     }
                 }
             }
+        }
+        if let Some(h2) = &mut conn.h2 {
+            let s = h2.take_stats();
+            metrics.http2_unresolved_fields.inc_by(s.unresolved_fields);
+            metrics.http2_alignment_lost.inc_by(s.alignment_lost);
+            metrics.http2_streams_dropped.inc_by(s.streams_dropped);
+            metrics.http2_orphan_frames.inc_by(s.orphan_frames);
+            metrics.http2_malformed_blocks.inc_by(s.malformed_blocks);
+            metrics.http2_ends_unseen.inc_by(s.ends_unseen);
         }
         let s = conn.http.take_stats();
         metrics.http_skipped_bytes.inc_by(s.skipped_bytes);

@@ -62,32 +62,58 @@ pub fn build_span(
     let path = target.path;
     let status = ex.response.status;
     // The version actually spoken: a 1.1 client talking to a 1.0 server speaks 1.0.
-    let version = format!("1.{}", req.minor_version.min(ex.response.minor_version));
+    let version = match &ex.h2 {
+        Some(_) => "2".to_owned(),
+        None => format!("1.{}", req.minor_version.min(ex.response.minor_version)),
+    };
+    let grpc = ex.h2.as_ref().and_then(|h| h.grpc.as_ref().map(|g| (h, g)));
     let mut attrs = Vec::with_capacity(14);
-    attrs.push(KeyValue::new(
-        "http.request.method",
-        Value::Str(method.into()),
-    ));
-    if !known {
+    if grpc.is_none() {
         attrs.push(KeyValue::new(
-            "http.request.method_original",
-            Value::Str(req.method.clone()),
+            "http.request.method",
+            Value::Str(method.into()),
         ));
+        if !known {
+            attrs.push(KeyValue::new(
+                "http.request.method_original",
+                Value::Str(req.method.clone()),
+            ));
+        }
+        attrs.push(KeyValue::new("url.path", Value::Str(path.into())));
+        let scheme = ex
+            .h2
+            .as_ref()
+            .and_then(|h| h.scheme.clone())
+            .unwrap_or_else(|| "http".into());
+        attrs.push(KeyValue::new("url.scheme", Value::Str(scheme)));
+        if status != 0 {
+            attrs.push(KeyValue::new(
+                "http.response.status_code",
+                Value::Int(status as i64),
+            ));
+        }
+    } else {
+        attrs.push(KeyValue::new(
+            "network.protocol.name",
+            Value::Str("http".into()),
+        ));
+        attrs.push(KeyValue::new("network.transport", Value::Str("tcp".into())));
     }
-    attrs.push(KeyValue::new("url.path", Value::Str(path.into())));
     attrs.push(KeyValue::new(
         "beholder.link.method",
         Value::Str(link.as_str().into()),
-    ));
-    attrs.push(KeyValue::new("url.scheme", Value::Str("http".into())));
-    attrs.push(KeyValue::new(
-        "http.response.status_code",
-        Value::Int(status as i64),
     ));
     attrs.push(KeyValue::new(
         "network.protocol.version",
         Value::Str(version),
     ));
+    if let Some(h2) = ex.h2.as_ref().filter(|h| h.unresolved > 0) {
+        // Header fields that named table entries from before the agent saw the connection.
+        attrs.push(KeyValue::new(
+            "beholder.http2.unresolved_fields",
+            Value::Int(h2.unresolved as i64),
+        ));
+    }
     attrs.push(KeyValue::new(
         "network.peer.address",
         Value::Str(ip_str(ends.peer)),
@@ -109,8 +135,10 @@ pub fn build_span(
                 "client.address",
                 Value::Str(ip_str(ends.peer)),
             ));
-            if let Some(q) = target.query.and_then(|q| urls.query(q)) {
-                attrs.push(KeyValue::new("url.query", Value::Str(q.into_owned())));
+            if grpc.is_none() {
+                if let Some(q) = target.query.and_then(|q| urls.query(q)) {
+                    attrs.push(KeyValue::new("url.query", Value::Str(q.into_owned())));
+                }
             }
             Kind::Server
         }
@@ -119,14 +147,16 @@ pub fn build_span(
                 Some((h, _)) if !h.is_empty() => h.to_owned(),
                 _ => ip_str(ends.peer),
             };
-            let authority = req
-                .host
-                .clone()
-                .unwrap_or_else(|| format!("{}:{}", ends.peer, ends.peer_port));
-            attrs.push(KeyValue::new(
-                "url.full",
-                Value::Str(urls.full_url(&req.target, &authority)),
-            ));
+            if grpc.is_none() {
+                let authority = req
+                    .host
+                    .clone()
+                    .unwrap_or_else(|| format!("{}:{}", ends.peer, ends.peer_port));
+                attrs.push(KeyValue::new(
+                    "url.full",
+                    Value::Str(urls.full_url(&req.target, &authority)),
+                ));
+            }
             attrs.push(KeyValue::new("server.address", Value::Str(addr)));
             attrs.push(KeyValue::new(
                 "server.port",
@@ -138,13 +168,35 @@ pub fn build_span(
     if let Some(ua) = &req.user_agent {
         attrs.push(KeyValue::new("user_agent.original", Value::Str(ua.clone())));
     }
-    let error = match kind {
-        Kind::Server => status >= 500,
-        Kind::Client => status >= 400,
+    let (name, span_status) = match grpc {
+        Some((h2, g)) => super::rpc::attributes(&req.target, g, h2.end, kind, &mut attrs),
+        None => {
+            let error = match kind {
+                Kind::Server => status >= 500,
+                Kind::Client => status >= 400,
+            };
+            // An HTTP/2 stream cut short has no status code: its end says what happened.
+            let cut = ex
+                .h2
+                .as_ref()
+                .filter(|_| status == 0)
+                .and_then(|h| super::rpc::end_error(h.end));
+            let error_type = match cut {
+                Some(e) => Some(e),
+                None => error.then(|| status.to_string()),
+            };
+            let failed = error_type.is_some();
+            if let Some(e) = error_type {
+                attrs.push(KeyValue::new("error.type", Value::Str(e)));
+            }
+            let name = if known {
+                req.method.clone()
+            } else {
+                "HTTP".into()
+            };
+            (name, if failed { Status::Error } else { Status::Unset })
+        }
     };
-    if error {
-        attrs.push(KeyValue::new("error.type", Value::Str(status.to_string())));
-    }
     let start = to_unix(ex.start_ns);
     let end = to_unix(ex.end_ns).max(start);
     Box::new(Span {
@@ -153,17 +205,13 @@ pub fn build_span(
         parent_span_id,
         trace_state,
         flags,
-        name: if known {
-            req.method.clone()
-        } else {
-            "HTTP".into()
-        },
+        name,
         kind,
         start_unix_ns: start,
         end_unix_ns: end,
         attributes: attrs,
         dropped_attributes_count: 0,
-        status: if error { Status::Error } else { Status::Unset },
+        status: span_status,
         resource,
     })
 }

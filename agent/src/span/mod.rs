@@ -2,6 +2,7 @@
 mod build;
 pub mod limits;
 pub mod redact;
+mod rpc;
 
 use std::{borrow::Cow, sync::Arc};
 

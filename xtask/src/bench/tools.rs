@@ -137,7 +137,7 @@ impl Agent {
             .stderr
             .lock()
             .expect("lock")
-            .contains("tracing HTTP/1.x on")
+            .contains("tracing HTTP/1.x and HTTP/2 on")
         {
             if Instant::now() > end {
                 bail!("agent did not start:\n{}", a.stderr.lock().expect("lock"));

@@ -198,6 +198,13 @@ pub struct Http1Conn {
     held: usize,
 }
 
+impl Http1Conn {
+    /// Whether an HTTP/1 request has been seen (the connection speaks HTTP/1).
+    pub fn decided(&self) -> bool {
+        self.pairing.side.is_some()
+    }
+}
+
 impl Drop for Http1Conn {
     fn drop(&mut self) {
         if let Some(b) = &self.pairing.budget {

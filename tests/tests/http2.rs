@@ -1,0 +1,257 @@
+//! HTTP/2 and gRPC over cleartext (h2c) from unmodified programs: Node's http2 server, curl,
+//! h2load and Node's http2 client, traced by the agent and received at a real OTLP endpoint.
+use std::{
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use tests::{
+    agent::{final_counters, Agent, Export},
+    fixture, free_port,
+    programs::{run, Proc},
+    receiver::{RSpan, Receiver},
+    wait_port,
+};
+
+fn h2_server(port: u16) -> Proc {
+    let p = Proc::spawn(
+        Command::new("node")
+            .arg(fixture("h2_server.js"))
+            .arg(port.to_string())
+            .env("OTEL_SERVICE_NAME", "h2-api")
+            .stdout(Stdio::null()),
+    );
+    wait_port(port);
+    p
+}
+
+/// `curl --http2-prior-knowledge` with its own connection, bounded in time.
+fn curl(args: &[&str]) -> String {
+    let out = run(Command::new("curl")
+        .args(["-sS", "--http2-prior-knowledge", "--max-time", "20"])
+        .args(args));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn one<'a>(spans: &'a [RSpan], kind: &str, f: impl Fn(&RSpan) -> bool) -> Vec<&'a RSpan> {
+    spans.iter().filter(|s| s.kind() == kind && f(s)).collect()
+}
+
+/// Plain HTTP/2 and gRPC-shaped calls, each on its own connection seen from its start: one
+/// SERVER span (Node) and one CLIENT span (curl) per stream, named and attributed per the HTTP
+/// and RPC conventions, with a 1 MiB response and a traceparent that the server span honours.
+#[test]
+fn h2c_requests_and_grpc_calls_from_node_and_curl() {
+    let rx = Receiver::start();
+    let port = free_port();
+    let _server = h2_server(port);
+    let agent = Agent::start(Export::Grpc(&rx), &["--port", &port.to_string()]);
+    let base = format!("http://127.0.0.1:{port}");
+    for _ in 0..3 {
+        assert_eq!(curl(&[&format!("{base}/hello")]), "hello h2\n");
+    }
+    curl(&["-o", "/dev/null", &format!("{base}/missing")]);
+    let big = curl(&[&format!("{base}/big")]);
+    assert_eq!(big.len(), 1 << 20);
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    curl(&[
+        "-H",
+        &format!("traceparent: {tp}"),
+        &format!("{base}/hello"),
+    ]);
+    // One gRPC message: uncompressed, 3 bytes.
+    let body = std::env::temp_dir().join(format!("grpc-body-{port}"));
+    std::fs::write(&body, [0u8, 0, 0, 0, 3, 1, 2, 3]).unwrap();
+    let data = format!("@{}", body.display());
+    let grpc = |method: &str| {
+        curl(&[
+            "-o",
+            "/dev/null",
+            "-H",
+            "content-type: application/grpc",
+            "-H",
+            "te: trailers",
+            "--data-binary",
+            &data,
+            &format!("{base}/shop.v1.Catalog/{method}"),
+        ])
+    };
+    grpc("List");
+    grpc("List");
+    grpc("Fail");
+    let _ = std::fs::remove_file(&body);
+    let servers = rx.wait_for(9, Duration::from_secs(20), "server spans", |s| {
+        s.kind() == "server"
+    });
+    rx.wait_for(9, Duration::from_secs(20), "client spans", |s| {
+        s.kind() == "client"
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    let (_, err) = agent.stop();
+    let spans = rx.spans();
+    assert_eq!(spans.len(), 18, "one server and one client span per stream");
+    let counters = final_counters(&err);
+    assert_eq!(counters.get("http2_connections"), Some(&18), "{counters:?}");
+    assert!(servers
+        .iter()
+        .all(|s| s.res("service.name") == Some("h2-api")));
+    for s in &spans {
+        assert_eq!(s.attr("network.protocol.version"), Some("2"), "{s:?}");
+        assert!(s.duration() < Duration::from_secs(20));
+    }
+    // Plain HTTP/2.
+    let hello = one(&spans, "server", |s| s.attr("url.path") == Some("/hello"));
+    assert_eq!(hello.len(), 4);
+    for s in &hello {
+        assert_eq!(s.span.name, "GET");
+        assert_eq!(s.attr("http.request.method"), Some("GET"));
+        assert_eq!(s.attr("http.response.status_code"), Some("200"));
+        assert_eq!(s.attr("url.scheme"), Some("http"));
+        assert_eq!(s.attr("server.port"), Some(port.to_string().as_str()));
+        assert_eq!(
+            s.attr("user_agent.original")
+                .map(|u| u.starts_with("curl/")),
+            Some(true)
+        );
+        assert_eq!(s.status_code(), 0);
+    }
+    let honoured = hello
+        .iter()
+        .filter(|s| s.trace_id() == "4bf92f3577b34da6a3ce929d0e0e4736")
+        .collect::<Vec<_>>();
+    assert_eq!(honoured.len(), 1, "the incoming traceparent is honoured");
+    assert_eq!(honoured[0].parent_id(), "00f067aa0ba902b7");
+    let missing = one(&spans, "client", |s| s.attr("url.path") == Some("/missing"));
+    assert_eq!(missing.len(), 1);
+    assert_eq!(missing[0].attr("http.response.status_code"), Some("404"));
+    assert_eq!(missing[0].status_code(), 2, "a 4xx is the client's error");
+    assert_eq!(missing[0].attr("error.type"), Some("404"));
+    let big = one(&spans, "server", |s| s.attr("url.path") == Some("/big"));
+    assert_eq!(big.len(), 1);
+    assert_eq!(big[0].attr("http.response.status_code"), Some("200"));
+    // gRPC: RPC conventions, status from the trailers, error rules per side.
+    let calls = one(&spans, "server", |s| {
+        s.attr("rpc.system.name") == Some("grpc")
+    });
+    assert_eq!(calls.len(), 3);
+    for kind in ["server", "client"] {
+        let list = one(&spans, kind, |s| s.span.name == "shop.v1.Catalog/List");
+        assert_eq!(list.len(), 2, "{kind}");
+        for s in list {
+            assert_eq!(s.attr("rpc.method"), Some("shop.v1.Catalog/List"));
+            assert_eq!(s.attr("rpc.response.status_code"), Some("OK"));
+            assert_eq!(s.attr("http.request.method"), None, "RPC spans, not HTTP");
+            assert_eq!(s.status_code(), 0);
+        }
+        let fail = one(&spans, kind, |s| s.span.name == "shop.v1.Catalog/Fail");
+        assert_eq!(fail.len(), 1);
+        assert_eq!(fail[0].attr("rpc.response.status_code"), Some("NOT_FOUND"));
+        let client = kind == "client";
+        assert_eq!(
+            fail[0].status_code() == 2,
+            client,
+            "NOT_FOUND fails the client only"
+        );
+        assert_eq!(fail[0].attr("error.type").is_some(), client);
+        assert_eq!(fail[0].attr("beholder.rpc.messages_received"), Some("1"));
+        assert_eq!(fail[0].attr("beholder.rpc.messages_sent"), Some("1"));
+    }
+}
+
+/// h2load: 4 connections with 100 streams in flight each, 4,000 requests. Every stream served
+/// becomes a span, or is counted where it was lost.
+#[test]
+fn h2load_thousands_of_interleaved_streams_each_give_a_span() {
+    let rx = Receiver::start();
+    let port = free_port();
+    let server = h2_server(port);
+    let agent = Agent::start(Export::Grpc(&rx), &["--pid", &server.pid().to_string()]);
+    let n = 4000;
+    let out = run(Command::new("timeout")
+        .args(["60", "h2load", "-n", &n.to_string(), "-c", "4", "-m", "100"])
+        .arg(format!("http://127.0.0.1:{port}/hello")));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("{n} succeeded")), "h2load: {text}");
+    let got = rx
+        .wait_for(n, Duration::from_secs(30), "server spans", |s| {
+            s.kind() == "server"
+        })
+        .len();
+    std::thread::sleep(Duration::from_millis(800));
+    let (_, err) = agent.stop();
+    let c = final_counters(&err);
+    let lost = [
+        "http2_streams_dropped",
+        "http2_ends_unseen",
+        "kernel_ringbuf_full_events",
+        "events_channel_full",
+        "events_bytes_full",
+        "spans_queue_full",
+    ]
+    .iter()
+    .map(|k| c.get(*k).copied().unwrap_or(0))
+    .sum::<u64>();
+    eprintln!("h2load: {got} spans of {n} streams, counters {c:?}");
+    assert_eq!(rx.spans().len(), got, "no other spans");
+    assert_eq!(got, n, "every stream a span (lost and counted: {lost})");
+    assert!(rx
+        .spans()
+        .iter()
+        .all(|s| s.attr("url.path") == Some("/hello")
+            && s.attr("http.response.status_code") == Some("200")));
+}
+
+/// A session opened before the agent started: the header table entries it indexed then are
+/// unknown to the agent, so fields that refer to them stay unknown (counted), while every
+/// request made after the start is still a span, and no field is ever wrong.
+#[test]
+fn a_connection_opened_before_the_agent_is_decoded_from_its_middle() {
+    let rx = Receiver::start();
+    let port = free_port();
+    let server = h2_server(port);
+    let go = std::env::temp_dir().join(format!("h2-go-{port}"));
+    let _ = std::fs::remove_file(&go);
+    let n = 50;
+    let client = Proc::spawn(
+        Command::new("node")
+            .arg(fixture("h2_session_client.js"))
+            .args([port.to_string(), n.to_string(), go.display().to_string()])
+            .stdout(Stdio::null()),
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let agent = Agent::start(Export::Grpc(&rx), &["--pid", &server.pid().to_string()]);
+    std::fs::write(&go, b"go").unwrap();
+    let servers = rx.wait_for(n, Duration::from_secs(30), "server spans", |s| {
+        s.kind() == "server"
+    });
+    drop(client);
+    std::thread::sleep(Duration::from_millis(800));
+    let (_, err) = agent.stop();
+    let _ = std::fs::remove_file(&go);
+    let c = final_counters(&err);
+    eprintln!("mid-connection: {} spans, counters {c:?}", servers.len());
+    assert_eq!(
+        rx.spans().len(),
+        n,
+        "exactly the requests made after the start"
+    );
+    let mut paths: Vec<String> = servers
+        .iter()
+        .map(|s| s.attr("url.path").unwrap_or("").to_owned())
+        .collect();
+    paths.sort();
+    let mut want: Vec<String> = (0..n).map(|i| format!("/after/{i}")).collect();
+    want.sort();
+    assert_eq!(
+        paths, want,
+        "each path decoded (they are new literals), none wrong"
+    );
+    for s in &servers {
+        assert_eq!(s.attr("http.response.status_code"), Some("200"));
+        assert_eq!(s.attr("http.request.method"), Some("GET"));
+    }
+    assert!(
+        c.get("http2_unresolved_fields").copied().unwrap_or(0) >= n as u64,
+        "the :authority and x-tenant entries indexed before the start are unknown: {c:?}"
+    );
+}
