@@ -70,6 +70,10 @@ if ! python3 -c 'import aiohttp' 2>/dev/null; then
   log "installing aiohttp from PyPI (the asyncio service of the linking tests)"
   python3 -m pip install -q --root-user-action=ignore 'aiohttp>=3.8' || { log "pip install aiohttp failed"; exit 1; }
 fi
+if ! python3 -c 'import grpc' 2>/dev/null; then
+  log "installing grpcio from PyPI (the gRPC server and client of the HTTP/2 tests)"
+  python3 -m pip install -q --root-user-action=ignore 'grpcio>=1.50' || { log "pip install grpcio failed"; exit 1; }
+fi
 # The manifests' schema check (offline, bundled Kubernetes schemas).
 if ! command -v kubernetes-validate >/dev/null 2>&1; then
   log "installing kubernetes-validate from PyPI"

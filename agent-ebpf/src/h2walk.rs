@@ -223,9 +223,13 @@ fn close_record(w: &Walk, buf: *mut u8) {
     }
 }
 
-/// `n` bytes at the walk's offset go to the event (as far as they fit).
+/// Up to `n` bytes at the walk's offset go to the event: the run contiguous in user memory
+/// there (one iovec's worth), as far as it fits; the bytes walked (0 only when `n` is).
 #[inline(always)]
-fn keep(w: &mut Walk, buf: *mut u8, n: u32) {
+fn keep(w: &mut Walk, buf: *mut u8, n: u32) -> u32 {
+    if n == 0 {
+        return 0;
+    }
     if w.gap > 0 {
         // Data after a gap: a new record.
         close_record(w, buf);
@@ -234,22 +238,38 @@ fn keep(w: &mut Walk, buf: *mut u8, n: u32) {
         w.data = 0;
         w.gap = 0;
     }
+    let (addr, avail) = locate(w, w.off);
+    if avail == 0 {
+        // Unreadable from here: passed over.
+        w.full = 1;
+        w.gap += n;
+        w.off += n as u64;
+        return n;
+    }
+    let run = if (n as u64) < avail { n } else { avail as u32 };
     let room = (MAX_PAYLOAD as u32).saturating_sub(w.out);
-    let take = if n < room { n } else { room };
-    let got = if take > 0 {
-        // SAFETY: the payload area starts DATA_HEADER_SIZE bytes into the slot.
-        let area = unsafe { buf.add(DATA_HEADER_SIZE) };
-        read_user::<MAX_PAYLOAD>(w, w.off, area, w.out, take)
-    } else {
-        0
-    };
+    let take = bounded::<MAX_PAYLOAD>(if run < room { run } else { room });
+    let mut got = 0;
+    if take > 0 {
+        // SAFETY: reading a field of `w` (volatile, so that the mask below is kept).
+        let at = unsafe { core::ptr::read_volatile(&w.out) } as usize & MASK;
+        // SAFETY: a masked offset and `take` <= MAX_PAYLOAD lie within the payload area.
+        let dst = unsafe { buf.add(DATA_HEADER_SIZE + at) };
+        // SAFETY: the helper faults safely on bad user memory.
+        if unsafe { raw_read_user(dst as *mut _, take, addr as *const _) } < 0 {
+            count(CNT_READ_FAULT);
+        } else {
+            got = take;
+        }
+    }
     w.out += got;
     w.data += got;
-    if got < n {
+    if got < run {
         w.full = 1;
-        w.gap += n - got;
+        w.gap += run - got;
     }
-    w.off += n as u64;
+    w.off += run as u64;
+    run
 }
 
 /// The `n` (<= 9) bytes at the walk's offset, already read into `src`, go to the event.
@@ -425,7 +445,7 @@ fn finish_header(w: &mut Walk, buf: *mut u8) {
     let n = if need < w.moved { need } else { w.moved };
     let mut tmp = [0u8; 32];
     let got = read_user::<16>(w, w.off, tmp.as_mut_ptr(), 0, n as u32) as u64;
-    keep(w, buf, n as u32);
+    keep_bytes(w, buf, tmp.as_ptr(), n as u32);
     if got < n {
         w.st = H2Walk::default();
         return;
@@ -479,8 +499,8 @@ extern "C" fn step(_index: u64, _ctx: *mut c_void) -> i64 {
     };
     if w.st.keep > 0 {
         let n = if w.st.keep < left { w.st.keep } else { left };
-        w.st.keep -= n;
-        keep(w, buf, n);
+        let walked = keep(w, buf, n);
+        w.st.keep -= if walked < n { walked } else { n };
         return 0;
     }
     if w.st.skip > 0 {

@@ -255,3 +255,110 @@ fn a_connection_opened_before_the_agent_is_decoded_from_its_middle() {
         "the :authority and x-tenant entries indexed before the start are unknown: {c:?}"
     );
 }
+
+/// grpcio (gRPC's C core under Python) as server and client, unary and all three streaming
+/// kinds, over one channel from 4 threads: one span per call on each side, named
+/// `package.Service/Method`, with the status from the trailers, the span status by the gRPC
+/// rules of each side, and the messages each way.
+#[test]
+fn grpcio_unary_and_streaming_calls() {
+    let rx = Receiver::start();
+    let port = free_port();
+    let _server = Proc::spawn(
+        tests::programs::python("grpc_service.py", &["serve", &port.to_string()])
+            .env("OTEL_SERVICE_NAME", "catalog")
+            .stdout(Stdio::null()),
+    );
+    wait_port(port);
+    let agent = Agent::start(Export::Grpc(&rx), &["--port", &port.to_string()]);
+    let rounds = 20;
+    let out = run(Command::new("timeout")
+        .args(["60", "python3"])
+        .arg(fixture("grpc_service.py"))
+        .args(["call", &port.to_string(), &rounds.to_string()]));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("ok {rounds}")
+    );
+    let calls = 6 * rounds;
+    rx.wait_for(
+        2 * calls,
+        Duration::from_secs(30),
+        "server and client spans",
+        |_| true,
+    );
+    std::thread::sleep(Duration::from_millis(800));
+    let (_, err) = agent.stop();
+    let spans = rx.spans();
+    eprintln!("grpcio: counters {:?}", final_counters(&err));
+    assert_eq!(spans.len(), 2 * calls, "one span per call on each side");
+    let count = |kind: &str, name: &str| {
+        spans
+            .iter()
+            .filter(|s| s.kind() == kind && s.span.name == format!("shop.v1.Catalog/{name}"))
+            .collect::<Vec<_>>()
+    };
+    for kind in ["server", "client"] {
+        let client = kind == "client";
+        let gets = count(kind, "Get");
+        assert_eq!(gets.len(), 2 * rounds, "{kind}");
+        let missing: Vec<_> = gets
+            .iter()
+            .filter(|s| s.attr("rpc.response.status_code") == Some("NOT_FOUND"))
+            .collect();
+        assert_eq!(missing.len(), rounds, "{kind}");
+        assert!(missing.iter().all(|s| (s.status_code() == 2) == client));
+        assert!(gets
+            .iter()
+            .filter(|s| s.attr("rpc.response.status_code") == Some("OK"))
+            .all(|s| s.status_code() == 0 && s.attr("error.type").is_none()));
+        let crash = count(kind, "Crash");
+        assert_eq!(crash.len(), rounds);
+        assert!(crash
+            .iter()
+            .all(|s| s.attr("rpc.response.status_code") == Some("UNKNOWN")
+                && s.status_code() == 2
+                && s.attr("error.type") == Some("UNKNOWN")));
+        // Messages each way, where every message prefix was seen (sent, received) per side.
+        let expect = |name: &str, to_server: u32, to_client: u32| {
+            let (sent, received) = if client {
+                (to_server, to_client)
+            } else {
+                (to_client, to_server)
+            };
+            let all = count(kind, name);
+            assert_eq!(all.len(), rounds, "{kind} {name}");
+            for s in &all {
+                assert_eq!(s.attr("rpc.system.name"), Some("grpc"));
+                assert_eq!(
+                    s.attr("rpc.method"),
+                    Some(format!("shop.v1.Catalog/{name}").as_str())
+                );
+                assert_eq!(
+                    s.attr("rpc.response.status_code"),
+                    Some("OK"),
+                    "{kind} {name}"
+                );
+                assert_eq!(s.attr("network.protocol.version"), Some("2"));
+                if let Some(n) = s.attr("beholder.rpc.messages_sent") {
+                    assert_eq!(n, sent.to_string(), "{kind} {name} sent");
+                }
+                if let Some(n) = s.attr("beholder.rpc.messages_received") {
+                    assert_eq!(n, received.to_string(), "{kind} {name} received");
+                }
+            }
+            let counted = all
+                .iter()
+                .filter(|s| s.attr("beholder.rpc.messages_received").is_some())
+                .count();
+            assert!(
+                counted * 2 >= all.len(),
+                "{kind} {name}: counts on {counted} of {}",
+                all.len()
+            );
+        };
+        expect("List", 1, 3);
+        expect("Upload", 4, 1);
+        expect("Chat", 3, 3);
+    }
+}
