@@ -195,8 +195,9 @@ fn main() -> Result<()> {
 }
 
 /// The fuzz targets of `fuzz/Cargo.toml`.
-const FUZZ_TARGETS: [&str; 5] = [
+const FUZZ_TARGETS: [&str; 6] = [
     "http1",
+    "http2",
     "trace_context",
     "otel_config",
     "url_redact",
