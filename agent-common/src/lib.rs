@@ -160,12 +160,16 @@ pub const CNT_LINK_RUNTIME: u32 = 34;
 /// Outgoing requests of processes the agent had not classified yet (exec'd a moment ago, or
 /// new since the last scan): left without an in-thread parent.
 pub const CNT_LINK_UNCLASSIFIED: u32 = 35;
-/// Outgoing requests linked to their owner by the runtime's task identity (Go goroutines).
+/// Outgoing requests linked to their owner by the runtime's task identity (Go goroutines,
+/// Python asyncio tasks).
 pub const CNT_LINK_TASK: u32 = 36;
+/// Outgoing requests sent by a Python asyncio task that no evidence ties to a request (created
+/// before the agent attached, or by code no request caused): left without a parent.
+pub const CNT_LINK_TASK_UNBOUND: u32 = 42;
 /// Size of the kernel's counter array: room for counters yet to come without a layout change.
 pub const NUM_COUNTERS: u32 = 48;
 const _: () = assert!(COUNTER_NAMES.len() <= NUM_COUNTERS as usize);
-pub const COUNTER_NAMES: [&str; 42] = [
+pub const COUNTER_NAMES: [&str; 43] = [
     "kernel_ringbuf_full_events",
     "kernel_inflight_syscall_map_full",
     "kernel_close_ringbuf_full_events",
@@ -208,6 +212,7 @@ pub const COUNTER_NAMES: [&str; 42] = [
     "kernel_exec_ringbuf_full_events",
     "kernel_h2_walk_incomplete",
     "kernel_h2_chunks_full",
+    "kernel_link_task_unbound",
 ];
 /// An `exec` whose event did not fit in the ring buffer (the process is still classified by the
 /// next periodic sweep).
@@ -361,8 +366,9 @@ pub const LINK_AMBIGUOUS: u8 = 2;
 pub const LINK_RUNTIME: u8 = 3;
 /// The process's runtime is not known yet (`RUNTIME_PENDING` or absent): no owner is taken.
 pub const LINK_UNCLASSIFIED: u8 = 4;
-/// The runtime's own task identity names the owner: the Go goroutine that read the request
-/// called `http.Transport.roundTrip` for the request being written (uprobes).
+/// The runtime's own task identity names the owner (uprobes): the Go goroutine that read the
+/// request called `http.Transport.roundTrip` for the request being written, or the Python
+/// asyncio task sending it was created or woken for that request.
 pub const LINK_TASK: u8 = 5;
 
 /// `PROC_RUNTIME` values: what a thread is evidence of in that process.
@@ -378,20 +384,21 @@ pub const RUNTIME_TASKS: u8 = 2;
 /// 1.17 and later), so uprobes on `net/http` can tell which goroutine works for which request.
 pub const RUNTIME_GO: u8 = 3;
 
-/// A goroutine (`ptr` = its `g`) or a Go object (`ptr` = its address) in process `tgid`.
+/// A task (a Go goroutine's `g`, a Python asyncio task object) or a runtime object (`ptr` = its
+/// address) in process `tgid`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct GoKey {
+pub struct TaskKey {
     pub ptr: u64,
     pub tgid: u32,
     pub _pad: u32,
 }
 
-/// A server request (`at`) a goroutine or an outgoing Go request works for, noted at `ts`
-/// (boot-time ns).
+/// A server request (`at`) a task or an outgoing request works for, noted at `ts` (boot-time
+/// ns).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
-pub struct GoRef {
+pub struct TaskRef {
     pub at: ReqRef,
     pub ts: u64,
 }
@@ -412,8 +419,46 @@ pub const GO_NEWPROC_RET_PROGRAM: &str = "go_newproc1_ret";
 /// Kernel map of the spawns in progress (pid_tgid -> spawning goroutine).
 pub const MAP_GO_SPAWNING: &str = "GO_SPAWNING";
 
+/// Python asyncio (`propagate::asyncio`): what one thread of an event loop is running, by
+/// pid_tgid (kernel map `PY_THREADS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PyThread {
+    /// The task whose step runs now (its `TaskObj` address), 0 in a plain callback.
+    pub task: u64,
+    /// The request that task works for (as its step began), `sk` 0 for none.
+    pub at: ReqRef,
+    /// `ThreadReqs::next` of the thread when the running callback began: a request read since
+    /// then was read by this callback.
+    pub start: u32,
+    /// `Context.run` calls in progress (a callback may run another inside it).
+    pub depth: u32,
+}
+/// The CPython functions the agent probes, by symbol (CPython 3.9 to 3.11): `Context.run` in the
+/// interpreter (`context_run`, entry and return) runs every event-loop callback;
+/// `enter_task(loop, task)` in `_asyncio` starts each step of a task; `Task.__init__` creates one;
+/// `Future.set_result` wakes the task that awaits the future. `TaskWakeupDef` is the method
+/// definition of a task's wake-up callback.
+pub const PY_CONTEXT_RUN_SYMBOL: &str = "context_run";
+pub const PY_ENTER_TASK_SYMBOL: &str = "enter_task";
+pub const PY_TASK_INIT_SYMBOL: &str = "_asyncio_Task___init__";
+pub const PY_SET_RESULT_SYMBOL: &str = "_asyncio_Future_set_result";
+pub const PY_TASK_WAKEUP_DEF_SYMBOL: &str = "TaskWakeupDef";
+/// Their kernel programs.
+pub const PY_CONTEXT_RUN_PROGRAM: &str = "py_context_run";
+pub const PY_CONTEXT_RUN_RET_PROGRAM: &str = "py_context_run_ret";
+pub const PY_ENTER_TASK_PROGRAM: &str = "py_enter_task";
+pub const PY_TASK_INIT_PROGRAM: &str = "py_task_init";
+pub const PY_SET_RESULT_PROGRAM: &str = "py_future_set_result";
+/// Kernel maps: threads (pid_tgid -> `PyThread`) and the request each task works for
+/// (`TaskKey` -> `TaskRef`).
+pub const MAP_PY_THREADS: &str = "PY_THREADS";
+pub const MAP_PY_TASKS: &str = "PY_TASKS";
+
 /// An incoming request a server connection is handling (kernel map `SERVER_REQS`, keyed by the
-/// server socket). `live` drops to 0 when the response starts.
+/// server socket). `live` drops to 0 when the response starts. `pipelined`: it arrived while the
+/// connection's previous request was still open, so a read of it may also have carried that
+/// one's bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ServerReq {
@@ -423,7 +468,8 @@ pub struct ServerReq {
     pub span_id: [u8; 8],
     pub flags: u8,
     pub live: u8,
-    pub _pad: [u8; 2],
+    pub pipelined: u8,
+    pub _pad: u8,
     /// The thread that read it (whose `ThreadReqs::live` counts it while `live`).
     pub tid: u32,
 }

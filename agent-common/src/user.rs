@@ -1,5 +1,5 @@
 //! Userspace-only trait impls.
-use crate::{ConnInfo, ConnTuple, EndpointKey, FlowSeq, GoKey, GoRef, IoArgs, WireCtx};
+use crate::{ConnInfo, ConnTuple, EndpointKey, FlowSeq, IoArgs, TaskKey, TaskRef, WireCtx};
 
 // SAFETY: plain-old-data `#[repr(C)]` types with explicit padding and no pointers.
 unsafe impl aya::Pod for ConnTuple {}
@@ -8,5 +8,6 @@ unsafe impl aya::Pod for EndpointKey {}
 unsafe impl aya::Pod for IoArgs {}
 unsafe impl aya::Pod for WireCtx {}
 unsafe impl aya::Pod for FlowSeq {}
-unsafe impl aya::Pod for GoKey {}
-unsafe impl aya::Pod for GoRef {}
+unsafe impl aya::Pod for TaskKey {}
+unsafe impl aya::Pod for TaskRef {}
+unsafe impl aya::Pod for crate::PyThread {}

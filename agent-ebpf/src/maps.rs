@@ -1,7 +1,8 @@
 //! Every map and load-time setting of the kernel side, in one place.
 use agent_common::{
-    ConnInfo, EndpointKey, FlowSeq, GoKey, GoRef, ReqRef, ServerReq, ThreadReqs, WireCtx,
-    CNT_SCRATCH_BUSY, DATA_HEADER_SIZE, INJECT_STITCH, MAX_PAYLOAD, NUM_COUNTERS, SAMPLE_ALWAYS,
+    ConnInfo, EndpointKey, FlowSeq, PyThread, ReqRef, ServerReq, TaskKey, TaskRef, ThreadReqs,
+    WireCtx, CNT_SCRATCH_BUSY, DATA_HEADER_SIZE, INJECT_STITCH, MAX_PAYLOAD, NUM_COUNTERS,
+    SAMPLE_ALWAYS,
 };
 use aya_ebpf::{
     macros::map,
@@ -141,19 +142,30 @@ pub const BODY_UNKNOWN: u64 = u64::MAX;
 /// `goroutine::request_read`); userspace reports when it is full.
 pub const CAP_GO_G_REQ: u32 = 65536;
 #[map]
-pub static GO_G_REQ: LruHashMap<GoKey, GoRef> = LruHashMap::with_max_entries(CAP_GO_G_REQ, 0);
+pub static GO_G_REQ: LruHashMap<TaskKey, TaskRef> = LruHashMap::with_max_entries(CAP_GO_G_REQ, 0);
 pub const CAP_GO_REQ_OWNER: u32 = 16384;
 #[map]
-pub static GO_REQ_OWNER: LruHashMap<GoKey, GoRef> =
+pub static GO_REQ_OWNER: LruHashMap<TaskKey, TaskRef> =
     LruHashMap::with_max_entries(CAP_GO_REQ_OWNER, 0);
 pub const CAP_GO_WRITING: u32 = 16384;
 #[map]
-pub static GO_WRITING: LruHashMap<GoKey, GoRef> = LruHashMap::with_max_entries(CAP_GO_WRITING, 0);
+pub static GO_WRITING: LruHashMap<TaskKey, TaskRef> =
+    LruHashMap::with_max_entries(CAP_GO_WRITING, 0);
 /// Go goroutine spawns in progress: the spawning goroutine, by the thread running
 /// `runtime.newproc1` (from its entry to its return, on the thread's system stack). A plain
 /// hash: every entry is consumed at the return, and userspace removes those of dead threads.
 #[map]
 pub static GO_SPAWNING: HashMap<u64, u64> = HashMap::with_max_entries(4096, 0);
+
+/// Python asyncio (`propagate::asyncio`): what each event-loop thread runs, by pid_tgid, and
+/// the request each task works for. LRU, filled without the eviction estimate (uprobes on hot
+/// interpreter paths): an evicted entry only costs a link; userspace removes dead threads'
+/// entries and reports when the task map is full.
+#[map]
+pub static PY_THREADS: LruHashMap<u64, PyThread> = LruHashMap::with_max_entries(16384, 0);
+pub const CAP_PY_TASKS: u32 = 65536;
+#[map]
+pub static PY_TASKS: LruHashMap<TaskKey, TaskRef> = LruHashMap::with_max_entries(CAP_PY_TASKS, 0);
 
 /// An outgoing connection by what both `sk_msg` and `sock_ops` can see of it.
 #[repr(C)]

@@ -189,12 +189,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (go_tx, mut go_rx) = mpsc::channel(1024);
     let (exec_tx, exec_rx) = std::sync::mpsc::sync_channel(4096);
     let mut go_probes = crate::loader::go::GoProbes::default();
+    // Python processes found by the classifier, probed here if they are selected.
+    let (py_tx, mut py_rx) = mpsc::channel(1024);
+    let mut py_probes = crate::loader::python::PyProbes::default();
+    let selected = |pids: &HashSet<u32>, pid: u32| !settings.filter_pids || pids.contains(&pid);
     {
         let map = ebpf
             .take_map(agent_common::MAP_RUNTIMES)
             .context("the kernel object has no runtime map")?;
         let map = aya::maps::HashMap::try_from(map).context("the runtime map")?;
-        let mut c = crate::runtimes::Classifier::new(map, metrics.clone(), go_tx);
+        let mut c = crate::runtimes::Classifier::new(map, metrics.clone(), go_tx, py_tx);
         let t0 = std::time::Instant::now();
         c.sweep();
         tracing::info!(
@@ -203,6 +207,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         );
         while let Ok(exe) = go_rx.try_recv() {
             probe_go(&mut ebpf, &mut go_probes, exe);
+        }
+        while let Ok(pid) = py_rx.try_recv() {
+            if selected(&pids, pid) {
+                probe_python(&mut ebpf, &mut py_probes, &metrics, pid);
+            }
         }
         let stop = runtimes_stop.clone();
         std::thread::Builder::new()
@@ -272,6 +281,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             r = &mut tracker => { failed = Some(task_ended("connection tracker", r)); break; }
             r = &mut exporter => { failed = Some(task_ended("exporter", r)); break; }
             Some(exe) = go_rx.recv() => probe_go(&mut ebpf, &mut go_probes, exe),
+            Some(pid) = py_rx.recv() => if selected(&pids, pid) {
+                probe_python(&mut ebpf, &mut py_probes, &metrics, pid);
+            },
             _ = tick.tick() => {
                 ticks += 1;
                 sync_kernel_counters(&ebpf, &metrics, &mut last_kernel);
@@ -285,10 +297,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                         if let Err(e) = loader::allow_pids(&mut ebpf, &new) {
                             tracing::warn!("cannot add processes to the filter: {e}");
                         }
+                        for pid in new {
+                            probe_python(&mut ebpf, &mut py_probes, &metrics, pid);
+                        }
                     }
+                }
+                py_probes.sweep(&mut ebpf);
+                for pid in py_probes.waiting() {
+                    probe_python(&mut ebpf, &mut py_probes, &metrics, pid);
                 }
                 if ticks.is_multiple_of(30) {
                     loader::sweep_dead(&mut ebpf);
+                    if py_probes.probed() > 0 && loader::py_task_notes_full(&ebpf) {
+                        metrics.py_task_notes_map_full.inc();
+                    }
                     if loader::go_notes_full(&ebpf) {
                         metrics.go_notes_map_full.inc();
                     }
@@ -350,6 +372,34 @@ fn probe_go(
              parent (a stripped binary has no symbols to probe)",
             exe.display()
         ),
+    }
+}
+
+/// Attaches the asyncio uprobes to a selected Python process.
+fn probe_python(
+    ebpf: &mut aya::Ebpf,
+    probes: &mut crate::loader::python::PyProbes,
+    metrics: &Metrics,
+    pid: u32,
+) {
+    use crate::loader::python::Outcome;
+    match probes.attach(ebpf, pid) {
+        Ok(Outcome::Probed(i)) => tracing::info!(
+            pid,
+            "Python process: outgoing calls of its asyncio tasks link to the request each task \
+             was created or woken for ({} and {})",
+            i.interpreter.display(),
+            i.asyncio.display()
+        ),
+        Ok(Outcome::Nothing | Outcome::Later) => {}
+        Err(e) => {
+            metrics.python_not_followed.inc();
+            tracing::warn!(
+                pid,
+                "Python process: asyncio tasks are not followed ({e}); its calls link only when \
+                 their thread has one request open"
+            );
+        }
     }
 }
 

@@ -168,10 +168,13 @@ pub struct Classifier {
     map: BpfHashMap<MapData, u32, u8>,
     files: FileCache,
     /// `runtime_map_full`: processes whose entry did not fit in the kernel map;
-    /// `runtime_go_queue_full`: Go executables the agent's loop had no room for.
+    /// `runtime_go_queue_full`: Go executables the agent's loop had no room for;
+    /// `runtime_python_queue_full`: the same for Python processes.
     metrics: std::sync::Arc<crate::telemetry::Metrics>,
     /// Go executables found (paths valid from here), for their `net/http` probes.
     go_exes: tokio::sync::mpsc::Sender<PathBuf>,
+    /// Python processes found, for their asyncio probes.
+    pythons: tokio::sync::mpsc::Sender<u32>,
 }
 
 impl Classifier {
@@ -179,6 +182,7 @@ impl Classifier {
         map: BpfHashMap<MapData, u32, u8>,
         metrics: std::sync::Arc<crate::telemetry::Metrics>,
         go_exes: tokio::sync::mpsc::Sender<PathBuf>,
+        pythons: tokio::sync::mpsc::Sender<u32>,
     ) -> Classifier {
         Classifier {
             map,
@@ -187,6 +191,7 @@ impl Classifier {
             },
             metrics,
             go_exes,
+            pythons,
         }
     }
 
@@ -227,6 +232,13 @@ impl Classifier {
                             self.metrics.runtime_go_queue_full.inc();
                         }
                     }
+                }
+                if r == Runtime::Threads
+                    && crate::loader::python::seen(pid).is_some()
+                    && self.pythons.try_send(pid).is_err()
+                {
+                    // Its asyncio tasks are not followed: the thread rule stays.
+                    self.metrics.runtime_python_queue_full.inc();
                 }
                 if let Runtime::Tasks(name) = r {
                     tracing::debug!(

@@ -19,7 +19,7 @@
 //! failed before it was written) cannot name the owner of a later request.
 #[allow(unused_imports)]
 use crate::maps::lru::*;
-use agent_common::{GoKey, GoRef, ReqRef, RUNTIME_GO};
+use agent_common::{ReqRef, TaskKey, TaskRef, RUNTIME_GO};
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, generated::bpf_ktime_get_boot_ns},
     macros::uprobe,
@@ -40,8 +40,8 @@ fn now() -> u64 {
 }
 
 #[inline(always)]
-fn key(tgid: u32, ptr: u64) -> GoKey {
-    GoKey { ptr, tgid, _pad: 0 }
+fn key(tgid: u32, ptr: u64) -> TaskKey {
+    TaskKey { ptr, tgid, _pad: 0 }
 }
 
 #[inline(always)]
@@ -64,7 +64,7 @@ fn note<K, V>(map: &aya_ebpf::maps::LruHashMap<K, V>, which: u32, cap: u32, k: &
 #[inline(always)]
 pub fn request_read(tgid: u32, g: u64, at: ReqRef) {
     if g != 0 {
-        let _ = GO_G_REQ.insert(&key(tgid, g), &GoRef { at, ts: now() }, 0);
+        let _ = GO_G_REQ.insert(&key(tgid, g), &TaskRef { at, ts: now() }, 0);
     }
 }
 
@@ -82,7 +82,7 @@ pub fn go_transport_roundtrip(ctx: ProbeContext) -> u32 {
             LRU_GO_REQ_OWNER,
             CAP_GO_REQ_OWNER,
             &req_key,
-            &GoRef {
+            &TaskRef {
                 at: r.at,
                 ts: now(),
             },
@@ -111,7 +111,7 @@ pub fn go_request_write(ctx: ProbeContext) -> u32 {
             LRU_GO_WRITING,
             CAP_GO_WRITING,
             &writer,
-            &GoRef { at: o.at, ts: t },
+            &TaskRef { at: o.at, ts: t },
         ),
         // This write is for no known request: the writer's older note (if any) is void.
         _ => lru_remove(&GO_WRITING, LRU_GO_WRITING, &writer),
@@ -163,7 +163,7 @@ pub fn go_newproc1_ret(ctx: ProbeContext) -> u32 {
         Some(r) if super::inflight::is_live(&r.at) => {
             let _ = GO_G_REQ.insert(
                 &child,
-                &GoRef {
+                &TaskRef {
                     at: r.at,
                     ts: now(),
                 },

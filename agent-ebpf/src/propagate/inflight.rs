@@ -7,8 +7,9 @@
 use crate::maps::lru::*;
 use agent_common::{
     ReqRef, ServerReq, ThreadReqs, CNT_LINK_AMBIGUOUS, CNT_LINK_RUNTIME, CNT_LINK_TASK,
-    CNT_LINK_UNCLASSIFIED, CNT_STATE_MAP_FULL, LINK_AMBIGUOUS, LINK_NONE, LINK_RUNTIME, LINK_TASK,
-    LINK_THREAD, LINK_UNCLASSIFIED, RUNTIME_GO, RUNTIME_TASKS, RUNTIME_THREADS, THREAD_SLOTS,
+    CNT_LINK_TASK_UNBOUND, CNT_LINK_UNCLASSIFIED, CNT_STATE_MAP_FULL, LINK_AMBIGUOUS, LINK_NONE,
+    LINK_RUNTIME, LINK_TASK, LINK_THREAD, LINK_UNCLASSIFIED, RUNTIME_GO, RUNTIME_TASKS,
+    RUNTIME_THREADS, THREAD_SLOTS,
 };
 
 use crate::maps::{conn_key, count, CONNECT_REFS, PROC_RUNTIME, SERVER_REQS, THREAD_REQS};
@@ -37,14 +38,15 @@ pub struct Owner {
 }
 
 impl Owner {
-    const NONE: Owner = Owner {
+    pub const NONE: Owner = Owner {
         req: ServerReq {
             seq: 0,
             trace_id: [0; 16],
             span_id: [0; 8],
             flags: 0,
             live: 0,
-            _pad: [0; 2],
+            pipelined: 0,
+            _pad: 0,
             tid: 0,
         },
         at: ReqRef { sk: 0, seq: 0 },
@@ -63,10 +65,11 @@ impl Owner {
 pub fn open(pid_tgid: u64, g: u64, sk: u64, req: &ServerReq) {
     let tid = pid_tgid as u32;
     // The connection's previous request, if its response was never seen, is over now.
-    close(sk);
+    let pipelined = close(sk);
     let mut req = *req;
     req.tid = tid;
     req.live = 1;
+    req.pipelined = pipelined as u8;
     if lru_insert(&SERVER_REQS, LRU_SERVER_REQS, CAP_SERVER_REQS, &sk, &req).is_err() {
         count(CNT_STATE_MAP_FULL);
         return;
@@ -92,16 +95,16 @@ pub fn open(pid_tgid: u64, g: u64, sk: u64, req: &ServerReq) {
 }
 
 /// The server connection `sk` started a response (or closed): its request no longer takes new
-/// calls, and its thread has one request fewer open.
+/// calls, and its thread has one request fewer open. Whether that request was still open.
 #[inline(always)]
-pub fn close(sk: u64) {
+pub fn close(sk: u64) -> bool {
     let Some(r) = SERVER_REQS.get_ptr_mut(&sk) else {
-        return;
+        return false;
     };
     // SAFETY: live map value.
     let r = unsafe { &mut *r };
     if r.live == 0 {
-        return;
+        return false;
     }
     r.live = 0;
     if let Some(t) = THREAD_REQS.get_ptr_mut(&r.tid) {
@@ -109,6 +112,7 @@ pub fn close(sk: u64) {
         // around, which leaves the thread ambiguous (no guessed parent), never wrong.
         unsafe { add(&mut (*t).live, u64::MAX) };
     }
+    true
 }
 
 /// Whether `r` is still open (read, its response not started).
@@ -118,7 +122,7 @@ pub fn is_live(r: &ReqRef) -> bool {
 }
 
 #[inline(always)]
-fn live(r: &ReqRef) -> Option<ServerReq> {
+pub fn live(r: &ReqRef) -> Option<ServerReq> {
     if r.sk == 0 {
         return None;
     }
@@ -220,16 +224,25 @@ pub fn owner(pid_tgid: u64, fd: u32) -> Owner {
     let tgid = (pid_tgid >> 32) as u32;
     let runtime = runtime_of(tgid);
     let evidence = evidence_of(runtime);
-    if runtime == Some(RUNTIME_GO) {
-        if let Some(at) = super::goroutine::writing_for(tgid) {
-            if let Some(req) = live(&at) {
-                count(CNT_LINK_TASK);
-                return Owner {
-                    req,
-                    at,
-                    link: LINK_TASK,
-                };
-            }
+    // The runtime's own evidence first: Go's note for the request being written, or the
+    // asyncio task running on this thread (whose request, if any, decides alone).
+    let task = if runtime == Some(RUNTIME_GO) {
+        super::goroutine::writing_for(tgid)
+    } else {
+        super::asyncio::running(pid_tgid)
+    };
+    if let Some(at) = task {
+        if let Some(req) = live(&at) {
+            count(CNT_LINK_TASK);
+            return Owner {
+                req,
+                at,
+                link: LINK_TASK,
+            };
+        }
+        if runtime != Some(RUNTIME_GO) {
+            count(CNT_LINK_TASK_UNBOUND);
+            return Owner::NONE;
         }
     }
     if evidence != LINK_THREAD {

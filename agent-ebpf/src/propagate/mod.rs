@@ -1,5 +1,6 @@
 //! Trace context on the wire without `bpf_probe_write_user`: the kernel decides the context of
 //! each request a traced process reads or sends, and `sk_msg` writes it into outgoing requests.
+pub mod asyncio;
 pub mod goroutine;
 pub mod head;
 pub mod ids;
@@ -74,7 +75,8 @@ pub fn incoming(
         span_id: wire.span_id,
         flags: wire.flags,
         live: 1,
-        _pad: [0; 2],
+        pipelined: 0,
+        _pad: 0,
         tid: pid_tgid as u32,
     };
     inflight::open(pid_tgid, io.g, io.sk, &req);

@@ -148,24 +148,34 @@ pub fn run() -> bool {
                         &e.to_string(),
                     ),
                 }
-                // The Go uprobes: verified here, attached only to Go executables when found.
-                let go: Vec<String> = super::go::PROGRAMS
-                    .into_iter()
-                    .filter_map(|name| {
-                        ebpf.program_mut(name)
-                            .ok_or_else(|| "missing".to_string())
-                            .and_then(|p| {
-                                <&mut aya::programs::UProbe>::try_from(p).map_err(|e| e.to_string())
-                            })
-                            .and_then(|p| p.load().map_err(|e| e.to_string()))
-                            .err()
-                            .map(|e| format!("{name}: {e}"))
-                    })
-                    .collect();
+                // The runtime uprobes: verified here, attached only where their runtime is found.
+                let mut uprobes = |programs: &[&str]| -> Vec<String> {
+                    programs
+                        .iter()
+                        .filter_map(|name| {
+                            ebpf.program_mut(name)
+                                .ok_or_else(|| "missing".to_string())
+                                .and_then(|p| {
+                                    <&mut aya::programs::UProbe>::try_from(p)
+                                        .map_err(|e| e.to_string())
+                                })
+                                .and_then(|p| p.load().map_err(|e| e.to_string()))
+                                .err()
+                                .map(|e| format!("{name}: {e}"))
+                        })
+                        .collect()
+                };
+                let go = uprobes(&super::go::PROGRAMS);
                 r.line(
                     go.is_empty(),
                     "verifier accepted the Go uprobes (net/http and goroutine spawns: goroutine linking)",
                     &go.join("; "),
+                );
+                let py = uprobes(&super::python::PROGRAMS);
+                r.line(
+                    py.is_empty(),
+                    "verifier accepted the Python asyncio uprobes (task linking)",
+                    &py.join("; "),
                 );
                 let stitch = super::btf::tcp_seq_offsets().and_then(|_| {
                     ebpf.program_mut(super::STITCH_PROGRAM)

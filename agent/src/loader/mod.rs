@@ -5,11 +5,12 @@ pub mod caps;
 pub mod check;
 pub mod go;
 pub mod inject;
+pub mod python;
 
 use std::{net::IpAddr, path::Path};
 
 use agent_common::{
-    ConnInfo, EndpointKey, GoKey, GoRef, IoArgs, ANY_ADDR, FILTER_PIDS, FILTER_PORTS,
+    ConnInfo, EndpointKey, IoArgs, TaskKey, TaskRef, ANY_ADDR, FILTER_PIDS, FILTER_PORTS,
     MAP_ACTIVE_CONNECT, MAP_ACTIVE_IO, MAP_CONNS, MAP_COUNTERS, MAP_EVENTS, MAP_EXCLUDED, MAP_PIDS,
     MAP_PORTS, MAX_PAYLOAD,
 };
@@ -505,8 +506,8 @@ fn recount_lru(ebpf: &mut Ebpf) {
             "LARGE_SENDS" => count_entries::<16, 1>(ebpf, name),
             "CONNECTING" => count_entries::<8, 1>(ebpf, name),
             "GO_REQ_OWNER" | "GO_WRITING" => count_entries::<
-                { size_of::<agent_common::GoKey>() },
-                { size_of::<agent_common::GoRef>() },
+                { size_of::<agent_common::TaskKey>() },
+                { size_of::<agent_common::TaskRef>() },
             >(ebpf, name),
             _ => None,
         })
@@ -530,9 +531,15 @@ pub fn sweep_dead(ebpf: &mut Ebpf) {
     remove_dead::<IoArgs>(ebpf, MAP_ACTIVE_IO, alive_thread);
     remove_dead::<u64>(ebpf, MAP_ACTIVE_CONNECT, alive_thread);
     remove_dead::<u64>(ebpf, agent_common::MAP_GO_SPAWNING, alive_thread);
+    remove_dead::<agent_common::PyThread>(ebpf, agent_common::MAP_PY_THREADS, alive_thread);
     remove_dead::<ConnInfo>(ebpf, MAP_CONNS, alive_process);
-    for name in ["GO_G_REQ", "GO_REQ_OWNER", "GO_WRITING"] {
-        remove_dead_go(ebpf, name);
+    for name in [
+        "GO_G_REQ",
+        "GO_REQ_OWNER",
+        "GO_WRITING",
+        agent_common::MAP_PY_TASKS,
+    ] {
+        remove_dead_tasks(ebpf, name);
     }
     recount_lru(ebpf);
 }
@@ -543,18 +550,33 @@ const CAP_GO_G_REQ: usize = 65536;
 /// Whether the goroutine-note map is full, so that its oldest notes are being evicted (it is
 /// filled without the kernel's eviction estimate, see `propagate::goroutine`).
 pub fn go_notes_full(ebpf: &Ebpf) -> bool {
-    count_entries::<{ std::mem::size_of::<GoKey>() }, { std::mem::size_of::<GoRef>() }>(
+    count_entries::<{ std::mem::size_of::<TaskKey>() }, { std::mem::size_of::<TaskRef>() }>(
         ebpf, "GO_G_REQ",
     )
     .is_some_and(|n| n as usize + lru_slack() as usize >= CAP_GO_G_REQ)
 }
 
-/// Deletes the Go notes of processes that exited.
-fn remove_dead_go(ebpf: &mut Ebpf, name: &str) {
-    let Some(Ok(mut m)) = ebpf.map_mut(name).map(HashMap::<_, GoKey, GoRef>::try_from) else {
+/// Capacity of the kernel's `PY_TASKS` map (`agent-ebpf/src/maps.rs`).
+const CAP_PY_TASKS: usize = 65536;
+
+/// Whether the asyncio task map is full, so that its oldest notes are being evicted.
+pub fn py_task_notes_full(ebpf: &Ebpf) -> bool {
+    count_entries::<{ std::mem::size_of::<TaskKey>() }, { std::mem::size_of::<TaskRef>() }>(
+        ebpf,
+        agent_common::MAP_PY_TASKS,
+    )
+    .is_some_and(|n| n as usize + lru_slack() as usize >= CAP_PY_TASKS)
+}
+
+/// Deletes the task notes (Go, asyncio) of processes that exited.
+fn remove_dead_tasks(ebpf: &mut Ebpf, name: &str) {
+    let Some(Ok(mut m)) = ebpf
+        .map_mut(name)
+        .map(HashMap::<_, TaskKey, TaskRef>::try_from)
+    else {
         return;
     };
-    let dead: Vec<GoKey> = m
+    let dead: Vec<TaskKey> = m
         .keys()
         .filter_map(Result::ok)
         .filter(|k| !Path::new(&format!("/proc/{}", k.tgid)).exists())
