@@ -70,6 +70,11 @@ if ! python3 -c 'import aiohttp' 2>/dev/null; then
   log "installing aiohttp from PyPI (the asyncio service of the linking tests)"
   python3 -m pip install -q --root-user-action=ignore 'aiohttp>=3.8' || { log "pip install aiohttp failed"; exit 1; }
 fi
+if ! python3 -c 'import uvicorn, fastapi, httpx' 2>/dev/null; then
+  log "installing uvicorn, FastAPI and httpx from PyPI (the ASGI service of the linking tests)"
+  python3 -m pip install -q --root-user-action=ignore 'uvicorn>=0.20' 'fastapi>=0.100' 'httpx>=0.24' \
+    || { log "pip install uvicorn fastapi httpx failed"; exit 1; }
+fi
 if ! python3 -c 'import grpc' 2>/dev/null; then
   log "installing grpcio from PyPI (the gRPC server and client of the HTTP/2 tests)"
   python3 -m pip install -q --root-user-action=ignore 'grpcio>=1.50' || { log "pip install grpcio failed"; exit 1; }
