@@ -40,6 +40,15 @@ pub struct Nginx {
 impl Nginx {
     /// nginx on 127.0.0.1:`port` with `locations` inside its server block.
     pub fn start(port: u16, locations: &str) -> Nginx {
+        Nginx::start_listening(port, "", locations)
+    }
+
+    /// As `start`, speaking HTTP/2 over cleartext (h2c with prior knowledge) on `port`.
+    pub fn start_h2c(port: u16, locations: &str) -> Nginx {
+        Nginx::start_listening(port, " http2", locations)
+    }
+
+    fn start_listening(port: u16, listen: &str, locations: &str) -> Nginx {
         let dir = std::env::temp_dir().join(format!("nginx-test-{port}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("logs")).expect("nginx dir");
@@ -54,7 +63,7 @@ impl Nginx {
              events {{ worker_connections 1024; }}\n\
              http {{\n  access_log {d}/logs/access.log;\n  keepalive_requests 1000000;\n  client_body_temp_path {d}/tmp;\n\
                proxy_temp_path {d}/tmp;\n  fastcgi_temp_path {d}/tmp;\n  uwsgi_temp_path {d}/tmp;\n  scgi_temp_path {d}/tmp;\n\
-               server {{\n    listen 127.0.0.1:{port};\n    root {d}/html;\n{locations}\n  }}\n}}\n",
+               server {{\n    listen 127.0.0.1:{port}{listen};\n    root {d}/html;\n{locations}\n  }}\n}}\n",
             d = dir.display()
         );
         std::fs::create_dir_all(dir.join("tmp")).expect("tmp");

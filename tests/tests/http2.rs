@@ -362,3 +362,112 @@ fn grpcio_unary_and_streaming_calls() {
         expect("Chat", 3, 3);
     }
 }
+
+/// gRPC through a proxy: grpcio's client calls nginx (`listen ... http2`, `grpc_pass`), which
+/// calls grpcio's server over HTTP/2 of its own. Unary and streaming calls, then replies of
+/// 1 MiB and 16 MiB checked byte for byte, all bounded in time: the proxy must pass everything
+/// unchanged while both of its sides are traced. Each call gives four spans: the client's, the
+/// proxy's SERVER and CLIENT spans, and the server's, each named `package.Service/Method` with
+/// its status.
+#[test]
+fn grpc_through_nginx_grpc_pass() {
+    let rx = Receiver::start();
+    let upstream = free_port();
+    let _server = Proc::spawn(
+        tests::programs::python("grpc_service.py", &["serve", &upstream.to_string()])
+            .env("OTEL_SERVICE_NAME", "catalog")
+            .stdout(Stdio::null()),
+    );
+    wait_port(upstream);
+    let port = free_port();
+    let _nginx = tests::programs::Nginx::start_h2c(
+        port,
+        &format!(
+            "    location / {{ grpc_pass grpc://127.0.0.1:{upstream}; \
+             grpc_read_timeout 60s; grpc_send_timeout 60s; }}\n"
+        ),
+    );
+    let agent = Agent::start(
+        Export::Grpc(&rx),
+        &["--port", &port.to_string(), "--port", &upstream.to_string()],
+    );
+    let rounds = 10;
+    let out = run(Command::new("timeout")
+        .args(["60", "python3"])
+        .arg(fixture("grpc_service.py"))
+        .args(["call", &port.to_string(), &rounds.to_string()]));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("ok {rounds}")
+    );
+    let mut blobs = 0;
+    for (size, n) in [(1usize << 20, 8), (16 << 20, 3)] {
+        let out = run(Command::new("timeout")
+            .args(["120", "python3"])
+            .arg(fixture("grpc_service.py"))
+            .args([
+                "blobs",
+                &port.to_string(),
+                &size.to_string(),
+                &n.to_string(),
+            ]));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            format!("ok {n}")
+        );
+        blobs += n;
+    }
+    let calls = 6 * rounds + blobs;
+    rx.wait_for(
+        4 * calls,
+        Duration::from_secs(60),
+        "four spans per call",
+        |_| true,
+    );
+    std::thread::sleep(Duration::from_millis(800));
+    let (_, err) = agent.stop();
+    let spans = rx.spans();
+    eprintln!("grpc through nginx: counters {:?}", final_counters(&err));
+    assert_eq!(spans.len(), 4 * calls, "four spans per call");
+    // Two SERVER spans (the proxy's, the server's) and two CLIENT spans (the client's, the
+    // proxy's) for each call.
+    let count = |kind: &str, name: &str| {
+        spans
+            .iter()
+            .filter(|s| s.kind() == kind && s.span.name == format!("shop.v1.Catalog/{name}"))
+            .count()
+    };
+    for (name, per_round) in [
+        ("Get", 2),
+        ("List", 1),
+        ("Upload", 1),
+        ("Chat", 1),
+        ("Crash", 1),
+    ] {
+        assert_eq!(count("server", name), 2 * per_round * rounds, "{name}");
+        assert_eq!(count("client", name), 2 * per_round * rounds, "{name}");
+    }
+    let blob_spans: Vec<_> = spans
+        .iter()
+        .filter(|s| s.span.name == "shop.v1.Catalog/Blob")
+        .collect();
+    assert_eq!(blob_spans.len(), 4 * blobs);
+    assert!(blob_spans
+        .iter()
+        .all(|s| s.attr("rpc.response.status_code") == Some("OK") && s.status_code() == 0));
+    // Statuses survive the proxy: NOT_FOUND and UNKNOWN on every span of those calls, an error
+    // on every client side and on no server side for NOT_FOUND.
+    let missing: Vec<_> = spans
+        .iter()
+        .filter(|s| s.attr("rpc.response.status_code") == Some("NOT_FOUND"))
+        .collect();
+    assert_eq!(missing.len(), 4 * rounds);
+    assert!(missing
+        .iter()
+        .all(|s| (s.status_code() == 2) == (s.kind() == "client")));
+    let unknown = spans
+        .iter()
+        .filter(|s| s.attr("rpc.response.status_code") == Some("UNKNOWN"))
+        .count();
+    assert_eq!(unknown, 4 * rounds);
+}

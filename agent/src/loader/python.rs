@@ -305,15 +305,18 @@ impl PyProbes {
             return Ok(Outcome::Nothing);
         };
         let scope = UProbeScope::OneProcess(one);
+        // The return probe goes first: a `Context.run` entered between the two attachments
+        // then has a return without an entry (ignored), never an entry without a return
+        // (which would leave the thread inside a callback for good).
         let plan: [(&'static str, &'static str, &Path, Option<u64>); 5] = [
             (
-                PY_CONTEXT_RUN_PROGRAM,
+                PY_CONTEXT_RUN_RET_PROGRAM,
                 PY_CONTEXT_RUN_SYMBOL,
                 &install.interpreter,
                 None,
             ),
             (
-                PY_CONTEXT_RUN_RET_PROGRAM,
+                PY_CONTEXT_RUN_PROGRAM,
                 PY_CONTEXT_RUN_SYMBOL,
                 &install.interpreter,
                 None,
