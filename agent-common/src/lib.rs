@@ -383,6 +383,34 @@ pub const RUNTIME_TASKS: u8 = 2;
 /// Go: tasks as above, and the current goroutine is in `r14` (Go's register ABI on x86_64, Go
 /// 1.17 and later), so uprobes on `net/http` can tell which goroutine works for which request.
 pub const RUNTIME_GO: u8 = 3;
+/// tokio: tasks as above; where its binary keeps its symbols, uprobes on its task polls and
+/// its channels tell which task works for which request (`propagate::tokio`).
+pub const RUNTIME_TOKIO: u8 = 4;
+
+/// tokio (`propagate::tokio`): the functions probed, by demangled path (every instance of
+/// these generic functions): `raw::poll(header)` runs one poll of a task (entry and return),
+/// `list::Tx<T>::push(&self, value)` sends on an mpsc channel, `list::Rx<T>::pop(&mut self,
+/// tx)` receives from one.
+pub const TOKIO_POLL_PATH: &str = "tokio::runtime::task::raw::poll";
+pub const TOKIO_PUSH_PATH: &str = "tokio::sync::mpsc::list::Tx<T>::push";
+pub const TOKIO_POP_PATH: &str = "tokio::sync::mpsc::list::Rx<T>::pop";
+pub const TOKIO_POLL_PROGRAM: &str = "tokio_poll";
+pub const TOKIO_POLL_RET_PROGRAM: &str = "tokio_poll_ret";
+pub const TOKIO_PUSH_PROGRAM: &str = "tokio_chan_push";
+pub const TOKIO_POP_PROGRAM: &str = "tokio_chan_pop";
+/// Kernel maps: the task each thread polls (pid_tgid -> task header), and the request the
+/// messages waiting in each channel were sent for (`TaskKey` of the channel -> `ChanNote`).
+pub const MAP_TOKIO_POLLING: &str = "TOKIO_POLLING";
+pub const MAP_TOKIO_CHANS: &str = "TOKIO_CHANS";
+
+/// The messages waiting in one tokio channel: how many, and the request their senders worked
+/// for (`at.sk` 0 when none, or when they worked for different ones).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ChanNote {
+    pub at: ReqRef,
+    pub waiting: u64,
+}
 
 /// A task (a Go goroutine's `g`, a Python asyncio task object) or a runtime object (`ptr` = its
 /// address) in process `tgid`.

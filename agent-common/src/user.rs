@@ -11,3 +11,4 @@ unsafe impl aya::Pod for FlowSeq {}
 unsafe impl aya::Pod for TaskKey {}
 unsafe impl aya::Pod for TaskRef {}
 unsafe impl aya::Pod for crate::PyThread {}
+unsafe impl aya::Pod for crate::ChanNote {}

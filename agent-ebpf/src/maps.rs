@@ -1,8 +1,8 @@
 //! Every map and load-time setting of the kernel side, in one place.
 use agent_common::{
-    ConnInfo, EndpointKey, FlowSeq, PyThread, ReqRef, ServerReq, TaskKey, TaskRef, ThreadReqs,
-    WireCtx, CNT_SCRATCH_BUSY, DATA_HEADER_SIZE, INJECT_STITCH, MAX_PAYLOAD, NUM_COUNTERS,
-    SAMPLE_ALWAYS,
+    ChanNote, ConnInfo, EndpointKey, FlowSeq, PyThread, ReqRef, ServerReq, TaskKey, TaskRef,
+    ThreadReqs, WireCtx, CNT_SCRATCH_BUSY, DATA_HEADER_SIZE, INJECT_STITCH, MAX_PAYLOAD,
+    NUM_COUNTERS, SAMPLE_ALWAYS,
 };
 use aya_ebpf::{
     macros::map,
@@ -163,6 +163,13 @@ pub static GO_SPAWNING: HashMap<u64, u64> = HashMap::with_max_entries(4096, 0);
 /// entries and reports when the task map is full.
 #[map]
 pub static PY_THREADS: LruHashMap<u64, PyThread> = LruHashMap::with_max_entries(16384, 0);
+/// tokio (`propagate::tokio`): the task each thread polls, by pid_tgid, and what waits in each
+/// channel. LRU without the eviction estimate: an evicted entry only costs a link (a channel
+/// whose count is lost starts over at its next push).
+#[map]
+pub static TOKIO_POLLING: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16384, 0);
+#[map]
+pub static TOKIO_CHANS: LruHashMap<TaskKey, ChanNote> = LruHashMap::with_max_entries(16384, 0);
 pub const CAP_PY_TASKS: u32 = 65536;
 #[map]
 pub static PY_TASKS: LruHashMap<TaskKey, TaskRef> = LruHashMap::with_max_entries(CAP_PY_TASKS, 0);

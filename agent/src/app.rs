@@ -161,6 +161,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         ring,
         injecting,
     } = loader::load(&settings)?;
+    // Every data program is attached from here on: a syscall that began earlier may have been
+    // seen in one direction and not the other (the programs attach one after another), and
+    // half an exchange would shift every later pairing on its connection.
+    let attached_ns = crate::clock::Clock::boot_now_ns();
     match (&injecting, args.inject) {
         (Some(cg), _) => tracing::info!(
             "trace context: same-host stitching, and traceparent written into outgoing HTTP/1.x \
@@ -189,16 +193,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (go_tx, mut go_rx) = mpsc::channel(1024);
     let (exec_tx, exec_rx) = std::sync::mpsc::sync_channel(4096);
     let mut go_probes = crate::loader::go::GoProbes::default();
-    // Python processes found by the classifier, probed here if they are selected.
-    let (py_tx, mut py_rx) = mpsc::channel(1024);
-    let mut py_probes = crate::loader::python::PyProbes::default();
-    let selected = |pids: &HashSet<u32>, pid: u32| !settings.filter_pids || pids.contains(&pid);
+    // Python and tokio processes found by the classifier, probed here once they are selected.
+    let (follow_tx, mut follow_rx) = mpsc::channel(1024);
+    let mut followers = Followers::default();
+    let filter_pids = settings.filter_pids;
     {
         let map = ebpf
             .take_map(agent_common::MAP_RUNTIMES)
             .context("the kernel object has no runtime map")?;
         let map = aya::maps::HashMap::try_from(map).context("the runtime map")?;
-        let mut c = crate::runtimes::Classifier::new(map, metrics.clone(), go_tx, py_tx);
+        let mut c = crate::runtimes::Classifier::new(map, metrics.clone(), go_tx, follow_tx);
         let t0 = std::time::Instant::now();
         c.sweep();
         tracing::info!(
@@ -208,10 +212,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         while let Ok(exe) = go_rx.try_recv() {
             probe_go(&mut ebpf, &mut go_probes, exe);
         }
-        while let Ok(pid) = py_rx.try_recv() {
-            if selected(&pids, pid) {
-                probe_python(&mut ebpf, &mut py_probes, &metrics, pid);
-            }
+        while let Ok((pid, f)) = follow_rx.try_recv() {
+            followers.found(
+                &mut ebpf,
+                &metrics,
+                pid,
+                f,
+                !filter_pids || pids.contains(&pid),
+            );
         }
         let stop = runtimes_stop.clone();
         std::thread::Builder::new()
@@ -246,6 +254,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     ));
     let mut tracker = tokio::spawn(
         Tracker::new(metrics.clone(), span_tx, snapshot, sampler, (urls, limits))
+            .attached_at(attached_ns)
             .run(ev_rx, ev_budget.clone()),
     );
     let mut reader = tokio::spawn(reader::run(
@@ -281,9 +290,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             r = &mut tracker => { failed = Some(task_ended("connection tracker", r)); break; }
             r = &mut exporter => { failed = Some(task_ended("exporter", r)); break; }
             Some(exe) = go_rx.recv() => probe_go(&mut ebpf, &mut go_probes, exe),
-            Some(pid) = py_rx.recv() => if selected(&pids, pid) {
-                probe_python(&mut ebpf, &mut py_probes, &metrics, pid);
-            },
+            Some((pid, f)) = follow_rx.recv() => {
+                followers.found(&mut ebpf, &metrics, pid, f, !filter_pids || pids.contains(&pid));
+            }
             _ = tick.tick() => {
                 ticks += 1;
                 sync_kernel_counters(&ebpf, &metrics, &mut last_kernel);
@@ -298,17 +307,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                             tracing::warn!("cannot add processes to the filter: {e}");
                         }
                         for pid in new {
-                            probe_python(&mut ebpf, &mut py_probes, &metrics, pid);
+                            followers.selected(&mut ebpf, &metrics, pid);
                         }
                     }
                 }
-                py_probes.sweep(&mut ebpf);
-                for pid in py_probes.waiting() {
-                    probe_python(&mut ebpf, &mut py_probes, &metrics, pid);
-                }
+                followers.tick(&mut ebpf, &metrics);
                 if ticks.is_multiple_of(30) {
                     loader::sweep_dead(&mut ebpf);
-                    if py_probes.probed() > 0 && loader::py_task_notes_full(&ebpf) {
+                    if followers.python.probed() > 0 && loader::py_task_notes_full(&ebpf) {
                         metrics.py_task_notes_map_full.inc();
                     }
                     if loader::go_notes_full(&ebpf) {
@@ -375,30 +381,97 @@ fn probe_go(
     }
 }
 
-/// Attaches the asyncio uprobes to a selected Python process.
-fn probe_python(
-    ebpf: &mut aya::Ebpf,
-    probes: &mut crate::loader::python::PyProbes,
-    metrics: &Metrics,
-    pid: u32,
-) {
-    use crate::loader::python::Outcome;
-    match probes.attach(ebpf, pid) {
-        Ok(Outcome::Probed(i)) => tracing::info!(
-            pid,
-            "Python process: outgoing calls of its asyncio tasks link to the request each task \
-             was created or woken for ({} and {})",
-            i.interpreter.display(),
-            i.asyncio.display()
-        ),
-        Ok(Outcome::Nothing | Outcome::Later) => {}
-        Err(e) => {
-            metrics.python_not_followed.inc();
-            tracing::warn!(
-                pid,
-                "Python process: asyncio tasks are not followed ({e}); its calls link only when \
-                 their thread has one request open"
-            );
+/// The task runtimes followed with per-process uprobes (Python asyncio, tokio), and the
+/// processes found before they were selected (`--exe` selects every 2 s).
+#[derive(Default)]
+struct Followers {
+    python: crate::loader::python::PyProbes,
+    tokio: crate::loader::tokio_tasks::TokioProbes,
+    unselected: std::collections::HashMap<u32, crate::runtimes::Follow>,
+}
+
+impl Followers {
+    /// The classifier found process `pid` of runtime `f`.
+    fn found(
+        &mut self,
+        ebpf: &mut aya::Ebpf,
+        metrics: &Metrics,
+        pid: u32,
+        f: crate::runtimes::Follow,
+        selected: bool,
+    ) {
+        if selected {
+            self.probe(ebpf, metrics, pid, f);
+        } else if self.unselected.len() < 16_384 {
+            self.unselected.insert(pid, f);
+        }
+    }
+
+    /// `--exe` selected process `pid`.
+    fn selected(&mut self, ebpf: &mut aya::Ebpf, metrics: &Metrics, pid: u32) {
+        if let Some(f) = self.unselected.remove(&pid) {
+            self.probe(ebpf, metrics, pid, f);
+        }
+    }
+
+    /// Detaches what exited, and looks again at Python processes whose interpreter was not
+    /// mapped yet.
+    fn tick(&mut self, ebpf: &mut aya::Ebpf, metrics: &Metrics) {
+        self.python.sweep(ebpf);
+        self.tokio.sweep(ebpf);
+        self.unselected
+            .retain(|pid, _| std::path::Path::new(&format!("/proc/{pid}")).exists());
+        for pid in self.python.waiting() {
+            self.probe(ebpf, metrics, pid, crate::runtimes::Follow::Python);
+        }
+    }
+
+    fn probe(
+        &mut self,
+        ebpf: &mut aya::Ebpf,
+        metrics: &Metrics,
+        pid: u32,
+        f: crate::runtimes::Follow,
+    ) {
+        use crate::loader::{python, tokio_tasks as tk};
+        match f {
+            crate::runtimes::Follow::Python => match self.python.attach(ebpf, pid) {
+                Ok(python::Outcome::Probed(i)) => tracing::info!(
+                    pid,
+                    "Python process: outgoing calls of its asyncio tasks link to the request \
+                     each task was created or woken for ({} and {})",
+                    i.interpreter.display(),
+                    i.asyncio.display()
+                ),
+                Ok(python::Outcome::Nothing | python::Outcome::Later) => {}
+                Err(e) => {
+                    metrics.python_not_followed.inc();
+                    tracing::warn!(
+                        pid,
+                        "Python process: asyncio tasks are not followed ({e}); its calls link \
+                         only when their thread has one request open"
+                    );
+                }
+            },
+            crate::runtimes::Follow::Tokio => match self.tokio.attach(ebpf, pid) {
+                Ok(tk::Outcome::Probed(i)) => tracing::info!(
+                    pid,
+                    "tokio process: outgoing calls link to the request of the task that sent \
+                     them over a channel ({} task poll, {} channel send and {} receive \
+                     instances probed)",
+                    i.poll.len(),
+                    i.push.len(),
+                    i.pop.len()
+                ),
+                Ok(tk::Outcome::Nothing) => {}
+                Err(e) => {
+                    metrics.tokio_not_followed.inc();
+                    tracing::warn!(
+                        pid,
+                        "tokio process: tasks are not followed ({e}); its calls get no parent"
+                    );
+                }
+            },
         }
     }
 }

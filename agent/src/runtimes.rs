@@ -16,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use agent_common::{RUNTIME_GO, RUNTIME_PENDING, RUNTIME_TASKS, RUNTIME_THREADS};
+use agent_common::{RUNTIME_GO, RUNTIME_PENDING, RUNTIME_TASKS, RUNTIME_THREADS, RUNTIME_TOKIO};
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
 use object::{Object, ObjectSection};
 
@@ -34,6 +34,7 @@ impl Runtime {
         match self {
             Runtime::Threads => RUNTIME_THREADS,
             Runtime::Tasks("go") => RUNTIME_GO,
+            Runtime::Tasks("tokio") => RUNTIME_TOKIO,
             Runtime::Tasks(_) => RUNTIME_TASKS,
         }
     }
@@ -169,12 +170,19 @@ pub struct Classifier {
     files: FileCache,
     /// `runtime_map_full`: processes whose entry did not fit in the kernel map;
     /// `runtime_go_queue_full`: Go executables the agent's loop had no room for;
-    /// `runtime_python_queue_full`: the same for Python processes.
+    /// `runtime_follow_queue_full`: the same for Python and tokio processes.
     metrics: std::sync::Arc<crate::telemetry::Metrics>,
     /// Go executables found (paths valid from here), for their `net/http` probes.
     go_exes: tokio::sync::mpsc::Sender<PathBuf>,
-    /// Python processes found, for their asyncio probes.
-    pythons: tokio::sync::mpsc::Sender<u32>,
+    /// Python and tokio processes found, for their task probes.
+    followed: tokio::sync::mpsc::Sender<(u32, Follow)>,
+}
+
+/// The task runtime of a process whose tasks the agent can follow with uprobes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Follow {
+    Python,
+    Tokio,
 }
 
 impl Classifier {
@@ -182,7 +190,7 @@ impl Classifier {
         map: BpfHashMap<MapData, u32, u8>,
         metrics: std::sync::Arc<crate::telemetry::Metrics>,
         go_exes: tokio::sync::mpsc::Sender<PathBuf>,
-        pythons: tokio::sync::mpsc::Sender<u32>,
+        followed: tokio::sync::mpsc::Sender<(u32, Follow)>,
     ) -> Classifier {
         Classifier {
             map,
@@ -191,7 +199,7 @@ impl Classifier {
             },
             metrics,
             go_exes,
-            pythons,
+            followed,
         }
     }
 
@@ -233,12 +241,18 @@ impl Classifier {
                         }
                     }
                 }
-                if r == Runtime::Threads
-                    && crate::loader::python::seen(pid).is_some()
-                    && self.pythons.try_send(pid).is_err()
-                {
-                    // Its asyncio tasks are not followed: the thread rule stays.
-                    self.metrics.runtime_python_queue_full.inc();
+                let follow = match r {
+                    Runtime::Threads if crate::loader::python::seen(pid).is_some() => {
+                        Some(Follow::Python)
+                    }
+                    Runtime::Tasks("tokio") => Some(Follow::Tokio),
+                    _ => None,
+                };
+                if let Some(f) = follow {
+                    if self.followed.try_send((pid, f)).is_err() {
+                        // Its tasks are not followed: asyncio keeps the thread rule, tokio none.
+                        self.metrics.runtime_follow_queue_full.inc();
+                    }
                 }
                 if let Runtime::Tasks(name) = r {
                     tracing::debug!(

@@ -153,15 +153,26 @@ fn concurrent_fanout(
             .count(),
         n
     );
-    rx.wait_for(
-        (1 + calls.len()) * n,
-        Duration::from_secs(30),
-        "a server span and its client spans per request",
-        |_| true,
-    );
+    // A server span and its client spans per request (the background's spans aside); the
+    // agent is stopped either way, so that a shortfall shows with its counters.
+    let of_requests =
+        |s: &tests::receiver::RSpan| s.attr("url.path").is_some_and(|p| p.starts_with("/r/"));
+    let end = std::time::Instant::now() + Duration::from_secs(30);
+    while rx.spans().iter().filter(|s| of_requests(s)).count() < (1 + calls.len()) * n
+        && std::time::Instant::now() < end
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     std::thread::sleep(Duration::from_millis(800));
     let (_, err) = agent.stop();
     let spans = rx.spans();
+    let got = spans.iter().filter(|s| of_requests(s)).count();
+    assert_eq!(
+        got,
+        (1 + calls.len()) * n,
+        "spans of the requests; agent counters: {:?}",
+        tests::agent::final_counters(&err)
+    );
     let mut l = Links {
         counters: tests::agent::final_counters(&err),
         ..Links::default()
@@ -461,32 +472,46 @@ fn java_httpclient_calls_are_never_given_a_wrong_parent() {
     assert_eq!(l.linked + l.unlinked, 200);
 }
 
-/// A tokio service built by the tests (multi-thread runtime, hyper server, reqwest client):
-/// tasks move between worker threads and reqwest writes each request from its connection's
-/// own task, so no thread is evidence of the caller. The agent classifies the binary as tokio
-/// and gives its calls no parent, never a wrong one, and says why (`runtime`).
+/// A tokio service built by the tests (multi-thread runtime, hyper server, reqwest client),
+/// 200 requests from 8 concurrent clients: tasks move between worker threads and reqwest
+/// writes each request from its connection's own task, handed over a channel, so no thread is
+/// evidence of the caller. The agent follows the task that sent the request over the channel
+/// (uprobes on tokio's task polls and mpsc channel). A background task of the same process
+/// calls the backend through the same client pool every few milliseconds: no request caused
+/// those calls, so none of them may get a parent.
 #[test]
-fn tokio_service_never_gets_a_wrong_parent() {
+fn tokio_calls_link_to_their_request_by_task() {
     let (_nginx, backend) = backend();
     let port = free_port();
     let service = Proc::spawn(
         Command::new(env!("CARGO_BIN_EXE_tokio-service"))
-            .args([port.to_string(), format!("http://127.0.0.1:{backend}")])
+            .args([
+                port.to_string(),
+                format!("http://127.0.0.1:{backend}"),
+                "background".into(),
+            ])
             .stdout(Stdio::null()),
     );
     wait_port(port);
     let l = concurrent_calls(&service, port, 200, "tokio");
     eprintln!("tokio (hyper + reqwest, 8 concurrent): {l:?}");
     assert_eq!(l.wrong, 0, "a wrong parent is worse than none");
-    assert_eq!(
-        l.methods.get("runtime").copied(),
-        Some(200),
-        "every call of a tokio process says its runtime is why it has no parent: {:?}",
-        l.methods
-    );
     assert!(
-        l.counters.get("kernel_link_runtime").copied().unwrap_or(0) >= 200,
-        "counted: {:?}",
-        l.counters
+        l.linked * 100 >= 200 * 95,
+        "at least 95% of calls link to their request by task: {l:?}"
+    );
+    assert!(l.background >= 20, "the background task called out: {l:?}");
+    assert_eq!(
+        l.background_parented, 0,
+        "a call no request made gets no parent: {l:?}"
+    );
+    assert_eq!(
+        l.methods
+            .keys()
+            .filter(|m| !matches!(m.as_str(), "task" | "runtime"))
+            .count(),
+        0,
+        "a tokio process links by task or says its runtime is why not: {:?}",
+        l.methods
     );
 }

@@ -9,7 +9,7 @@ use agent_common::{
     ReqRef, ServerReq, ThreadReqs, CNT_LINK_AMBIGUOUS, CNT_LINK_RUNTIME, CNT_LINK_TASK,
     CNT_LINK_TASK_UNBOUND, CNT_LINK_UNCLASSIFIED, CNT_STATE_MAP_FULL, LINK_AMBIGUOUS, LINK_NONE,
     LINK_RUNTIME, LINK_TASK, LINK_THREAD, LINK_UNCLASSIFIED, RUNTIME_GO, RUNTIME_TASKS,
-    RUNTIME_THREADS, THREAD_SLOTS,
+    RUNTIME_THREADS, RUNTIME_TOKIO, THREAD_SLOTS,
 };
 
 use crate::maps::{conn_key, count, CONNECT_REFS, PROC_RUNTIME, SERVER_REQS, THREAD_REQS};
@@ -149,7 +149,7 @@ fn runtime_of(tgid: u32) -> Option<u8> {
 fn evidence_of(runtime: Option<u8>) -> u8 {
     match runtime {
         Some(RUNTIME_THREADS) => LINK_THREAD,
-        Some(RUNTIME_TASKS) | Some(RUNTIME_GO) => LINK_RUNTIME,
+        Some(RUNTIME_TASKS) | Some(RUNTIME_GO) | Some(RUNTIME_TOKIO) => LINK_RUNTIME,
         _ => LINK_UNCLASSIFIED,
     }
 }
@@ -226,10 +226,10 @@ pub fn owner(pid_tgid: u64, fd: u32) -> Owner {
     let evidence = evidence_of(runtime);
     // The runtime's own evidence first: Go's note for the request being written, or the
     // asyncio task running on this thread (whose request, if any, decides alone).
-    let task = if runtime == Some(RUNTIME_GO) {
-        super::goroutine::writing_for(tgid)
-    } else {
-        super::asyncio::running(pid_tgid)
+    let task = match runtime {
+        Some(RUNTIME_GO) => super::goroutine::writing_for(tgid),
+        Some(RUNTIME_TOKIO) => super::tokio::writing_for(pid_tgid),
+        _ => super::asyncio::running(pid_tgid),
     };
     if let Some(at) = task {
         if let Some(req) = live(&at) {
@@ -240,7 +240,7 @@ pub fn owner(pid_tgid: u64, fd: u32) -> Owner {
                 link: LINK_TASK,
             };
         }
-        if runtime != Some(RUNTIME_GO) {
+        if evidence == LINK_THREAD {
             count(CNT_LINK_TASK_UNBOUND);
             return Owner::NONE;
         }

@@ -9,6 +9,7 @@ mod skmsg;
 mod sockops;
 pub mod stitch;
 mod tcpopt;
+pub mod tokio;
 
 #[allow(unused_imports)]
 use crate::maps::lru::*;

@@ -177,6 +177,12 @@ pub fn run() -> bool {
                     "verifier accepted the Python asyncio uprobes (task linking)",
                     &py.join("; "),
                 );
+                let tk = uprobes(&super::tokio_tasks::PROGRAMS);
+                r.line(
+                    tk.is_empty(),
+                    "verifier accepted the tokio uprobes (task polls and channels: task linking)",
+                    &tk.join("; "),
+                );
                 let stitch = super::btf::tcp_seq_offsets().and_then(|_| {
                     ebpf.program_mut(super::STITCH_PROGRAM)
                         .ok_or_else(|| "missing".to_string())

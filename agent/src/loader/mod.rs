@@ -5,7 +5,9 @@ pub mod caps;
 pub mod check;
 pub mod go;
 pub mod inject;
+pub mod per_process;
 pub mod python;
+pub mod tokio_tasks;
 
 use std::{net::IpAddr, path::Path};
 

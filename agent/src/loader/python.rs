@@ -19,14 +19,10 @@ use agent_common::{
     PY_ENTER_TASK_PROGRAM, PY_ENTER_TASK_SYMBOL, PY_SET_RESULT_PROGRAM, PY_SET_RESULT_SYMBOL,
     PY_TASK_INIT_PROGRAM, PY_TASK_INIT_SYMBOL, PY_TASK_WAKEUP_DEF_SYMBOL,
 };
-use aya::{
-    programs::{
-        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
-        UProbe,
-    },
-    Ebpf,
-};
+use aya::{programs::uprobe::UProbeAttachLocation, Ebpf};
 use object::{Object, ObjectSymbol};
+
+use super::per_process::{self, AttachError, Point, Processes};
 
 /// Every kernel program this module loads (`agent check` verifies them).
 pub const PROGRAMS: [&str; 5] = [
@@ -56,13 +52,8 @@ pub enum PyProbeError {
     NoSymbol { file: String, symbol: &'static str },
     #[error("cannot read {0}: {1}")]
     Read(String, String),
-    #[error("program {0} is missing from the kernel object")]
-    Missing(&'static str),
-    #[error("{program}: {source}")]
-    Program {
-        program: &'static str,
-        source: aya::programs::ProgramError,
-    },
+    #[error(transparent)]
+    Attach(#[from] AttachError),
     #[error("{MAX_PROCESSES} Python processes are probed already")]
     Full,
 }
@@ -230,18 +221,6 @@ pub fn install(seen: &Seen) -> Result<Option<Install>, PyProbeError> {
     }))
 }
 
-/// A process's identity across pid reuse: its pid and start time (`/proc/<pid>/stat`).
-fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Field 22, counted after the command name (which may hold spaces) ends with ')'.
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(19)?
-        .parse()
-        .ok()
-}
-
 /// What happened to one process.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -253,25 +232,22 @@ pub enum Outcome {
     Later,
 }
 
-/// The links of one process's probes, by program.
-type Links = Vec<(&'static str, UProbeLinkId)>;
-
-/// The Python processes probed (by pid: start time and links), and those waiting for their
-/// interpreter (by pid: looks so far).
+/// The Python processes probed, and those waiting for their interpreter (by pid: looks so
+/// far).
 #[derive(Default)]
 pub struct PyProbes {
     loaded: bool,
-    probed: HashMap<u32, (u64, Links)>,
+    probed: Processes,
     waiting: HashMap<u32, u8>,
 }
 
 impl PyProbes {
     /// Probes process `pid` if it runs CPython with asyncio support and is not probed yet.
     pub fn attach(&mut self, ebpf: &mut Ebpf, pid: u32) -> Result<Outcome, PyProbeError> {
-        let Some(since) = start_time(pid) else {
+        let Some(since) = per_process::start_time(pid) else {
             return Ok(Outcome::Nothing);
         };
-        if self.probed.get(&pid).is_some_and(|(t, _)| *t == since) {
+        if self.probed.contains(pid, since) {
             return Ok(Outcome::Nothing);
         }
         let Some(seen) = seen(pid) else {
@@ -294,68 +270,46 @@ impl PyProbes {
             return Err(PyProbeError::Full);
         }
         if !self.loaded {
-            for program in PROGRAMS {
-                uprobe(ebpf, program)?
-                    .load()
-                    .map_err(|source| PyProbeError::Program { program, source })?;
-            }
+            per_process::load(ebpf, &PROGRAMS)?;
             self.loaded = true;
         }
-        let Some(one) = std::num::NonZeroU32::new(pid) else {
-            return Ok(Outcome::Nothing);
+        let point = |program, symbol, file| Point {
+            program,
+            location: UProbeAttachLocation::Symbol(symbol),
+            file,
+            cookie: None,
         };
-        let scope = UProbeScope::OneProcess(one);
         // The return probe goes first: a `Context.run` entered between the two attachments
         // then has a return without an entry (ignored), never an entry without a return
         // (which would leave the thread inside a callback for good).
-        let plan: [(&'static str, &'static str, &Path, Option<u64>); 5] = [
-            (
+        let points = [
+            point(
                 PY_CONTEXT_RUN_RET_PROGRAM,
                 PY_CONTEXT_RUN_SYMBOL,
                 &install.interpreter,
-                None,
             ),
-            (
+            point(
                 PY_CONTEXT_RUN_PROGRAM,
                 PY_CONTEXT_RUN_SYMBOL,
                 &install.interpreter,
-                None,
             ),
-            (
+            point(
                 PY_ENTER_TASK_PROGRAM,
                 PY_ENTER_TASK_SYMBOL,
                 &install.asyncio,
-                None,
             ),
-            (
-                PY_TASK_INIT_PROGRAM,
-                PY_TASK_INIT_SYMBOL,
-                &install.asyncio,
-                None,
-            ),
-            (
-                PY_SET_RESULT_PROGRAM,
-                PY_SET_RESULT_SYMBOL,
-                &install.asyncio,
-                Some(install.wakeup_delta),
-            ),
+            point(PY_TASK_INIT_PROGRAM, PY_TASK_INIT_SYMBOL, &install.asyncio),
+            Point {
+                cookie: Some(install.wakeup_delta),
+                ..point(
+                    PY_SET_RESULT_PROGRAM,
+                    PY_SET_RESULT_SYMBOL,
+                    &install.asyncio,
+                )
+            },
         ];
-        let mut links = Vec::with_capacity(plan.len());
-        for (program, symbol, file, cookie) in plan {
-            let point = UProbeAttachPoint {
-                location: UProbeAttachLocation::Symbol(symbol),
-                cookie,
-            };
-            match uprobe(ebpf, program)?.attach(point, file, scope) {
-                Ok(link) => links.push((program, link)),
-                Err(source) => {
-                    // All or nothing: half the probes would leave tasks half followed.
-                    detach(ebpf, links);
-                    return Err(PyProbeError::Program { program, source });
-                }
-            }
-        }
-        self.probed.insert(pid, (since, links));
+        let links = per_process::attach_all(ebpf, pid, &points)?;
+        self.probed.insert(pid, since, links);
         Ok(Outcome::Probed(install))
     }
 
@@ -364,19 +318,9 @@ impl PyProbes {
         self.waiting.keys().copied().collect()
     }
 
-    /// Detaches the probes of processes that exited (or whose pid another process took).
+    /// Detaches the probes of processes that exited.
     pub fn sweep(&mut self, ebpf: &mut Ebpf) {
-        let gone: Vec<u32> = self
-            .probed
-            .iter()
-            .filter(|(pid, (since, _))| start_time(**pid) != Some(*since))
-            .map(|(pid, _)| *pid)
-            .collect();
-        for pid in gone {
-            if let Some((_, links)) = self.probed.remove(&pid) {
-                detach(ebpf, links);
-            }
-        }
+        self.probed.sweep(ebpf);
         self.waiting
             .retain(|pid, _| Path::new(&format!("/proc/{pid}")).exists());
     }
@@ -384,21 +328,6 @@ impl PyProbes {
     pub fn probed(&self) -> usize {
         self.probed.len()
     }
-}
-
-fn detach(ebpf: &mut Ebpf, links: Links) {
-    for (program, link) in links {
-        if let Ok(p) = uprobe(ebpf, program) {
-            let _ = p.detach(link);
-        }
-    }
-}
-
-fn uprobe<'a>(ebpf: &'a mut Ebpf, program: &'static str) -> Result<&'a mut UProbe, PyProbeError> {
-    ebpf.program_mut(program)
-        .ok_or(PyProbeError::Missing(program))?
-        .try_into()
-        .map_err(|source| PyProbeError::Program { program, source })
 }
 
 #[cfg(test)]

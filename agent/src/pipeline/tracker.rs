@@ -78,6 +78,8 @@ impl Conn {
 }
 
 pub struct Tracker {
+    /// Boot-time ns from which every data program is attached.
+    attached_ns: u64,
     conns: HashMap<ConnId, Conn>,
     processes: ProcessCache,
     preexisting: Snapshot,
@@ -107,6 +109,7 @@ impl Tracker {
         (urls, limits): (UrlPolicy, Limits),
     ) -> Tracker {
         Tracker {
+            attached_ns: 0,
             conns: HashMap::new(),
             processes: ProcessCache::new(),
             preexisting,
@@ -123,6 +126,16 @@ impl Tracker {
                 limits,
             },
         }
+    }
+
+    /// Ignores the data of syscalls that began before `boot_ns`, when the kernel programs were
+    /// still being attached one after another: such a syscall may be seen in one direction and
+    /// its answer not in the other (a request whose response was missed would shift every
+    /// later pairing on a keep-alive connection: wrong durations and statuses, and the last
+    /// exchanges never complete).
+    pub fn attached_at(mut self, boot_ns: u64) -> Tracker {
+        self.attached_ns = boot_ns;
+        self
     }
 
     /// Consumes events until the channel closes, sweeping idle connections now and then; gives
@@ -166,6 +179,11 @@ impl Tracker {
     }
 
     fn data(&mut self, h: &DataHeader, payload: &[u8]) {
+        if h.ts_enter < self.attached_ns {
+            // Begun while the programs were still being attached (see `attached_at`).
+            self.out.metrics.events_before_attach.inc();
+            return;
+        }
         let id = ConnId {
             pid: h.pid,
             fd: h.fd,

@@ -1,7 +1,9 @@
 //! A tokio service (multi-thread runtime, hyper server, reqwest client with its own connection
 //! pool): every request awaits a 2 ms sleep, then calls the next service without forwarding any
 //! header. Nothing here knows about tracing. GET /<id> answers "tokio[<what NEXT/<id> said>]".
-//! Usage: `tokio-service PORT NEXT_URL`.
+//! With `background`, a task spawned before any request also calls NEXT/bg/<k> every few
+//! milliseconds through the same client (its pool shared with the handlers): work no request
+//! caused. Usage: `tokio-service PORT NEXT_URL [background]`.
 use std::convert::Infallible;
 
 use bytes::Bytes;
@@ -14,10 +16,22 @@ async fn main() {
     let mut args = std::env::args().skip(1);
     let port: u16 = args.next().and_then(|p| p.parse().ok()).expect("PORT");
     let next = args.next().expect("NEXT_URL");
+    let background = args.next().as_deref() == Some("background");
     let client = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(10))
         .build()
         .expect("client");
+    if background {
+        let (client, next) = (client.clone(), next.clone());
+        tokio::spawn(async move {
+            for k in 0u64.. {
+                tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+                if let Ok(r) = client.get(format!("{next}/bg/{k}")).send().await {
+                    let _ = r.bytes().await;
+                }
+            }
+        });
+    }
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
         .expect("bind");
