@@ -400,6 +400,10 @@ impl Followers {
         f: crate::runtimes::Follow,
         selected: bool,
     ) {
+        if pid == std::process::id() {
+            // The agent is a tokio program too; it never traces itself.
+            return;
+        }
         if selected {
             self.probe(ebpf, metrics, pid, f);
         } else if self.unselected.len() < 16_384 {
