@@ -42,6 +42,9 @@ pub enum TokioProbeError {
     Attach(#[from] AttachError),
     #[error("{MAX_PROCESSES} tokio processes are probed already")]
     Full,
+    /// What an earlier look at the same executable found.
+    #[error("{0}")]
+    Judged(String),
 }
 
 /// File offsets of every instance of the functions followed, in one executable.
@@ -161,7 +164,7 @@ impl TokioProbes {
                     .map_err(|e| e.to_string())
             })
             .clone()
-            .map_err(|e| TokioProbeError::Read(exe.display().to_string(), e))?;
+            .map_err(TokioProbeError::Judged)?;
         if self.probed.len() >= MAX_PROCESSES {
             return Err(TokioProbeError::Full);
         }
