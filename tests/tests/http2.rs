@@ -437,7 +437,11 @@ fn grpc_through_nginx_grpc_pass() {
         4 * calls,
         "four spans per call, or counted; counters {counters:?}"
     );
-    assert!(unseen <= 4, "losses stay rare: {counters:?}");
+    let lost_alignment = counters.get("http2_alignment_lost").copied().unwrap_or(0);
+    assert!(
+        unseen == 0 || lost_alignment > 0,
+        "a stream ends unseen only where its direction lost its frames: {counters:?}"
+    );
     // Two SERVER spans (the proxy's, the server's) and two CLIENT spans (the client's, the
     // proxy's) for each call.
     let count = |kind: &str, name: &str| {
@@ -460,9 +464,11 @@ fn grpc_through_nginx_grpc_pass() {
             2 * per_round * rounds
         };
         for kind in ["server", "client"] {
+            // Only the 16 MiB replies have lost alignment so far: every other call is exact.
             let got = count(kind, name);
+            let may_lose = if name == "Blob" { unseen } else { 0 };
             assert!(
-                got <= n && got + unseen >= n,
+                got <= n && got + may_lose >= n,
                 "{kind} {name}: {got} of {n}; counters {counters:?}"
             );
         }
@@ -477,7 +483,7 @@ fn grpc_through_nginx_grpc_pass() {
         .iter()
         .filter(|s| s.attr("rpc.response.status_code") == Some("NOT_FOUND"))
         .collect();
-    assert!(missing.len() <= 4 * rounds && missing.len() + unseen >= 4 * rounds);
+    assert_eq!(missing.len(), 4 * rounds);
     assert!(missing
         .iter()
         .all(|s| (s.status_code() == 2) == (s.kind() == "client")));
@@ -485,5 +491,5 @@ fn grpc_through_nginx_grpc_pass() {
         .iter()
         .filter(|s| s.attr("rpc.response.status_code") == Some("UNKNOWN"))
         .count();
-    assert!(unknown <= 4 * rounds && unknown + unseen >= 4 * rounds);
+    assert_eq!(unknown, 4 * rounds);
 }
