@@ -117,7 +117,7 @@ pub const LRU_BODY_LEFT: u32 = 5;
 pub const LRU_LARGE_SENDS: u32 = 6;
 pub const LRU_CONNECTING: u32 = 7;
 pub const LRU_GO_REQ_OWNER: u32 = 8;
-pub const LRU_GO_WRITING: u32 = 9;
+pub const LRU_TASK_WRITING: u32 = 9;
 pub const LRU_MAPS: u32 = 10;
 /// Names of the LRU maps, by `LRU_*` index.
 pub const LRU_MAP_NAMES: [&str; LRU_MAPS as usize] = [
@@ -130,7 +130,7 @@ pub const LRU_MAP_NAMES: [&str; LRU_MAPS as usize] = [
     "LARGE_SENDS",
     "CONNECTING",
     "GO_REQ_OWNER",
-    "GO_WRITING",
+    "TASK_WRITING",
 ];
 /// First of the `LRU_MAPS` counters of new entries that went into a full LRU map, each of which
 /// evicted the least recently used entry (counted from the map's live-entry estimate).
@@ -390,14 +390,17 @@ pub const RUNTIME_TOKIO: u8 = 4;
 /// tokio (`propagate::tokio`): the functions probed, by demangled path (every instance of
 /// these generic functions): `raw::poll(header)` runs one poll of a task (entry and return),
 /// `list::Tx<T>::push(&self, value)` sends on an mpsc channel, `list::Rx<T>::pop(&mut self,
-/// tx)` receives from one.
+/// tx)` receives from one, `OwnedTasks<S>::bind_inner(&self, task, notified)` binds a task
+/// just spawned (present in tokio 1.54, tested; a build without it is followed without spawns).
 pub const TOKIO_POLL_PATH: &str = "tokio::runtime::task::raw::poll";
 pub const TOKIO_PUSH_PATH: &str = "tokio::sync::mpsc::list::Tx<T>::push";
 pub const TOKIO_POP_PATH: &str = "tokio::sync::mpsc::list::Rx<T>::pop";
+pub const TOKIO_SPAWN_PATH: &str = "tokio::runtime::task::list::OwnedTasks<S>::bind_inner";
 pub const TOKIO_POLL_PROGRAM: &str = "tokio_poll";
 pub const TOKIO_POLL_RET_PROGRAM: &str = "tokio_poll_ret";
 pub const TOKIO_PUSH_PROGRAM: &str = "tokio_chan_push";
 pub const TOKIO_POP_PROGRAM: &str = "tokio_chan_pop";
+pub const TOKIO_SPAWN_PROGRAM: &str = "tokio_spawn";
 /// Kernel maps: the task each thread polls (pid_tgid -> task header), and the request the
 /// messages waiting in each channel were sent for (`TaskKey` of the channel -> `ChanNote`).
 pub const MAP_TOKIO_POLLING: &str = "TOKIO_POLLING";

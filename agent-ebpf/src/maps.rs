@@ -140,17 +140,17 @@ pub const BODY_UNKNOWN: u64 = u64::MAX;
 /// goroutine is about to send a request for. LRU: a note evicted only costs that link. The
 /// first is filled inside the largest programs without the eviction estimate (see
 /// `goroutine::request_read`); userspace reports when it is full.
-pub const CAP_GO_G_REQ: u32 = 65536;
+pub const CAP_TASK_REQ: u32 = 65536;
 #[map]
-pub static GO_G_REQ: LruHashMap<TaskKey, TaskRef> = LruHashMap::with_max_entries(CAP_GO_G_REQ, 0);
+pub static TASK_REQ: LruHashMap<TaskKey, TaskRef> = LruHashMap::with_max_entries(CAP_TASK_REQ, 0);
 pub const CAP_GO_REQ_OWNER: u32 = 16384;
 #[map]
 pub static GO_REQ_OWNER: LruHashMap<TaskKey, TaskRef> =
     LruHashMap::with_max_entries(CAP_GO_REQ_OWNER, 0);
-pub const CAP_GO_WRITING: u32 = 16384;
+pub const CAP_TASK_WRITING: u32 = 16384;
 #[map]
-pub static GO_WRITING: LruHashMap<TaskKey, TaskRef> =
-    LruHashMap::with_max_entries(CAP_GO_WRITING, 0);
+pub static TASK_WRITING: LruHashMap<TaskKey, TaskRef> =
+    LruHashMap::with_max_entries(CAP_TASK_WRITING, 0);
 /// Go goroutine spawns in progress: the spawning goroutine, by the thread running
 /// `runtime.newproc1` (from its entry to its return, on the thread's system stack). A plain
 /// hash: every entry is consumed at the return, and userspace removes those of dead threads.
@@ -395,12 +395,12 @@ pub mod lru {
     #[allow(unused_imports)]
     pub use super::{
         lru_insert, lru_remove, BODY_LEFT, CAP_BODY_LEFT, CAP_CONNECTING, CAP_CONNECT_REFS,
-        CAP_CONNS, CAP_GO_REQ_OWNER, CAP_GO_WRITING, CAP_LARGE_SENDS, CAP_SERVER_REQS, CAP_STITCH,
-        CAP_THREAD_REQS, CONNECTING, CONNECT_REFS, CONNS, GO_REQ_OWNER, GO_WRITING, LARGE_SENDS,
-        SERVER_REQS, STITCH, THREAD_REQS,
+        CAP_CONNS, CAP_GO_REQ_OWNER, CAP_LARGE_SENDS, CAP_SERVER_REQS, CAP_STITCH,
+        CAP_TASK_WRITING, CAP_THREAD_REQS, CONNECTING, CONNECT_REFS, CONNS, GO_REQ_OWNER,
+        LARGE_SENDS, SERVER_REQS, STITCH, TASK_WRITING, THREAD_REQS,
     };
     pub use agent_common::{
         LRU_BODY_LEFT, LRU_CONNECTING, LRU_CONNECT_REFS, LRU_CONNS, LRU_GO_REQ_OWNER,
-        LRU_GO_WRITING, LRU_LARGE_SENDS, LRU_SERVER_REQS, LRU_STITCH, LRU_THREAD_REQS,
+        LRU_LARGE_SENDS, LRU_SERVER_REQS, LRU_STITCH, LRU_TASK_WRITING, LRU_THREAD_REQS,
     };
 }

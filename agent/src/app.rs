@@ -317,8 +317,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     if followers.python.probed() > 0 && loader::py_task_notes_full(&ebpf) {
                         metrics.py_task_notes_map_full.inc();
                     }
-                    if loader::go_notes_full(&ebpf) {
-                        metrics.go_notes_map_full.inc();
+                    if loader::task_notes_full(&ebpf) {
+                        metrics.task_notes_map_full.inc();
                     }
                     let losses = metrics.losses();
                     if !losses.is_empty() {
@@ -460,12 +460,18 @@ impl Followers {
             crate::runtimes::Follow::Tokio => match self.tokio.attach(ebpf, pid) {
                 Ok(tk::Outcome::Probed(i)) => tracing::info!(
                     pid,
-                    "tokio process: outgoing calls link to the request of the task that sent \
-                     them over a channel ({} task poll, {} channel send and {} receive \
-                     instances probed)",
+                    "tokio process: outgoing calls link to the request of the task (or its \
+                     spawner) that sent them over a channel ({} task poll, {} spawn, {} channel \
+                     send and {} receive instances probed{})",
                     i.poll.len(),
+                    i.spawn.len(),
                     i.push.len(),
-                    i.pop.len()
+                    i.pop.len(),
+                    if i.spawn.is_empty() {
+                        "; no spawn function in this build: calls of spawned tasks get no parent"
+                    } else {
+                        ""
+                    }
                 ),
                 Ok(tk::Outcome::Nothing) => {}
                 Err(e) => {

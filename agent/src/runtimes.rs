@@ -149,7 +149,7 @@ fn exe_id(pid: u32) -> Option<(u64, u64)> {
 }
 
 /// The executable of `pid` as a path the agent can open (inside the process's root).
-fn exe_path(pid: u32) -> Option<PathBuf> {
+pub fn exe_path(pid: u32) -> Option<PathBuf> {
     let target = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
     let rel = target.strip_prefix("/").ok()?;
     Some(Path::new(&format!("/proc/{pid}/root")).join(rel))

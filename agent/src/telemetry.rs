@@ -70,7 +70,7 @@ counters! {
     spans_export_failed: "spans dropped after export retries ran out",
     spans_rejected: "spans the backend reported as rejected (partial success)",
     export_retries: "export attempts retried",
-    go_notes_map_full: "sweeps that found the kernel's goroutine-note map full (its oldest notes were evicted: those Go calls get no parent)",
+    task_notes_map_full: "sweeps that found the kernel's goroutine and tokio task-note map full (its oldest notes were evicted: those calls get no parent)",
     runtime_exec_queue_full: "exec events the runtime classifier had no room for (the process is classified by the next sweep instead)",
     runtime_go_queue_full: "Go executables found while the agent's loop had no room for them (not probed until another process runs them)",
     events_before_attach: "data events of syscalls that began while the agent was still attaching its kernel programs (ignored: one direction of their exchange may be missing)",

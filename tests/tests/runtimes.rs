@@ -99,6 +99,10 @@ struct Links {
     /// Client spans of calls no request made (`/bg/...`), and how many of them got a parent.
     background: usize,
     background_parented: usize,
+    /// Client spans of calls made after their request was answered (`/r/<i>/late`, from a
+    /// detached task), and how many of them got a parent.
+    late: usize,
+    late_parented: usize,
     counters: std::collections::HashMap<String, u64>,
 }
 
@@ -155,8 +159,10 @@ fn concurrent_fanout(
     );
     // A server span and its client spans per request (the background's spans aside); the
     // agent is stopped either way, so that a shortfall shows with its counters.
-    let of_requests =
-        |s: &tests::receiver::RSpan| s.attr("url.path").is_some_and(|p| p.starts_with("/r/"));
+    let of_requests = |s: &tests::receiver::RSpan| {
+        s.attr("url.path")
+            .is_some_and(|p| p.starts_with("/r/") && !p.ends_with("/late"))
+    };
     let end = std::time::Instant::now() + Duration::from_secs(30);
     while rx.spans().iter().filter(|s| of_requests(s)).count() < (1 + calls.len()) * n
         && std::time::Instant::now() < end
@@ -177,12 +183,18 @@ fn concurrent_fanout(
         counters: tests::agent::final_counters(&err),
         ..Links::default()
     };
-    for s in spans.iter().filter(|s| {
-        s.kind() == "client" && s.attr("url.path").is_some_and(|p| p.starts_with("/bg/"))
-    }) {
-        l.background += 1;
-        if !s.parent_id().is_empty() {
-            l.background_parented += 1;
+    for s in spans.iter().filter(|s| s.kind() == "client") {
+        let parented = !s.parent_id().is_empty();
+        match s.attr("url.path") {
+            Some(p) if p.starts_with("/bg/") => {
+                l.background += 1;
+                l.background_parented += usize::from(parented);
+            }
+            Some(p) if p.starts_with("/r/") && p.ends_with("/late") => {
+                l.late += 1;
+                l.late_parented += usize::from(parented);
+            }
+            _ => {}
         }
     }
     for i in 0..n {
@@ -356,17 +368,15 @@ fn go_service_links_by_goroutine_and_never_gets_a_wrong_parent() {
     );
 }
 
-/// The Go service fanning each request out to goroutines it spawns: one call from a child,
-/// one from a grandchild, concurrently. Each new goroutine inherits the request of the one that
-/// spawned it (`runtime.newproc1`, probed at its return instructions), so both calls link to
-/// their request; before, the spawned goroutines had no note and every call stayed unlinked.
-#[test]
-fn go_calls_from_spawned_goroutines_link_to_their_request() {
-    let bin = tests::programs::go_binary("go_service");
+/// Runs `program PORT NEXT spawn`, a service whose handler makes its two calls, `/a` and `/b`,
+/// from a child and a grandchild it spawns, concurrently, under 150 requests from 8 concurrent
+/// clients, and asserts what every runtime that follows spawns must show: no wrong parent,
+/// every link by task, two client spans per request, and nearly all of them linked.
+fn spawned_calls(program: &std::path::Path, marker: &str) -> Links {
     let (_nginx, backend) = backend();
     let port = free_port();
     let service = Proc::spawn(
-        Command::new(&bin)
+        Command::new(program)
             .args([
                 port.to_string(),
                 format!("http://127.0.0.1:{backend}"),
@@ -375,23 +385,54 @@ fn go_calls_from_spawned_goroutines_link_to_their_request() {
             .stdout(Stdio::null()),
     );
     wait_port(port);
-    let l = concurrent_fanout(&service, port, 150, "go", &["/a", "/b"], || {});
-    eprintln!("Go (net/http, calls from spawned goroutines, 8 concurrent): {l:?}");
+    let l = concurrent_fanout(&service, port, 150, marker, &["/a", "/b"], || {});
+    eprintln!("{marker} (calls from spawned tasks, 8 concurrent): {l:?}");
     assert_eq!(l.wrong, 0, "a wrong parent is worse than none");
     assert_eq!(
         l.methods.get("task").copied().unwrap_or(0),
         l.linked,
-        "every link of a Go call comes from its goroutine: {:?}",
+        "every link of a call from a spawned task comes from its task: {:?}",
         l.methods
     );
     assert!(
         l.linked >= 270,
-        "children and grandchildren of the handler's goroutine link nearly every call: {l:?}"
+        "children and grandchildren of the handler's task link nearly every call: {l:?}"
     );
     assert_eq!(
         l.linked + l.unlinked,
         300,
         "two client spans per request: {l:?}"
+    );
+    l
+}
+
+/// The Go service fanning each request out to goroutines it spawns: one call from a child,
+/// one from a grandchild, concurrently. Each new goroutine inherits the request of the one that
+/// spawned it (`runtime.newproc1`, probed at its return instructions), so both calls link to
+/// their request; before, the spawned goroutines had no note and every call stayed unlinked.
+#[test]
+fn go_calls_from_spawned_goroutines_link_to_their_request() {
+    spawned_calls(&tests::programs::go_binary("go_service"), "go");
+}
+
+/// The tokio service making each request's calls from tasks the handler spawns: `/a` from a
+/// child task, `/b` from the child's own child, concurrently. Each task spawned inherits the
+/// open request of the task that spawned it (`OwnedTasks::bind_inner`, probed), and hands it on
+/// over reqwest's channel, so both calls link to their request; before, spawned tasks had no
+/// note and every call stayed unlinked (0 of 300). Each handler also spawns a detached task
+/// that calls `/late` 20 ms after the request was answered, by when the same keep-alive
+/// connection is serving a later request: its note names the answered request, which is no
+/// longer open, so no late call may get a parent.
+#[test]
+fn tokio_calls_from_spawned_tasks_link_to_their_request() {
+    let l = spawned_calls(
+        std::path::Path::new(env!("CARGO_BIN_EXE_tokio-service")),
+        "tokio",
+    );
+    assert_eq!(l.late, 150, "one late call per request: {l:?}");
+    assert_eq!(
+        l.late_parented, 0,
+        "a call made after its request was answered gets no parent: {l:?}"
     );
 }
 

@@ -25,28 +25,20 @@
 //! `m_ml` (offset 16) is `TaskWakeupDef` and whose `m_self` (offset 24) is the task.
 #[allow(unused_imports)]
 use crate::maps::lru::*;
-use agent_common::{PyThread, ReqRef, TaskKey, TaskRef, CNT_STATE_MAP_FULL, THREAD_SLOTS};
+use agent_common::{PyThread, ReqRef, TaskRef, CNT_STATE_MAP_FULL, THREAD_SLOTS};
 use aya_ebpf::{
-    helpers::{
-        bpf_get_current_pid_tgid, bpf_probe_read_user,
-        generated::{bpf_get_attach_cookie, bpf_ktime_get_boot_ns},
-    },
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, generated::bpf_get_attach_cookie},
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
 
-use super::inflight::live;
+use super::{inflight::live, task::key};
 use crate::maps::{count, PY_TASKS, PY_THREADS, THREAD_REQS};
 
 /// `FutureObj::fut_callback0`, `PyCFunctionObject::m_ml` and `::m_self` (CPython 3.9 to 3.11).
 const FUT_CALLBACK0: u64 = 24;
 const CFUNC_ML: u64 = 16;
 const CFUNC_SELF: u64 = 24;
-
-#[inline(always)]
-fn key(tgid: u32, ptr: u64) -> TaskKey {
-    TaskKey { ptr, tgid, _pad: 0 }
-}
 
 /// How many requests thread `tid` has read (`ThreadReqs::next`), 0 before its first.
 #[inline(always)]
@@ -86,8 +78,7 @@ fn bind(tgid: u32, task: u64, at: Option<ReqRef>) {
     let k = key(tgid, task);
     match at {
         Some(at) => {
-            // SAFETY: helper without preconditions.
-            let ts = unsafe { bpf_ktime_get_boot_ns() };
+            let ts = super::task::now();
             // A plain insert: an evicted note only costs that task's link (userspace reports
             // when the map is full, `py_task_notes_map_full`).
             if PY_TASKS.insert(&k, &TaskRef { at, ts }, 0).is_err() {
@@ -97,6 +88,18 @@ fn bind(tgid: u32, task: u64, at: Option<ReqRef>) {
         None => {
             let _ = PY_TASKS.remove(&k);
         }
+    }
+}
+
+/// A thread at the edge of its outermost callback (`depth` 1 as it begins, 0 as it ends): no
+/// task runs, and the requests it reads from `start` on are the next callback's.
+#[inline(always)]
+fn between_callbacks(start: u32, depth: u32) -> PyThread {
+    PyThread {
+        task: 0,
+        at: ReqRef { sk: 0, seq: 0 },
+        start,
+        depth,
     }
 }
 
@@ -110,20 +113,13 @@ pub fn py_context_run(_ctx: ProbeContext) -> u32 {
         let t = unsafe { &mut *t };
         t.depth = t.depth.wrapping_add(1);
         if t.depth == 1 {
-            t.task = 0;
-            t.at = ReqRef { sk: 0, seq: 0 };
-            t.start = start;
+            *t = between_callbacks(start, 1);
         }
-    } else {
-        let t = PyThread {
-            task: 0,
-            at: ReqRef { sk: 0, seq: 0 },
-            start,
-            depth: 1,
-        };
-        if PY_THREADS.insert(&pid_tgid, &t, 0).is_err() {
-            count(CNT_STATE_MAP_FULL);
-        }
+    } else if PY_THREADS
+        .insert(&pid_tgid, &between_callbacks(start, 1), 0)
+        .is_err()
+    {
+        count(CNT_STATE_MAP_FULL);
     }
     0
 }
@@ -139,9 +135,7 @@ pub fn py_context_run_ret(_ctx: RetProbeContext) -> u32 {
         // Attached while a callback ran: its return has no entry.
         t.depth = t.depth.saturating_sub(1);
         if t.depth == 0 {
-            t.task = 0;
-            t.at = ReqRef { sk: 0, seq: 0 };
-            t.start = start;
+            *t = between_callbacks(start, 0);
         }
     }
     0

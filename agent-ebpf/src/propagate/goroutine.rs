@@ -19,36 +19,16 @@
 //! failed before it was written) cannot name the owner of a later request.
 #[allow(unused_imports)]
 use crate::maps::lru::*;
-use agent_common::{ReqRef, TaskKey, TaskRef, RUNTIME_GO};
-use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, generated::bpf_ktime_get_boot_ns},
-    macros::uprobe,
-    programs::ProbeContext,
-};
+use agent_common::{ReqRef, TaskRef};
+use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::uprobe, programs::ProbeContext};
 
-use crate::maps::{count, GO_G_REQ, GO_REQ_OWNER, GO_SPAWNING, GO_WRITING, PROC_RUNTIME};
+use super::task::{key, now, take_writing};
+use crate::maps::{count, GO_REQ_OWNER, GO_SPAWNING, TASK_REQ, TASK_WRITING};
 
 /// How long a note from `roundTrip` waits for its write (a new connection is dialled in
 /// between), and a writer's note for its send (the head is flushed as `write` ends).
 const ROUNDTRIP_TO_WRITE_NS: u64 = 5_000_000_000;
 const WRITE_TO_SEND_NS: u64 = 1_000_000_000;
-
-#[inline(always)]
-fn now() -> u64 {
-    // SAFETY: helper without preconditions.
-    unsafe { bpf_ktime_get_boot_ns() }
-}
-
-#[inline(always)]
-fn key(tgid: u32, ptr: u64) -> TaskKey {
-    TaskKey { ptr, tgid, _pad: 0 }
-}
-
-#[inline(always)]
-pub fn is_go(tgid: u32) -> bool {
-    // SAFETY: copied out of a live map value.
-    PROC_RUNTIME.get_ptr(&tgid).map(|r| unsafe { *r }) == Some(RUNTIME_GO)
-}
 
 #[inline(always)]
 fn note<K, V>(map: &aya_ebpf::maps::LruHashMap<K, V>, which: u32, cap: u32, k: &K, v: &V) {
@@ -60,11 +40,11 @@ fn note<K, V>(map: &aya_ebpf::maps::LruHashMap<K, V>, which: u32, cap: u32, k: &
 /// Goroutine `g` of process `tgid` (`IoArgs::g`, taken at `sock:sock_recv_length`) read
 /// request `at`. This runs inside the largest kernel programs, whose every branch the verifier
 /// walks: one branch and a plain insert, no eviction estimate (userspace watches this map's
-/// fill instead, `go_notes_map_full`).
+/// fill instead, `task_notes_map_full`).
 #[inline(always)]
 pub fn request_read(tgid: u32, g: u64, at: ReqRef) {
     if g != 0 {
-        let _ = GO_G_REQ.insert(&key(tgid, g), &TaskRef { at, ts: now() }, 0);
+        let _ = TASK_REQ.insert(&key(tgid, g), &TaskRef { at, ts: now() }, 0);
     }
 }
 
@@ -76,7 +56,7 @@ pub fn go_transport_roundtrip(ctx: ProbeContext) -> u32 {
     let (g, req) = unsafe { ((*ctx.regs).r14, (*ctx.regs).rbx) };
     let req_key = key(tgid, req);
     // SAFETY: copied out of a live map value.
-    match GO_G_REQ.get_ptr(&key(tgid, g)).map(|r| unsafe { *r }) {
+    match TASK_REQ.get_ptr(&key(tgid, g)).map(|r| unsafe { *r }) {
         Some(r) if super::inflight::is_live(&r.at) => note(
             &GO_REQ_OWNER,
             LRU_GO_REQ_OWNER,
@@ -107,14 +87,14 @@ pub fn go_request_write(ctx: ProbeContext) -> u32 {
     let t = now();
     match owner {
         Some(o) if t.wrapping_sub(o.ts) < ROUNDTRIP_TO_WRITE_NS => note(
-            &GO_WRITING,
-            LRU_GO_WRITING,
-            CAP_GO_WRITING,
+            &TASK_WRITING,
+            LRU_TASK_WRITING,
+            CAP_TASK_WRITING,
             &writer,
             &TaskRef { at: o.at, ts: t },
         ),
         // This write is for no known request: the writer's older note (if any) is void.
-        _ => lru_remove(&GO_WRITING, LRU_GO_WRITING, &writer),
+        _ => lru_remove(&TASK_WRITING, LRU_TASK_WRITING, &writer),
     }
     0
 }
@@ -127,7 +107,7 @@ pub fn go_newproc1(ctx: ProbeContext) -> u32 {
     // SAFETY: a uprobe's context is the probed task's user registers.
     let parent = unsafe { (*ctx.regs).rbx };
     // SAFETY: copied out of a live map value.
-    let noted = GO_G_REQ
+    let noted = TASK_REQ
         .get_ptr(&key((pid_tgid >> 32) as u32, parent))
         .map(|r| unsafe { *r })
         .is_some_and(|r| super::inflight::is_live(&r.at));
@@ -155,13 +135,13 @@ pub fn go_newproc1_ret(ctx: ProbeContext) -> u32 {
         Some(p) => {
             let _ = GO_SPAWNING.remove(&pid_tgid);
             // SAFETY: copied out of a live map value.
-            GO_G_REQ.get_ptr(&key(tgid, p)).map(|r| unsafe { *r })
+            TASK_REQ.get_ptr(&key(tgid, p)).map(|r| unsafe { *r })
         }
         None => None,
     };
     match inherited {
         Some(r) if super::inflight::is_live(&r.at) => {
-            let _ = GO_G_REQ.insert(
+            let _ = TASK_REQ.insert(
                 &child,
                 &TaskRef {
                     at: r.at,
@@ -171,7 +151,7 @@ pub fn go_newproc1_ret(ctx: ProbeContext) -> u32 {
             );
         }
         _ => {
-            let _ = GO_G_REQ.remove(&child);
+            let _ = TASK_REQ.remove(&child);
         }
     }
     0
@@ -181,10 +161,5 @@ pub fn go_newproc1_ret(ctx: ProbeContext) -> u32 {
 /// just before; the note is used up.
 #[inline(always)]
 pub fn writing_for(tgid: u32) -> Option<ReqRef> {
-    let g = crate::regs::user_r14()?;
-    let k = key(tgid, g);
-    // SAFETY: copied out of a live map value.
-    let r = unsafe { *GO_WRITING.get_ptr(&k)? };
-    lru_remove(&GO_WRITING, LRU_GO_WRITING, &k);
-    (now().wrapping_sub(r.ts) < WRITE_TO_SEND_NS).then_some(r.at)
+    take_writing(tgid, crate::regs::user_r14()?, WRITE_TO_SEND_NS)
 }

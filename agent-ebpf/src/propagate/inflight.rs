@@ -12,7 +12,8 @@ use agent_common::{
     RUNTIME_THREADS, RUNTIME_TOKIO, THREAD_SLOTS,
 };
 
-use crate::maps::{conn_key, count, CONNECT_REFS, PROC_RUNTIME, SERVER_REQS, THREAD_REQS};
+use super::task::runtime_of;
+use crate::maps::{conn_key, count, CONNECT_REFS, SERVER_REQS, THREAD_REQS};
 
 /// `*p += v` as one atomic instruction (`lock xadd`; `u64::MAX` subtracts one). Core's
 /// `AtomicU64::fetch_add` is not offered on the BPF target, the instruction is.
@@ -136,13 +137,6 @@ pub fn live(r: &ReqRef) -> Option<ServerReq> {
 #[inline(always)]
 fn thread_evidence(tgid: u32) -> u8 {
     evidence_of(runtime_of(tgid))
-}
-
-/// Process `tgid`'s `RUNTIME_*`, if classified.
-#[inline(always)]
-fn runtime_of(tgid: u32) -> Option<u8> {
-    // SAFETY: copied out of a live map value.
-    PROC_RUNTIME.get_ptr(&tgid).map(|r| unsafe { *r })
 }
 
 #[inline(always)]

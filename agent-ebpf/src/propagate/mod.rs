@@ -8,6 +8,7 @@ pub mod inflight;
 mod skmsg;
 mod sockops;
 pub mod stitch;
+pub mod task;
 mod tcpopt;
 pub mod tokio;
 

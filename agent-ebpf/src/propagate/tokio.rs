@@ -11,40 +11,32 @@
 //!   noted on the channel; the task that pops it (`list::Rx<T>::pop`) sends its next request
 //!   head for that request (`LINK_TASK`). A channel holding messages sent for different
 //!   requests (or some for none) names none of them; every note is used once, briefly.
+//! - a task spawned (`OwnedTasks<S>::bind_inner(task)`, run by the spawner) while task T polls
+//!   takes T's open request, so a handler that hands its call to a child task (or the child's
+//!   child) links it too; a task spawned outside every task (`block_on`, the runtime's own
+//!   code) or by a task with no open request starts with none, which also clears whatever
+//!   note a reused task address still had.
 //! Limits: a message already queued when the agent attached is not counted, so the first pop
-//! after attaching may take a later message's note; a task the handler spawns does not inherit.
+//! after attaching may take a later message's note; `spawn_blocking` and `LocalSet` tasks are
+//! bound elsewhere and inherit nothing (their calls get no parent).
 #[allow(unused_imports)]
 use crate::maps::lru::*;
-use agent_common::{ChanNote, ReqRef, TaskKey, TaskRef, CNT_STATE_MAP_FULL, RUNTIME_TOKIO};
+use agent_common::{ChanNote, ReqRef, TaskRef, CNT_STATE_MAP_FULL};
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, generated::bpf_ktime_get_boot_ns},
+    helpers::bpf_get_current_pid_tgid,
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
 
-use super::inflight::live;
-use crate::maps::{count, GO_G_REQ, GO_WRITING, PROC_RUNTIME, TOKIO_CHANS, TOKIO_POLLING};
+use super::{
+    inflight::live,
+    task::{key, now, take_writing},
+};
+use crate::maps::{count, TASK_REQ, TASK_WRITING, TOKIO_CHANS, TOKIO_POLLING};
 
 /// How long a popped message's note waits for its request head to be sent.
 const POP_TO_SEND_NS: u64 = 1_000_000_000;
 const NOWHERE: ReqRef = ReqRef { sk: 0, seq: 0 };
-
-#[inline(always)]
-fn now() -> u64 {
-    // SAFETY: helper without preconditions.
-    unsafe { bpf_ktime_get_boot_ns() }
-}
-
-#[inline(always)]
-fn key(tgid: u32, ptr: u64) -> TaskKey {
-    TaskKey { ptr, tgid, _pad: 0 }
-}
-
-#[inline(always)]
-pub fn is_tokio(tgid: u32) -> bool {
-    // SAFETY: copied out of a live map value.
-    PROC_RUNTIME.get_ptr(&tgid).map(|r| unsafe { *r }) == Some(RUNTIME_TOKIO)
-}
 
 /// The task thread `pid_tgid` is polling, 0 between polls.
 #[inline(always)]
@@ -83,8 +75,42 @@ fn request_of(tgid: u32, task: u64) -> Option<ReqRef> {
         return None;
     }
     // SAFETY: copied out of a live map value.
-    let r = unsafe { *GO_G_REQ.get_ptr(&key(tgid, task))? };
+    let r = unsafe { *TASK_REQ.get_ptr(&key(tgid, task))? };
     live(&r.at).map(|_| r.at)
+}
+
+/// `OwnedTasks<S>::bind_inner(&self, task: Task<S>, notified: Notified<S>)`: `rsi` = the new
+/// task's header, which `rdx` repeats (both wrap the same pointer); called by the spawner, so the
+/// task polling on this thread (if any) is the parent. Registers that disagree mean another
+/// layout than the one probed: the child then inherits nothing.
+#[uprobe]
+pub fn tokio_spawn(ctx: ProbeContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    // SAFETY: a uprobe's context is the probed task's user registers.
+    let (child, notified) = unsafe { ((*ctx.regs).rsi, (*ctx.regs).rdx) };
+    if child == 0 {
+        return 0;
+    }
+    let k = key(tgid, child);
+    let inherited = if child == notified {
+        request_of(tgid, polling(pid_tgid))
+    } else {
+        None
+    };
+    match inherited {
+        Some(at) => {
+            if TASK_REQ.insert(&k, &TaskRef { at, ts: now() }, 0).is_err() {
+                count(CNT_STATE_MAP_FULL);
+            }
+        }
+        None => {
+            let _ = TASK_REQ.remove(&k);
+        }
+    }
+    // A reused address: the task that had it may have popped a message it never sent.
+    lru_remove(&TASK_WRITING, LRU_TASK_WRITING, &k);
+    0
 }
 
 /// `list::Tx<T>::push(&self, value)`: `rdi` = the channel's sending side. Every push is
@@ -147,9 +173,9 @@ pub fn tokio_chan_pop(ctx: ProbeContext) -> u32 {
     let writer = key(tgid, task);
     if at.sk != 0 && live(&at).is_some() {
         if lru_insert(
-            &GO_WRITING,
-            LRU_GO_WRITING,
-            CAP_GO_WRITING,
+            &TASK_WRITING,
+            LRU_TASK_WRITING,
+            CAP_TASK_WRITING,
             &writer,
             &TaskRef { at, ts: now() },
         )
@@ -158,7 +184,7 @@ pub fn tokio_chan_pop(ctx: ProbeContext) -> u32 {
             count(CNT_STATE_MAP_FULL);
         }
     } else {
-        lru_remove(&GO_WRITING, LRU_GO_WRITING, &writer);
+        lru_remove(&TASK_WRITING, LRU_TASK_WRITING, &writer);
     }
     0
 }
@@ -171,9 +197,5 @@ pub fn writing_for(pid_tgid: u64) -> Option<ReqRef> {
     if task == 0 {
         return None;
     }
-    let k = key((pid_tgid >> 32) as u32, task);
-    // SAFETY: copied out of a live map value.
-    let r = unsafe { *GO_WRITING.get_ptr(&k)? };
-    lru_remove(&GO_WRITING, LRU_GO_WRITING, &k);
-    (now().wrapping_sub(r.ts) < POP_TO_SEND_NS).then_some(r.at)
+    take_writing((pid_tgid >> 32) as u32, task, POP_TO_SEND_NS)
 }

@@ -83,11 +83,12 @@ fn on_syscall(ctx: &TracePointContext, send: bool) {
         crate::propagate::stitch::received(io, sk, ret, flags);
         if io.g == 0 {
             // The task reading: Go's goroutine, or the tokio task being polled.
-            let tgid = (pid_tgid >> 32) as u32;
-            if crate::propagate::goroutine::is_go(tgid) {
-                io.g = crate::regs::user_r14().unwrap_or(0);
-            } else if crate::propagate::tokio::is_tokio(tgid) {
-                io.g = crate::propagate::tokio::polling(pid_tgid);
+            match crate::propagate::task::runtime_of((pid_tgid >> 32) as u32) {
+                Some(agent_common::RUNTIME_GO) => io.g = crate::regs::user_r14().unwrap_or(0),
+                Some(agent_common::RUNTIME_TOKIO) => {
+                    io.g = crate::propagate::tokio::polling(pid_tgid)
+                }
+                _ => {}
             }
         }
     }

@@ -180,7 +180,7 @@ pub fn run() -> bool {
                 let tk = uprobes(&super::tokio_tasks::PROGRAMS);
                 r.line(
                     tk.is_empty(),
-                    "verifier accepted the tokio uprobes (task polls and channels: task linking)",
+                    "verifier accepted the tokio uprobes (task polls, spawns and channels: task linking)",
                     &tk.join("; "),
                 );
                 let stitch = super::btf::tcp_seq_offsets().and_then(|_| {

@@ -507,7 +507,7 @@ fn recount_lru(ebpf: &mut Ebpf) {
             "BODY_LEFT" => count_entries::<8, 8>(ebpf, name),
             "LARGE_SENDS" => count_entries::<16, 1>(ebpf, name),
             "CONNECTING" => count_entries::<8, 1>(ebpf, name),
-            "GO_REQ_OWNER" | "GO_WRITING" => count_entries::<
+            "GO_REQ_OWNER" | "TASK_WRITING" => count_entries::<
                 { size_of::<agent_common::TaskKey>() },
                 { size_of::<agent_common::TaskRef>() },
             >(ebpf, name),
@@ -536,9 +536,9 @@ pub fn sweep_dead(ebpf: &mut Ebpf) {
     remove_dead::<agent_common::PyThread>(ebpf, agent_common::MAP_PY_THREADS, alive_thread);
     remove_dead::<ConnInfo>(ebpf, MAP_CONNS, alive_process);
     for name in [
-        "GO_G_REQ",
+        "TASK_REQ",
         "GO_REQ_OWNER",
-        "GO_WRITING",
+        "TASK_WRITING",
         agent_common::MAP_PY_TASKS,
     ] {
         remove_dead_tasks(ebpf, name);
@@ -546,16 +546,16 @@ pub fn sweep_dead(ebpf: &mut Ebpf) {
     recount_lru(ebpf);
 }
 
-/// Capacity of the kernel's `GO_G_REQ` map (`agent-ebpf/src/maps.rs`).
-const CAP_GO_G_REQ: usize = 65536;
+/// Capacity of the kernel's `TASK_REQ` map (`agent-ebpf/src/maps.rs`).
+const CAP_TASK_REQ: usize = 65536;
 
 /// Whether the goroutine-note map is full, so that its oldest notes are being evicted (it is
 /// filled without the kernel's eviction estimate, see `propagate::goroutine`).
-pub fn go_notes_full(ebpf: &Ebpf) -> bool {
+pub fn task_notes_full(ebpf: &Ebpf) -> bool {
     count_entries::<{ std::mem::size_of::<TaskKey>() }, { std::mem::size_of::<TaskRef>() }>(
-        ebpf, "GO_G_REQ",
+        ebpf, "TASK_REQ",
     )
-    .is_some_and(|n| n as usize + lru_slack() as usize >= CAP_GO_G_REQ)
+    .is_some_and(|n| n as usize + lru_slack() as usize >= CAP_TASK_REQ)
 }
 
 /// Capacity of the kernel's `PY_TASKS` map (`agent-ebpf/src/maps.rs`).

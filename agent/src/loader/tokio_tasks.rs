@@ -1,17 +1,14 @@
-//! Uprobes on tokio's task polls and mpsc channels (see `agent-ebpf/src/propagate/tokio.rs`):
-//! attached to each selected tokio process whose executable keeps its symbol table, at every
-//! instance of the generic functions followed (found by demangled path), and detached when it
-//! exits. A stripped or fully inlined build has no instances to probe: its calls keep no
-//! parent (`runtime`).
-use std::{
-    collections::HashMap,
-    os::unix::fs::MetadataExt,
-    path::{Path, PathBuf},
-};
+//! Uprobes on tokio's task polls, spawns and mpsc channels (see
+//! `agent-ebpf/src/propagate/tokio.rs`): attached to each selected tokio process whose
+//! executable keeps its symbol table, at every instance of the generic functions followed
+//! (found by demangled path), and detached when it exits. A stripped or fully inlined build has
+//! no instances to probe: its calls keep no parent (`runtime`). A build without the spawn
+//! function is followed without it: calls of spawned tasks then get no parent.
+use std::{collections::HashMap, os::unix::fs::MetadataExt};
 
 use agent_common::{
     TOKIO_POLL_PATH, TOKIO_POLL_PROGRAM, TOKIO_POLL_RET_PROGRAM, TOKIO_POP_PATH, TOKIO_POP_PROGRAM,
-    TOKIO_PUSH_PATH, TOKIO_PUSH_PROGRAM,
+    TOKIO_PUSH_PATH, TOKIO_PUSH_PROGRAM, TOKIO_SPAWN_PATH, TOKIO_SPAWN_PROGRAM,
 };
 use aya::{programs::uprobe::UProbeAttachLocation, Ebpf};
 use object::{Object, ObjectSection, ObjectSymbol};
@@ -19,11 +16,12 @@ use object::{Object, ObjectSection, ObjectSymbol};
 use super::per_process::{self, AttachError, Point, Processes};
 
 /// Every kernel program this module loads (`agent check` verifies them).
-pub const PROGRAMS: [&str; 4] = [
+pub const PROGRAMS: [&str; 5] = [
     TOKIO_POLL_PROGRAM,
     TOKIO_POLL_RET_PROGRAM,
     TOKIO_PUSH_PROGRAM,
     TOKIO_POP_PROGRAM,
+    TOKIO_SPAWN_PROGRAM,
 ];
 /// Instances of one function probed at most (each costs a perf event per process).
 const MAX_INSTANCES: usize = 512;
@@ -53,6 +51,8 @@ pub struct Instances {
     pub poll: Vec<u64>,
     pub push: Vec<u64>,
     pub pop: Vec<u64>,
+    /// Empty where the build has no `bind_inner` (spawned tasks then inherit nothing).
+    pub spawn: Vec<u64>,
 }
 
 /// Whether a demangled name (without its hash) is `path` or an instance of it (`path::<..>`,
@@ -83,6 +83,8 @@ pub fn instances(data: &[u8], file: &str) -> Result<Instances, TokioProbeError> 
             &mut found.push
         } else if is_instance(&d, TOKIO_POP_PATH) {
             &mut found.pop
+        } else if is_instance(&d, TOKIO_SPAWN_PATH) {
+            &mut found.spawn
         } else {
             continue;
         };
@@ -98,14 +100,15 @@ pub fn instances(data: &[u8], file: &str) -> Result<Instances, TokioProbeError> 
         };
         which.push(sym.address() - section.address() + start);
     }
-    for (v, path) in [
-        (&mut found.poll, TOKIO_POLL_PATH),
-        (&mut found.push, TOKIO_PUSH_PATH),
-        (&mut found.pop, TOKIO_POP_PATH),
+    for (v, path, required) in [
+        (&mut found.poll, TOKIO_POLL_PATH, true),
+        (&mut found.push, TOKIO_PUSH_PATH, true),
+        (&mut found.pop, TOKIO_POP_PATH, true),
+        (&mut found.spawn, TOKIO_SPAWN_PATH, false),
     ] {
         v.sort_unstable();
         v.dedup();
-        if v.is_empty() {
+        if v.is_empty() && required {
             return Err(TokioProbeError::NoInstance {
                 file: file.into(),
                 path,
@@ -147,7 +150,7 @@ impl TokioProbes {
         if self.probed.contains(pid, since) {
             return Ok(Outcome::Nothing);
         }
-        let Some(exe) = exe_path(pid) else {
+        let Some(exe) = crate::runtimes::exe_path(pid) else {
             return Ok(Outcome::Nothing);
         };
         let Ok(m) = std::fs::metadata(&exe) else {
@@ -187,6 +190,7 @@ impl TokioProbes {
             .chain(found.poll.iter().map(|o| at(TOKIO_POLL_PROGRAM, o)))
             .chain(found.push.iter().map(|o| at(TOKIO_PUSH_PROGRAM, o)))
             .chain(found.pop.iter().map(|o| at(TOKIO_POP_PROGRAM, o)))
+            .chain(found.spawn.iter().map(|o| at(TOKIO_SPAWN_PROGRAM, o)))
             .collect();
         let links = per_process::attach_all(ebpf, pid, &points)?;
         self.probed.insert(pid, since, links);
@@ -197,13 +201,6 @@ impl TokioProbes {
     pub fn sweep(&mut self, ebpf: &mut Ebpf) {
         self.probed.sweep(ebpf);
     }
-}
-
-/// The executable of `pid` as a path the agent can open (inside the process's root).
-fn exe_path(pid: u32) -> Option<PathBuf> {
-    let target = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
-    let rel = target.strip_prefix("/").ok()?;
-    Some(Path::new(&format!("/proc/{pid}/root")).join(rel))
 }
 
 #[cfg(test)]
@@ -233,6 +230,7 @@ mod tests {
         let me = std::fs::read("/proc/self/exe").expect("own exe");
         let found = instances(&me, "self").expect("instances");
         assert!(!found.poll.is_empty(), "{found:?}");
+        assert!(!found.spawn.is_empty(), "tasks spawned: {found:?}");
         let ls = std::fs::read("/bin/ls").expect("/bin/ls");
         assert!(matches!(
             instances(&ls, "ls"),
