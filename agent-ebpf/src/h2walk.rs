@@ -440,7 +440,13 @@ fn len_kind(word: u64) -> (u32, u8) {
 /// joined as words (shifts, no variable indexes into the stack, which the verifier refuses).
 #[inline(always)]
 fn finish_header(w: &mut Walk, buf: *mut u8) {
-    let have = w.st.have as u64 & 7;
+    // 1 to 8 bytes are held (a mask of 7 would read 8 as 0 and take the next syscall's first
+    // bytes for a header: the frame alignment would be lost).
+    let have = w.st.have as u64 & 15;
+    if have > 8 {
+        w.st = H2Walk::default();
+        return;
+    }
     let need = FRAME_HEADER as u64 - have;
     let n = if need < w.moved { need } else { w.moved };
     let mut tmp = [0u8; 32];
@@ -463,8 +469,14 @@ fn finish_header(w: &mut Walk, buf: *mut u8) {
     let more = u64::from_le_bytes([
         tmp[0], tmp[1], tmp[2], tmp[3], tmp[4], tmp[5], tmp[6], tmp[7],
     ]);
-    let shift = 8 * have;
-    let word = (held & ((1u64 << shift) - 1)) | (more << shift);
+    // The first 8 header bytes as a word: `have` of them held, the rest just read (all 8 held:
+    // the word is the held one; a shift by 64 would be none).
+    let word = if have >= 8 {
+        held
+    } else {
+        let shift = 8 * have;
+        (held & ((1u64 << shift) - 1)) | (more << shift)
+    };
     if have + n < FRAME_HEADER as u64 {
         // Still cut (a syscall of a few bytes): hold what there is.
         w.st.hdr[..8].copy_from_slice(&word.to_le_bytes());

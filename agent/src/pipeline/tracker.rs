@@ -22,10 +22,12 @@ use crate::{
     span::{build_span, limits::Limits, redact::UrlPolicy},
     telemetry::Metrics,
     trace_context::{
-        link::{decide, server_ctx, Decision, Registry},
+        h2_stitch::{self, ConnKey, H2Stitch},
+        link::{decide, random_span_id, server_ctx, Decision, Registry},
         TraceParent,
     },
 };
+use rand::Rng;
 
 /// Connections followed at once; events of further connections are dropped and counted.
 pub const MAX_CONNS: usize = 65_536;
@@ -50,6 +52,9 @@ struct Conn {
     /// The side the socket's origin says this process is on (accept/connect, or /proc).
     expected: Option<Side>,
     last_boot_ns: u64,
+    /// The network namespace of the process (read once the connection shows HTTP/2, for
+    /// same-host stitching on loopback).
+    netns: Option<u64>,
 }
 
 /// The records of an HTTP/2 event (`LAYOUT_H2_CHUNKS`): each a run of kept bytes and the
@@ -67,7 +72,27 @@ fn h2_chunks(mut p: &[u8]) -> impl Iterator<Item = (&[u8], u32)> {
     })
 }
 
+/// The inode of process `pid`'s network namespace.
+fn netns_of(pid: u32) -> Option<u64> {
+    let link = std::fs::read_link(format!("/proc/{pid}/ns/net")).ok()?;
+    link.to_str()?
+        .strip_prefix("net:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
 impl Conn {
+    /// This connection as both of its ends name it, this process being on `side`.
+    fn stitch_key(&self, side: Side) -> Option<ConnKey> {
+        ConnKey::new(
+            side == Side::Client,
+            (self.ends.local, self.ends.local_port),
+            (self.ends.peer, self.ends.peer_port),
+            self.netns,
+        )
+    }
+
     /// The connection ended: what is still open ends with it.
     fn close(&mut self, out: &mut Vec<Exchange>) {
         match &mut self.h2 {
@@ -96,6 +121,7 @@ struct Output {
     spans: crate::export::SpanSender,
     sampler: Sampler,
     registry: Registry,
+    h2_stitch: H2Stitch,
     urls: UrlPolicy,
     limits: Limits,
 }
@@ -122,6 +148,7 @@ impl Tracker {
                 spans,
                 sampler,
                 registry: Registry::default(),
+                h2_stitch: H2Stitch::default(),
                 urls,
                 limits,
             },
@@ -171,8 +198,7 @@ impl Tracker {
                     sk: c.sk,
                 };
                 if let Some(mut conn) = self.conns.remove(&id) {
-                    conn.close(&mut self.exchanges);
-                    self.out.spans_for(&mut self.exchanges, id.pid, &mut conn);
+                    self.out.ended(&mut self.exchanges, id.pid, &mut conn);
                 }
             }
         }
@@ -210,6 +236,7 @@ impl Tracker {
                     resource,
                     expected,
                     last_boot_ns: h.ts_exit,
+                    netns: None,
                 },
             );
         }
@@ -239,6 +266,7 @@ impl Tracker {
             // The kernel walked HTTP/2 frames: records of kept bytes and passed-over gaps.
             let h2 = conn.h2.get_or_insert_with(|| {
                 self.out.metrics.http2_connections.inc();
+                conn.netns = netns_of(h.pid);
                 let opens = payload
                     .get(agent_common::H2_CHUNK_HEADER..)
                     .is_some_and(|d| d.starts_with(frame::PREFACE));
@@ -248,6 +276,7 @@ impl Tracker {
                     Http2Conn::mid_stream()
                 })
             });
+            let was_aligned = h2.aligned(dir);
             for (data, gap) in h2_chunks(payload) {
                 let seg = Segment {
                     data,
@@ -256,6 +285,26 @@ impl Tracker {
                 };
                 h2.feed(dir, seg, &mut self.exchanges);
             }
+            if was_aligned && !h2.aligned(dir) {
+                // What the kernel sent (kept bytes, passed over), to tell whose walk went wrong.
+                let records: Vec<(usize, u32, String)> = h2_chunks(payload)
+                    .map(|(d, g)| {
+                        let head: String = d.iter().take(12).map(|b| format!("{b:02x}")).collect();
+                        (d.len(), g, head)
+                    })
+                    .collect();
+                tracing::debug!(
+                    pid = h.pid,
+                    tid = h.tid,
+                    fd = h.fd,
+                    comm = %String::from_utf8_lossy(&h.comm),
+                    ?dir,
+                    len = h.len,
+                    ?records,
+                    "HTTP/2 event that lost alignment"
+                );
+            }
+            self.out.h2_opened(conn);
             conn.last_boot_ns = h.ts_exit;
             if !self.exchanges.is_empty() {
                 self.emit(id);
@@ -270,10 +319,12 @@ impl Tracker {
             }
             if conn.h2.is_some() {
                 self.out.metrics.http2_connections.inc();
+                conn.netns = netns_of(h.pid);
             }
         }
         if let Some(h2) = &mut conn.h2 {
             h2.feed(dir, seg, &mut self.exchanges);
+            self.out.h2_opened(conn);
         } else {
             conn.http.feed(dir, seg, &mut self.exchanges);
         }
@@ -310,8 +361,7 @@ impl Tracker {
         for id in stale {
             if let Some(mut conn) = self.conns.remove(&id) {
                 self.out.metrics.conns_evicted_idle.inc();
-                conn.close(&mut self.exchanges);
-                self.out.spans_for(&mut self.exchanges, id.pid, &mut conn);
+                self.out.ended(&mut self.exchanges, id.pid, &mut conn);
             }
         }
     }
@@ -322,16 +372,76 @@ impl Tracker {
 }
 
 impl Output {
+    /// Records the ids of the request streams a client connection just opened, for the callee
+    /// on this host to take (`h2_stitch`).
+    fn h2_opened(&mut self, conn: &mut Conn) {
+        let Some(h2) = conn.h2.as_mut() else {
+            return;
+        };
+        let opened = h2.take_opened();
+        let Some(key) = conn.stitch_key(Side::Client) else {
+            return;
+        };
+        let mut rng = rand::rng();
+        for o in opened.into_iter().filter(|o| !o.traceparent) {
+            let trace_id: [u8; 16] = rng.random();
+            let sampled = self.sampler.sample(&trace_id, None);
+            let ctx = h2_stitch::client_ctx(trace_id, random_span_id(&mut rng), sampled);
+            if !self.h2_stitch.opened(key, o.stream, o.start_ns, ctx) {
+                self.metrics.http2_stitch_full.inc();
+            }
+        }
+    }
+
+    /// The ids an HTTP/2 exchange was given out of band: a client stream's, recorded when it
+    /// opened; a server stream's, from its caller's record on this host.
+    fn h2_ctx(&mut self, ex: &mut Exchange, conn: &Conn) {
+        let (Some(h2), None) = (&ex.h2, ex.ctx) else {
+            return;
+        };
+        let Some(key) = conn.stitch_key(ex.side) else {
+            return;
+        };
+        ex.ctx = match ex.side {
+            Side::Client => self.h2_stitch.client_ended(&key, h2.stream),
+            Side::Server => {
+                let own = ex
+                    .request
+                    .traceparent
+                    .as_deref()
+                    .and_then(TraceParent::parse);
+                if own.is_some() {
+                    return;
+                }
+                let span = random_span_id(&mut rand::rng());
+                self.h2_stitch
+                    .server_ctx(&key, h2.stream, ex.start_ns, span)
+            }
+        };
+    }
+
+    /// The connection ended: what was open on it becomes spans, and its stitching records go.
+    fn ended(&mut self, exchanges: &mut Vec<Exchange>, pid: u32, conn: &mut Conn) {
+        conn.close(exchanges);
+        self.spans_for(exchanges, pid, conn);
+        if conn.h2.as_ref().and_then(|h| h.side()) == Some(Side::Client) {
+            if let Some(key) = conn.stitch_key(Side::Client) {
+                self.h2_stitch.conn_ended(&key);
+            }
+        }
+    }
+
     /// Turns the connection's completed exchanges into spans and queues them; one place for both
     /// live traffic and connections that end.
-    fn spans_for(&self, exchanges: &mut Vec<Exchange>, pid: u32, conn: &mut Conn) {
-        let metrics = &self.metrics;
-        for ex in exchanges.drain(..) {
+    fn spans_for(&mut self, exchanges: &mut Vec<Exchange>, pid: u32, conn: &mut Conn) {
+        for mut ex in exchanges.drain(..) {
             if conn.expected.is_some_and(|s| s != ex.side) {
                 // A request seen in the wrong direction for this socket: not a real exchange.
-                metrics.http_orphan_responses.inc();
+                self.metrics.http_orphan_responses.inc();
                 continue;
             }
+            self.h2_ctx(&mut ex, conn);
+            let metrics = &self.metrics;
             match decide(&ex, pid, &self.registry, &self.sampler) {
                 Decision::Unsampled => {
                     metrics.spans_unsampled.inc();
@@ -360,6 +470,7 @@ impl Output {
                 }
             }
         }
+        let metrics = &self.metrics;
         if let Some(h2) = &mut conn.h2 {
             let s = h2.take_stats();
             metrics.http2_unresolved_fields.inc_by(s.unresolved_fields);

@@ -198,7 +198,7 @@ fn nonzero(id: [u8; 8]) -> Option<[u8; 8]> {
     (id != [0; 8]).then_some(id)
 }
 
-fn random_span_id(rng: &mut impl Rng) -> [u8; 8] {
+pub fn random_span_id(rng: &mut impl Rng) -> [u8; 8] {
     let mut id: [u8; 8] = rng.random();
     if id == [0; 8] {
         id[7] = 1;

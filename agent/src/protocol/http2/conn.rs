@@ -57,6 +57,16 @@ pub struct H2Info {
     pub unresolved: u32,
 }
 
+/// A request stream this process opened as the client (its HEADERS written), drained by the
+/// tracker to record the context its callee on this host can take (`trace_context::h2_stitch`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Opened {
+    pub stream: u32,
+    pub start_ns: u64,
+    /// The request carries a valid `traceparent` of its own (the callee follows that instead).
+    pub traceparent: bool,
+}
+
 /// Counters of one connection, drained by the tracker.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct H2Stats {
@@ -174,6 +184,8 @@ pub struct Http2Conn {
     streams: HashMap<u32, Stream>,
     seq: u64,
     stats: H2Stats,
+    /// Client streams opened since the last `take_opened` (at most `MAX_STREAMS`).
+    opened: Vec<Opened>,
 }
 
 impl Http2Conn {
@@ -199,11 +211,22 @@ impl Http2Conn {
             streams: HashMap::new(),
             seq: 0,
             stats: H2Stats::default(),
+            opened: Vec::new(),
         }
+    }
+
+    /// The request streams this process opened as the client since the last call.
+    pub fn take_opened(&mut self) -> Vec<Opened> {
+        std::mem::take(&mut self.opened)
     }
 
     pub fn take_stats(&mut self) -> H2Stats {
         std::mem::take(&mut self.stats)
+    }
+
+    /// Whether frame boundaries in `dir` are known.
+    pub fn aligned(&self, dir: Dir) -> bool {
+        self.dirs[dir as usize].aligned
     }
 
     pub fn open_streams(&self) -> usize {
@@ -226,7 +249,7 @@ impl Http2Conn {
             let n = self.dirs[d].preface.min(data.len());
             let at = frame::PREFACE.len() - self.dirs[d].preface;
             if data[..n] != frame::PREFACE[at..at + n] {
-                self.lose(dir);
+                self.lose(dir, "not the client preface");
                 return;
             }
             self.dirs[d].preface -= n;
@@ -265,7 +288,8 @@ impl Http2Conn {
             let Some(h) = FrameHeader::parse(raw).filter(|_| FrameHeader::is_strictly_valid(raw))
             else {
                 // Not a frame where one must start.
-                self.lose(dir);
+                tracing::debug!(?dir, at = pos, len = buf.len(), missing, raw = ?raw, "no frame header");
+                self.lose(dir, "no frame header where one must start");
                 break;
             };
             let len = h.len as usize;
@@ -329,7 +353,7 @@ impl Http2Conn {
                         missing -= (h.len as usize + frame::HEADER_LEN - carry.len()) as u64;
                     }
                     _ => {
-                        self.lose(dir);
+                        self.lose(dir, "an incomplete frame header before a gap");
                         return;
                     }
                 }
@@ -340,7 +364,8 @@ impl Http2Conn {
                 missing -= n;
             }
             if missing > 0 {
-                self.lose(dir);
+                tracing::debug!(?dir, missing, "bytes passed over beyond the frame");
+                self.lose(dir, "a gap beyond the frame being passed over");
             }
         }
     }
@@ -489,6 +514,15 @@ impl Http2Conn {
                 }
             }
             self.seq += 1;
+            if dir == Dir::Egress && self.opened.len() < MAX_STREAMS {
+                self.opened.push(Opened {
+                    stream,
+                    start_ns: seg.start_ns,
+                    traceparent: value(&fields, "traceparent")
+                        .and_then(crate::trace_context::TraceParent::parse)
+                        .is_some(),
+                });
+            }
             let blind = !self.dirs[other(dir) as usize].aligned;
             self.streams.insert(
                 stream,
@@ -547,10 +581,17 @@ impl Http2Conn {
     }
 
     /// Frame boundaries in `dir` are unknown from here (and so are table positions).
-    fn lose(&mut self, dir: Dir) {
+    fn lose(&mut self, dir: Dir, why: &'static str) {
         let d = &mut self.dirs[dir as usize];
         if d.aligned {
             self.stats.alignment_lost += 1;
+            tracing::debug!(
+                ?dir,
+                why,
+                skip = d.skip,
+                carry = d.carry.len(),
+                "HTTP/2 frame alignment lost"
+            );
         }
         d.aligned = false;
         d.carry.clear();

@@ -5,4 +5,4 @@ pub mod frame;
 pub mod hpack;
 mod static_table;
 
-pub use conn::{Grpc, H2Info, H2Stats, Http2Conn, StreamEnd, MAX_STREAMS};
+pub use conn::{Grpc, H2Info, H2Stats, Http2Conn, Opened, StreamEnd, MAX_STREAMS};
