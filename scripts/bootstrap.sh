@@ -61,6 +61,31 @@ fi
 # The tests run their own nginx, haproxy and redis instances on their own free ports with their
 # own configuration: a service of the same name that the machine already runs is left alone.
 
+# etcd (a Go gRPC server and its client, programs nobody here wrote), unpacked into target/etcd
+# rather than installed: Debian's etcd-server package would also enable and start a system etcd.
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ETCD_DIR="$ROOT/target/etcd"
+if [[ ! -x "$ETCD_DIR/usr/bin/etcd" || ! -x "$ETCD_DIR/usr/bin/etcdctl" ]]; then
+  log "unpacking Debian's etcd-server and etcd-client into $ETCD_DIR"
+  tmp=$(mktemp -d)
+  if ! (cd "$tmp" && apt-get download -qq etcd-server etcd-client); then
+    $SUDO apt-get update -qq || true
+    (cd "$tmp" && apt-get download -qq etcd-server etcd-client) || { log "apt-get download etcd failed"; exit 1; }
+  fi
+  mkdir -p "$ETCD_DIR"
+  for deb in "$tmp"/*.deb; do dpkg-deb -x "$deb" "$ETCD_DIR"; done
+  rm -rf "$tmp"
+fi
+
+# @grpc/grpc-js (npm) for the Node gRPC server and client, into target/node (NODE_PATH there).
+NODE_DIR="$ROOT/target/node"
+if [[ ! -f "$NODE_DIR/node_modules/@grpc/grpc-js/package.json" ]]; then
+  log "installing @grpc/grpc-js from npm into $NODE_DIR"
+  mkdir -p "$NODE_DIR"
+  (cd "$NODE_DIR" && npm install --no-audit --no-fund --silent '@grpc/grpc-js@1') \
+    || { log "npm install @grpc/grpc-js failed"; exit 1; }
+fi
+
 # PyPI packages the tests' Python clients import (for the interpreter the tests run).
 if ! python3 -c 'import redis' 2>/dev/null; then
   log "installing redis-py from PyPI"

@@ -17,6 +17,16 @@ pub struct ProcessCache {
     by_pid: HashMap<u32, (u64, Arc<Resource>)>,
 }
 
+/// The inode of process `pid`'s network namespace (`/proc/PID/ns/net`), while it lives.
+pub fn netns_of(pid: u32) -> Option<u64> {
+    let link = std::fs::read_link(format!("/proc/{pid}/ns/net")).ok()?;
+    link.to_str()?
+        .strip_prefix("net:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
 /// The only environment variables of a traced process the agent reads.
 const WANTED_ENV: [&str; 2] = ["OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES"];
 

@@ -70,6 +70,17 @@ fn callers(spans: &[RSpan]) -> (usize, usize) {
     (linked, roots)
 }
 
+/// Waits (at most 20 s) until `rx` holds `n` spans and a moment more for any beyond them, then
+/// stops the agent either way, so that a shortfall shows with its counters: its stderr.
+fn stop_after(agent: Agent, rx: &Receiver, n: usize) -> String {
+    let end = std::time::Instant::now() + Duration::from_secs(20);
+    while rx.spans().len() < n && std::time::Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(800));
+    agent.stop().1
+}
+
 fn one<'a>(spans: &'a [RSpan], kind: &str, f: impl Fn(&RSpan) -> bool) -> Vec<&'a RSpan> {
     spans.iter().filter(|s| s.kind() == kind && f(s)).collect()
 }
@@ -217,12 +228,7 @@ fn frame_headers_cut_at_every_byte_keep_the_walk_aligned() {
         String::from_utf8_lossy(&out.stdout).trim(),
         format!("ok {n}")
     );
-    let end = std::time::Instant::now() + Duration::from_secs(20);
-    while rx.spans().len() < 2 * n && std::time::Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    std::thread::sleep(Duration::from_millis(500));
-    let (_, err) = agent.stop();
+    let err = stop_after(agent, &rx, 2 * n);
     let counters = final_counters(&err);
     let spans = rx.spans();
     for kind in ["server", "client"] {
@@ -381,6 +387,139 @@ fn grpcio_unary_and_streaming_calls() {
         .iter()
         .filter(|s| s.kind() == "client")
         .all(|s| s.parent_id().is_empty() && s.attr("beholder.link.method") == Some("none")));
+    assert_catalog_calls(&spans, rounds);
+}
+
+/// gRPC through a proxy: grpcio's client calls nginx (`listen ... http2`, `grpc_pass`), which
+/// calls grpcio's server over HTTP/2 of its own. Unary and streaming calls, then replies of
+/// 1 MiB and 16 MiB checked byte for byte, all bounded in time: the proxy must pass everything
+/// unchanged while both of its sides are traced. Each call gives four spans: the client's, the
+/// proxy's SERVER and CLIENT spans, and the server's, each named `package.Service/Method` with
+/// its status.
+#[test]
+fn grpc_through_nginx_grpc_pass() {
+    let rx = Receiver::start();
+    let upstream = free_port();
+    let _server = Proc::spawn(
+        tests::programs::python("grpc_service.py", &["serve", &upstream.to_string()])
+            .env("OTEL_SERVICE_NAME", "catalog")
+            .stdout(Stdio::null()),
+    );
+    wait_port(upstream);
+    let port = free_port();
+    let _nginx = tests::programs::Nginx::start_h2c(
+        port,
+        &format!(
+            "    location / {{ grpc_pass grpc://127.0.0.1:{upstream}; \
+             grpc_read_timeout 60s; grpc_send_timeout 60s; }}\n"
+        ),
+    );
+    let agent = Agent::start(
+        Export::Grpc(&rx),
+        &["--port", &port.to_string(), "--port", &upstream.to_string()],
+    );
+    let rounds = 10;
+    let out = run(Command::new("timeout")
+        .args(["60", "python3"])
+        .arg(fixture("grpc_service.py"))
+        .args(["call", &port.to_string(), &rounds.to_string()]));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("ok {rounds}")
+    );
+    let mut blobs = 0;
+    for (size, n) in [(1usize << 20, 8), (16 << 20, 3)] {
+        let out = run(Command::new("timeout")
+            .args(["120", "python3"])
+            .arg(fixture("grpc_service.py"))
+            .args([
+                "blobs",
+                &port.to_string(),
+                &size.to_string(),
+                &n.to_string(),
+            ]));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            format!("ok {n}")
+        );
+        blobs += n;
+    }
+    let calls = 6 * rounds + blobs;
+    let err = stop_after(agent, &rx, 4 * calls);
+    let spans = rx.spans();
+    let counters = final_counters(&err);
+    eprintln!("grpc through nginx: counters {counters:?}");
+    // Every frame of every reply is walked in step, 16 MiB ones too (a frame header cut after
+    // 8 bytes once lost a direction's alignment in about one run in three): four spans per call.
+    assert_eq!(
+        counters.get("http2_alignment_lost"),
+        None,
+        "frame alignment kept: {counters:?}"
+    );
+    assert_eq!(
+        spans.len(),
+        4 * calls,
+        "four spans per call; counters {counters:?}"
+    );
+    // Two SERVER spans (the proxy's, the server's) and two CLIENT spans (the client's, the
+    // proxy's) for each call.
+    let count = |kind: &str, name: &str| {
+        spans
+            .iter()
+            .filter(|s| s.kind() == kind && s.span.name == format!("shop.v1.Catalog/{name}"))
+            .count()
+    };
+    for (name, per_round) in [
+        ("Get", 2),
+        ("List", 1),
+        ("Upload", 1),
+        ("Chat", 1),
+        ("Crash", 1),
+        ("Blob", 0),
+    ] {
+        let n = if name == "Blob" {
+            2 * blobs
+        } else {
+            2 * per_round * rounds
+        };
+        for kind in ["server", "client"] {
+            assert_eq!(count(kind, name), n, "{kind} {name}; counters {counters:?}");
+        }
+    }
+    assert!(spans
+        .iter()
+        .filter(|s| s.span.name == "shop.v1.Catalog/Blob")
+        .all(|s| s.attr("rpc.response.status_code") == Some("OK") && s.status_code() == 0));
+    // Statuses survive the proxy: NOT_FOUND and UNKNOWN on every span of those calls, an error
+    // on every client side and on no server side for NOT_FOUND.
+    let missing: Vec<_> = spans
+        .iter()
+        .filter(|s| s.attr("rpc.response.status_code") == Some("NOT_FOUND"))
+        .collect();
+    assert_eq!(missing.len(), 4 * rounds);
+    assert!(missing
+        .iter()
+        .all(|s| (s.status_code() == 2) == (s.kind() == "client")));
+    let unknown = spans
+        .iter()
+        .filter(|s| s.attr("rpc.response.status_code") == Some("UNKNOWN"))
+        .count();
+    assert_eq!(unknown, 4 * rounds);
+    // Each hop joins its caller on this host: the proxy's SERVER span is the child of the
+    // client's call, the server's the child of the proxy's call. (The proxy's own CLIENT span
+    // is not linked to its SERVER span in-process yet: a call gives two traces.)
+    let servers = spans.iter().filter(|s| s.kind() == "server").count();
+    assert_eq!(
+        callers(&spans),
+        (servers, 0),
+        "every server span stitched to its caller"
+    );
+}
+
+/// What `rounds` rounds of the Catalog calls (`grpc_service.py call`, `grpc_js_service.js
+/// call`) must show on each side: Get twice (one NOT_FOUND: an error on the client only), List,
+/// Upload and Chat with their message counts, Crash as UNKNOWN (an error on both sides).
+fn assert_catalog_calls(spans: &[RSpan], rounds: usize) {
     let count = |kind: &str, name: &str| {
         spans
             .iter()
@@ -452,134 +591,196 @@ fn grpcio_unary_and_streaming_calls() {
     }
 }
 
-/// gRPC through a proxy: grpcio's client calls nginx (`listen ... http2`, `grpc_pass`), which
-/// calls grpcio's server over HTTP/2 of its own. Unary and streaming calls, then replies of
-/// 1 MiB and 16 MiB checked byte for byte, all bounded in time: the proxy must pass everything
-/// unchanged while both of its sides are traced. Each call gives four spans: the client's, the
-/// proxy's SERVER and CLIENT spans, and the server's, each named `package.Service/Method` with
-/// its status.
+/// Debian's etcd binaries, unpacked by `scripts/bootstrap.sh --test`.
+fn etcd_bin(name: &str) -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/etcd/usr/bin")
+        .join(name)
+}
+
+/// etcd (Debian's build: Go 1.19, grpc-go, stripped) serving etcdctl, two Go programs nobody
+/// here wrote, on one host: puts, gets and revokes of a lease that does not exist, each
+/// etcdctl run on a connection of its own. Each call gives one CLIENT span (etcdctl) and one
+/// SERVER span (etcd) named by its gRPC method, with the gRPC status from the trailers
+/// (NOT_FOUND: an error on the client only), and the server span is the child of the call.
+/// Then HTTP/1 JSON requests to etcd's gateway, which makes its gRPC calls on a connection to
+/// etcd itself that it opened before the agent started: those calls are found in the middle
+/// of that connection and named from its header table.
 #[test]
-fn grpc_through_nginx_grpc_pass() {
-    let rx = Receiver::start();
-    let upstream = free_port();
-    let _server = Proc::spawn(
-        tests::programs::python("grpc_service.py", &["serve", &upstream.to_string()])
-            .env("OTEL_SERVICE_NAME", "catalog")
-            .stdout(Stdio::null()),
-    );
-    wait_port(upstream);
-    let port = free_port();
-    let _nginx = tests::programs::Nginx::start_h2c(
-        port,
-        &format!(
-            "    location / {{ grpc_pass grpc://127.0.0.1:{upstream}; \
-             grpc_read_timeout 60s; grpc_send_timeout 60s; }}\n"
-        ),
-    );
-    let agent = Agent::start(
-        Export::Grpc(&rx),
-        &["--port", &port.to_string(), "--port", &upstream.to_string()],
-    );
-    let rounds = 10;
-    let out = run(Command::new("timeout")
-        .args(["60", "python3"])
-        .arg(fixture("grpc_service.py"))
-        .args(["call", &port.to_string(), &rounds.to_string()]));
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        format!("ok {rounds}")
-    );
-    let mut blobs = 0;
-    for (size, n) in [(1usize << 20, 8), (16 << 20, 3)] {
-        let out = run(Command::new("timeout")
-            .args(["120", "python3"])
-            .arg(fixture("grpc_service.py"))
+fn etcd_and_etcdctl_grpc_calls() {
+    let (port, peer) = (free_port(), free_port());
+    let data = std::env::temp_dir().join(format!("etcd-test-{port}"));
+    let _ = std::fs::remove_dir_all(&data);
+    let client_url = format!("http://127.0.0.1:{port}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let _etcd = Proc::spawn(
+        Command::new(etcd_bin("etcd"))
+            .args(["--name", "t", "--data-dir"])
+            .arg(&data)
             .args([
-                "blobs",
-                &port.to_string(),
-                &size.to_string(),
-                &n.to_string(),
-            ]));
-        assert_eq!(
-            String::from_utf8_lossy(&out.stdout).trim(),
-            format!("ok {n}")
-        );
-        blobs += n;
-    }
-    let calls = 6 * rounds + blobs;
-    // The agent is stopped either way, so that a shortfall shows with its counters.
-    let end = std::time::Instant::now() + Duration::from_secs(20);
-    while rx.spans().len() < 4 * calls && std::time::Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    std::thread::sleep(Duration::from_millis(800));
-    let (_, err) = agent.stop();
-    let spans = rx.spans();
-    let counters = final_counters(&err);
-    eprintln!("grpc through nginx: counters {counters:?}");
-    // Every frame of every reply is walked in step, 16 MiB ones too (a frame header cut after
-    // 8 bytes once lost a direction's alignment in about one run in three): four spans per call.
-    assert_eq!(
-        counters.get("http2_alignment_lost"),
-        None,
-        "frame alignment kept: {counters:?}"
+                "--listen-client-urls",
+                &client_url,
+                "--advertise-client-urls",
+                &client_url,
+                "--listen-peer-urls",
+                &peer_url,
+                "--initial-advertise-peer-urls",
+                &peer_url,
+                "--initial-cluster",
+                &format!("t={peer_url}"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
     );
-    assert_eq!(
-        spans.len(),
-        4 * calls,
-        "four spans per call; counters {counters:?}"
-    );
-    // Two SERVER spans (the proxy's, the server's) and two CLIENT spans (the client's, the
-    // proxy's) for each call.
-    let count = |kind: &str, name: &str| {
-        spans
-            .iter()
-            .filter(|s| s.kind() == kind && s.span.name == format!("shop.v1.Catalog/{name}"))
-            .count()
+    wait_port(port);
+    let rx = Receiver::start();
+    let agent = Agent::start(Export::Grpc(&rx), &["--port", &port.to_string()]);
+    let ctl = |args: &[&str]| {
+        Command::new("timeout")
+            .arg("20")
+            .arg(etcd_bin("etcdctl"))
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints=127.0.0.1:{port}"))
+            .args(args)
+            .output()
+            .expect("etcdctl")
     };
-    for (name, per_round) in [
-        ("Get", 2),
-        ("List", 1),
-        ("Upload", 1),
-        ("Chat", 1),
-        ("Crash", 1),
-        ("Blob", 0),
-    ] {
-        let n = if name == "Blob" {
-            2 * blobs
-        } else {
-            2 * per_round * rounds
-        };
-        for kind in ["server", "client"] {
-            assert_eq!(count(kind, name), n, "{kind} {name}; counters {counters:?}");
+    let rounds = 10;
+    for i in 0..rounds {
+        let put = ctl(&["put", &format!("key-{i}"), &format!("value-{i}")]);
+        assert_eq!(String::from_utf8_lossy(&put.stdout).trim(), "OK", "{put:?}");
+        let get = ctl(&["get", &format!("key-{i}")]);
+        assert!(
+            String::from_utf8_lossy(&get.stdout).contains(&format!("value-{i}")),
+            "{get:?}"
+        );
+        let revoke = ctl(&["lease", "revoke", "1234"]);
+        assert!(
+            !revoke.status.success()
+                && String::from_utf8_lossy(&revoke.stderr).contains("lease not found"),
+            "{revoke:?}"
+        );
+    }
+    let gateway = 5;
+    for i in 0..gateway {
+        // base64 of "gw-<i>" and "v"
+        let key = ["Z3ctMA==", "Z3ctMQ==", "Z3ctMg==", "Z3ctMw==", "Z3ctNA=="][i];
+        let out = run(Command::new("curl")
+            .args(["-sS", "--fail", "--max-time", "20", "-d"])
+            .arg(format!("{{\"key\":\"{key}\",\"value\":\"dg==\"}}"))
+            .arg(format!("{client_url}/v3/kv/put")));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("revision"));
+    }
+    let wanted = 6 * rounds + 3 * gateway;
+    let err = stop_after(agent, &rx, wanted);
+    let counters = final_counters(&err);
+    let spans = rx.spans();
+    eprintln!("etcd: {} spans, counters {counters:?}", spans.len());
+    let named = |kind: &str, name: &str| one(&spans, kind, |s| s.span.name == name);
+    for kind in ["server", "client"] {
+        for (name, calls, status) in [
+            ("etcdserverpb.KV/Put", rounds + gateway, "OK"),
+            ("etcdserverpb.KV/Range", rounds, "OK"),
+            ("etcdserverpb.Lease/LeaseRevoke", rounds, "NOT_FOUND"),
+        ] {
+            let got = named(kind, name);
+            assert_eq!(got.len(), calls, "{kind} {name}; counters {counters:?}");
+            for s in got {
+                assert_eq!(s.attr("rpc.system.name"), Some("grpc"), "{kind} {name}");
+                assert_eq!(s.attr("rpc.method"), Some(name));
+                assert_eq!(
+                    s.attr("rpc.response.status_code"),
+                    Some(status),
+                    "{kind} {name}"
+                );
+                let error = status != "OK" && kind == "client";
+                assert_eq!(s.status_code() == 2, error, "{kind} {name} span status");
+            }
         }
     }
-    assert!(spans
-        .iter()
-        .filter(|s| s.span.name == "shop.v1.Catalog/Blob")
-        .all(|s| s.attr("rpc.response.status_code") == Some("OK") && s.status_code() == 0));
-    // Statuses survive the proxy: NOT_FOUND and UNKNOWN on every span of those calls, an error
-    // on every client side and on no server side for NOT_FOUND.
-    let missing: Vec<_> = spans
-        .iter()
-        .filter(|s| s.attr("rpc.response.status_code") == Some("NOT_FOUND"))
-        .collect();
-    assert_eq!(missing.len(), 4 * rounds);
-    assert!(missing
-        .iter()
-        .all(|s| (s.status_code() == 2) == (s.kind() == "client")));
-    let unknown = spans
-        .iter()
-        .filter(|s| s.attr("rpc.response.status_code") == Some("UNKNOWN"))
-        .count();
-    assert_eq!(unknown, 4 * rounds);
-    // Each hop joins its caller on this host: the proxy's SERVER span is the child of the
-    // client's call, the server's the child of the proxy's call. (The proxy's own CLIENT span
-    // is not linked to its SERVER span in-process yet: a call gives two traces.)
-    let servers = spans.iter().filter(|s| s.kind() == "server").count();
+    // The gateway's HTTP/1 requests, served by etcd.
     assert_eq!(
-        callers(&spans),
-        (servers, 0),
-        "every server span stitched to its caller"
+        one(&spans, "server", |s| s.attr("url.path")
+            == Some("/v3/kv/put"))
+        .len(),
+        gateway
     );
+    let grpc: Vec<RSpan> = spans
+        .iter()
+        .filter(|s| s.attr("rpc.system.name") == Some("grpc"))
+        .cloned()
+        .collect();
+    assert_eq!(
+        callers(&grpc),
+        (3 * rounds + gateway, 0),
+        "every gRPC server span is the child of its call"
+    );
+}
+
+/// `node grpc_js_service.js ARGS` with `@grpc/grpc-js` from `target/node` (bootstrap).
+fn grpc_js(args: &[&str]) -> Command {
+    let mut c = Command::new("node");
+    c.arg(fixture("grpc_js_service.js")).args(args).env(
+        "NODE_PATH",
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/node/node_modules"),
+    );
+    c
+}
+
+/// Node's `@grpc/grpc-js` against itself and against grpcio, both ways: a grpc-js server
+/// called by grpc-js and by grpcio clients, and a grpcio server called by a grpc-js client,
+/// each pair traced by an agent of its own. Every call gives its two spans with names,
+/// statuses and message counts right, whichever implementation encoded the frames and header
+/// blocks, and each server span is the child of the call that made it.
+#[test]
+fn grpc_js_and_grpcio_both_ways() {
+    let rounds = 10;
+    let pairs: [(&str, &str); 3] = [("node", "node"), ("node", "python"), ("python", "node")];
+    for (server_impl, client_impl) in pairs {
+        let port = free_port();
+        let p = port.to_string();
+        let mut server = if server_impl == "node" {
+            grpc_js(&["serve", &p])
+        } else {
+            tests::programs::python("grpc_service.py", &["serve", &p])
+        };
+        let _server = Proc::spawn(server.stdout(Stdio::null()));
+        wait_port(port);
+        let rx = Receiver::start();
+        let agent = Agent::start(Export::Grpc(&rx), &["--port", &p]);
+        let n = rounds.to_string();
+        let client = if client_impl == "node" {
+            grpc_js(&["call", &p, &n])
+        } else {
+            let mut c = Command::new("python3");
+            c.arg(fixture("grpc_service.py")).args(["call", &p, &n]);
+            c
+        };
+        let out = run(Command::new("timeout")
+            .arg("60")
+            .arg(client.get_program())
+            .args(client.get_args())
+            .envs(client.get_envs().filter_map(|(k, v)| Some((k, v?)))));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            format!("ok {rounds}"),
+            "{client_impl} client of a {server_impl} server"
+        );
+        let calls = 6 * rounds;
+        let err = stop_after(agent, &rx, 2 * calls);
+        let spans = rx.spans();
+        let counters = final_counters(&err);
+        eprintln!("{client_impl} client, {server_impl} server: counters {counters:?}");
+        assert_eq!(
+            spans.len(),
+            2 * calls,
+            "{client_impl} client, {server_impl} server: one span per call on each side"
+        );
+        assert_catalog_calls(&spans, rounds);
+        assert_eq!(
+            callers(&spans),
+            (calls, 0),
+            "{client_impl} client, {server_impl} server: server spans stitched to their calls"
+        );
+    }
 }

@@ -16,6 +16,12 @@ pub enum KernelEvent {
     Close(CloseEvent),
     /// A traced process `exec`'d (for the runtime classifier, not the tracker).
     Exec(u32),
+    /// The network namespace of a process that just `exec`'d, read by the ring reader at once
+    /// (a short-lived client may be gone before the tracker reaches its connections).
+    Netns {
+        pid: u32,
+        netns: u64,
+    },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -31,7 +37,7 @@ impl KernelEvent {
     pub fn bytes(&self) -> usize {
         match self {
             KernelEvent::Data { payload, .. } => payload.len(),
-            KernelEvent::Close(_) | KernelEvent::Exec(_) => 0,
+            KernelEvent::Close(_) | KernelEvent::Exec(_) | KernelEvent::Netns { .. } => 0,
         }
     }
 

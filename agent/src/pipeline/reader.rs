@@ -67,6 +67,14 @@ fn drain(ring: &mut RingBuf<MapData>, q: &Queue<'_>) {
                 if q.execs.try_send(pid).is_err() {
                     metrics.runtime_exec_queue_full.inc();
                 }
+                if let Some(netns) = crate::process::netns_of(pid) {
+                    if q.events
+                        .try_send(KernelEvent::Netns { pid, netns })
+                        .is_err()
+                    {
+                        metrics.events_channel_full.inc();
+                    }
+                }
             }
             Ok(ev) => {
                 let n = ev.bytes();

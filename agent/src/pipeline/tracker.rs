@@ -72,16 +72,6 @@ fn h2_chunks(mut p: &[u8]) -> impl Iterator<Item = (&[u8], u32)> {
     })
 }
 
-/// The inode of process `pid`'s network namespace.
-fn netns_of(pid: u32) -> Option<u64> {
-    let link = std::fs::read_link(format!("/proc/{pid}/ns/net")).ok()?;
-    link.to_str()?
-        .strip_prefix("net:[")?
-        .strip_suffix(']')?
-        .parse()
-        .ok()
-}
-
 impl Conn {
     /// This connection as both of its ends name it, this process being on `side`.
     fn stitch_key(&self, side: Side) -> Option<ConnKey> {
@@ -111,6 +101,10 @@ pub struct Tracker {
     idle: Duration,
     exchanges: Vec<Exchange>,
     head_budget: Arc<HeadBudget>,
+    /// Network namespaces of processes as they `exec`'d, for those gone before their
+    /// connections are reached (bounded by `MAX_CONNS`; the oldest go first).
+    netns: HashMap<u32, u64>,
+    netns_order: std::collections::VecDeque<u32>,
     out: Output,
 }
 
@@ -142,6 +136,8 @@ impl Tracker {
             idle: Duration::from_secs(60),
             exchanges: Vec::new(),
             head_budget: HeadBudget::new(HEAD_BUDGET),
+            netns: HashMap::new(),
+            netns_order: std::collections::VecDeque::new(),
             out: Output {
                 clock: Clock::sample(),
                 metrics,
@@ -191,6 +187,17 @@ impl Tracker {
         match ev {
             KernelEvent::Data { header, payload } => self.data(&header, &payload),
             KernelEvent::Exec(_) => {}
+            KernelEvent::Netns { pid, netns } => {
+                if self.netns.insert(pid, netns).is_none() {
+                    self.netns_order.push_back(pid);
+                    if self.netns_order.len() > MAX_CONNS {
+                        if let Some(old) = self.netns_order.pop_front() {
+                            self.netns.remove(&old);
+                            self.out.metrics.netns_records_evicted.inc();
+                        }
+                    }
+                }
+            }
             KernelEvent::Close(c) => {
                 let id = ConnId {
                     pid: c.pid,
@@ -240,6 +247,7 @@ impl Tracker {
                 },
             );
         }
+        let netns_seen = self.netns.get(&h.pid).copied();
         let Some(conn) = self.conns.get_mut(&id) else {
             return;
         };
@@ -266,7 +274,7 @@ impl Tracker {
             // The kernel walked HTTP/2 frames: records of kept bytes and passed-over gaps.
             let h2 = conn.h2.get_or_insert_with(|| {
                 self.out.metrics.http2_connections.inc();
-                conn.netns = netns_of(h.pid);
+                conn.netns = crate::process::netns_of(h.pid).or(netns_seen);
                 let opens = payload
                     .get(agent_common::H2_CHUNK_HEADER..)
                     .is_some_and(|d| d.starts_with(frame::PREFACE));
@@ -319,7 +327,7 @@ impl Tracker {
             }
             if conn.h2.is_some() {
                 self.out.metrics.http2_connections.inc();
-                conn.netns = netns_of(h.pid);
+                conn.netns = crate::process::netns_of(h.pid).or(netns_seen);
             }
         }
         if let Some(h2) = &mut conn.h2 {
@@ -403,7 +411,7 @@ impl Output {
             return;
         };
         ex.ctx = match ex.side {
-            Side::Client => self.h2_stitch.client_ended(&key, h2.stream),
+            Side::Client => self.h2_stitch.client_ended(&key, h2.stream, ex.end_ns),
             Side::Server => {
                 let own = ex
                     .request

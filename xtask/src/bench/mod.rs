@@ -118,15 +118,9 @@ pub fn run(root: &Path, agent_bin: &Path, sink_bin: &Path, plan: Plan) -> Result
             let pid = agent.as_ref().map(|a| a.pid());
             std::thread::sleep(Duration::from_millis(300));
             let per0 = tools::bpf_per_program();
-            let (cpu0, bpf0) = (
-                pid.map(tools::cpu_seconds).unwrap_or(0.0),
-                tools::bpf_prog_stats(),
-            );
+            let (cpu0, bpf0) = tools::cost_now(pid);
             let r = tools::wrk(&url, plan.secs, 16)?;
-            let (cpu1, bpf1) = (
-                pid.map(tools::cpu_seconds).unwrap_or(0.0),
-                tools::bpf_prog_stats(),
-            );
+            let (cpu1, bpf1) = tools::cost_now(pid);
             let per_prog: serde_json::Map<String, serde_json::Value> = tools::bpf_per_program()
                 .into_iter()
                 .map(|(name, (ns, cnt))| {
@@ -163,6 +157,48 @@ pub fn run(root: &Path, agent_bin: &Path, sink_bin: &Path, plan: Plan) -> Result
             eprintln!(
                 "[bench]   round {round} {c:?}: {:.0} req/s p50 {:.0} us p99 {:.0} us",
                 r.rps, r.p50_us, r.p99_us
+            );
+        }
+    }
+
+    eprintln!(
+        "[bench] 1b HTTP/2 throughput at saturation (h2load): {} rounds x A B C x {} s",
+        plan.rounds, plan.secs
+    );
+    let h2_url = nginx.h2_url();
+    tools::h2load(&h2_url, 1, 2, 8)?;
+    let mut h2: Vec<serde_json::Value> = Vec::new();
+    for round in 0..plan.rounds {
+        for c in [Config::A, Config::B, Config::C] {
+            let agent = env.agent(c)?;
+            let pid = agent.as_ref().map(|a| a.pid());
+            std::thread::sleep(Duration::from_millis(300));
+            let (cpu0, bpf0) = tools::cost_now(pid);
+            let r = tools::h2load(&h2_url, plan.secs, 4, 16)?;
+            let (cpu1, bpf1) = tools::cost_now(pid);
+            let counters = match agent {
+                Some(a) => a.stop()?,
+                None => Vec::new(),
+            };
+            let _ = nginx.take_requests();
+            let per_req = |x: f64| {
+                if r.requests > 0 {
+                    x / r.requests as f64
+                } else {
+                    0.0
+                }
+            };
+            h2.push(json!({
+                "round": round, "config": format!("{c:?}"), "requests": r.requests, "rps": r.rps,
+                "mean_us": r.p50_us,
+                "agent_user_cpu_ms_per_1k": per_req((cpu1 - cpu0) * 1e6),
+                "ebpf_ns_per_request": if pid.is_some() { per_req(bpf1.0.saturating_sub(bpf0.0) as f64) } else { 0.0 },
+                "spans": counters.iter().find(|(k, _)| k == "spans_created").map(|(_, v)| *v).unwrap_or(0),
+                "drops": counters.iter().filter(|(k, v)| *v > 0 && report::is_loss(k)).map(|(k, v)| json!({k: v})).collect::<Vec<_>>(),
+            }));
+            eprintln!(
+                "[bench]   round {round} {c:?}: {:.0} req/s mean {:.0} us",
+                r.rps, r.p50_us
             );
         }
     }
@@ -238,7 +274,8 @@ pub fn run(root: &Path, agent_bin: &Path, sink_bin: &Path, plan: Plan) -> Result
         "cpu_model": std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default().lines().find_map(|l| l.strip_prefix("model name")).map(|s| s.trim_start_matches([' ', '\t', ':']).to_owned()),
         "nginx_workers": 1, "plan": {"rounds": plan.rounds, "secs": plan.secs, "loss_secs": plan.loss_secs},
     });
-    let data = json!({"host": host, "throughput": tp, "latency": lat, "loss": loss});
+    let data =
+        json!({"host": host, "throughput": tp, "h2_throughput": h2, "latency": lat, "loss": loss});
     let dir = root.join("bench");
     std::fs::create_dir_all(&dir)?;
     std::fs::write(

@@ -62,6 +62,15 @@ fn col(rows: &[Value], config: &str, key: &str) -> Stat {
     )
 }
 
+/// `x` as a multiple of `base` (a configuration against A), "-" without a base.
+fn ratio(x: f64, base: f64) -> String {
+    if base > 0.0 {
+        format!("{:.3}", x / base)
+    } else {
+        "-".into()
+    }
+}
+
 fn fmt(s: &Stat, digits: usize) -> String {
     format!(
         "{:.*} ({:.*}–{:.*})",
@@ -99,13 +108,6 @@ pub fn markdown(d: &Value) -> String {
         let rps = col(&tp, c, "rps");
         let p50 = col(&tp, c, "p50_us");
         let p99 = col(&tp, c, "p99_us");
-        let ratio = |x: f64, base: f64| {
-            if base > 0.0 {
-                format!("{:.3}", x / base)
-            } else {
-                "-".into()
-            }
-        };
         let agent = c != "A";
         o.push_str(&format!(
             "| {c} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
@@ -151,6 +153,46 @@ pub fn markdown(d: &Value) -> String {
         }
     ));
 
+    let h2 = d["h2_throughput"].as_array().cloned().unwrap_or_default();
+    if !h2.is_empty() {
+        let a_rps = col(&h2, "A", "rps").median;
+        let a_mean = col(&h2, "A", "mean_us").median;
+        o.push_str(&format!(
+            "\n## 1b. HTTP/2 throughput at saturation (h2load, 4 h2c connections x 16 streams in flight, {} s per run)\n\n\
+             The agent walks every HTTP/2 frame in the kernel and decodes each header block (HPACK) in userspace. \
+             h2load gives no percentiles: the mean time per request.\n\n\
+             | config | req/s | ratio to A | mean µs | mean ratio | agent user CPU ms / 1k req | eBPF ns / req | spans per run |\n|---|---|---|---|---|---|---|---|\n",
+            h["plan"]["secs"]
+        ));
+        for c in ["A", "B", "C"] {
+            let rps = col(&h2, c, "rps");
+            let mean = col(&h2, c, "mean_us");
+            let ratio = |x: f64, base: f64| {
+                if base > 0.0 {
+                    format!("{:.3}", x / base)
+                } else {
+                    "-".into()
+                }
+            };
+            let agent = |k: &str, digits| {
+                if c == "A" {
+                    "-".into()
+                } else {
+                    fmt(&col(&h2, c, k), digits)
+                }
+            };
+            o.push_str(&format!(
+                "| {c} | {} | {} | {} | {} | {} | {} | {} |\n",
+                fmt(&rps, 0),
+                ratio(rps.median, a_rps),
+                fmt(&mean, 0),
+                ratio(mean.median, a_mean),
+                agent("agent_user_cpu_ms_per_1k", 2),
+                agent("ebpf_ns_per_request", 0),
+                agent("spans", 0),
+            ));
+        }
+    }
     let lat = d["latency"].as_array().cloned().unwrap_or_default();
     o.push_str("\n## 2. Latency well below saturation, about 2,000 req/s (wrk, 2 keep-alive connections paced by a 1 ms delay)\n\n| config | achieved req/s | p50 µs | added p50 µs | p99 µs | added p99 µs |\n|---|---|---|---|---|---|\n");
     let (l50, l99) = (

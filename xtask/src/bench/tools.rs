@@ -47,12 +47,15 @@ pub fn wait_port(port: u16) -> Result<()> {
 pub struct Nginx {
     pub _guard: Guard,
     pub port: u16,
+    /// The same location over HTTP/2 cleartext (`listen ... http2`).
+    pub h2_port: u16,
     pub dir: PathBuf,
 }
 
 impl Nginx {
     pub fn start(dir: &Path) -> Result<Nginx> {
         let port = free_port()?;
+        let h2_port = free_port()?;
         std::fs::create_dir_all(dir.join("logs"))?;
         std::fs::create_dir_all(dir.join("tmp"))?;
         let d = dir.display();
@@ -61,7 +64,8 @@ impl Nginx {
              events {{ worker_connections 4096; }}\n\
              http {{\n  access_log {d}/logs/access.log;\n  keepalive_requests 10000000;\n  client_body_temp_path {d}/tmp;\n\
                proxy_temp_path {d}/tmp;\n  fastcgi_temp_path {d}/tmp;\n  uwsgi_temp_path {d}/tmp;\n  scgi_temp_path {d}/tmp;\n\
-               server {{\n    listen 127.0.0.1:{port};\n    location = /hello {{ return 200 \"hello\\n\"; }}\n  }}\n}}\n"
+               server {{\n    listen 127.0.0.1:{port};\n    location = /hello {{ return 200 \"hello\\n\"; }}\n  }}\n\
+               server {{\n    listen 127.0.0.1:{h2_port} http2;\n    location = /hello {{ return 200 \"hello\\n\"; }}\n  }}\n}}\n"
         );
         std::fs::write(dir.join("nginx.conf"), conf)?;
         let child = Command::new("nginx")
@@ -77,14 +81,20 @@ impl Nginx {
         let n = Nginx {
             _guard: Guard(child),
             port,
+            h2_port,
             dir: dir.to_path_buf(),
         };
         wait_port(port)?;
+        wait_port(h2_port)?;
         Ok(n)
     }
 
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}/hello", self.port)
+    }
+
+    pub fn h2_url(&self) -> String {
+        format!("http://127.0.0.1:{}/hello", self.h2_port)
     }
 
     /// Requests served since the last call (counts and truncates the access log).
@@ -185,6 +195,11 @@ pub fn cpu_seconds(pid: u32) -> f64 {
 }
 
 /// (VmRSS, VmHWM) in MiB.
+/// The agent's CPU seconds so far (0 without an agent) and the kernel's eBPF run totals.
+pub fn cost_now(agent: Option<u32>) -> (f64, (u64, u64)) {
+    (agent.map(cpu_seconds).unwrap_or(0.0), bpf_prog_stats())
+}
+
 pub fn rss_mib(pid: u32) -> (f64, f64) {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let kb = |k: &str| {
@@ -274,6 +289,67 @@ fn parse_wrk(text: &str) -> Result<LoadResult> {
             .unwrap_or(0.0),
         p50_us: find("50%").and_then(|v| to_us(&v)).unwrap_or(0.0),
         p99_us: find("99%").and_then(|v| to_us(&v)).unwrap_or(0.0),
+    })
+}
+
+/// Saturating HTTP/2 cleartext load with h2load: `clients` connections with `streams` requests
+/// in flight on each, for `secs` seconds. h2load reports no percentiles: `p50_us` holds the mean
+/// time per request, `p99_us` its mean plus two standard deviations.
+pub fn h2load(url: &str, secs: u32, clients: u32, streams: u32) -> Result<LoadResult> {
+    let out = Command::new("h2load")
+        .args([
+            "-c",
+            &clients.to_string(),
+            "-m",
+            &streams.to_string(),
+            "-D",
+            &secs.to_string(),
+            url,
+        ])
+        .output()
+        .context("running h2load")?;
+    parse_h2load(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn parse_h2load(text: &str) -> Result<LoadResult> {
+    // "requests: 1000 total, 1000 started, 1000 done, 1000 succeeded, 0 failed, ..."
+    let requests = text
+        .lines()
+        .find_map(|l| {
+            let rest = l.trim().strip_prefix("requests:")?;
+            rest.split(',')
+                .find_map(|p| p.trim().strip_suffix(" succeeded"))
+                .and_then(|n| n.trim().parse().ok())
+        })
+        .context(format!("h2load output: {text}"))?;
+    // "finished in 4.00s, 12345.67 req/s, 1.23MB/s"
+    let rps = text
+        .lines()
+        .find_map(|l| {
+            let rest = l.trim().strip_prefix("finished in ")?;
+            rest.split(',')
+                .nth(1)?
+                .trim()
+                .strip_suffix(" req/s")?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0);
+    // "time for request:   120us   4.12ms   300us   150us   85.00%" (min max mean sd +/- sd)
+    let times: Vec<f64> = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("time for request:"))
+        .map(|r| r.split_whitespace().filter_map(to_us).collect())
+        .unwrap_or_default();
+    let (mean, sd) = (
+        times.get(2).copied().unwrap_or(0.0),
+        times.get(3).copied().unwrap_or(0.0),
+    );
+    Ok(LoadResult {
+        requests,
+        rps,
+        p50_us: mean,
+        p99_us: mean + 2.0 * sd,
     })
 }
 
@@ -377,4 +453,20 @@ pub fn bpf_per_program() -> std::collections::BTreeMap<String, (u64, u64)> {
         }
     }
     m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn h2load_output_is_read() {
+        let text = "finished in 4.00s, 12345.50 req/s, 1.23MB/s\n\
+                    requests: 49382 total, 49382 started, 49382 done, 49380 succeeded, 2 failed, 0 errored, 0 timeout\n\
+                    time for request:      120us      4.12ms       300us       150us    85.00%\n";
+        let r = parse_h2load(text).expect("parsed");
+        assert_eq!(r.requests, 49380);
+        assert_eq!(r.rps, 12345.5);
+        assert_eq!((r.p50_us, r.p99_us), (300.0, 600.0));
+    }
 }
