@@ -66,6 +66,11 @@ struct Env<'a> {
 
 impl Env<'_> {
     fn agent(&self, c: Config) -> Result<Option<Agent>> {
+        self.agent_for(c, &["--exe", "*/nginx"])
+    }
+
+    /// As `agent`, with the selection `select`.
+    fn agent_for(&self, c: Config, select: &[&str]) -> Result<Option<Agent>> {
         let env = match c {
             Config::A => return Ok(None),
             Config::B => vec![("OTEL_TRACES_EXPORTER", "none".to_owned())],
@@ -77,7 +82,7 @@ impl Env<'_> {
                 ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf".to_owned()),
             ],
         };
-        Agent::start(self.agent_bin, &env).map(Some)
+        Agent::start_for(self.agent_bin, select, &env).map(Some)
     }
 }
 
@@ -167,41 +172,30 @@ pub fn run(root: &Path, agent_bin: &Path, sink_bin: &Path, plan: Plan) -> Result
     );
     let h2_url = nginx.h2_url();
     tools::h2load(&h2_url, 1, 2, 8)?;
-    let mut h2: Vec<serde_json::Value> = Vec::new();
-    for round in 0..plan.rounds {
-        for c in [Config::A, Config::B, Config::C] {
-            let agent = env.agent(c)?;
-            let pid = agent.as_ref().map(|a| a.pid());
-            std::thread::sleep(Duration::from_millis(300));
-            let (cpu0, bpf0) = tools::cost_now(pid);
-            let r = tools::h2load(&h2_url, plan.secs, 4, 16)?;
-            let (cpu1, bpf1) = tools::cost_now(pid);
-            let counters = match agent {
-                Some(a) => a.stop()?,
-                None => Vec::new(),
-            };
-            let _ = nginx.take_requests();
-            let per_req = |x: f64| {
-                if r.requests > 0 {
-                    x / r.requests as f64
-                } else {
-                    0.0
-                }
-            };
-            h2.push(json!({
-                "round": round, "config": format!("{c:?}"), "requests": r.requests, "rps": r.rps,
-                "mean_us": r.p50_us,
-                "agent_user_cpu_ms_per_1k": per_req((cpu1 - cpu0) * 1e6),
-                "ebpf_ns_per_request": if pid.is_some() { per_req(bpf1.0.saturating_sub(bpf0.0) as f64) } else { 0.0 },
-                "spans": counters.iter().find(|(k, _)| k == "spans_created").map(|(_, v)| *v).unwrap_or(0),
-                "drops": counters.iter().filter(|(k, v)| *v > 0 && report::is_loss(k)).map(|(k, v)| json!({k: v})).collect::<Vec<_>>(),
-            }));
-            eprintln!(
-                "[bench]   round {round} {c:?}: {:.0} req/s mean {:.0} us",
-                r.rps, r.p50_us
-            );
-        }
-    }
+    let h2 = h2_rounds(&env, plan, &["--exe", "*/nginx"], || {
+        let r = tools::h2load(&h2_url, plan.secs, 4, 16);
+        let _ = nginx.take_requests();
+        r
+    })?;
+
+    eprintln!(
+        "[bench] 1c gRPC throughput at saturation (h2load, unary calls to a grpcio server): {} rounds x A B C x {} s",
+        plan.rounds, plan.secs
+    );
+    let grpc_port = tools::free_port()?;
+    let _grpc = Guard(
+        std::process::Command::new("python3")
+            .arg(root.join("tests/fixtures/grpc_service.py"))
+            .args(["serve", &grpc_port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .context("starting the grpcio server")?,
+    );
+    tools::wait_port(grpc_port)?;
+    tools::grpc_load(&work, grpc_port, 1)?;
+    let grpc = h2_rounds(&env, plan, &["--port", &grpc_port.to_string()], || {
+        tools::grpc_load(&work, grpc_port, plan.secs)
+    })?;
 
     eprintln!(
         "[bench] 2/3 latency at about 2000 req/s: {} rounds x A B C x {} s",
@@ -274,8 +268,7 @@ pub fn run(root: &Path, agent_bin: &Path, sink_bin: &Path, plan: Plan) -> Result
         "cpu_model": std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default().lines().find_map(|l| l.strip_prefix("model name")).map(|s| s.trim_start_matches([' ', '\t', ':']).to_owned()),
         "nginx_workers": 1, "plan": {"rounds": plan.rounds, "secs": plan.secs, "loss_secs": plan.loss_secs},
     });
-    let data =
-        json!({"host": host, "throughput": tp, "h2_throughput": h2, "latency": lat, "loss": loss});
+    let data = json!({"host": host, "throughput": tp, "h2_throughput": h2, "grpc_throughput": grpc, "latency": lat, "loss": loss});
     let dir = root.join("bench");
     std::fs::create_dir_all(&dir)?;
     std::fs::write(
@@ -285,6 +278,51 @@ pub fn run(root: &Path, agent_bin: &Path, sink_bin: &Path, plan: Plan) -> Result
     std::fs::write(dir.join("report.md"), report::markdown(&data))?;
     eprintln!("[bench] wrote bench/report.md and bench/report.json");
     Ok(())
+}
+
+/// Rounds of A B C under the HTTP/2 load `load` (h2load), the agent selecting `select`: per
+/// run, throughput, mean time per request, the agent's CPU and eBPF time per request, spans.
+fn h2_rounds(
+    env: &Env,
+    plan: Plan,
+    select: &[&str],
+    mut load: impl FnMut() -> Result<tools::LoadResult>,
+) -> Result<Vec<serde_json::Value>> {
+    let mut rows = Vec::new();
+    for round in 0..plan.rounds {
+        for c in [Config::A, Config::B, Config::C] {
+            let agent = env.agent_for(c, select)?;
+            let pid = agent.as_ref().map(|a| a.pid());
+            std::thread::sleep(Duration::from_millis(300));
+            let (cpu0, bpf0) = tools::cost_now(pid);
+            let r = load()?;
+            let (cpu1, bpf1) = tools::cost_now(pid);
+            let counters = match agent {
+                Some(a) => a.stop()?,
+                None => Vec::new(),
+            };
+            let per_req = |x: f64| {
+                if r.requests > 0 {
+                    x / r.requests as f64
+                } else {
+                    0.0
+                }
+            };
+            rows.push(json!({
+                "round": round, "config": format!("{c:?}"), "requests": r.requests, "rps": r.rps,
+                "mean_us": r.p50_us,
+                "agent_user_cpu_ms_per_1k": per_req((cpu1 - cpu0) * 1e6),
+                "ebpf_ns_per_request": if pid.is_some() { per_req(bpf1.0.saturating_sub(bpf0.0) as f64) } else { 0.0 },
+                "spans": counters.iter().find(|(k, _)| k == "spans_created").map(|(_, v)| *v).unwrap_or(0),
+                "drops": counters.iter().filter(|(k, v)| *v > 0 && report::is_loss(k)).map(|(k, v)| json!({k: v})).collect::<Vec<_>>(),
+            }));
+            eprintln!(
+                "[bench]   round {round} {c:?}: {:.0} req/s mean {:.0} us",
+                r.rps, r.p50_us
+            );
+        }
+    }
+    Ok(rows)
 }
 
 pub fn labels() -> [(&'static str, &'static str); 3] {

@@ -78,6 +78,42 @@ fn fmt(s: &Stat, digits: usize) -> String {
     )
 }
 
+/// A section of HTTP/2 runs (h2load: no percentiles, the mean time per request) by
+/// configuration; empty without runs.
+fn h2_table(rows: Vec<Value>, title: &str, what: &str) -> String {
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut o = format!(
+        "\n## {title}\n\n{what} h2load gives no percentiles: the mean time per request.\n\n\
+         | config | req/s | ratio to A | mean µs | mean ratio | agent user CPU ms / 1k req | eBPF ns / req | spans per run |\n|---|---|---|---|---|---|---|---|\n"
+    );
+    let a_rps = col(&rows, "A", "rps").median;
+    let a_mean = col(&rows, "A", "mean_us").median;
+    for c in ["A", "B", "C"] {
+        let rps = col(&rows, c, "rps");
+        let mean = col(&rows, c, "mean_us");
+        let agent = |k: &str, digits| {
+            if c == "A" {
+                "-".into()
+            } else {
+                fmt(&col(&rows, c, k), digits)
+            }
+        };
+        o.push_str(&format!(
+            "| {c} | {} | {} | {} | {} | {} | {} | {} |\n",
+            fmt(&rps, 0),
+            ratio(rps.median, a_rps),
+            fmt(&mean, 0),
+            ratio(mean.median, a_mean),
+            agent("agent_user_cpu_ms_per_1k", 2),
+            agent("ebpf_ns_per_request", 0),
+            agent("spans", 0),
+        ));
+    }
+    o
+}
+
 pub fn markdown(d: &Value) -> String {
     let mut o = String::new();
     let h = &d["host"];
@@ -153,46 +189,22 @@ pub fn markdown(d: &Value) -> String {
         }
     ));
 
-    let h2 = d["h2_throughput"].as_array().cloned().unwrap_or_default();
-    if !h2.is_empty() {
-        let a_rps = col(&h2, "A", "rps").median;
-        let a_mean = col(&h2, "A", "mean_us").median;
-        o.push_str(&format!(
-            "\n## 1b. HTTP/2 throughput at saturation (h2load, 4 h2c connections x 16 streams in flight, {} s per run)\n\n\
-             The agent walks every HTTP/2 frame in the kernel and decodes each header block (HPACK) in userspace. \
-             h2load gives no percentiles: the mean time per request.\n\n\
-             | config | req/s | ratio to A | mean µs | mean ratio | agent user CPU ms / 1k req | eBPF ns / req | spans per run |\n|---|---|---|---|---|---|---|---|\n",
+    o.push_str(&h2_table(
+        d["h2_throughput"].as_array().cloned().unwrap_or_default(),
+        &format!(
+            "1b. HTTP/2 throughput at saturation (h2load against nginx h2c, 4 connections x 16 streams in flight, {} s per run)",
             h["plan"]["secs"]
-        ));
-        for c in ["A", "B", "C"] {
-            let rps = col(&h2, c, "rps");
-            let mean = col(&h2, c, "mean_us");
-            let ratio = |x: f64, base: f64| {
-                if base > 0.0 {
-                    format!("{:.3}", x / base)
-                } else {
-                    "-".into()
-                }
-            };
-            let agent = |k: &str, digits| {
-                if c == "A" {
-                    "-".into()
-                } else {
-                    fmt(&col(&h2, c, k), digits)
-                }
-            };
-            o.push_str(&format!(
-                "| {c} | {} | {} | {} | {} | {} | {} | {} |\n",
-                fmt(&rps, 0),
-                ratio(rps.median, a_rps),
-                fmt(&mean, 0),
-                ratio(mean.median, a_mean),
-                agent("agent_user_cpu_ms_per_1k", 2),
-                agent("ebpf_ns_per_request", 0),
-                agent("spans", 0),
-            ));
-        }
-    }
+        ),
+        "The agent walks every HTTP/2 frame in the kernel and decodes each header block (HPACK) in userspace.",
+    ));
+    o.push_str(&h2_table(
+        d["grpc_throughput"].as_array().cloned().unwrap_or_default(),
+        &format!(
+            "1c. gRPC throughput at saturation (h2load posting unary `shop.v1.Catalog/Get` calls to a grpcio server, 4 connections x 16 streams, {} s per run)",
+            h["plan"]["secs"]
+        ),
+        "The agent traces the Python grpcio server (`--port`); its spans carry the RPC attributes and the gRPC status from the trailers. The server itself is the bottleneck.",
+    ));
     let lat = d["latency"].as_array().cloned().unwrap_or_default();
     o.push_str("\n## 2. Latency well below saturation, about 2,000 req/s (wrk, 2 keep-alive connections paced by a 1 ms delay)\n\n| config | achieved req/s | p50 µs | added p50 µs | p99 µs | added p99 µs |\n|---|---|---|---|---|---|\n");
     let (l50, l99) = (

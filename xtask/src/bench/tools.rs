@@ -117,9 +117,11 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub fn start(bin: &Path, env: &[(&str, String)]) -> Result<Agent> {
+    /// The agent with the selection `select` (`--exe '*/nginx'`, `--port P`).
+    pub fn start_for(bin: &Path, select: &[&str], env: &[(&str, String)]) -> Result<Agent> {
         let mut cmd = Command::new(bin);
-        cmd.args(["--exe", "*/nginx", "--metrics-addr", "off"])
+        cmd.args(select)
+            .args(["--metrics-addr", "off"])
             .env("NO_COLOR", "1")
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .stdout(Stdio::null())
@@ -296,6 +298,17 @@ fn parse_wrk(text: &str) -> Result<LoadResult> {
 /// in flight on each, for `secs` seconds. h2load reports no percentiles: `p50_us` holds the mean
 /// time per request, `p99_us` its mean plus two standard deviations.
 pub fn h2load(url: &str, secs: u32, clients: u32, streams: u32) -> Result<LoadResult> {
+    h2load_with(url, secs, clients, streams, &[])
+}
+
+/// As `h2load`, with more h2load arguments (headers, a request body).
+pub fn h2load_with(
+    url: &str,
+    secs: u32,
+    clients: u32,
+    streams: u32,
+    extra: &[&str],
+) -> Result<LoadResult> {
     let out = Command::new("h2load")
         .args([
             "-c",
@@ -304,11 +317,34 @@ pub fn h2load(url: &str, secs: u32, clients: u32, streams: u32) -> Result<LoadRe
             &streams.to_string(),
             "-D",
             &secs.to_string(),
-            url,
         ])
+        .args(extra)
+        .arg(url)
         .output()
         .context("running h2load")?;
     parse_h2load(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// Unary gRPC load on `port`'s `shop.v1.Catalog/Get` (grpc_service.py): h2load posting one
+/// length-prefixed message per request, with gRPC's headers.
+pub fn grpc_load(work: &Path, port: u16, secs: u32) -> Result<LoadResult> {
+    let body = work.join("grpc-get.bin");
+    // Not compressed, 2 bytes long: "42".
+    std::fs::write(&body, [0, 0, 0, 0, 2, b'4', b'2'])?;
+    h2load_with(
+        &format!("http://127.0.0.1:{port}/shop.v1.Catalog/Get"),
+        secs,
+        4,
+        16,
+        &[
+            "-H",
+            "content-type: application/grpc",
+            "-H",
+            "te: trailers",
+            "-d",
+            &body.to_string_lossy(),
+        ],
+    )
 }
 
 fn parse_h2load(text: &str) -> Result<LoadResult> {
