@@ -22,6 +22,9 @@ pub const EVENT_DATA: u32 = 1;
 pub const EVENT_CLOSE: u32 = 2;
 /// A traced process `exec`'d (`ExecEvent`): its runtime is to be classified again, now.
 pub const EVENT_EXEC: u32 = 3;
+/// Plaintext of a TLS connection from an OpenSSL call: a `DataHeader` and payload like
+/// `EVENT_DATA`'s (`len` counts plaintext bytes, the times are the call's).
+pub const EVENT_TLS_DATA: u32 = 4;
 
 /// An `EVENT_EXEC` ring item.
 #[repr(C)]
@@ -167,9 +170,14 @@ pub const CNT_LINK_TASK: u32 = 36;
 /// before the agent attached, or by code no request caused): left without a parent.
 pub const CNT_LINK_TASK_UNBOUND: u32 = 42;
 /// Size of the kernel's counter array: room for counters yet to come without a layout change.
+/// OpenSSL calls that moved plaintext but whose socket is unknown: no syscall during the call
+/// and no earlier binding (a memory BIO, as Node's and gRPC core's are, or a connection whose
+/// calls all began before the agent): nothing of them is sent.
+pub const CNT_TLS_UNBOUND: u32 = 43;
+/// Size of the kernel's counter array: room for counters yet to come without a layout change.
 pub const NUM_COUNTERS: u32 = 48;
 const _: () = assert!(COUNTER_NAMES.len() <= NUM_COUNTERS as usize);
-pub const COUNTER_NAMES: [&str; 43] = [
+pub const COUNTER_NAMES: [&str; 44] = [
     "kernel_ringbuf_full_events",
     "kernel_inflight_syscall_map_full",
     "kernel_close_ringbuf_full_events",
@@ -213,6 +221,7 @@ pub const COUNTER_NAMES: [&str; 43] = [
     "kernel_h2_walk_incomplete",
     "kernel_h2_chunks_full",
     "kernel_link_task_unbound",
+    "kernel_tls_unbound",
 ];
 /// An `exec` whose event did not fit in the ring buffer (the process is still classified by the
 /// next periodic sweep).
@@ -594,6 +603,9 @@ pub const MAP_H2_WALK: &str = "H2_WALK";
 pub const VERDICT_UNKNOWN: u32 = 0;
 pub const VERDICT_TRACE: u32 = 1;
 pub const VERDICT_IGNORE: u32 = 2;
+/// A traced connection that an OpenSSL call was seen to use (`agent-ebpf/src/tls.rs`): its
+/// ciphertext is never copied; its plaintext comes from the library's calls.
+pub const VERDICT_TLS: u32 = 3;
 const _: () = assert!(core::mem::size_of::<ConnInfo>() == 128);
 
 /// Key of the excluded-endpoint map: an address and port whose traffic is never traced, on
@@ -645,6 +657,51 @@ const _: () = assert!(core::mem::size_of::<IoArgs>() == 104);
 pub const IO_SEQ: u32 = 1;
 /// The start of this send was already looked at.
 pub const IO_SEND_SEEN: u32 = 2;
+
+/// An OpenSSL read or write in flight on a thread, from its entry to its return
+/// (`agent-ebpf/src/tls.rs`), keyed by pid_tgid.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TlsCall {
+    /// The `SSL *`.
+    pub ssl: u64,
+    /// The caller's plaintext buffer.
+    pub buf: u64,
+    /// `SSL_read_ex`/`SSL_write_ex`: where the byte count goes (0 for the plain calls).
+    pub out: u64,
+    pub ts_enter: u64,
+    /// The socket a syscall during this call used (`TLS_NO_FD` until one does).
+    pub fd: u32,
+    /// `DIR_INGRESS` (read) or `DIR_EGRESS` (write).
+    pub dir: u32,
+    /// The plaintext's size (`num`).
+    pub len: u64,
+    /// TCP sequence number of the first byte the call's first syscall moved (`TLS_SEQ`).
+    pub seq: u32,
+    /// `TLS_*` bits.
+    pub state: u32,
+    /// A write starting a request head: its client span's context, decided when its first
+    /// record was sent and recorded for same-host stitching.
+    pub wire: WireCtx,
+}
+const _: () = assert!(core::mem::size_of::<TlsCall>() == 96);
+pub const TLS_NO_FD: u32 = u32::MAX;
+/// `TlsCall::seq` is known.
+pub const TLS_SEQ: u32 = 1;
+/// The call's first send was looked at.
+pub const TLS_SENT: u32 = 2;
+pub const MAP_TLS_CALLS: &str = "TLS_CALLS";
+/// `SSL *` to socket fd, keyed by `TaskKey { ptr: ssl, tgid }`.
+pub const MAP_TLS_SOCKS: &str = "TLS_SOCKS";
+/// The OpenSSL entry points probed, by symbol, with their kernel programs (entry, return).
+pub const TLS_PROBES: [(&str, &str, Option<&str>); 6] = [
+    ("SSL_read", "ssl_read", Some("ssl_ret")),
+    ("SSL_write", "ssl_write", Some("ssl_ret")),
+    ("SSL_read_ex", "ssl_read_ex", Some("ssl_ex_ret")),
+    ("SSL_write_ex", "ssl_write_ex", Some("ssl_ex_ret")),
+    ("SSL_set_fd", "ssl_set_fd", None),
+    ("SSL_free", "ssl_free", None),
+];
 
 pub const MAP_ACTIVE_IO: &str = "ACTIVE_IO";
 pub const MAP_ACTIVE_CONNECT: &str = "ACTIVE_CONNECT";

@@ -121,7 +121,7 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
         crate::propagate::inflight::close(info.sk);
         lru_remove(&SERVER_REQS, LRU_SERVER_REQS, &info.sk);
     }
-    if info.verdict != VERDICT_TRACE {
+    if info.verdict != VERDICT_TRACE && info.verdict != agent_common::VERDICT_TLS {
         return 0;
     }
     let ev = CloseEvent {

@@ -13,6 +13,7 @@ mod maps;
 mod propagate;
 mod regs;
 mod sock;
+mod tls;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -92,11 +92,21 @@ pub static EXCLUDED_ENDPOINTS: HashMap<EndpointKey, u8> = HashMap::with_max_entr
 
 /// Per-CPU scratch where an event is assembled before it is copied into the ring buffer
 /// (slot 0, syscall tracepoints), where `sk_msg` copies an outgoing request head to read it
-/// (slot 1), and where the start of a send is read (slot 2, `tcp_sendmsg_locked`). Programs that
+/// (slot 1), where the start of a send is read (slot 2, `tcp_sendmsg_locked`), and where an
+/// OpenSSL return probe assembles its plaintext event (slot 3, `tls`). Programs that
 /// can run in different contexts never share a slot, and each holder marks its slot busy (see
 /// `scratch`). The payload area is twice the maximum so the verifier can bound `offset + len`.
 #[map]
-pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(3, 0);
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(4, 0);
+
+/// OpenSSL reads and writes in flight, by pid_tgid (`tls`).
+#[map]
+pub static TLS_CALLS: HashMap<u64, agent_common::TlsCall> = HashMap::with_max_entries(16384, 0);
+
+/// The socket fd each `SSL *` was last seen to use, by `(tgid, ssl)`: removed by `SSL_free`,
+/// and with its process by userspace's sweep. Full: counted (`CNT_STATE_MAP_FULL`).
+#[map]
+pub static TLS_SOCKS: HashMap<TaskKey, u32> = HashMap::with_max_entries(65536, 0);
 
 /// Outgoing request starts of traced processes, by connection and TCP sequence number: the
 /// context the sender's client span has, for a receiver on this host to claim (same-host

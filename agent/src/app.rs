@@ -193,10 +193,26 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (go_tx, mut go_rx) = mpsc::channel(1024);
     let (exec_tx, exec_rx) = std::sync::mpsc::sync_channel(4096);
     let mut go_probes = crate::loader::go::GoProbes::default();
-    // Python and tokio processes found by the classifier, probed here once they are selected.
-    let (follow_tx, mut follow_rx) = mpsc::channel(1024);
+    // Python, tokio and OpenSSL processes found by the classifier, probed here once they are
+    // selected. Every process is reported (for OpenSSL) by the first sweep, before this loop
+    // drains the channel: room for a busy host's.
+    let (follow_tx, mut follow_rx) = mpsc::channel(16_384);
     let mut followers = Followers::default();
     let filter_pids = settings.filter_pids;
+    if !filter_pids {
+        for (lib, r) in followers.tls.whole_host(&mut ebpf) {
+            match r {
+                Ok(()) => tracing::info!(
+                    "OpenSSL in {}: TLS reads and writes of every process using it are traced",
+                    lib.display()
+                ),
+                Err(e) => {
+                    metrics.tls_not_followed.inc();
+                    tracing::warn!("OpenSSL in {} is not followed: {e}", lib.display());
+                }
+            }
+        }
+    }
     {
         let map = ebpf
             .take_map(agent_common::MAP_RUNTIMES)
@@ -387,7 +403,8 @@ fn probe_go(
 struct Followers {
     python: crate::loader::python::PyProbes,
     tokio: crate::loader::tokio_tasks::TokioProbes,
-    unselected: std::collections::HashMap<u32, crate::runtimes::Follow>,
+    tls: crate::loader::tls::TlsProbes,
+    unselected: std::collections::HashMap<u32, Vec<crate::runtimes::Follow>>,
 }
 
 impl Followers {
@@ -407,13 +424,16 @@ impl Followers {
         if selected {
             self.probe(ebpf, metrics, pid, f);
         } else if self.unselected.len() < 16_384 {
-            self.unselected.insert(pid, f);
+            let fs = self.unselected.entry(pid).or_default();
+            if !fs.contains(&f) {
+                fs.push(f);
+            }
         }
     }
 
     /// `--exe` selected process `pid`.
     fn selected(&mut self, ebpf: &mut aya::Ebpf, metrics: &Metrics, pid: u32) {
-        if let Some(f) = self.unselected.remove(&pid) {
+        for f in self.unselected.remove(&pid).unwrap_or_default() {
             self.probe(ebpf, metrics, pid, f);
         }
     }
@@ -423,6 +443,10 @@ impl Followers {
     fn tick(&mut self, ebpf: &mut aya::Ebpf, metrics: &Metrics) {
         self.python.sweep(ebpf);
         self.tokio.sweep(ebpf);
+        self.tls.sweep(ebpf);
+        for pid in self.tls.waiting() {
+            self.probe(ebpf, metrics, pid, crate::runtimes::Follow::Tls);
+        }
         self.unselected
             .retain(|pid, _| std::path::Path::new(&format!("/proc/{pid}")).exists());
         for pid in self.python.waiting() {
@@ -437,8 +461,23 @@ impl Followers {
         pid: u32,
         f: crate::runtimes::Follow,
     ) {
-        use crate::loader::{python, tokio_tasks as tk};
+        use crate::loader::{python, tls, tokio_tasks as tk};
         match f {
+            crate::runtimes::Follow::Tls => match self.tls.attach(ebpf, pid) {
+                Ok(tls::Outcome::Probed(file)) => tracing::info!(
+                    pid,
+                    "OpenSSL in {}: the process's TLS reads and writes are traced",
+                    file.display()
+                ),
+                Ok(tls::Outcome::Nothing) => {}
+                Err(e) => {
+                    metrics.tls_not_followed.inc();
+                    tracing::warn!(
+                        pid,
+                        "OpenSSL calls are not followed ({e}): its TLS traffic gives no spans"
+                    );
+                }
+            },
             crate::runtimes::Follow::Python => match self.python.attach(ebpf, pid) {
                 Ok(python::Outcome::Probed(i)) => tracing::info!(
                     pid,

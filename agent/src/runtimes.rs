@@ -183,6 +183,8 @@ pub struct Classifier {
 pub enum Follow {
     Python,
     Tokio,
+    /// Any process but Go's (whose `crypto/tls` is not OpenSSL): probed if it holds OpenSSL.
+    Tls,
 }
 
 impl Classifier {
@@ -248,9 +250,10 @@ impl Classifier {
                     Runtime::Tasks("tokio") => Some(Follow::Tokio),
                     _ => None,
                 };
-                if let Some(f) = follow {
+                let tls = (r != Runtime::Tasks("go")).then_some(Follow::Tls);
+                for f in follow.into_iter().chain(tls) {
                     if self.followed.try_send((pid, f)).is_err() {
-                        // Its tasks are not followed: asyncio keeps the thread rule, tokio none.
+                        // Not followed: asyncio keeps the thread rule, tokio none, TLS no spans.
                         self.metrics.runtime_follow_queue_full.inc();
                     }
                 }

@@ -16,11 +16,12 @@ pub mod tokio;
 use crate::maps::lru::*;
 use agent_common::{ConnTuple, IoArgs, ServerReq, WireCtx, WIRE_LINKED, WIRE_SERVER};
 
-/// Scratch slots: the syscall capture's, `sk_msg`'s copy of an outgoing head, and the copy of
-/// a send's start at `tcp_sendmsg_locked`.
+/// Scratch slots: the syscall capture's, `sk_msg`'s copy of an outgoing head, the copy of a
+/// send's start at `tcp_sendmsg_locked`, and the OpenSSL return probes' (`tls`).
 pub const CAPTURE_SLOT: u32 = 0;
 pub const MSG_SLOT: u32 = 1;
 pub const SEND_SLOT: u32 = 2;
+pub const TLS_SLOT: u32 = 3;
 
 /// The context of a request head just read on server connection `io.sk` (`buf` holds `len`
 /// bytes of it): the server span's ids; its parent and trace from the context its sender on this
@@ -36,17 +37,34 @@ pub fn incoming(
     now: u64,
     wire: &mut WireCtx,
 ) -> bool {
-    let line_end = head::request_line_end(CAPTURE_SLOT, buf, len);
+    server_request::<CAPTURE_SLOT>(buf, len, pid_tgid, (io.g, io.sk), now, wire, |w| {
+        stitch::claim(io, tuple, w)
+    })
+}
+
+/// `incoming` for a head in scratch slot `SLOT`, read by task `g` (0: none known) on server
+/// socket `sk`; `claim` takes a context recorded for it by its sender on this host, if any.
+#[inline(always)]
+pub fn server_request<const SLOT: u32>(
+    buf: *const u8,
+    len: usize,
+    pid_tgid: u64,
+    (g, sk): (u64, u64),
+    now: u64,
+    wire: &mut WireCtx,
+    claim: impl FnOnce(&mut WireCtx) -> bool,
+) -> bool {
+    let line_end = head::request_line_end(SLOT, buf, len);
     if line_end == 0 {
         return false;
     }
     wire.kind = WIRE_SERVER;
     wire.span_id = ids::span_id();
     wire.parent_id = [0; 8];
-    if stitch::claim(io, tuple, wire) {
+    if claim(wire) {
         wire.flags = ids::sampled(&wire.trace_id, Some(wire.flags));
     } else {
-        let h = head::read_head::<false>(CAPTURE_SLOT, line_end, len);
+        let h = head::read_head::<false>(SLOT, line_end, len);
         if h.end == 0 {
             // The head goes on in a later read and may still carry a traceparent: deciding a
             // trace now could contradict it. Userspace decides from the whole head instead.
@@ -55,7 +73,7 @@ pub fn incoming(
             return false;
         }
         let parent = if h.traceparent != 0 {
-            head::parse_traceparent(CAPTURE_SLOT, buf, h.traceparent, len)
+            head::parse_traceparent(SLOT, buf, h.traceparent, len)
         } else {
             None
         };
@@ -81,7 +99,7 @@ pub fn incoming(
         _pad: 0,
         tid: pid_tgid as u32,
     };
-    inflight::open(pid_tgid, io.g, io.sk, &req);
+    inflight::open(pid_tgid, g, sk, &req);
     true
 }
 

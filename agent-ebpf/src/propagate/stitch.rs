@@ -13,9 +13,9 @@
 #[allow(unused_imports)]
 use crate::maps::lru::*;
 use agent_common::{
-    ConnTuple, FlowSeq, IoArgs, WireCtx, CNT_STITCH_CLAIMED, CNT_STITCH_FULL, CNT_STITCH_MARKED,
-    CNT_TCPOPT_CLAIMED, DIR_EGRESS, INJECT_OFF, IO_SEND_SEEN, IO_SEQ, VERDICT_TRACE, WIRE_CARRIED,
-    WIRE_CARRIED_FWD, WIRE_NONE, WIRE_VIA_TCPOPT,
+    ConnTuple, FlowSeq, IoArgs, TlsCall, WireCtx, BUF_PLAIN, CNT_STITCH_CLAIMED, CNT_STITCH_FULL,
+    CNT_STITCH_MARKED, CNT_TCPOPT_CLAIMED, DIR_EGRESS, INJECT_OFF, IO_SEND_SEEN, IO_SEQ, TLS_SENT,
+    VERDICT_TRACE, WIRE_CARRIED, WIRE_CARRIED_FWD, WIRE_NONE, WIRE_VIA_TCPOPT,
 };
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
@@ -26,7 +26,7 @@ use aya_ebpf::{
 use super::{head, ids, inflight, SEND_SLOT};
 use crate::maps::{
     conn_key, count, global, scratch, ACTIVE_IO, BUF_IOVEC, CONNS, INJECT_MODE, OFF_COPIED_SEQ,
-    OFF_WRITE_SEQ, STITCH,
+    OFF_WRITE_SEQ, STITCH, TLS_CALLS,
 };
 
 const IPPROTO_TCP: u16 = 6;
@@ -85,6 +85,11 @@ fn sending(sk: u64) {
     };
     // SAFETY: live map value of this thread.
     let io = unsafe { &mut *io };
+    if let Some(call) = TLS_CALLS.get_ptr_mut(&pid_tgid) {
+        // SAFETY: live map value of this thread.
+        tls_sending(io, unsafe { &mut *call }, sk, pid_tgid);
+        return;
+    }
     if io.direction != DIR_EGRESS || io.state & IO_SEND_SEEN != 0 {
         return; // a later piece of the same send
     }
@@ -102,34 +107,83 @@ fn sending(sk: u64) {
     };
     io.seq = seq;
     io.state |= IO_SEQ;
-    if io.wire.kind == WIRE_NONE && !decide(io, pid_tgid) {
-        return;
+    if io.wire.kind == WIRE_NONE {
+        let src = Src {
+            buf: io.buf,
+            count: io.count,
+            kind: io.buf_kind,
+        };
+        if !decide(&src, io.fd, pid_tgid, &mut io.wire) {
+            return;
+        }
     }
     // SAFETY: live map value, read in place.
-    let t = unsafe { &(*conn).tuple };
+    mark(unsafe { &(*conn).tuple }, seq, &io.wire);
+}
+
+#[inline(always)]
+fn mark(t: &ConnTuple, seq: u32, w: &WireCtx) {
     let k = key(&t.local_addr, t.local_port, &t.peer_addr, t.peer_port, seq);
-    if lru_insert(&STITCH, LRU_STITCH, CAP_STITCH, &k, &io.wire).is_ok() {
+    if lru_insert(&STITCH, LRU_STITCH, CAP_STITCH, &k, w).is_ok() {
         count(CNT_STITCH_MARKED);
     } else {
         count(CNT_STITCH_FULL);
     }
 }
 
-/// Decides `io.wire`, the client span's context, for a request head at the start of this send;
-/// false when the send does not start one (or starts one too long to read whole, whose
+/// The first send of an OpenSSL write (`tls`): when its plaintext starts a request head, the
+/// client span's context is decided from the plaintext and recorded under the sequence number
+/// of the first ciphertext byte, where the server's first read of that request starts.
+#[inline(always)]
+fn tls_sending(io: &mut IoArgs, call: &mut TlsCall, sk: u64, pid_tgid: u64) {
+    if call.dir != DIR_EGRESS || call.state & TLS_SENT != 0 {
+        return;
+    }
+    call.state |= TLS_SENT;
+    crate::sock::classify(io, pid_tgid, sk, crate::sock::family(sk), IPPROTO_TCP);
+    let Some(conn) = CONNS.get_ptr(&conn_key((pid_tgid >> 32) as u32, io.fd)) else {
+        return;
+    };
+    // SAFETY: live map value, copied (the tuple only).
+    let t = unsafe { (*conn).tuple };
+    if t.family == 0 || !crate::sock::wanted(&t) {
+        return;
+    }
+    let Some(seq) = tcp_u32(sk, global(&OFF_WRITE_SEQ)) else {
+        return;
+    };
+    let src = Src {
+        buf: call.buf,
+        count: call.len,
+        kind: BUF_PLAIN,
+    };
+    if decide(&src, io.fd, pid_tgid, &mut call.wire) {
+        mark(&t, seq, &call.wire);
+    }
+}
+
+/// Where a send's bytes are: a buffer of `count` bytes, or `count` iovecs.
+struct Src {
+    buf: u64,
+    count: u64,
+    kind: u32,
+}
+
+/// Decides `w`, the client span's context, for a request head at the start of `src`, sent on
+/// `fd`; false when the send does not start one (or starts one too long to read whole, whose
 /// `traceparent` may come later: userspace decides those from the whole head).
 #[inline(always)]
-fn decide(io: &mut IoArgs, pid_tgid: u64) -> bool {
+fn decide(src: &Src, fd: u32, pid_tgid: u64, w: &mut WireCtx) -> bool {
     let Some(g) = scratch(SEND_SLOT) else {
         return false;
     };
     // SAFETY: the payload area of our slot.
     let buf = unsafe { g.buf().as_mut_ptr().add(agent_common::DATA_HEADER_SIZE) };
-    let first = copy(buf, io, 16);
+    let first = copy(buf, src, 16);
     if !head::starts_with_method(buf, first) {
         return false;
     }
-    let n = copy(buf, io, head::SCAN_MAX);
+    let n = copy(buf, src, head::SCAN_MAX);
     let line_end = head::request_line_end(SEND_SLOT, buf, n);
     if line_end == 0 {
         return false;
@@ -143,8 +197,7 @@ fn decide(io: &mut IoArgs, pid_tgid: u64) -> bool {
     if tp.is_none() && h.end == 0 {
         return false;
     }
-    let owner = inflight::owner(pid_tgid, io.fd);
-    let w = &mut io.wire;
+    let owner = inflight::owner(pid_tgid, fd);
     w.span_id = ids::span_id();
     w.parent_id = [0; 8];
     match tp {
@@ -167,50 +220,56 @@ fn decide(io: &mut IoArgs, pid_tgid: u64) -> bool {
 
 /// Copies up to `want` bytes of the send's buffer into `buf`; returns how many.
 #[inline(always)]
-fn copy(buf: *mut u8, io: &IoArgs, want: usize) -> usize {
-    if io.buf_kind == BUF_IOVEC {
-        crate::capture::copy_iovecs(buf, io.buf, io.count, want)
+fn copy(buf: *mut u8, src: &Src, want: usize) -> usize {
+    if src.kind == BUF_IOVEC {
+        crate::capture::copy_iovecs(buf, src.buf, src.count, want)
     } else {
-        let want = if (io.count as usize) < want {
-            io.count as usize
+        let want = if (src.count as usize) < want {
+            src.count as usize
         } else {
             want
         };
-        crate::capture::copy_plain(buf, io.buf, want)
+        crate::capture::copy_plain(buf, src.buf, want)
     }
 }
 
 /// At `sock:sock_recv_length`: the sequence number of the first byte this read returned.
 #[inline(always)]
 pub fn received(io: &mut IoArgs, sk: u64, ret: i32, flags: u32) {
-    if ret <= 0 || !enabled() {
-        return;
+    if let Some(seq) = first_read(sk, ret, flags) {
+        io.seq = seq;
+        io.state |= IO_SEQ;
     }
-    let Some(copied) = tcp_u32(sk, global(&OFF_COPIED_SEQ)) else {
-        return;
-    };
-    io.seq = if flags & MSG_PEEK != 0 {
+}
+
+/// The sequence number of the first byte a read of `ret` bytes on `sk` returned.
+#[inline(always)]
+pub fn first_read(sk: u64, ret: i32, flags: u32) -> Option<u32> {
+    if ret <= 0 || !enabled() {
+        return None;
+    }
+    let copied = tcp_u32(sk, global(&OFF_COPIED_SEQ))?;
+    Some(if flags & MSG_PEEK != 0 {
         copied
     } else {
         copied.wrapping_sub(ret as u32)
-    };
-    io.state |= IO_SEQ;
+    })
 }
 
 /// Fills `out`'s trace id, parent (the caller's client span) and flags from the context a
 /// sender on this host recorded for the request whose head starts this read.
 #[inline(always)]
 pub fn claim(io: &IoArgs, t: &ConnTuple, out: &mut WireCtx) -> bool {
-    if io.state & IO_SEQ == 0 || !enabled() {
+    io.state & IO_SEQ != 0 && claim_at(io.seq, t, out)
+}
+
+/// `claim` for a read whose first byte is sequence number `seq`.
+#[inline(always)]
+pub fn claim_at(seq: u32, t: &ConnTuple, out: &mut WireCtx) -> bool {
+    if !enabled() {
         return false;
     }
-    let k = key(
-        &t.peer_addr,
-        t.peer_port,
-        &t.local_addr,
-        t.local_port,
-        io.seq,
-    );
+    let k = key(&t.peer_addr, t.peer_port, &t.local_addr, t.local_port, seq);
     let Some(w) = STITCH.get_ptr(&k) else {
         return false;
     };

@@ -76,6 +76,10 @@ fn on_syscall(ctx: &TracePointContext, send: bool) {
     };
     let io = unsafe { &mut *io };
     classify(io, pid_tgid, sk, family, protocol);
+    if protocol == IPPROTO_TCP && (family == AF_INET || family == AF_INET6) {
+        // Inside an OpenSSL call: this socket carries its records.
+        crate::tls::bind(io, pid_tgid, sk, ret, flags);
+    }
     if io.verdict == VERDICT_TRACE && ret > 0 {
         h2_opening(io, pid_tgid, send, ret as u64);
     }
@@ -195,7 +199,7 @@ fn unmap(a: &[u8; 16]) -> [u8; 16] {
 
 /// Port filter and the excluded OTLP endpoints, checked once per connection.
 #[inline(always)]
-fn wanted(t: &ConnTuple) -> bool {
+pub fn wanted(t: &ConnTuple) -> bool {
     if global(&FILTER_FLAGS) & FILTER_PORTS != 0 {
         // SAFETY: presence tests only.
         let hit = unsafe {

@@ -374,7 +374,7 @@ pub fn host_port(url: &str) -> Option<(String, u16)> {
 /// An endpoint URL as it may appear in a log line or an error: credentials as
 /// `REDACTED:REDACTED@`, secret-looking query values redacted.
 pub fn display_url(url: &str) -> String {
-    crate::span::redact::UrlPolicy::default().full_url(url, "")
+    crate::span::redact::UrlPolicy::default().full_url(url, "", "http")
 }
 
 #[cfg(test)]

@@ -183,6 +183,12 @@ pub fn run() -> bool {
                     "verifier accepted the tokio uprobes (task polls, spawns and channels: task linking)",
                     &tk.join("; "),
                 );
+                let tls = uprobes(&super::tls::PROGRAMS);
+                r.line(
+                    tls.is_empty(),
+                    "verifier accepted the OpenSSL uprobes (TLS plaintext from SSL_read/SSL_write)",
+                    &tls.join("; "),
+                );
                 let stitch = super::btf::tcp_seq_offsets().and_then(|_| {
                     ebpf.program_mut(super::STITCH_PROGRAM)
                         .ok_or_else(|| "missing".to_string())

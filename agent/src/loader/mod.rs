@@ -7,6 +7,7 @@ pub mod go;
 pub mod inject;
 pub mod per_process;
 pub mod python;
+pub mod tls;
 pub mod tokio_tasks;
 
 use std::{net::IpAddr, path::Path};
@@ -535,14 +536,16 @@ pub fn sweep_dead(ebpf: &mut Ebpf) {
     remove_dead::<u64>(ebpf, agent_common::MAP_GO_SPAWNING, alive_thread);
     remove_dead::<agent_common::PyThread>(ebpf, agent_common::MAP_PY_THREADS, alive_thread);
     remove_dead::<ConnInfo>(ebpf, MAP_CONNS, alive_process);
+    remove_dead::<agent_common::TlsCall>(ebpf, agent_common::MAP_TLS_CALLS, alive_thread);
     for name in [
         "TASK_REQ",
         "GO_REQ_OWNER",
         "TASK_WRITING",
         agent_common::MAP_PY_TASKS,
     ] {
-        remove_dead_tasks(ebpf, name);
+        remove_dead_tasks::<TaskRef>(ebpf, name);
     }
+    remove_dead_tasks::<u32>(ebpf, agent_common::MAP_TLS_SOCKS);
     recount_lru(ebpf);
 }
 
@@ -570,12 +573,9 @@ pub fn py_task_notes_full(ebpf: &Ebpf) -> bool {
     .is_some_and(|n| n as usize + lru_slack() as usize >= CAP_PY_TASKS)
 }
 
-/// Deletes the task notes (Go, asyncio) of processes that exited.
-fn remove_dead_tasks(ebpf: &mut Ebpf, name: &str) {
-    let Some(Ok(mut m)) = ebpf
-        .map_mut(name)
-        .map(HashMap::<_, TaskKey, TaskRef>::try_from)
-    else {
+/// Deletes the task notes (Go, asyncio) and TLS bindings of processes that exited.
+fn remove_dead_tasks<V: aya::Pod>(ebpf: &mut Ebpf, name: &str) {
+    let Some(Ok(mut m)) = ebpf.map_mut(name).map(HashMap::<_, TaskKey, V>::try_from) else {
         return;
     };
     let dead: Vec<TaskKey> = m

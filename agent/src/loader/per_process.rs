@@ -112,6 +112,20 @@ pub fn attach_all(ebpf: &mut Ebpf, pid: u32, points: &[Point]) -> Result<Links, 
     let Some(one) = std::num::NonZeroU32::new(pid) else {
         return Ok(Vec::new());
     };
+    attach_scoped(ebpf, UProbeScope::OneProcess(one), points)
+}
+
+/// As `attach_all`, for every process that maps the files (whole-host tracing, where every
+/// process is selected and the programs still check the selection).
+pub fn attach_everywhere(ebpf: &mut Ebpf, points: &[Point]) -> Result<Links, AttachError> {
+    attach_scoped(ebpf, UProbeScope::AllProcesses, points)
+}
+
+fn attach_scoped(
+    ebpf: &mut Ebpf,
+    scope: UProbeScope,
+    points: &[Point],
+) -> Result<Links, AttachError> {
     let mut links = Vec::with_capacity(points.len());
     for p in points {
         let at = UProbeAttachPoint {
@@ -126,7 +140,7 @@ pub fn attach_all(ebpf: &mut Ebpf, pid: u32, points: &[Point]) -> Result<Links, 
         };
         let program = p.program;
         match uprobe(ebpf, program).and_then(|u| {
-            u.attach(at, p.file, UProbeScope::OneProcess(one))
+            u.attach(at, p.file, scope)
                 .map_err(|source| AttachError::Program { program, source })
         }) {
             Ok(link) => links.push((program, link)),

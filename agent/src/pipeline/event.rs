@@ -3,7 +3,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use agent_common::{
     CloseEvent, ConnTuple, DataHeader, ExecEvent, DATA_HEADER_SIZE, EVENT_CLOSE, EVENT_DATA,
-    EVENT_EXEC,
+    EVENT_EXEC, EVENT_TLS_DATA,
 };
 use bytes::Bytes;
 
@@ -48,7 +48,7 @@ impl KernelEvent {
         }
         let kind = u32::from_ne_bytes([item[0], item[1], item[2], item[3]]);
         match kind {
-            EVENT_DATA => {
+            EVENT_DATA | EVENT_TLS_DATA => {
                 if item.len() < DATA_HEADER_SIZE {
                     return Err(DecodeError::Short(item.len()));
                 }
@@ -87,6 +87,8 @@ pub struct Endpoints {
     pub local_port: u16,
     pub peer: IpAddr,
     pub peer_port: u16,
+    /// The bytes came decrypted from a TLS library (`url.scheme` `https`).
+    pub tls: bool,
 }
 
 pub fn endpoints(t: &ConnTuple) -> Endpoints {
@@ -106,5 +108,6 @@ pub fn endpoints(t: &ConnTuple) -> Endpoints {
         local_port: t.local_port,
         peer: ip(t.peer_addr),
         peer_port: t.peer_port,
+        tls: false,
     }
 }

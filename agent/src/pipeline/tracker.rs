@@ -251,6 +251,10 @@ impl Tracker {
         let Some(conn) = self.conns.get_mut(&id) else {
             return;
         };
+        if h.kind == agent_common::EVENT_TLS_DATA {
+            // Plaintext from the TLS library: the kernel never sends this socket's ciphertext.
+            conn.ends.tls = true;
+        }
         let dir = if h.direction == DIR_INGRESS {
             Dir::Ingress
         } else {

@@ -67,6 +67,11 @@ pub fn build_span(
         None => format!("1.{}", req.minor_version.min(ex.response.minor_version)),
     };
     let grpc = ex.h2.as_ref().and_then(|h| h.grpc.as_ref().map(|g| (h, g)));
+    let scheme = match ex.h2.as_ref().and_then(|h| h.scheme.as_deref()) {
+        Some(s) => s,
+        None if ends.tls => "https",
+        None => "http",
+    };
     let mut attrs = Vec::with_capacity(14);
     if grpc.is_none() {
         attrs.push(KeyValue::new(
@@ -80,12 +85,7 @@ pub fn build_span(
             ));
         }
         attrs.push(KeyValue::new("url.path", Value::Str(path.into())));
-        let scheme = ex
-            .h2
-            .as_ref()
-            .and_then(|h| h.scheme.clone())
-            .unwrap_or_else(|| "http".into());
-        attrs.push(KeyValue::new("url.scheme", Value::Str(scheme)));
+        attrs.push(KeyValue::new("url.scheme", Value::Str(scheme.into())));
         if status != 0 {
             attrs.push(KeyValue::new(
                 "http.response.status_code",
@@ -154,7 +154,7 @@ pub fn build_span(
                     .unwrap_or_else(|| format!("{}:{}", ends.peer, ends.peer_port));
                 attrs.push(KeyValue::new(
                     "url.full",
-                    Value::Str(urls.full_url(&req.target, &authority)),
+                    Value::Str(urls.full_url(&req.target, &authority, scheme)),
                 ));
             }
             attrs.push(KeyValue::new("server.address", Value::Str(addr)));
@@ -258,6 +258,7 @@ mod tests {
             local_port: 8080,
             peer: Ipv4Addr::new(127, 0, 0, 2).into(),
             peer_port: 50000,
+            tls: false,
         }
     }
 

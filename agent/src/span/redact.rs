@@ -126,9 +126,11 @@ impl UrlPolicy {
     /// `url.full` of a client request: credentials as `REDACTED:REDACTED@`, secret query values
     /// redacted (or the query dropped), no fragment. `authority` names the server when the target
     /// is in origin form.
-    pub fn full_url(&self, target: &str, authority: &str) -> String {
+    /// `scheme` is the connection's (`http`, or `https` over TLS), used when the target is
+    /// not in absolute form.
+    pub fn full_url(&self, target: &str, authority: &str, scheme: &str) -> String {
         let t = parse_target(target);
-        let scheme = t.scheme.unwrap_or("http");
+        let scheme = t.scheme.unwrap_or(scheme);
         let host = t.authority.unwrap_or(authority);
         let creds = if t.had_userinfo {
             "REDACTED:REDACTED@"
@@ -175,16 +177,20 @@ mod tests {
     fn credentials_never_leave() {
         let p = UrlPolicy::default();
         assert_eq!(
-            p.full_url("http://alice:s3cret@example.com:8080/a?x=1", "ignored"),
+            p.full_url(
+                "http://alice:s3cret@example.com:8080/a?x=1",
+                "ignored",
+                "http"
+            ),
             "http://REDACTED:REDACTED@example.com:8080/a?x=1"
         );
         assert_eq!(
-            p.full_url("http://alice@example.com/", "ignored"),
+            p.full_url("http://alice@example.com/", "ignored", "http"),
             "http://REDACTED:REDACTED@example.com/"
         );
         // An '@' in the path is not userinfo.
         assert_eq!(
-            p.full_url("http://h/users/@bob", "ignored"),
+            p.full_url("http://h/users/@bob", "ignored", "http"),
             "http://h/users/@bob"
         );
     }
@@ -193,22 +199,22 @@ mod tests {
     fn secret_query_values_are_redacted() {
         let p = UrlPolicy::default();
         assert_eq!(
-            p.full_url("/?token=secret123", "127.0.0.1:8000"),
+            p.full_url("/?token=secret123", "127.0.0.1:8000", "http"),
             "http://127.0.0.1:8000/?token=REDACTED"
         );
         assert_eq!(
-            p.full_url(
-                "/o?AWSAccessKeyId=AK&Signature=abc&Expires=1&sig=z&X-Goog-Signature=q&page=2",
-                "s3"
-            ),
+            p.full_url("/o?AWSAccessKeyId=AK&Signature=abc&Expires=1&sig=z&X-Goog-Signature=q&page=2", "s3", "http"),
             "http://s3/o?AWSAccessKeyId=REDACTED&Signature=REDACTED&Expires=1&sig=REDACTED&X-Goog-Signature=REDACTED&page=2"
         );
         assert_eq!(
-            p.full_url("/p?Api_Key=1&q=k&session%5Fid=9#frag", "h"),
+            p.full_url("/p?Api_Key=1&q=k&session%5Fid=9#frag", "h", "http"),
             "http://h/p?Api_Key=REDACTED&q=k&session%5Fid=REDACTED"
         );
         // Nothing secret: the query is kept as sent, flags without values too.
-        assert_eq!(p.full_url("/p?a=1&b&c=", "h"), "http://h/p?a=1&b&c=");
+        assert_eq!(
+            p.full_url("/p?a=1&b&c=", "h", "http"),
+            "http://h/p?a=1&b&c="
+        );
     }
 
     #[test]
@@ -217,13 +223,13 @@ mod tests {
             query: QueryMode::Drop,
             ..UrlPolicy::default()
         };
-        assert_eq!(drop.full_url("/p?a=1", "h"), "http://h/p");
+        assert_eq!(drop.full_url("/p?a=1", "h", "http"), "http://h/p");
         let custom = UrlPolicy {
             secret_keys: vec!["ssn".into()],
             ..UrlPolicy::default()
         };
         assert_eq!(
-            custom.full_url("/p?ssn=1&token=2", "h"),
+            custom.full_url("/p?ssn=1&token=2", "h", "http"),
             "http://h/p?ssn=REDACTED&token=2"
         );
     }

@@ -1,0 +1,329 @@
+//! OpenSSL: the plaintext of a TLS connection, from the library's own calls.
+//!
+//! - `SSL_read`/`SSL_write` (and the `_ex` forms) are probed at entry and return. The entry
+//!   notes the call on its thread (`TLS_CALLS`): the `SSL *`, the plaintext buffer and where the
+//!   byte count goes.
+//! - A syscall the call makes on a TCP socket (the library's socket BIO reading or writing
+//!   records) binds the `SSL *` to that socket (`bind`, from `sock::on_syscall`). The
+//!   connection becomes `VERDICT_TLS`: its ciphertext is never copied or parsed from then on.
+//!   `SSL_set_fd` binds too; `SSL_free` unbinds.
+//! - At return, the bytes the call moved are sent to userspace as `EVENT_TLS_DATA`, with the
+//!   connection's socket, addresses and role, exactly as a plaintext syscall's would be. A read
+//!   served from the library's buffer (no syscall) uses the `SSL *`'s last binding.
+//! - A call with no binding at all (a memory BIO: Node's TLSWrap, gRPC core, Python's
+//!   `MemoryBIO`) sends nothing and is counted (`CNT_TLS_UNBOUND`).
+//!
+//! Probes are attached per selected process; each program checks the selection again (a pid
+//! reused by an unselected process before userspace detaches).
+use agent_common::{
+    DataHeader, IoArgs, TaskKey, TlsCall, CNT_RINGBUF_FULL, CNT_STATE_MAP_FULL, CNT_TLS_UNBOUND,
+    CNT_TRUNCATED, DATA_HEADER_SIZE, DIR_EGRESS, DIR_INGRESS, EVENT_TLS_DATA, LAYOUT_PREFIX,
+    MAX_PAYLOAD, RUNTIME_TOKIO, TLS_NO_FD, TLS_SEQ, VERDICT_IGNORE, VERDICT_TLS, VERDICT_TRACE,
+    WIRE_NONE,
+};
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_user,
+        generated::{bpf_ktime_get_boot_ns, bpf_ringbuf_output},
+    },
+    macros::{uprobe, uretprobe},
+    programs::{ProbeContext, RetProbeContext},
+};
+
+use crate::{
+    capture::copy_plain,
+    maps::{
+        conn_key, count, global, process_traced, scratch, CONNS, EVENTS, PAYLOAD_LIMIT, TLS_CALLS,
+        TLS_SOCKS,
+    },
+    propagate::{self, head, inflight, stitch, task::runtime_of, TLS_SLOT},
+};
+
+const MASK: usize = MAX_PAYLOAD - 1;
+
+#[inline(always)]
+fn ssl_key(tgid: u32, ssl: u64) -> TaskKey {
+    TaskKey {
+        ptr: ssl,
+        tgid,
+        _pad: 0,
+    }
+}
+
+/// `SSL_read(ssl, buf, num)` / `SSL_write(ssl, buf, num)`, and the `_ex` forms with a fourth
+/// argument, `size_t *readbytes` / `*written`.
+#[inline(always)]
+fn enter(ctx: &ProbeContext, dir: u32, ex: bool) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !process_traced((pid_tgid >> 32) as u32) {
+        return 0;
+    }
+    // SAFETY: a uprobe's context is the probed task's user registers (System V ABI arguments).
+    let (ssl, buf, len, out) = unsafe {
+        let r = &*ctx.regs;
+        (r.rdi, r.rsi, r.rdx, if ex { r.rcx } else { 0 })
+    };
+    let call = TlsCall {
+        ssl,
+        buf,
+        out,
+        // `int num` in the plain calls: the upper half of the register is undefined.
+        len: if ex {
+            len
+        } else {
+            len as u32 as i32 as i64 as u64
+        },
+        seq: 0,
+        state: 0,
+        wire: agent_common::WireCtx::default(),
+        // SAFETY: helper without preconditions.
+        ts_enter: unsafe { bpf_ktime_get_boot_ns() },
+        fd: TLS_NO_FD,
+        dir,
+    };
+    if TLS_CALLS.insert(&pid_tgid, &call, 0).is_err() {
+        count(CNT_STATE_MAP_FULL);
+    }
+    0
+}
+
+#[uprobe]
+pub fn ssl_read(ctx: ProbeContext) -> u32 {
+    enter(&ctx, DIR_INGRESS, false)
+}
+
+#[uprobe]
+pub fn ssl_write(ctx: ProbeContext) -> u32 {
+    enter(&ctx, DIR_EGRESS, false)
+}
+
+#[uprobe]
+pub fn ssl_read_ex(ctx: ProbeContext) -> u32 {
+    enter(&ctx, DIR_INGRESS, true)
+}
+
+#[uprobe]
+pub fn ssl_write_ex(ctx: ProbeContext) -> u32 {
+    enter(&ctx, DIR_EGRESS, true)
+}
+
+/// `SSL_set_fd(ssl, fd)`: the socket this `SSL *` will use.
+#[uprobe]
+pub fn ssl_set_fd(ctx: ProbeContext) -> u32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if !process_traced(tgid) {
+        return 0;
+    }
+    // SAFETY: as in `enter`.
+    let (ssl, fd) = unsafe { ((*ctx.regs).rdi, (*ctx.regs).rsi as u32) };
+    if TLS_SOCKS.insert(&ssl_key(tgid, ssl), &fd, 0).is_err() {
+        count(CNT_STATE_MAP_FULL);
+    }
+    0
+}
+
+/// `SSL_free(ssl)`: the address may hold another connection's `SSL` next.
+#[uprobe]
+pub fn ssl_free(ctx: ProbeContext) -> u32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: as in `enter`.
+    let ssl = unsafe { (*ctx.regs).rdi };
+    let _ = TLS_SOCKS.remove(&ssl_key(tgid, ssl));
+    0
+}
+
+/// A syscall on TCP socket `sk` during thread `pid_tgid`'s OpenSSL call: the call's `SSL *`
+/// uses this socket. The connection's ciphertext is not traced from here on (this syscall's
+/// included); its plaintext is, if the connection is one the agent traces at all (port filter,
+/// exporter endpoints).
+#[inline(always)]
+pub fn bind(io: &mut IoArgs, pid_tgid: u64, sk: u64, ret: i32, flags: u32) {
+    let Some(call) = TLS_CALLS.get_ptr_mut(&pid_tgid) else {
+        return;
+    };
+    // SAFETY: this thread's live map value.
+    let call = unsafe { &mut *call };
+    if call.dir == DIR_INGRESS && call.state & TLS_SEQ == 0 {
+        // Where the call's ciphertext starts: a request head it returns was sent from here.
+        if let Some(seq) = crate::propagate::stitch::first_read(sk, ret, flags) {
+            call.seq = seq;
+            call.state |= TLS_SEQ;
+        }
+    }
+    let tgid = (pid_tgid >> 32) as u32;
+    call.fd = io.fd;
+    if TLS_SOCKS
+        .insert(&ssl_key(tgid, call.ssl), &io.fd, 0)
+        .is_err()
+    {
+        count(CNT_STATE_MAP_FULL);
+    }
+    let Some(c) = CONNS.get_ptr_mut(&conn_key(tgid, io.fd)) else {
+        return;
+    };
+    // SAFETY: live map value, used in place.
+    let c = unsafe { &mut *c };
+    if c.sk != sk {
+        return;
+    }
+    // Ignored either as not HTTP (its first bytes were a ClientHello) or as not wanted: only
+    // the addresses tell which.
+    let wanted = c.verdict == VERDICT_TRACE
+        || c.verdict == VERDICT_TLS
+        || (c.verdict == VERDICT_IGNORE && c.tuple.family != 0 && crate::sock::wanted(&c.tuple));
+    c.verdict = if wanted { VERDICT_TLS } else { VERDICT_IGNORE };
+    c.opening = 0;
+    io.verdict = c.verdict;
+}
+
+/// `SSL_read`/`SSL_write` returned an `int` in `eax` (the upper half of `rax` is undefined):
+/// the count of bytes moved, or <= 0.
+#[uretprobe]
+pub fn ssl_ret(ctx: RetProbeContext) -> u32 {
+    let ret = ctx.ret::<u64>() as i32;
+    leave(if ret > 0 { ret as u64 } else { 0 }, false);
+    0
+}
+
+/// `SSL_read_ex`/`SSL_write_ex` returned the `int` 1 on success, with the count (a `size_t`)
+/// at the fourth argument.
+#[uretprobe]
+pub fn ssl_ex_ret(ctx: RetProbeContext) -> u32 {
+    let ret = ctx.ret::<u64>() as i32;
+    leave((ret == 1) as u64, true);
+    0
+}
+
+#[inline(always)]
+fn leave(ok: u64, ex: bool) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(call) = TLS_CALLS.get_ptr(&pid_tgid) else {
+        return;
+    };
+    // SAFETY: this thread's live map value, copied before removal.
+    let call = unsafe { *call };
+    let _ = TLS_CALLS.remove(&pid_tgid);
+    if ok == 0 {
+        return;
+    }
+    let moved = if ex {
+        // SAFETY: user memory through the fault-tolerant helper.
+        match unsafe { bpf_probe_read_user(call.out as *const u64) } {
+            Ok(n) => n,
+            Err(_) => return,
+        }
+    } else {
+        ok
+    };
+    if moved == 0 {
+        return;
+    }
+    let tgid = (pid_tgid >> 32) as u32;
+    let fd = if call.fd != TLS_NO_FD {
+        call.fd
+    } else {
+        // SAFETY: copied out of a live map value.
+        match TLS_SOCKS.get_ptr(&ssl_key(tgid, call.ssl)) {
+            Some(fd) => unsafe { *fd },
+            None => {
+                count(CNT_TLS_UNBOUND);
+                return;
+            }
+        }
+    };
+    let Some(conn) = CONNS.get_ptr(&conn_key(tgid, fd)) else {
+        count(CNT_TLS_UNBOUND);
+        return;
+    };
+    // SAFETY: live map value, read in place.
+    let conn = unsafe { &*conn };
+    if conn.verdict != VERDICT_TLS {
+        return;
+    }
+    emit(&call, pid_tgid, fd, conn, moved);
+}
+
+#[inline(always)]
+fn emit(call: &TlsCall, pid_tgid: u64, fd: u32, conn: &agent_common::ConnInfo, moved: u64) {
+    let Some(scratch) = scratch(TLS_SLOT) else {
+        return;
+    };
+    let buf = scratch.buf();
+    let mut limit = global(&PAYLOAD_LIMIT) as u64;
+    if limit > MAX_PAYLOAD as u64 {
+        limit = MAX_PAYLOAD as u64;
+    }
+    let want = if moved < limit { moved } else { limit };
+    if moved > want {
+        count(CNT_TRUNCATED);
+    }
+    let payload = unsafe { buf.as_mut_ptr().add(DATA_HEADER_SIZE) };
+    let captured = copy_plain(payload, call.buf, want as usize);
+    // SAFETY: the scratch buffer is larger than the header and 8-byte aligned.
+    let header = unsafe { &mut *(buf.as_mut_ptr() as *mut DataHeader) };
+    header.kind = EVENT_TLS_DATA;
+    header.direction = call.dir;
+    header.pid = (pid_tgid >> 32) as u32;
+    header.tid = pid_tgid as u32;
+    header.fd = fd;
+    header.captured = captured as u32;
+    header.sk = conn.sk;
+    header.len = moved;
+    header.ts_enter = call.ts_enter;
+    // SAFETY: helper without preconditions.
+    header.ts_exit = unsafe { bpf_ktime_get_boot_ns() };
+    header.role = conn.role;
+    header.layout = LAYOUT_PREFIX;
+    header.tuple = conn.tuple;
+    header.comm = bpf_get_current_comm().unwrap_or_default();
+    header.wire = agent_common::WireCtx::default();
+    // The same in-process evidence as a plaintext connection's (`capture::emit_data`): a
+    // request read opens on its thread (or task), a response written closes it, and a request
+    // written takes its owner. Same-host stitching works on the ciphertext's sequence numbers:
+    // a write starting a request head records its context where its first record starts, and
+    // a read whose first syscall starts there returns that head.
+    let wire = &mut header.wire;
+    if call.dir == DIR_INGRESS {
+        let tgid = (pid_tgid >> 32) as u32;
+        let g = match runtime_of(tgid) {
+            Some(RUNTIME_TOKIO) => crate::propagate::tokio::polling(pid_tgid),
+            _ => 0,
+        };
+        if !propagate::server_request::<TLS_SLOT>(
+            payload,
+            captured,
+            pid_tgid,
+            (g, conn.sk),
+            header.ts_exit,
+            wire,
+            |w| call.state & TLS_SEQ != 0 && stitch::claim_at(call.seq, &conn.tuple, w),
+        ) && head::starts_with_status(payload, captured)
+        {
+            propagate::response_read(tgid, fd);
+        }
+    } else if call.wire.kind != WIRE_NONE {
+        // Decided when its first record was sent (`stitch::tls_sending`).
+        *wire = call.wire;
+    } else if head::starts_with_status(payload, captured) {
+        inflight::close(conn.sk);
+    } else if head::starts_with_method(payload, captured) {
+        propagate::linked(pid_tgid, fd, wire);
+    }
+    let total = if captured == MAX_PAYLOAD {
+        (DATA_HEADER_SIZE + MAX_PAYLOAD) as u64
+    } else {
+        (DATA_HEADER_SIZE + (captured & MASK)) as u64
+    };
+    // SAFETY: `total` is bounded by the scratch size; the map pointer is the ring buffer.
+    let ret = unsafe {
+        bpf_ringbuf_output(
+            core::ptr::addr_of!(EVENTS) as *mut _,
+            buf.as_mut_ptr() as *mut _,
+            total,
+            crate::maps::ring_flags(),
+        )
+    };
+    if ret < 0 {
+        count(CNT_RINGBUF_FULL);
+    }
+}
