@@ -676,29 +676,45 @@ pub struct TlsCall {
     pub dir: u32,
     /// The plaintext's size (`num`).
     pub len: u64,
-    /// TCP sequence number of the first byte the call's first syscall moved (`TLS_SEQ`).
-    pub seq: u32,
     /// `TLS_*` bits.
     pub state: u32,
+    pub _pad: u32,
     /// A write starting a request head: its client span's context, decided when its first
     /// record was sent and recorded for same-host stitching.
     pub wire: WireCtx,
 }
 const _: () = assert!(core::mem::size_of::<TlsCall>() == 96);
 pub const TLS_NO_FD: u32 = u32::MAX;
-/// `TlsCall::seq` is known.
-pub const TLS_SEQ: u32 = 1;
 /// The call's first send was looked at.
 pub const TLS_SENT: u32 = 2;
+/// `TlsCall::dir` of `SSL_do_handshake`: it moves no plaintext, but its syscalls bind.
+pub const DIR_HANDSHAKE: u32 = 2;
+
+/// What the kernel knows of one `SSL *` (`TLS_SOCKS`, by `TaskKey { ptr: ssl, tgid }`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TlsSock {
+    /// The socket fd it was last seen to use.
+    pub fd: u32,
+    /// 1 when `claim` holds the context of the request whose first record the last read
+    /// brought in (same-host stitching), for the next request head the SSL returns.
+    pub claimed: u32,
+    pub claim: WireCtx,
+}
 pub const MAP_TLS_CALLS: &str = "TLS_CALLS";
 /// `SSL *` to socket fd, keyed by `TaskKey { ptr: ssl, tgid }`.
 pub const MAP_TLS_SOCKS: &str = "TLS_SOCKS";
 /// The OpenSSL entry points probed, by symbol, with their kernel programs (entry, return).
-pub const TLS_PROBES: [(&str, &str, Option<&str>); 6] = [
+pub const TLS_PROBES: [(&str, &str, Option<&str>); 7] = [
     ("SSL_read", "ssl_read", Some("ssl_ret")),
     ("SSL_write", "ssl_write", Some("ssl_ret")),
     ("SSL_read_ex", "ssl_read_ex", Some("ssl_ex_ret")),
     ("SSL_write_ex", "ssl_write_ex", Some("ssl_ex_ret")),
+    (
+        "SSL_do_handshake",
+        "ssl_do_handshake",
+        Some("ssl_handshake_ret"),
+    ),
     ("SSL_set_fd", "ssl_set_fd", None),
     ("SSL_free", "ssl_free", None),
 ];

@@ -1,12 +1,13 @@
 //! Userspace-only trait impls.
 use crate::{
-    ConnInfo, ConnTuple, EndpointKey, FlowSeq, IoArgs, TaskKey, TaskRef, TlsCall, WireCtx,
+    ConnInfo, ConnTuple, EndpointKey, FlowSeq, IoArgs, TaskKey, TaskRef, TlsCall, TlsSock, WireCtx,
 };
 
 // SAFETY: plain-old-data `#[repr(C)]` types with explicit padding and no pointers.
 unsafe impl aya::Pod for ConnTuple {}
 unsafe impl aya::Pod for ConnInfo {}
 unsafe impl aya::Pod for TlsCall {}
+unsafe impl aya::Pod for TlsSock {}
 unsafe impl aya::Pod for EndpointKey {}
 unsafe impl aya::Pod for IoArgs {}
 unsafe impl aya::Pod for WireCtx {}

@@ -103,10 +103,11 @@ pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(4, 0);
 #[map]
 pub static TLS_CALLS: HashMap<u64, agent_common::TlsCall> = HashMap::with_max_entries(16384, 0);
 
-/// The socket fd each `SSL *` was last seen to use, by `(tgid, ssl)`: removed by `SSL_free`,
+/// The socket each `SSL *` was last seen to use, and a stitching context its last read brought
+/// in, by `(tgid, ssl)`: removed by `SSL_free`,
 /// and with its process by userspace's sweep. Full: counted (`CNT_STATE_MAP_FULL`).
 #[map]
-pub static TLS_SOCKS: HashMap<TaskKey, u32> = HashMap::with_max_entries(65536, 0);
+pub static TLS_SOCKS: HashMap<TaskKey, agent_common::TlsSock> = HashMap::with_max_entries(65536, 0);
 
 /// Outgoing request starts of traced processes, by connection and TCP sequence number: the
 /// context the sender's client span has, for a receiver on this host to claim (same-host

@@ -16,10 +16,10 @@
 //! Probes are attached per selected process; each program checks the selection again (a pid
 //! reused by an unselected process before userspace detaches).
 use agent_common::{
-    DataHeader, IoArgs, TaskKey, TlsCall, CNT_RINGBUF_FULL, CNT_STATE_MAP_FULL, CNT_TLS_UNBOUND,
-    CNT_TRUNCATED, DATA_HEADER_SIZE, DIR_EGRESS, DIR_INGRESS, EVENT_TLS_DATA, LAYOUT_PREFIX,
-    MAX_PAYLOAD, RUNTIME_TOKIO, TLS_NO_FD, TLS_SEQ, VERDICT_IGNORE, VERDICT_TLS, VERDICT_TRACE,
-    WIRE_NONE,
+    ConnInfo, DataHeader, IoArgs, TaskKey, TlsCall, TlsSock, BUF_PLAIN, CNT_RINGBUF_FULL,
+    CNT_STATE_MAP_FULL, CNT_TLS_UNBOUND, CNT_TRUNCATED, DATA_HEADER_SIZE, DIR_EGRESS,
+    DIR_HANDSHAKE, DIR_INGRESS, EVENT_TLS_DATA, LAYOUT_PREFIX, MAX_PAYLOAD, ROLE_SERVER,
+    RUNTIME_TOKIO, TLS_NO_FD, VERDICT_IGNORE, VERDICT_TLS, VERDICT_TRACE, WIRE_NONE,
 };
 use aya_ebpf::{
     helpers::{
@@ -40,6 +40,8 @@ use crate::{
 };
 
 const MASK: usize = MAX_PAYLOAD - 1;
+/// TLS records walked in one read for a stitching context.
+const MAX_RECORDS: u32 = 8;
 
 #[inline(always)]
 fn ssl_key(tgid: u32, ssl: u64) -> TaskKey {
@@ -59,6 +61,10 @@ fn enter(ctx: &ProbeContext, dir: u32, ex: bool) -> u32 {
         return 0;
     }
     // SAFETY: a uprobe's context is the probed task's user registers (System V ABI arguments).
+    if dir == DIR_HANDSHAKE && TLS_CALLS.get_ptr(&pid_tgid).is_some() {
+        // Inside a read or write that runs the handshake itself: that call binds.
+        return 0;
+    }
     let (ssl, buf, len, out) = unsafe {
         let r = &*ctx.regs;
         (r.rdi, r.rsi, r.rdx, if ex { r.rcx } else { 0 })
@@ -73,8 +79,8 @@ fn enter(ctx: &ProbeContext, dir: u32, ex: bool) -> u32 {
         } else {
             len as u32 as i32 as i64 as u64
         },
-        seq: 0,
         state: 0,
+        _pad: 0,
         wire: agent_common::WireCtx::default(),
         // SAFETY: helper without preconditions.
         ts_enter: unsafe { bpf_ktime_get_boot_ns() },
@@ -107,6 +113,25 @@ pub fn ssl_write_ex(ctx: ProbeContext) -> u32 {
     enter(&ctx, DIR_EGRESS, true)
 }
 
+/// `SSL_do_handshake(ssl)` (also what `SSL_accept`/`SSL_connect` run): its syscalls bind the
+/// `SSL *` to its socket before any plaintext moves, so that the connection's first bytes (a
+/// ClientHello) are never looked at as plaintext, and a request record read along with the
+/// handshake's last record (nginx reads ahead) is found (`bind`).
+#[uprobe]
+pub fn ssl_do_handshake(ctx: ProbeContext) -> u32 {
+    enter(&ctx, DIR_HANDSHAKE, false)
+}
+
+#[uretprobe]
+pub fn ssl_handshake_ret(_ctx: RetProbeContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: copied out of this thread's live map value.
+    if TLS_CALLS.get_ptr(&pid_tgid).map(|c| unsafe { (*c).dir }) == Some(DIR_HANDSHAKE) {
+        let _ = TLS_CALLS.remove(&pid_tgid);
+    }
+    0
+}
+
 /// `SSL_set_fd(ssl, fd)`: the socket this `SSL *` will use.
 #[uprobe]
 pub fn ssl_set_fd(ctx: ProbeContext) -> u32 {
@@ -116,10 +141,46 @@ pub fn ssl_set_fd(ctx: ProbeContext) -> u32 {
     }
     // SAFETY: as in `enter`.
     let (ssl, fd) = unsafe { ((*ctx.regs).rdi, (*ctx.regs).rsi as u32) };
-    if TLS_SOCKS.insert(&ssl_key(tgid, ssl), &fd, 0).is_err() {
-        count(CNT_STATE_MAP_FULL);
-    }
+    set_fd(tgid, ssl, fd);
     0
+}
+
+/// Records that `ssl` uses socket `fd`, keeping any context its reads brought in.
+#[inline(always)]
+fn set_fd(tgid: u32, ssl: u64, fd: u32) -> Option<&'static mut TlsSock> {
+    let key = ssl_key(tgid, ssl);
+    if let Some(t) = TLS_SOCKS.get_ptr_mut(&key) {
+        // SAFETY: live map value.
+        let t = unsafe { &mut *t };
+        if t.fd != fd {
+            t.fd = fd;
+            t.claimed = 0;
+        }
+        return Some(t);
+    }
+    let t = TlsSock {
+        fd,
+        claimed: 0,
+        claim: agent_common::WireCtx::default(),
+    };
+    if TLS_SOCKS.insert(&key, &t, 0).is_err() {
+        count(CNT_STATE_MAP_FULL);
+        return None;
+    }
+    // SAFETY: the value just inserted.
+    TLS_SOCKS.get_ptr_mut(&key).map(|t| unsafe { &mut *t })
+}
+
+/// Makes a traced connection's socket a TLS one: its ciphertext is never copied from now on.
+/// One ignored as not HTTP (its first bytes were a ClientHello) or as not wanted (port filter,
+/// exporter endpoints) is told apart by its addresses.
+#[inline(always)]
+fn adopt(c: &mut ConnInfo) {
+    let wanted = c.verdict == VERDICT_TRACE
+        || c.verdict == VERDICT_TLS
+        || (c.verdict == VERDICT_IGNORE && c.tuple.family != 0 && crate::sock::wanted(&c.tuple));
+    c.verdict = if wanted { VERDICT_TLS } else { VERDICT_IGNORE };
+    c.opening = 0;
 }
 
 /// `SSL_free(ssl)`: the address may hold another connection's `SSL` next.
@@ -134,8 +195,12 @@ pub fn ssl_free(ctx: ProbeContext) -> u32 {
 
 /// A syscall on TCP socket `sk` during thread `pid_tgid`'s OpenSSL call: the call's `SSL *`
 /// uses this socket. The connection's ciphertext is not traced from here on (this syscall's
-/// included); its plaintext is, if the connection is one the agent traces at all (port filter,
-/// exporter endpoints).
+/// included); its plaintext is, if the connection is one the agent traces at all.
+///
+/// A read of `ret` bytes on a server connection is also where requests from a traced client
+/// on this host arrive: the records it brought in are walked, and the context the client
+/// recorded at a record's first byte (`stitch::tls_sending`) is kept for the next request head
+/// this `SSL *` returns.
 #[inline(always)]
 pub fn bind(io: &mut IoArgs, pid_tgid: u64, sk: u64, ret: i32, flags: u32) {
     let Some(call) = TLS_CALLS.get_ptr_mut(&pid_tgid) else {
@@ -143,21 +208,9 @@ pub fn bind(io: &mut IoArgs, pid_tgid: u64, sk: u64, ret: i32, flags: u32) {
     };
     // SAFETY: this thread's live map value.
     let call = unsafe { &mut *call };
-    if call.dir == DIR_INGRESS && call.state & TLS_SEQ == 0 {
-        // Where the call's ciphertext starts: a request head it returns was sent from here.
-        if let Some(seq) = crate::propagate::stitch::first_read(sk, ret, flags) {
-            call.seq = seq;
-            call.state |= TLS_SEQ;
-        }
-    }
     let tgid = (pid_tgid >> 32) as u32;
     call.fd = io.fd;
-    if TLS_SOCKS
-        .insert(&ssl_key(tgid, call.ssl), &io.fd, 0)
-        .is_err()
-    {
-        count(CNT_STATE_MAP_FULL);
-    }
+    let sock = set_fd(tgid, call.ssl, io.fd);
     let Some(c) = CONNS.get_ptr_mut(&conn_key(tgid, io.fd)) else {
         return;
     };
@@ -166,14 +219,58 @@ pub fn bind(io: &mut IoArgs, pid_tgid: u64, sk: u64, ret: i32, flags: u32) {
     if c.sk != sk {
         return;
     }
-    // Ignored either as not HTTP (its first bytes were a ClientHello) or as not wanted: only
-    // the addresses tell which.
-    let wanted = c.verdict == VERDICT_TRACE
-        || c.verdict == VERDICT_TLS
-        || (c.verdict == VERDICT_IGNORE && c.tuple.family != 0 && crate::sock::wanted(&c.tuple));
-    c.verdict = if wanted { VERDICT_TLS } else { VERDICT_IGNORE };
-    c.opening = 0;
+    adopt(c);
     io.verdict = c.verdict;
+    if c.verdict != VERDICT_TLS || c.role != ROLE_SERVER || io.direction != DIR_INGRESS {
+        return;
+    }
+    let (Some(sock), Some(seq)) = (sock, stitch::first_read(sk, ret, flags)) else {
+        return;
+    };
+    if io.buf_kind != BUF_PLAIN {
+        return;
+    }
+    match walk_records(io.buf, ret, seq, &c.tuple, &mut sock.claim) {
+        0 => {} // an earlier read's context, if any, still waits for its head
+        1 => sock.claimed = 1,
+        _ => sock.claimed = 0, // several requests began here: which head gets which is unknown
+    }
+}
+
+/// Walks the TLS records a read of `ret` bytes at `buf` brought in (the first at sequence
+/// number `seq`) and takes the stitching context recorded at a record's first byte into
+/// `claim`. Returns how many records had one. Out of line: the socket tracepoint's stack has
+/// no room for it.
+#[inline(never)]
+fn walk_records(
+    buf: u64,
+    ret: i32,
+    seq: u32,
+    t: &agent_common::ConnTuple,
+    claim: &mut agent_common::WireCtx,
+) -> u32 {
+    let mut found = 0u32;
+    let mut off: u32 = 0;
+    let mut i = 0;
+    while i < MAX_RECORDS {
+        if off as i64 + 5 > ret as i64 {
+            break;
+        }
+        // SAFETY: user memory through the fault-tolerant helper.
+        let Ok(h) = (unsafe { bpf_probe_read_user((buf + off as u64) as *const [u8; 5]) }) else {
+            break;
+        };
+        // A TLS record header: content type 20 to 23, version 3.x.
+        if !(20..=23).contains(&h[0]) || h[1] != 3 {
+            break;
+        }
+        if h[0] == 23 && stitch::claim_at(seq.wrapping_add(off), t, claim) {
+            found += 1;
+        }
+        off += 5 + u16::from_be_bytes([h[3], h[4]]) as u32;
+        i += 1;
+    }
+    found
 }
 
 /// `SSL_read`/`SSL_write` returned an `int` in `eax` (the upper half of `rax` is undefined):
@@ -219,32 +316,49 @@ fn leave(ok: u64, ex: bool) {
         return;
     }
     let tgid = (pid_tgid >> 32) as u32;
-    let fd = if call.fd != TLS_NO_FD {
-        call.fd
-    } else {
-        // SAFETY: copied out of a live map value.
-        match TLS_SOCKS.get_ptr(&ssl_key(tgid, call.ssl)) {
-            Some(fd) => unsafe { *fd },
-            None => {
-                count(CNT_TLS_UNBOUND);
-                return;
-            }
-        }
-    };
-    let Some(conn) = CONNS.get_ptr(&conn_key(tgid, fd)) else {
+    let Some(sock) = TLS_SOCKS.get_ptr_mut(&ssl_key(tgid, call.ssl)) else {
         count(CNT_TLS_UNBOUND);
         return;
     };
-    // SAFETY: live map value, read in place.
-    let conn = unsafe { &*conn };
+    // SAFETY: live map value.
+    let sock = unsafe { &mut *sock };
+    // Bound by a syscall of this call, else earlier (a read served from the library's buffer).
+    let fd = if call.fd != TLS_NO_FD {
+        call.fd
+    } else {
+        sock.fd
+    };
+    // A context brought in for the next request head goes to this read's data, or nowhere.
+    let mut claim = None;
+    if call.dir == DIR_INGRESS && sock.claimed != 0 {
+        sock.claimed = 0;
+        claim = Some(sock.claim);
+    }
+    let Some(conn) = CONNS.get_ptr_mut(&conn_key(tgid, fd)) else {
+        count(CNT_TLS_UNBOUND);
+        return;
+    };
+    // SAFETY: live map value, used in place.
+    let conn = unsafe { &mut *conn };
+    if conn.verdict != VERDICT_TLS && conn.sk != 0 {
+        // Bound by `SSL_set_fd` or an earlier call, never by a syscall in a read or write.
+        adopt(conn);
+    }
     if conn.verdict != VERDICT_TLS {
         return;
     }
-    emit(&call, pid_tgid, fd, conn, moved);
+    emit(&call, pid_tgid, fd, conn, moved, claim);
 }
 
 #[inline(always)]
-fn emit(call: &TlsCall, pid_tgid: u64, fd: u32, conn: &agent_common::ConnInfo, moved: u64) {
+fn emit(
+    call: &TlsCall,
+    pid_tgid: u64,
+    fd: u32,
+    conn: &ConnInfo,
+    moved: u64,
+    claim: Option<agent_common::WireCtx>,
+) {
     let Some(scratch) = scratch(TLS_SLOT) else {
         return;
     };
@@ -296,7 +410,15 @@ fn emit(call: &TlsCall, pid_tgid: u64, fd: u32, conn: &agent_common::ConnInfo, m
             (g, conn.sk),
             header.ts_exit,
             wire,
-            |w| call.state & TLS_SEQ != 0 && stitch::claim_at(call.seq, &conn.tuple, w),
+            |w| match claim {
+                Some(c) => {
+                    w.trace_id = c.trace_id;
+                    w.parent_id = c.parent_id;
+                    w.flags = c.flags;
+                    true
+                }
+                None => false,
+            },
         ) && head::starts_with_status(payload, captured)
         {
             propagate::response_read(tgid, fd);

@@ -48,6 +48,18 @@ impl Nginx {
         Nginx::start_listening(port, " http2", locations)
     }
 
+    /// As `start`, over TLS (HTTP/1.1) with `pki`'s server certificate. nginx uses the system's
+    /// OpenSSL (`libssl.so.3`).
+    pub fn start_tls(port: u16, pki: &crate::pki::Pki, locations: &str) -> Nginx {
+        let tls = format!(
+            "    ssl_certificate {};\n    ssl_certificate_key {};\n    proxy_ssl_trusted_certificate {};\n    proxy_ssl_verify on;\n    proxy_ssl_name localhost;\n",
+            pki.server_cert.display(),
+            pki.server_key.display(),
+            pki.ca.display()
+        );
+        Nginx::start_listening(port, " ssl", &format!("{tls}{locations}"))
+    }
+
     fn start_listening(port: u16, listen: &str, locations: &str) -> Nginx {
         let dir = std::env::temp_dir().join(format!("nginx-test-{port}"));
         let _ = std::fs::remove_dir_all(&dir);
@@ -85,6 +97,11 @@ impl Nginx {
             port,
             dir,
         }
+    }
+
+    /// The nginx process (it runs without a master: this is its worker).
+    pub fn pid(&self) -> u32 {
+        self._proc.pid()
     }
 
     /// Requests nginx logged (one line each).

@@ -545,7 +545,7 @@ pub fn sweep_dead(ebpf: &mut Ebpf) {
     ] {
         remove_dead_tasks::<TaskRef>(ebpf, name);
     }
-    remove_dead_tasks::<u32>(ebpf, agent_common::MAP_TLS_SOCKS);
+    remove_dead_tasks::<agent_common::TlsSock>(ebpf, agent_common::MAP_TLS_SOCKS);
     recount_lru(ebpf);
 }
 

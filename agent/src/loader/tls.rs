@@ -24,11 +24,13 @@ use object::{Object, ObjectSection, ObjectSymbol};
 use super::per_process::{self, AttachError, Point, Processes};
 
 /// Every kernel program this module loads (`agent check` verifies them).
-pub const PROGRAMS: [&str; 8] = [
+pub const PROGRAMS: [&str; 10] = [
     "ssl_read",
     "ssl_write",
     "ssl_read_ex",
     "ssl_write_ex",
+    "ssl_do_handshake",
+    "ssl_handshake_ret",
     "ssl_set_fd",
     "ssl_free",
     "ssl_ret",
