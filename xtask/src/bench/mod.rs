@@ -198,6 +198,18 @@ pub fn run(root: &Path, agent_bin: &Path, sink_bin: &Path, plan: Plan) -> Result
     })?;
 
     eprintln!(
+        "[bench] 1d HTTPS throughput at saturation (wrk over TLS, nginx's OpenSSL probed): {} rounds x A B C x {} s",
+        plan.rounds, plan.secs
+    );
+    let tls_url = nginx.tls_url();
+    tools::wrk(&tls_url, 1, 8)?;
+    let tls = h2_rounds(&env, plan, &["--exe", "*/nginx"], || {
+        let r = tools::wrk(&tls_url, plan.secs, 16);
+        let _ = nginx.take_requests();
+        r
+    })?;
+
+    eprintln!(
         "[bench] 2/3 latency at about 2000 req/s: {} rounds x A B C x {} s",
         plan.rounds, plan.secs
     );
@@ -268,7 +280,7 @@ pub fn run(root: &Path, agent_bin: &Path, sink_bin: &Path, plan: Plan) -> Result
         "cpu_model": std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default().lines().find_map(|l| l.strip_prefix("model name")).map(|s| s.trim_start_matches([' ', '\t', ':']).to_owned()),
         "nginx_workers": 1, "plan": {"rounds": plan.rounds, "secs": plan.secs, "loss_secs": plan.loss_secs},
     });
-    let data = json!({"host": host, "throughput": tp, "h2_throughput": h2, "grpc_throughput": grpc, "latency": lat, "loss": loss});
+    let data = json!({"host": host, "throughput": tp, "h2_throughput": h2, "grpc_throughput": grpc, "tls_throughput": tls, "latency": lat, "loss": loss});
     let dir = root.join("bench");
     std::fs::create_dir_all(&dir)?;
     std::fs::write(
@@ -280,8 +292,9 @@ pub fn run(root: &Path, agent_bin: &Path, sink_bin: &Path, plan: Plan) -> Result
     Ok(())
 }
 
-/// Rounds of A B C under the HTTP/2 load `load` (h2load), the agent selecting `select`: per
-/// run, throughput, mean time per request, the agent's CPU and eBPF time per request, spans.
+/// Rounds of A B C under the load `load` (h2load, or wrk over TLS), the agent selecting
+/// `select`: per run, throughput, mean (h2load) or median (wrk) time per request, the agent's
+/// CPU and eBPF time per request, spans.
 fn h2_rounds(
     env: &Env,
     plan: Plan,

@@ -49,6 +49,8 @@ pub struct Nginx {
     pub port: u16,
     /// The same location over HTTP/2 cleartext (`listen ... http2`).
     pub h2_port: u16,
+    /// The same location over TLS (HTTP/1.1, a throwaway self-signed certificate).
+    pub tls_port: u16,
     pub dir: PathBuf,
 }
 
@@ -56,8 +58,26 @@ impl Nginx {
     pub fn start(dir: &Path) -> Result<Nginx> {
         let port = free_port()?;
         let h2_port = free_port()?;
+        let tls_port = free_port()?;
         std::fs::create_dir_all(dir.join("logs"))?;
         std::fs::create_dir_all(dir.join("tmp"))?;
+        let status = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+            ])
+            .args(["-nodes", "-days", "2", "-subj", "/CN=localhost", "-keyout"])
+            .arg(dir.join("key.pem"))
+            .arg("-out")
+            .arg(dir.join("cert.pem"))
+            .stderr(Stdio::null())
+            .status()
+            .context("running openssl for the TLS server's certificate")?;
+        anyhow::ensure!(status.success(), "openssl req failed: {status}");
         let d = dir.display();
         let conf = format!(
             "daemon off;\nmaster_process off;\nworker_processes 1;\nerror_log {d}/logs/error.log;\npid {d}/nginx.pid;\n\
@@ -65,7 +85,8 @@ impl Nginx {
              http {{\n  access_log {d}/logs/access.log;\n  keepalive_requests 10000000;\n  client_body_temp_path {d}/tmp;\n\
                proxy_temp_path {d}/tmp;\n  fastcgi_temp_path {d}/tmp;\n  uwsgi_temp_path {d}/tmp;\n  scgi_temp_path {d}/tmp;\n\
                server {{\n    listen 127.0.0.1:{port};\n    location = /hello {{ return 200 \"hello\\n\"; }}\n  }}\n\
-               server {{\n    listen 127.0.0.1:{h2_port} http2;\n    location = /hello {{ return 200 \"hello\\n\"; }}\n  }}\n}}\n"
+               server {{\n    listen 127.0.0.1:{h2_port} http2;\n    location = /hello {{ return 200 \"hello\\n\"; }}\n  }}\n\
+               server {{\n    listen 127.0.0.1:{tls_port} ssl;\n    ssl_certificate {d}/cert.pem;\n    ssl_certificate_key {d}/key.pem;\n    location = /hello {{ return 200 \"hello\\n\"; }}\n  }}\n}}\n"
         );
         std::fs::write(dir.join("nginx.conf"), conf)?;
         let child = Command::new("nginx")
@@ -82,10 +103,12 @@ impl Nginx {
             _guard: Guard(child),
             port,
             h2_port,
+            tls_port,
             dir: dir.to_path_buf(),
         };
         wait_port(port)?;
         wait_port(h2_port)?;
+        wait_port(tls_port)?;
         Ok(n)
     }
 
@@ -95,6 +118,10 @@ impl Nginx {
 
     pub fn h2_url(&self) -> String {
         format!("http://127.0.0.1:{}/hello", self.h2_port)
+    }
+
+    pub fn tls_url(&self) -> String {
+        format!("https://127.0.0.1:{}/hello", self.tls_port)
     }
 
     /// Requests served since the last call (counts and truncates the access log).
