@@ -9,7 +9,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let policy = UrlPolicy::default();
-    let full = policy.full_url(target, "example.com:80");
+    let full = policy.full_url(target, "example.com:80", "http");
     let secret = "s3cr3tV4lue";
     let pair = format!("token={secret}");
     let has_secret_pair = target
