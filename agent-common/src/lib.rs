@@ -600,6 +600,9 @@ pub const H2_WALK_STEPS: u32 = 2048;
 /// The tail-called walkers, by direction (`DIR_INGRESS`, `DIR_EGRESS`), and their array.
 pub const H2_WALK_PROGRAMS: [&str; 2] = ["h2_walk_ingress", "h2_walk_egress"];
 pub const MAP_H2_WALK: &str = "H2_WALK";
+/// The walkers of HTTP/2 over TLS, by direction, tail-called by the OpenSSL return probes.
+pub const TLS_H2_WALK_PROGRAMS: [&str; 2] = ["h2_walk_tls_ingress", "h2_walk_tls_egress"];
+pub const MAP_TLS_H2_WALK: &str = "TLS_H2_WALK";
 pub const VERDICT_UNKNOWN: u32 = 0;
 pub const VERDICT_TRACE: u32 = 1;
 pub const VERDICT_IGNORE: u32 = 2;
@@ -682,8 +685,11 @@ pub struct TlsCall {
     /// A write starting a request head: its client span's context, decided when its first
     /// record was sent and recorded for same-host stitching.
     pub wire: WireCtx,
+    /// When the call's last syscall on its socket moved bytes (0: none did): a write's bytes
+    /// were sent then, however late its return probe runs after a preemption.
+    pub ts_io: u64,
 }
-const _: () = assert!(core::mem::size_of::<TlsCall>() == 96);
+const _: () = assert!(core::mem::size_of::<TlsCall>() == 104);
 pub const TLS_NO_FD: u32 = u32::MAX;
 /// The call's first send was looked at.
 pub const TLS_SENT: u32 = 2;

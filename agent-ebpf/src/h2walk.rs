@@ -11,12 +11,13 @@
 //! connection's `ConnInfo` says how much of it is still to keep and to pass over, or holds the
 //! first bytes of a frame header cut in two.
 //!
-//! Tail-called from `sys_exit_read`/`sys_exit_write` (a fresh verifier budget); one step of
-//! `bpf_loop` is one frame header, one kept run or one passed-over run.
+//! Tail-called from `sys_exit_read`/`sys_exit_write` (a fresh verifier budget), and for HTTP/2
+//! over TLS from the OpenSSL return probes (`tls.rs`), which walk the plaintext the call moved
+//! the same way; one step of `bpf_loop` is one frame header, one kept run or one passed-over run.
 use agent_common::{
     DataHeader, H2Walk, CNT_H2_CHUNKS_FULL, CNT_H2_WALK_INCOMPLETE, CNT_READ_FAULT,
-    CNT_RINGBUF_FULL, DATA_HEADER_SIZE, DIR_EGRESS, DIR_INGRESS, EVENT_DATA, H2_CHUNK_HEADER,
-    H2_WALK_STEPS, LAYOUT_H2_CHUNKS, MAX_PAYLOAD,
+    CNT_RINGBUF_FULL, DATA_HEADER_SIZE, DIR_EGRESS, DIR_INGRESS, EVENT_DATA, EVENT_TLS_DATA,
+    H2_CHUNK_HEADER, H2_WALK_STEPS, LAYOUT_H2_CHUNKS, MAX_PAYLOAD,
 };
 use aya_ebpf::{
     cty::c_void,
@@ -27,9 +28,9 @@ use aya_ebpf::{
             bpf_ringbuf_output,
         },
     },
-    macros::{map, tracepoint},
+    macros::{map, tracepoint, uprobe},
     maps::PerCpuArray,
-    programs::TracePointContext,
+    programs::{ProbeContext, TracePointContext},
 };
 
 use crate::{
@@ -45,8 +46,26 @@ const RET: usize = 16;
 /// frame as its own vectors, hundreds at a time; the walk reads them as it goes).
 const IOVEC_STEPS: u32 = 16;
 
+/// The walk's state: one for the syscall walkers, one for the TLS walkers (a return probe and
+/// a syscall exit never share one, even on one CPU).
 #[map]
-static H2_WALKS: PerCpuArray<Walk> = PerCpuArray::with_max_entries(1, 0);
+static H2_WALKS: PerCpuArray<Walk> = PerCpuArray::with_max_entries(2, 0);
+
+/// The OpenSSL call a TLS walker walks, written by the return probe just before its tail call:
+/// `buf` is the plaintext, `count` the bytes moved, `fd` and `sk` the bound socket.
+#[repr(C)]
+pub struct TlsWalk {
+    pub io: IoArgs,
+    /// The event's `ts_exit` (for a write, when its last syscall sent its bytes).
+    pub ts_exit: u64,
+}
+
+#[map]
+pub static TLS_WALK_IO: PerCpuArray<TlsWalk> = PerCpuArray::with_max_entries(1, 0);
+
+/// Which walk (`H2_WALKS` entry, scratch slot, event kind).
+const SYSCALL: u32 = 0;
+const TLS: u32 = 1;
 
 #[tracepoint]
 pub fn h2_walk_ingress(ctx: TracePointContext) -> u32 {
@@ -58,6 +77,28 @@ pub fn h2_walk_ingress(ctx: TracePointContext) -> u32 {
 pub fn h2_walk_egress(ctx: TracePointContext) -> u32 {
     walk::<DIR_EGRESS>(&ctx);
     0
+}
+
+#[uprobe]
+pub fn h2_walk_tls_ingress(_ctx: ProbeContext) -> u32 {
+    walk_tls::<DIR_INGRESS>();
+    0
+}
+
+#[uprobe]
+pub fn h2_walk_tls_egress(_ctx: ProbeContext) -> u32 {
+    walk_tls::<DIR_EGRESS>();
+    0
+}
+
+#[inline(always)]
+fn walk_tls<const DIR: u32>() {
+    let Some(args) = TLS_WALK_IO.get_ptr(0) else {
+        return;
+    };
+    // SAFETY: this CPU's live map value, written by the program that tail-called this one.
+    let (args, ts_exit) = unsafe { ((*args).io, (*args).ts_exit) };
+    walk_io::<DIR, TLS>(&args, bpf_get_current_pid_tgid(), args.count, ts_exit);
 }
 
 /// The walk's state. It lives in a per-CPU map, not on the stack: the verifier checks a
@@ -99,33 +140,45 @@ fn walk<const DIR: u32>(ctx: &TracePointContext) {
         // SAFETY: offset from the syscall exit tracepoint format.
         let ret = unsafe { ctx.read_at::<i64>(RET) }.unwrap_or(0);
         if ret > 0 {
-            walk_syscall::<DIR>(&args, pid_tgid, ret as u64);
+            walk_io::<DIR, SYSCALL>(&args, pid_tgid, ret as u64, 0);
         }
     }
     let _ = ACTIVE_IO.remove(&pid_tgid);
 }
 
+/// Walks the `moved` bytes of one syscall (`SYSCALL`) or OpenSSL call (`TLS`, a plain buffer,
+/// whose event's `ts_exit` is given) and sends what it kept.
 #[inline(always)]
-fn walk_syscall<const DIR: u32>(args: &IoArgs, pid_tgid: u64, moved: u64) {
+fn walk_io<const DIR: u32, const WHICH: u32>(
+    args: &IoArgs,
+    pid_tgid: u64,
+    moved: u64,
+    tls_exit: u64,
+) {
+    let slot = if WHICH == TLS {
+        propagate::TLS_SLOT
+    } else {
+        propagate::CAPTURE_SLOT
+    };
     let tgid = (pid_tgid >> 32) as u32;
     let Some(conn) = CONNS.get_ptr_mut(&conn_key(tgid, args.fd)) else {
         return;
     };
     // SAFETY: live map value, used in place.
     let conn = unsafe { &mut *conn };
-    let Some(scratch) = scratch(propagate::CAPTURE_SLOT) else {
+    let Some(scratch) = scratch(slot) else {
         return;
     };
     let buf = scratch.buf();
     let d = (DIR & 1) as usize;
-    let Some(wp) = H2_WALKS.get_ptr_mut(0) else {
+    let Some(wp) = H2_WALKS.get_ptr_mut(WHICH) else {
         return;
     };
     // SAFETY: this CPU's live map value; the program runs to completion on this CPU.
     let w = unsafe { &mut *wp };
     // Field by field: a whole `Walk` would not fit the BPF stack.
-    w.slot = propagate::CAPTURE_SLOT;
-    w.iov = (args.buf_kind == BUF_IOVEC) as u32;
+    w.slot = slot;
+    w.iov = (WHICH == SYSCALL && args.buf_kind == BUF_IOVEC) as u32;
     w.buf = args.buf;
     w.count = if w.iov != 0 { args.count } else { 0 };
     w.moved = moved;
@@ -152,7 +205,14 @@ fn walk_syscall<const DIR: u32>(args: &IoArgs, pid_tgid: u64, moved: u64) {
         finish_header(w, buf.as_mut_ptr());
     }
     // SAFETY: the step finds its state in the per-CPU map.
-    unsafe { bpf_loop(H2_WALK_STEPS, step as *mut c_void, core::ptr::null_mut(), 0) };
+    unsafe {
+        bpf_loop(
+            H2_WALK_STEPS,
+            step::<WHICH> as *mut c_void,
+            core::ptr::null_mut(),
+            0,
+        )
+    };
     if w.off < w.moved {
         // More frames than steps: the rest is passed over, and where the next frame starts
         // is unknown (assumed to be the next syscall's start; userspace checks and realigns).
@@ -166,11 +226,19 @@ fn walk_syscall<const DIR: u32>(args: &IoArgs, pid_tgid: u64, moved: u64) {
     conn.h2[d] = w.st;
     close_record(w, buf.as_mut_ptr());
 
-    // SAFETY: helper without preconditions.
-    let ts_exit = unsafe { bpf_ktime_get_boot_ns() };
+    let ts_exit = if WHICH == TLS {
+        tls_exit
+    } else {
+        // SAFETY: helper without preconditions.
+        unsafe { bpf_ktime_get_boot_ns() }
+    };
     // SAFETY: the scratch buffer is larger than the header and 8-byte aligned.
     let header = unsafe { &mut *(buf.as_mut_ptr() as *mut DataHeader) };
-    header.kind = EVENT_DATA;
+    header.kind = if WHICH == TLS {
+        EVENT_TLS_DATA
+    } else {
+        EVENT_DATA
+    };
     header.direction = args.direction;
     header.pid = tgid;
     header.tid = pid_tgid as u32;
@@ -488,8 +556,8 @@ fn finish_header(w: &mut Walk, buf: *mut u8) {
     plan(&mut w.st, len, kind);
 }
 
-extern "C" fn step(_index: u64, _ctx: *mut c_void) -> i64 {
-    let Some(wp) = H2_WALKS.get_ptr_mut(0) else {
+extern "C" fn step<const WHICH: u32>(_index: u64, _ctx: *mut c_void) -> i64 {
+    let Some(wp) = H2_WALKS.get_ptr_mut(WHICH) else {
         return 1;
     };
     // SAFETY: this CPU's live map value.

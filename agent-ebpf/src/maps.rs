@@ -338,6 +338,11 @@ pub static MSG_EDIT: ProgramArray = ProgramArray::with_max_entries(1, 0);
 #[map]
 pub static H2_WALK: ProgramArray = ProgramArray::with_max_entries(2, 0);
 
+/// The HTTP/2 frame walkers of TLS plaintext (`h2walk`), by direction: tail-called by the
+/// OpenSSL return probes (`tls`).
+#[map]
+pub static TLS_H2_WALK: ProgramArray = ProgramArray::with_max_entries(2, 0);
+
 /// Live entries of each counted LRU map (`agent_common::LRU_*`), kept by `lru_insert` and
 /// `lru_remove` and recounted by userspace on each sweep (evictions never decrement it).
 #[map]

@@ -10,16 +10,20 @@
 //! - At return, the bytes the call moved are sent to userspace as `EVENT_TLS_DATA`, with the
 //!   connection's socket, addresses and role, exactly as a plaintext syscall's would be. A read
 //!   served from the library's buffer (no syscall) uses the `SSL *`'s last binding.
+//! - A connection whose plaintext opens with the HTTP/2 preface is walked frame by frame, as a
+//!   plaintext HTTP/2 connection's syscalls are: the return probe tail-calls the walker
+//!   (`h2walk`) on the call's buffer, so no body byte is copied however large the frames.
 //! - A call with no binding at all (a memory BIO: Node's TLSWrap, gRPC core, Python's
 //!   `MemoryBIO`) sends nothing and is counted (`CNT_TLS_UNBOUND`).
 //!
 //! Probes are attached per selected process; each program checks the selection again (a pid
 //! reused by an unselected process before userspace detaches).
 use agent_common::{
-    ConnInfo, DataHeader, IoArgs, TaskKey, TlsCall, TlsSock, BUF_PLAIN, CNT_RINGBUF_FULL,
-    CNT_STATE_MAP_FULL, CNT_TLS_UNBOUND, CNT_TRUNCATED, DATA_HEADER_SIZE, DIR_EGRESS,
-    DIR_HANDSHAKE, DIR_INGRESS, EVENT_TLS_DATA, LAYOUT_PREFIX, MAX_PAYLOAD, ROLE_SERVER,
-    RUNTIME_TOKIO, TLS_NO_FD, VERDICT_IGNORE, VERDICT_TLS, VERDICT_TRACE, WIRE_NONE,
+    head_scan, ConnInfo, DataHeader, H2Walk, IoArgs, TaskKey, TlsCall, TlsSock, BUF_PLAIN,
+    CNT_H2_WALK_INCOMPLETE, CNT_RINGBUF_FULL, CNT_STATE_MAP_FULL, CNT_TLS_UNBOUND, CNT_TRUNCATED,
+    DATA_HEADER_SIZE, DIR_EGRESS, DIR_HANDSHAKE, DIR_INGRESS, EVENT_TLS_DATA, H2_PREFACE_LEN,
+    LAYOUT_PREFIX, MAX_PAYLOAD, PROTO_H2, PROTO_HTTP1, ROLE_SERVER, ROLE_UNKNOWN, RUNTIME_TOKIO,
+    TLS_NO_FD, VERDICT_IGNORE, VERDICT_TLS, VERDICT_TRACE, WIRE_NONE,
 };
 use aya_ebpf::{
     helpers::{
@@ -28,13 +32,14 @@ use aya_ebpf::{
     },
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
+    EbpfContext,
 };
 
 use crate::{
     capture::copy_plain,
     maps::{
         conn_key, count, global, process_traced, scratch, CONNS, EVENTS, PAYLOAD_LIMIT, TLS_CALLS,
-        TLS_SOCKS,
+        TLS_H2_WALK, TLS_SOCKS,
     },
     propagate::{self, head, inflight, stitch, task::runtime_of, TLS_SLOT},
 };
@@ -86,6 +91,7 @@ fn enter(ctx: &ProbeContext, dir: u32, ex: bool) -> u32 {
         ts_enter: unsafe { bpf_ktime_get_boot_ns() },
         fd: TLS_NO_FD,
         dir,
+        ts_io: 0,
     };
     if TLS_CALLS.insert(&pid_tgid, &call, 0).is_err() {
         count(CNT_STATE_MAP_FULL);
@@ -173,14 +179,40 @@ fn set_fd(tgid: u32, ssl: u64, fd: u32) -> Option<&'static mut TlsSock> {
 
 /// Makes a traced connection's socket a TLS one: its ciphertext is never copied from now on.
 /// One ignored as not HTTP (its first bytes were a ClientHello) or as not wanted (port filter,
-/// exporter endpoints) is told apart by its addresses.
+/// exporter endpoints) is told apart by its addresses. From here, `opening` means that the
+/// client's first plaintext (an HTTP/2 preface or not) is still to come, on a connection seen
+/// from its start: the handshake binds before any plaintext moves.
 #[inline(always)]
 fn adopt(c: &mut ConnInfo) {
+    if c.verdict == VERDICT_TLS {
+        return;
+    }
     let wanted = c.verdict == VERDICT_TRACE
-        || c.verdict == VERDICT_TLS
         || (c.verdict == VERDICT_IGNORE && c.tuple.family != 0 && crate::sock::wanted(&c.tuple));
     c.verdict = if wanted { VERDICT_TLS } else { VERDICT_IGNORE };
+    c.opening = (wanted && c.role != ROLE_UNKNOWN && c.proto == PROTO_HTTP1) as u32;
+}
+
+/// The client's first plaintext on a connection seen from its start: the HTTP/2 preface makes
+/// it one whose frames are walked from here on (`h2walk`).
+#[inline(always)]
+fn opening(c: &mut ConnInfo, call: &TlsCall, moved: u64) {
+    if c.opening == 0 || (c.role == ROLE_SERVER) != (call.dir == DIR_INGRESS) {
+        return;
+    }
     c.opening = 0;
+    if moved < H2_PREFACE_LEN as u64 {
+        return;
+    }
+    // SAFETY: user memory through the fault-tolerant helper.
+    let Ok(words) = (unsafe { bpf_probe_read_user(call.buf as *const [u64; 3]) }) else {
+        return;
+    };
+    if head_scan::is_h2_preface_words(words, moved as usize) {
+        c.proto = PROTO_H2;
+        c.h2 = [H2Walk::default(); 2];
+        c.h2[(call.dir & 1) as usize].keep = H2_PREFACE_LEN;
+    }
 }
 
 /// `SSL_free(ssl)`: the address may hold another connection's `SSL` next.
@@ -210,6 +242,10 @@ pub fn bind(io: &mut IoArgs, pid_tgid: u64, sk: u64, ret: i32, flags: u32) {
     let call = unsafe { &mut *call };
     let tgid = (pid_tgid >> 32) as u32;
     call.fd = io.fd;
+    if ret > 0 {
+        // SAFETY: helper without preconditions.
+        call.ts_io = unsafe { bpf_ktime_get_boot_ns() };
+    }
     let sock = set_fd(tgid, call.ssl, io.fd);
     let Some(c) = CONNS.get_ptr_mut(&conn_key(tgid, io.fd)) else {
         return;
@@ -278,7 +314,8 @@ fn walk_records(
 #[uretprobe]
 pub fn ssl_ret(ctx: RetProbeContext) -> u32 {
     let ret = ctx.ret::<u64>() as i32;
-    leave(if ret > 0 { ret as u64 } else { 0 }, false);
+    let walk = leave(if ret > 0 { ret as u64 } else { 0 }, false);
+    walk_h2(&ctx, walk);
     0
 }
 
@@ -287,38 +324,48 @@ pub fn ssl_ret(ctx: RetProbeContext) -> u32 {
 #[uretprobe]
 pub fn ssl_ex_ret(ctx: RetProbeContext) -> u32 {
     let ret = ctx.ret::<u64>() as i32;
-    leave((ret == 1) as u64, true);
+    let walk = leave((ret == 1) as u64, true);
+    walk_h2(&ctx, walk);
     0
 }
 
+/// An HTTP/2 connection's call (`leave` put it in `TLS_WALK_IO`): the walker of its direction
+/// copies its frames. If the tail call fails, nothing of this call is copied (and the walk
+/// stays where it was: userspace sees the frame alignment lost, and counts it).
 #[inline(always)]
-fn leave(ok: u64, ex: bool) {
+fn walk_h2<C: EbpfContext>(ctx: &C, walk: Option<u32>) {
+    if let Some(dir) = walk {
+        // SAFETY: the array holds probe programs of this type.
+        let _ = unsafe { TLS_H2_WALK.tail_call(ctx, dir) };
+        count(CNT_H2_WALK_INCOMPLETE);
+    }
+}
+
+/// Sends what the call moved (`emit`), or returns its direction when its connection speaks
+/// HTTP/2 and the frame walker is to copy it.
+#[inline(always)]
+fn leave(ok: u64, ex: bool) -> Option<u32> {
     let pid_tgid = bpf_get_current_pid_tgid();
-    let Some(call) = TLS_CALLS.get_ptr(&pid_tgid) else {
-        return;
-    };
+    let call = TLS_CALLS.get_ptr(&pid_tgid)?;
     // SAFETY: this thread's live map value, copied before removal.
     let call = unsafe { *call };
     let _ = TLS_CALLS.remove(&pid_tgid);
     if ok == 0 {
-        return;
+        return None;
     }
     let moved = if ex {
         // SAFETY: user memory through the fault-tolerant helper.
-        match unsafe { bpf_probe_read_user(call.out as *const u64) } {
-            Ok(n) => n,
-            Err(_) => return,
-        }
+        unsafe { bpf_probe_read_user(call.out as *const u64) }.ok()?
     } else {
         ok
     };
     if moved == 0 {
-        return;
+        return None;
     }
     let tgid = (pid_tgid >> 32) as u32;
     let Some(sock) = TLS_SOCKS.get_ptr_mut(&ssl_key(tgid, call.ssl)) else {
         count(CNT_TLS_UNBOUND);
-        return;
+        return None;
     };
     // SAFETY: live map value.
     let sock = unsafe { &mut *sock };
@@ -336,7 +383,7 @@ fn leave(ok: u64, ex: bool) {
     }
     let Some(conn) = CONNS.get_ptr_mut(&conn_key(tgid, fd)) else {
         count(CNT_TLS_UNBOUND);
-        return;
+        return None;
     };
     // SAFETY: live map value, used in place.
     let conn = unsafe { &mut *conn };
@@ -345,9 +392,35 @@ fn leave(ok: u64, ex: bool) {
         adopt(conn);
     }
     if conn.verdict != VERDICT_TLS {
-        return;
+        return None;
     }
-    emit(&call, pid_tgid, fd, conn, moved, claim);
+    opening(conn, &call, moved);
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    // A write's bytes left when its last syscall sent them; a read's are the caller's now.
+    let ts_exit = if call.dir == DIR_EGRESS && call.ts_io != 0 {
+        call.ts_io
+    } else {
+        now
+    };
+    if conn.proto == PROTO_H2 {
+        let w = crate::h2walk::TLS_WALK_IO.get_ptr_mut(0)?;
+        // SAFETY: this CPU's live map value, read by the walker this program tail-calls.
+        let w = unsafe { &mut *w };
+        w.ts_exit = ts_exit;
+        let io = &mut w.io;
+        io.buf = call.buf;
+        io.count = moved;
+        io.ts_enter = call.ts_enter;
+        io.sk = conn.sk;
+        io.fd = fd;
+        io.buf_kind = BUF_PLAIN;
+        io.direction = call.dir;
+        io.verdict = VERDICT_TLS;
+        return Some(call.dir);
+    }
+    emit(&call, pid_tgid, fd, conn, (moved, ts_exit), claim);
+    None
 }
 
 #[inline(always)]
@@ -356,7 +429,7 @@ fn emit(
     pid_tgid: u64,
     fd: u32,
     conn: &ConnInfo,
-    moved: u64,
+    (moved, ts_exit): (u64, u64),
     claim: Option<agent_common::WireCtx>,
 ) {
     let Some(scratch) = scratch(TLS_SLOT) else {
@@ -384,8 +457,7 @@ fn emit(
     header.sk = conn.sk;
     header.len = moved;
     header.ts_enter = call.ts_enter;
-    // SAFETY: helper without preconditions.
-    header.ts_exit = unsafe { bpf_ktime_get_boot_ns() };
+    header.ts_exit = ts_exit;
     header.role = conn.role;
     header.layout = LAYOUT_PREFIX;
     header.tuple = conn.tuple;

@@ -89,6 +89,8 @@ counters! {
     http2_malformed_blocks: "HTTP/2 header blocks lost or malformed (the table resynchronises)",
     http2_ends_unseen: "HTTP/2 streams whose end may have gone unseen when their connection ended: no span",
     netns_records_evicted: "network namespaces of exec'd processes forgotten to stay within 65,536 (a client gone before its HTTP/2 connections were reached may then not be stitched on loopback)",
+    http2_stitched_late: "HTTP/2 server streams on this host whose caller was seen only after they ended (a client preempted after its write), stitched after waiting for it",
+    http2_wait_full: "HTTP/2 server streams on this host not held for their caller's late record (4,096 held already): they get no parent from it",
     http2_stitch_full: "HTTP/2 request streams opened while the same-host stitching table was full (65,536 open streams): their callee's span gets no parent from them",
 }
 

@@ -2,6 +2,7 @@
 //! definitions, the agent under test, and the real programs it traces.
 pub mod agent;
 pub mod chain;
+pub mod links;
 pub mod pki;
 pub mod programs;
 pub mod receiver;

@@ -2,6 +2,7 @@
 use std::{
     path::PathBuf,
     process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
 };
 
 /// A child process killed when dropped.
@@ -25,7 +26,7 @@ impl Drop for Proc {
     fn drop(&mut self) {
         // SAFETY: signalling our own child; SIGTERM first so servers exit cleanly.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(50));
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -51,16 +52,19 @@ impl Nginx {
     /// As `start`, over TLS (HTTP/1.1) with `pki`'s server certificate. nginx uses the system's
     /// OpenSSL (`libssl.so.3`).
     pub fn start_tls(port: u16, pki: &crate::pki::Pki, locations: &str) -> Nginx {
-        let tls = format!(
-            "    ssl_certificate {};\n    ssl_certificate_key {};\n    proxy_ssl_trusted_certificate {};\n    proxy_ssl_verify on;\n    proxy_ssl_name localhost;\n",
-            pki.server_cert.display(),
-            pki.server_key.display(),
-            pki.ca.display()
-        );
-        Nginx::start_listening(port, " ssl", &format!("{tls}{locations}"))
+        Nginx::start_listening(port, " ssl", &format!("{}{locations}", tls_server(pki)))
     }
 
-    fn start_listening(port: u16, listen: &str, locations: &str) -> Nginx {
+    /// As `start_tls`, speaking HTTP/2 over TLS (ALPN `h2`).
+    pub fn start_tls_h2(port: u16, pki: &crate::pki::Pki, locations: &str) -> Nginx {
+        Nginx::start_listening(
+            port,
+            " ssl http2",
+            &format!("{}{locations}", tls_server(pki)),
+        )
+    }
+
+    pub fn start_listening(port: u16, listen: &str, locations: &str) -> Nginx {
         let dir = std::env::temp_dir().join(format!("nginx-test-{port}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("logs")).expect("nginx dir");
@@ -102,6 +106,27 @@ impl Nginx {
     /// The nginx process (it runs without a master: this is its worker).
     pub fn pid(&self) -> u32 {
         self._proc.pid()
+    }
+
+    /// Writes a file of each size in `sizes` under `html/f/` (`<size>.bin`, bytes that differ
+    /// along the file, so a shifted or repeated block changes its digest): the SHA-256 of each,
+    /// by request path (`{prefix}/f/<size>.bin`).
+    pub fn serve_files(
+        &self,
+        sizes: &[usize],
+        prefix: &str,
+    ) -> std::collections::HashMap<String, String> {
+        std::fs::create_dir_all(self.dir.join("html/f")).expect("files dir");
+        let mut sha = std::collections::HashMap::new();
+        for &n in sizes {
+            let data: Vec<u8> = (0..n as u32)
+                .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+                .collect();
+            let file = self.dir.join(format!("html/f/{n}.bin"));
+            std::fs::write(&file, data).expect("file");
+            sha.insert(format!("{prefix}/f/{n}.bin"), sha256(&file));
+        }
+        sha
     }
 
     /// Requests nginx logged (one line each).
@@ -159,4 +184,53 @@ pub fn go_binary(name: &str) -> PathBuf {
         .env("GOCACHE", out_dir.join("cache"))
         .env_remove("GOFLAGS"));
     out
+}
+
+/// The SHA-256 of a file, by `sha256sum`.
+pub fn sha256(path: &std::path::Path) -> String {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .expect("digest")
+        .to_owned()
+}
+
+/// Waits for `child` at most until `deadline`: a stalled transfer fails the test.
+pub fn wait_bounded(child: &mut std::process::Child, deadline: Instant, what: &str) {
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            assert!(status.success(), "{what} failed: {status}");
+            return;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{what} stalled: still running after its deadline");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// nginx directives for a TLS server block with `pki`'s certificate, whose `proxy_pass
+/// https://` and `grpc_pass grpcs://` verify their upstream's certificate.
+fn tls_server(pki: &crate::pki::Pki) -> String {
+    format!(
+        "    ssl_certificate {};\n    ssl_certificate_key {};\n{}",
+        pki.server_cert.display(),
+        pki.server_key.display(),
+        tls_upstreams(pki)
+    )
+}
+
+/// nginx directives that make `proxy_pass https://` and `grpc_pass grpcs://` verify their
+/// upstream's certificate against `pki`'s CA (named `localhost`).
+pub fn tls_upstreams(pki: &crate::pki::Pki) -> String {
+    let ca = pki.ca.display();
+    format!(
+        "    proxy_ssl_trusted_certificate {ca};\n    proxy_ssl_verify on;\n    proxy_ssl_name localhost;\n\
+         \x20   grpc_ssl_trusted_certificate {ca};\n    grpc_ssl_verify on;\n    grpc_ssl_name localhost;\n"
+    )
 }

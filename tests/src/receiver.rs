@@ -36,6 +36,12 @@ impl RSpan {
     pub fn res(&self, k: &str) -> Option<&str> {
         self.resource.get(k).map(String::as_str)
     }
+    /// Panics, naming the span as `what`, unless every attribute in `want` has its value.
+    pub fn assert_attrs(&self, want: &[(&str, &str)], what: &str) {
+        for (k, v) in want {
+            assert_eq!(self.attr(k), Some(*v), "{k} of {what}");
+        }
+    }
     pub fn kind(&self) -> &'static str {
         match self.span.kind {
             2 => "server",

@@ -12,7 +12,7 @@ use tests::{
     agent::{final_counters, Agent, Export},
     fixture, free_port,
     pki::Pki,
-    programs::Nginx,
+    programs::{sha256, wait_bounded, Nginx},
     receiver::{RSpan, Receiver},
     require_root,
 };
@@ -29,18 +29,6 @@ struct Proxy {
     sha: HashMap<String, String>,
 }
 
-fn sha256(path: &std::path::Path) -> String {
-    let out = Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .expect("sha256sum");
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .expect("digest")
-        .to_owned()
-}
-
 fn start_proxy(pki: &Pki) -> Proxy {
     let (fport, bport) = (free_port(), free_port());
     let back = Nginx::start_tls(bport, pki, "");
@@ -51,17 +39,7 @@ fn start_proxy(pki: &Pki) -> Proxy {
             "    location /p/ {{ proxy_pass https://127.0.0.1:{bport}/; proxy_http_version 1.1; }}\n"
         ),
     );
-    std::fs::create_dir_all(back.dir.join("html/f")).expect("files dir");
-    let mut sha = HashMap::new();
-    for n in SIZES {
-        // Bytes that differ along the file, so a shifted or repeated block changes the digest.
-        let data: Vec<u8> = (0..n as u32)
-            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-            .collect();
-        let file = back.dir.join(format!("html/f/{n}.bin"));
-        std::fs::write(&file, data).expect("file");
-        sha.insert(format!("/p/f/{n}.bin"), sha256(&file));
-    }
+    let sha = back.serve_files(&SIZES, "/p");
     Proxy { front, back, sha }
 }
 
@@ -87,21 +65,6 @@ fn parse_report(line: &str) -> Report {
             )
         })
         .collect()
-}
-
-/// Waits for `child` at most until `deadline`: a stalled transfer fails the test.
-fn wait_bounded(child: &mut std::process::Child, deadline: Instant, what: &str) {
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            assert!(status.success(), "{what} failed: {status}");
-            return;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("{what} stalled: still running after its deadline");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Runs the Python client (`rounds` times over every path) and checks every body.
@@ -257,18 +220,13 @@ fn openssl_clients_through_an_nginx_tls_proxy_link_end_to_end() {
     let mut linked_in_proxy = 0;
     for s in &spans {
         let path = s.attr("url.path").unwrap_or("");
-        assert_eq!(s.attr("url.scheme"), Some("https"), "{}", brief(s));
-        assert_eq!(
-            s.attr("http.response.status_code"),
-            Some("200"),
-            "{}",
-            brief(s)
-        );
-        assert_eq!(
-            s.attr("network.protocol.version"),
-            Some("1.1"),
-            "{}",
-            brief(s)
+        s.assert_attrs(
+            &[
+                ("url.scheme", "https"),
+                ("http.response.status_code", "200"),
+                ("network.protocol.version", "1.1"),
+            ],
+            &brief(s),
         );
         let parent = by_id.get(&s.parent_id()).copied();
         if let Some(par) = parent {

@@ -183,10 +183,20 @@ pub fn run() -> bool {
                     "verifier accepted the tokio uprobes (task polls, spawns and channels: task linking)",
                     &tk.join("; "),
                 );
-                let tls = uprobes(&super::tls::PROGRAMS);
+                let mut tls = uprobes(&super::tls::PROGRAMS);
+                if tls.is_empty() {
+                    if let Err(e) = super::fill_program_array(
+                        &mut ebpf,
+                        agent_common::MAP_TLS_H2_WALK,
+                        &agent_common::TLS_H2_WALK_PROGRAMS,
+                    ) {
+                        tls.push(e.to_string());
+                    }
+                }
                 r.line(
                     tls.is_empty(),
-                    "verifier accepted the OpenSSL uprobes (TLS plaintext from SSL_read/SSL_write)",
+                    "verifier accepted the OpenSSL uprobes (TLS plaintext from SSL_read/SSL_write, \
+                     HTTP/2 frames walked)",
                     &tls.join("; "),
                 );
                 let stitch = super::btf::tcp_seq_offsets().and_then(|_| {

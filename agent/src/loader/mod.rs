@@ -70,7 +70,6 @@ pub fn program_for(name: &'static str) -> &'static str {
 /// Loads the HTTP/2 frame walkers (`agent-ebpf/src/h2walk.rs`) and puts them where the
 /// data-syscall exits tail-call them, by direction.
 pub fn load_h2_walkers(ebpf: &mut Ebpf) -> Result<(), LoadError> {
-    let mut fds = Vec::new();
     for name in agent_common::H2_WALK_PROGRAMS {
         let prog: &mut TracePoint = ebpf
             .program_mut(name)
@@ -79,18 +78,35 @@ pub fn load_h2_walkers(ebpf: &mut Ebpf) -> Result<(), LoadError> {
             .map_err(|source| LoadError::Walker { name, source })?;
         prog.load()
             .map_err(|source| LoadError::Walker { name, source })?;
-        let fd = prog
+    }
+    fill_program_array(
+        ebpf,
+        agent_common::MAP_H2_WALK,
+        &agent_common::H2_WALK_PROGRAMS,
+    )
+}
+
+/// Puts the loaded programs `names` into the program array `map`, each at its index (where
+/// the kernel programs tail-call them).
+pub fn fill_program_array(
+    ebpf: &mut Ebpf,
+    map: &'static str,
+    names: &[&'static str],
+) -> Result<(), LoadError> {
+    let mut fds = Vec::new();
+    for &name in names {
+        let fd = ebpf
+            .program(name)
+            .ok_or(LoadError::Missing(name))?
             .fd()
             .map_err(|source| LoadError::Walker { name, source })?
             .try_clone()
             .map_err(|e| LoadError::WalkerArray(e.to_string()))?;
         fds.push(fd);
     }
-    let mut array = aya::maps::ProgramArray::try_from(
-        ebpf.map_mut(agent_common::MAP_H2_WALK)
-            .ok_or(LoadError::Missing(agent_common::MAP_H2_WALK))?,
-    )
-    .map_err(|e| LoadError::WalkerArray(e.to_string()))?;
+    let mut array =
+        aya::maps::ProgramArray::try_from(ebpf.map_mut(map).ok_or(LoadError::Missing(map))?)
+            .map_err(|e| LoadError::WalkerArray(e.to_string()))?;
     for (i, fd) in fds.iter().enumerate() {
         array
             .set(i as u32, fd, 0)

@@ -24,7 +24,9 @@ use object::{Object, ObjectSection, ObjectSymbol};
 use super::per_process::{self, AttachError, Point, Processes};
 
 /// Every kernel program this module loads (`agent check` verifies them).
-pub const PROGRAMS: [&str; 10] = [
+/// The OpenSSL probes, and the HTTP/2 frame walkers their return probes tail-call
+/// (`agent_common::TLS_H2_WALK_PROGRAMS`, loaded as uprobe programs, never attached).
+pub const PROGRAMS: [&str; 12] = [
     "ssl_read",
     "ssl_write",
     "ssl_read_ex",
@@ -35,6 +37,8 @@ pub const PROGRAMS: [&str; 10] = [
     "ssl_free",
     "ssl_ret",
     "ssl_ex_ret",
+    agent_common::TLS_H2_WALK_PROGRAMS[0],
+    agent_common::TLS_H2_WALK_PROGRAMS[1],
 ];
 /// Processes probed at once; past that a new one is not followed (counted).
 pub const MAX_PROCESSES: usize = 1024;
@@ -55,6 +59,8 @@ pub enum TlsProbeError {
     Attach(#[from] AttachError),
     #[error("{MAX_PROCESSES} processes are probed for TLS already")]
     Full,
+    #[error("HTTP/2 over TLS frame walkers: {0}")]
+    Walkers(String),
     /// What an earlier look at the same file found.
     #[error("{0}")]
     Judged(String),
@@ -229,6 +235,12 @@ impl TlsProbes {
     fn load(&mut self, ebpf: &mut Ebpf) -> Result<(), TlsProbeError> {
         if !self.loaded {
             per_process::load(ebpf, &PROGRAMS)?;
+            super::fill_program_array(
+                ebpf,
+                agent_common::MAP_TLS_H2_WALK,
+                &agent_common::TLS_H2_WALK_PROGRAMS,
+            )
+            .map_err(|e| TlsProbeError::Walkers(e.to_string()))?;
             self.loaded = true;
         }
         Ok(())

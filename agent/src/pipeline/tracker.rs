@@ -23,6 +23,7 @@ use crate::{
     telemetry::Metrics,
     trace_context::{
         h2_stitch::{self, ConnKey, H2Stitch},
+        h2_wait::H2Wait,
         link::{decide, random_span_id, server_ctx, Decision, Registry},
         TraceParent,
     },
@@ -108,6 +109,15 @@ pub struct Tracker {
     out: Output,
 }
 
+/// A completed server exchange held for its caller's record (`h2_wait`), with what its span
+/// needs of its connection.
+struct Held {
+    ex: Exchange,
+    pid: u32,
+    ends: Endpoints,
+    resource: Arc<Resource>,
+}
+
 /// What turning exchanges into spans needs, apart from the connections themselves.
 struct Output {
     clock: Clock,
@@ -116,6 +126,8 @@ struct Output {
     sampler: Sampler,
     registry: Registry,
     h2_stitch: H2Stitch,
+    /// Server streams on this host whose caller's record may still be on its way.
+    h2_wait: H2Wait<Held>,
     urls: UrlPolicy,
     limits: Limits,
 }
@@ -145,6 +157,7 @@ impl Tracker {
                 sampler,
                 registry: Registry::default(),
                 h2_stitch: H2Stitch::default(),
+                h2_wait: H2Wait::default(),
                 urls,
                 limits,
             },
@@ -165,6 +178,8 @@ impl Tracker {
     /// each event's bytes back to the channel's byte budget once handled.
     pub async fn run(mut self, mut events: mpsc::Receiver<KernelEvent>, budget: Arc<ByteBudget>) {
         let mut sweep = tokio::time::interval(Duration::from_secs(5));
+        let mut held = tokio::time::interval(Duration::from_millis(250));
+        held.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 ev = events.recv() => match ev {
@@ -179,8 +194,14 @@ impl Tracker {
                     self.out.clock = Clock::sample();
                     self.sweep(Clock::boot_now_ns());
                 }
+                // No event came to move the held streams' time on: the clock does, with a
+                // margin for events still queued.
+                _ = held.tick(), if !self.out.h2_wait.is_empty() => {
+                    self.out.release_held(Clock::boot_now_ns().saturating_sub(1_000_000_000));
+                }
             }
         }
+        self.out.release_held(u64::MAX);
     }
 
     pub fn handle(&mut self, ev: KernelEvent) {
@@ -212,6 +233,8 @@ impl Tracker {
     }
 
     fn data(&mut self, h: &DataHeader, payload: &[u8]) {
+        // Every event the kernel sent before this one has been handled.
+        self.out.release_held(h.ts_exit);
         if h.ts_enter < self.attached_ns {
             // Begun while the programs were still being attached (see `attached_at`).
             self.out.metrics.events_before_attach.inc();
@@ -402,18 +425,39 @@ impl Output {
             if !self.h2_stitch.opened(key, o.stream, o.start_ns, ctx) {
                 self.metrics.http2_stitch_full.inc();
             }
+            if let Some(mut held) = self.h2_wait.take(&key, o.stream) {
+                // Its server end came first and waited: it takes this call as its parent.
+                let span = random_span_id(&mut rng);
+                held.ex.ctx = self
+                    .h2_stitch
+                    .server_ctx(&key, o.stream, held.ex.start_ns, span);
+                if held.ex.ctx.is_some() {
+                    self.metrics.http2_stitched_late.inc();
+                }
+                self.queue(&held.ex, held.pid, &held.ends, held.resource);
+            }
+        }
+    }
+
+    /// Spans of the held server streams whose wait ended by `now_ns`: they had no caller on
+    /// this host.
+    fn release_held(&mut self, now_ns: u64) {
+        if self.h2_wait.is_empty() {
+            return;
+        }
+        for held in self.h2_wait.due(now_ns) {
+            self.queue(&held.ex, held.pid, &held.ends, held.resource);
         }
     }
 
     /// The ids an HTTP/2 exchange was given out of band: a client stream's, recorded when it
-    /// opened; a server stream's, from its caller's record on this host.
-    fn h2_ctx(&mut self, ex: &mut Exchange, conn: &Conn) {
+    /// opened; a server stream's, from its caller's record on this host. The connection of a
+    /// server stream whose caller's record is not (yet) there.
+    fn h2_ctx(&mut self, ex: &mut Exchange, conn: &Conn) -> Option<ConnKey> {
         let (Some(h2), None) = (&ex.h2, ex.ctx) else {
-            return;
+            return None;
         };
-        let Some(key) = conn.stitch_key(ex.side) else {
-            return;
-        };
+        let key = conn.stitch_key(ex.side)?;
         ex.ctx = match ex.side {
             Side::Client => self.h2_stitch.client_ended(&key, h2.stream, ex.end_ns),
             Side::Server => {
@@ -423,13 +467,40 @@ impl Output {
                     .as_deref()
                     .and_then(TraceParent::parse);
                 if own.is_some() {
-                    return;
+                    return None;
                 }
                 let span = random_span_id(&mut rand::rng());
                 self.h2_stitch
                     .server_ctx(&key, h2.stream, ex.start_ns, span)
             }
         };
+        (ex.side == Side::Server && ex.ctx.is_none()).then_some(key)
+    }
+
+    /// Builds the exchange's span, if sampled, and queues it for export.
+    fn queue(&mut self, ex: &Exchange, pid: u32, ends: &Endpoints, resource: Arc<Resource>) {
+        let metrics = &self.metrics;
+        match decide(ex, pid, &self.registry, &self.sampler) {
+            Decision::Unsampled => {
+                metrics.spans_unsampled.inc();
+            }
+            Decision::Sampled(ids) => {
+                let clock = self.clock;
+                let mut span =
+                    build_span(ex, ends, resource, ids, &self.urls, |t| clock.to_unix_ns(t));
+                self.limits.apply(&mut span);
+                metrics.spans_created.inc();
+                match self.spans.try_send(*span) {
+                    Ok(()) => {}
+                    Err(crate::export::Full::Spans) => {
+                        metrics.spans_queue_full.inc();
+                    }
+                    Err(crate::export::Full::Bytes) => {
+                        metrics.spans_queue_bytes_full.inc();
+                    }
+                }
+            }
+        }
     }
 
     /// The connection ended: what was open on it becomes spans, and its stitching records go.
@@ -452,35 +523,23 @@ impl Output {
                 self.metrics.http_orphan_responses.inc();
                 continue;
             }
-            self.h2_ctx(&mut ex, conn);
-            let metrics = &self.metrics;
-            match decide(&ex, pid, &self.registry, &self.sampler) {
-                Decision::Unsampled => {
-                    metrics.spans_unsampled.inc();
-                }
-                Decision::Sampled(ids) => {
-                    let clock = self.clock;
-                    let mut span = build_span(
-                        &ex,
-                        &conn.ends,
-                        conn.resource.clone(),
-                        ids,
-                        &self.urls,
-                        |t| clock.to_unix_ns(t),
-                    );
-                    self.limits.apply(&mut span);
-                    metrics.spans_created.inc();
-                    match self.spans.try_send(*span) {
-                        Ok(()) => {}
-                        Err(crate::export::Full::Spans) => {
-                            metrics.spans_queue_full.inc();
-                        }
-                        Err(crate::export::Full::Bytes) => {
-                            metrics.spans_queue_bytes_full.inc();
-                        }
+            if let Some(key) = self.h2_ctx(&mut ex, conn) {
+                let stream = ex.h2.as_ref().map_or(0, |h| h.stream);
+                let held = Held {
+                    ex,
+                    pid,
+                    ends: conn.ends,
+                    resource: conn.resource.clone(),
+                };
+                match self.h2_wait.hold(key, stream, held.ex.end_ns, held) {
+                    Ok(()) => continue,
+                    Err(held) => {
+                        self.metrics.http2_wait_full.inc();
+                        ex = held.ex;
                     }
                 }
             }
+            self.queue(&ex, pid, &conn.ends, conn.resource.clone());
         }
         let metrics = &self.metrics;
         if let Some(h2) = &mut conn.h2 {
