@@ -9,6 +9,7 @@ pub mod per_process;
 pub mod python;
 pub mod tls;
 pub mod tokio_tasks;
+pub mod verify;
 
 use std::{net::IpAddr, path::Path};
 
@@ -76,8 +77,10 @@ pub fn load_h2_walkers(ebpf: &mut Ebpf) -> Result<(), LoadError> {
             .ok_or(LoadError::Missing(name))?
             .try_into()
             .map_err(|source| LoadError::Walker { name, source })?;
-        prog.load()
-            .map_err(|source| LoadError::Walker { name, source })?;
+        if prog.fd().is_err() {
+            prog.load()
+                .map_err(|source| LoadError::Walker { name, source })?;
+        }
     }
     fill_program_array(
         ebpf,
@@ -190,8 +193,10 @@ fn attach_stitch(ebpf: &mut Ebpf) -> Result<(), LoadError> {
         .ok_or(LoadError::Missing(STITCH_PROGRAM))?
         .try_into()
         .map_err(|source| attach_error(STITCH_PROGRAM, source))?;
-    prog.load()
-        .map_err(|source| attach_error(STITCH_PROGRAM, source))?;
+    if prog.fd().is_err() {
+        prog.load()
+            .map_err(|source| attach_error(STITCH_PROGRAM, source))?;
+    }
     prog.attach(STITCH_PROGRAM)
         .map_err(|source| attach_error(STITCH_PROGRAM, source))?;
     Ok(())
@@ -292,6 +297,7 @@ pub fn load(s: &Settings) -> Result<Loaded, LoadError> {
     {
         mode = agent_common::INJECT_OFF;
     }
+    let t_object = std::time::Instant::now();
     let mut ebpf = EbpfLoader::new()
         .override_global("INJECT_MODE", &mode, true)
         .override_global("OFF_WRITE_SEQ", &write_seq, true)
@@ -308,9 +314,26 @@ pub fn load(s: &Settings) -> Result<Loaded, LoadError> {
         .map_err(LoadError::Load)?;
 
     fill_maps(&mut ebpf, s)?;
+    let object_ms = t_object.elapsed().as_millis() as u64;
     let t0 = std::time::Instant::now();
+    // Every program start-up needs, verified on all CPUs at once, largest first (the loads
+    // below then only report a failure, with their usual message).
+    let mut ahead = vec!["sys_exit_read"];
+    if mode != agent_common::INJECT_OFF {
+        ahead.push(STITCH_PROGRAM);
+    }
+    ahead.extend(["sock_recv_length", "sock_send_length", "sys_exit_write"]);
+    ahead.extend(agent_common::H2_WALK_PROGRAMS);
+    if !s.filter_pids {
+        // Whole-host mode probes the system's OpenSSL at start.
+        ahead.extend(tls::PROGRAMS);
+    }
+    ahead.extend(distinct_programs());
+    let verified_ahead = verify::ahead(&mut ebpf, &ahead);
     // The HTTP/2 frame walkers the data-syscall exits tail-call: in place before those attach.
     load_h2_walkers(&mut ebpf)?;
+    let mut verify = t0.elapsed();
+    let mut attach = std::time::Duration::ZERO;
     let mut loaded = std::collections::HashSet::new();
     for (name, category) in PROGRAMS {
         let program = program_for(name);
@@ -323,25 +346,32 @@ pub fn load(s: &Settings) -> Result<Loaded, LoadError> {
                 category,
                 source,
             })?;
-        if loaded.insert(program) {
+        if loaded.insert(program) && prog.fd().is_err() {
+            let t = std::time::Instant::now();
             prog.load().map_err(|source| LoadError::Attach {
                 name,
                 category,
                 source,
             })?;
+            verify += t.elapsed();
         }
+        let t = std::time::Instant::now();
         prog.attach(category, name)
             .map_err(|source| LoadError::Attach {
                 name,
                 category,
                 source,
             })?;
+        attach += t.elapsed();
     }
-    tracing::debug!(
+    tracing::info!(
         programs = loaded.len(),
         tracepoints = PROGRAMS.len(),
-        elapsed_ms = t0.elapsed().as_millis() as u64,
-        "tracepoint programs verified and attached"
+        verified_in_parallel = verified_ahead,
+        maps_and_object_ms = object_ms,
+        verify_ms = verify.as_millis() as u64,
+        attach_ms = attach.as_millis() as u64,
+        "start-up: kernel object loaded, programs verified, tracepoints attached"
     );
     if mode != agent_common::INJECT_OFF {
         attach_stitch(&mut ebpf)?;

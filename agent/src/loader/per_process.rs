@@ -99,9 +99,11 @@ pub fn uprobe<'a>(
 /// Loads `programs` (once per agent).
 pub fn load(ebpf: &mut Ebpf, programs: &[&'static str]) -> Result<(), AttachError> {
     for program in programs {
-        uprobe(ebpf, program)?
-            .load()
-            .map_err(|source| AttachError::Program { program, source })?;
+        let u = uprobe(ebpf, program)?;
+        if u.fd().is_err() {
+            u.load()
+                .map_err(|source| AttachError::Program { program, source })?;
+        }
     }
     Ok(())
 }
