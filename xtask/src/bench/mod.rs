@@ -62,6 +62,8 @@ impl Config {
 struct Env<'a> {
     agent_bin: &'a Path,
     sink_http: u16,
+    /// Each agent start's figures (`Agent::startup`).
+    starts: std::cell::RefCell<Vec<serde_json::Value>>,
 }
 
 impl Env<'_> {
@@ -82,7 +84,9 @@ impl Env<'_> {
                 ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf".to_owned()),
             ],
         };
-        Agent::start_for(self.agent_bin, select, &env).map(Some)
+        let a = Agent::start_for(self.agent_bin, select, &env)?;
+        self.starts.borrow_mut().push(a.startup());
+        Ok(Some(a))
     }
 }
 
@@ -107,6 +111,7 @@ pub fn run(root: &Path, agent_bin: &Path, sink_bin: &Path, plan: Plan) -> Result
     let env = Env {
         agent_bin,
         sink_http,
+        starts: Default::default(),
     };
     let url = nginx.url();
     // Warm nginx and the page cache.
@@ -210,6 +215,17 @@ pub fn run(root: &Path, agent_bin: &Path, sink_bin: &Path, plan: Plan) -> Result
     })?;
 
     eprintln!(
+        "[bench] 1e HTTP/2 over TLS at saturation (h2load, ALPN h2, nginx's OpenSSL probed): {} rounds x A B C x {} s",
+        plan.rounds, plan.secs
+    );
+    tools::h2load(&tls_url, 1, 2, 8)?;
+    let h2_tls = h2_rounds(&env, plan, &["--exe", "*/nginx"], || {
+        let r = tools::h2load(&tls_url, plan.secs, 4, 16);
+        let _ = nginx.take_requests();
+        r
+    })?;
+
+    eprintln!(
         "[bench] 2/3 latency at about 2000 req/s: {} rounds x A B C x {} s",
         plan.rounds, plan.secs
     );
@@ -280,7 +296,8 @@ pub fn run(root: &Path, agent_bin: &Path, sink_bin: &Path, plan: Plan) -> Result
         "cpu_model": std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default().lines().find_map(|l| l.strip_prefix("model name")).map(|s| s.trim_start_matches([' ', '\t', ':']).to_owned()),
         "nginx_workers": 1, "plan": {"rounds": plan.rounds, "secs": plan.secs, "loss_secs": plan.loss_secs},
     });
-    let data = json!({"host": host, "throughput": tp, "h2_throughput": h2, "grpc_throughput": grpc, "tls_throughput": tls, "latency": lat, "loss": loss});
+    let startup = env.starts.take();
+    let data = json!({"host": host, "throughput": tp, "h2_throughput": h2, "grpc_throughput": grpc, "tls_throughput": tls, "h2_tls_throughput": h2_tls, "latency": lat, "loss": loss, "startup": startup});
     let dir = root.join("bench");
     std::fs::create_dir_all(&dir)?;
     std::fs::write(

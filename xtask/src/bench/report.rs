@@ -216,6 +216,15 @@ pub fn markdown(d: &Value) -> String {
         "The agent probes nginx's OpenSSL calls (`--exe '*/nginx'`: wrk's own are not probed): an entry and a return probe on each `SSL_read` and `SSL_write`, and traces the plaintext. The eBPF time includes the uprobes' programs, not the kernel's uprobe trap itself, which shows only in the throughput.",
         "p50",
     ));
+    o.push_str(&h2_table(
+        d["h2_tls_throughput"].as_array().cloned().unwrap_or_default(),
+        &format!(
+            "1e. HTTP/2 over TLS throughput at saturation (h2load with ALPN h2 to nginx `listen ... ssl http2`, 4 connections x 16 streams in flight, {} s per run)",
+            h["plan"]["secs"]
+        ),
+        "The agent probes nginx's OpenSSL calls (`--exe '*/nginx'`: h2load's own are not probed), and its return probes tail-call the kernel's HTTP/2 frame walker on each call's plaintext. h2load gives no percentiles: the mean time per request.",
+        "mean",
+    ));
     let lat = d["latency"].as_array().cloned().unwrap_or_default();
     o.push_str("\n## 2. Latency well below saturation, about 2,000 req/s (wrk, 2 keep-alive connections paced by a 1 ms delay)\n\n| config | achieved req/s | p50 µs | added p50 µs | p99 µs | added p99 µs |\n|---|---|---|---|---|---|\n");
     let (l50, l99) = (
@@ -315,6 +324,24 @@ pub fn markdown(d: &Value) -> String {
         .filter_map(|r| r["unaccounted"].as_i64())
         .map(i64::abs)
         .sum();
+    let starts = d["startup"].as_array().cloned().unwrap_or_default();
+    let start_med = |k: &str| {
+        let mut v: Vec<f64> = starts.iter().filter_map(|s| s[k].as_f64()).collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    if !starts.is_empty() {
+        o.push_str(&format!(
+            "\n## Start-up (median of the {} agent starts above, `--exe '*/nginx'` or `--port`)\n\n\
+             | start to \"tracing\" | kernel object and maps | program verification (all CPUs at once) | tracepoint attachment |\n|---|---|---|---|\n\
+             | {:.0} ms | {:.0} ms | {:.0} ms | {:.0} ms |\n",
+            starts.len(),
+            start_med("start_ms"),
+            start_med("object_ms"),
+            start_med("verify_ms"),
+            start_med("attach_ms"),
+        ));
+    }
     o.push_str(
         "\n## Against the targets\n\n| figure | target | measured | verdict |\n|---|---|---|---|\n",
     );
@@ -337,6 +364,13 @@ pub fn markdown(d: &Value) -> String {
         col(&tp, "C", "rss_mib").median,
         verdict(col(&tp, "C", "rss_mib").median < 40.0)
     ));
+    if !starts.is_empty() {
+        o.push_str(&format!(
+            "| start-up (start to \"tracing\"; the first span follows the first request) | <= 1 s | {:.1} s | {} |\n",
+            start_med("start_ms") / 1000.0,
+            verdict(start_med("start_ms") <= 1000.0)
+        ));
+    }
     o.push_str(&format!(
         "| spans lost uncounted | 0 at any rate | {unaccounted_total} | {} |\n",
         verdict(unaccounted_total == 0)

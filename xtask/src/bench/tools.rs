@@ -86,7 +86,7 @@ impl Nginx {
                proxy_temp_path {d}/tmp;\n  fastcgi_temp_path {d}/tmp;\n  uwsgi_temp_path {d}/tmp;\n  scgi_temp_path {d}/tmp;\n\
                server {{\n    listen 127.0.0.1:{port};\n    location = /hello {{ return 200 \"hello\\n\"; }}\n  }}\n\
                server {{\n    listen 127.0.0.1:{h2_port} http2;\n    location = /hello {{ return 200 \"hello\\n\"; }}\n  }}\n\
-               server {{\n    listen 127.0.0.1:{tls_port} ssl;\n    ssl_certificate {d}/cert.pem;\n    ssl_certificate_key {d}/key.pem;\n    location = /hello {{ return 200 \"hello\\n\"; }}\n  }}\n}}\n"
+               server {{\n    listen 127.0.0.1:{tls_port} ssl http2;\n    ssl_certificate {d}/cert.pem;\n    ssl_certificate_key {d}/key.pem;\n    location = /hello {{ return 200 \"hello\\n\"; }}\n  }}\n}}\n"
         );
         std::fs::write(dir.join("nginx.conf"), conf)?;
         let child = Command::new("nginx")
@@ -141,6 +141,19 @@ impl Nginx {
 pub struct Agent {
     pub guard: Guard,
     pub stderr: Arc<Mutex<String>>,
+    /// From spawning the agent to its "tracing" line.
+    pub start_ms: u64,
+}
+
+/// A `key=<integer>` field of the agent's log line that contains `line`.
+fn log_field(stderr: &str, line: &str, key: &str) -> Option<u64> {
+    let l = stderr.lines().find(|l| l.contains(line))?;
+    let at = l.find(&format!("{key}="))? + key.len() + 1;
+    l[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
 }
 
 impl Agent {
@@ -156,6 +169,7 @@ impl Agent {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        let t0 = Instant::now();
         let mut child = cmd.spawn().context("starting the agent")?;
         let stderr = Arc::new(Mutex::new(String::new()));
         let out = child.stderr.take().context("agent stderr")?;
@@ -167,9 +181,10 @@ impl Agent {
                 s.push('\n');
             }
         });
-        let a = Agent {
+        let mut a = Agent {
             guard: Guard(child),
             stderr,
+            start_ms: 0,
         };
         let end = Instant::now() + Duration::from_secs(30);
         while !a
@@ -183,7 +198,21 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        a.start_ms = t0.elapsed().as_millis() as u64;
         Ok(a)
+    }
+
+    /// Where its start-up went (the agent's `start-up:` log line): object and maps, program
+    /// verification, tracepoint attachment, in ms; and the whole start to "tracing".
+    pub fn startup(&self) -> serde_json::Value {
+        let err = self.stderr.lock().expect("lock");
+        let f = |k: &str| log_field(&err, "start-up:", k);
+        serde_json::json!({
+            "start_ms": self.start_ms,
+            "object_ms": f("maps_and_object_ms"),
+            "verify_ms": f("verify_ms"),
+            "attach_ms": f("attach_ms"),
+        })
     }
 
     pub fn pid(&self) -> u32 {
