@@ -4,7 +4,7 @@
 //! and the stitching program, one program at a time, each on one CPU. Programs verify
 //! independently, so they are loaded ahead from one thread per CPU, largest first. This step
 //! only saves time: a program that fails here is left unloaded, and the caller's own load of it
-//! (which skips programs already loaded, `load_once`) fails again with its usual message.
+//! (each caller skips programs whose fd exists) fails again with its usual message.
 use std::sync::Mutex;
 
 use aya::{
@@ -43,7 +43,7 @@ pub fn ahead(ebpf: &mut Ebpf, names: &[&str]) -> usize {
 }
 
 /// Loads `prog` unless it is loaded already.
-pub fn load_once(prog: &mut Program) -> Result<(), ProgramError> {
+fn load_once(prog: &mut Program) -> Result<(), ProgramError> {
     if prog.fd().is_ok() {
         return Ok(());
     }
