@@ -169,15 +169,18 @@ pub const CNT_LINK_TASK: u32 = 36;
 /// Outgoing requests sent by a Python asyncio task that no evidence ties to a request (created
 /// before the agent attached, or by code no request caused): left without a parent.
 pub const CNT_LINK_TASK_UNBOUND: u32 = 42;
-/// Size of the kernel's counter array: room for counters yet to come without a layout change.
 /// OpenSSL calls that moved plaintext but whose socket is unknown: no syscall during the call
 /// and no earlier binding (a memory BIO, as Node's and gRPC core's are, or a connection whose
 /// calls all began before the agent): nothing of them is sent.
 pub const CNT_TLS_UNBOUND: u32 = 43;
+/// Go `crypto/tls` calls on a connection that is not a TCP socket the agent knows the layout
+/// of (`net.Conn` wrapped by the program, or a Go release whose `netFD` layout differs): nothing
+/// of them is sent.
+pub const CNT_GO_TLS_UNKNOWN_CONN: u32 = 44;
 /// Size of the kernel's counter array: room for counters yet to come without a layout change.
 pub const NUM_COUNTERS: u32 = 48;
 const _: () = assert!(COUNTER_NAMES.len() <= NUM_COUNTERS as usize);
-pub const COUNTER_NAMES: [&str; 44] = [
+pub const COUNTER_NAMES: [&str; 45] = [
     "kernel_ringbuf_full_events",
     "kernel_inflight_syscall_map_full",
     "kernel_close_ringbuf_full_events",
@@ -222,6 +225,7 @@ pub const COUNTER_NAMES: [&str; 44] = [
     "kernel_h2_chunks_full",
     "kernel_link_task_unbound",
     "kernel_tls_unbound",
+    "kernel_go_tls_unknown_conn",
 ];
 /// An `exec` whose event did not fit in the ring buffer (the process is still classified by the
 /// next periodic sweep).
@@ -282,6 +286,9 @@ pub struct DataHeader {
 }
 pub const LAYOUT_PREFIX: u32 = 0;
 pub const LAYOUT_H2_CHUNKS: u32 = 1;
+/// No payload: `len` bytes moved in this direction that no probe saw (a Go TLS read that began
+/// before its probes were attached), sent when the connection is next read.
+pub const LAYOUT_LOST: u32 = 2;
 /// Bytes of a chunk record's header (`LAYOUT_H2_CHUNKS`).
 pub const H2_CHUNK_HEADER: usize = 8;
 pub const DATA_HEADER_SIZE: usize = core::mem::size_of::<DataHeader>();
@@ -458,6 +465,36 @@ pub const GO_NEWPROC_PROGRAM: &str = "go_newproc1";
 pub const GO_NEWPROC_RET_PROGRAM: &str = "go_newproc1_ret";
 /// Kernel map of the spawns in progress (pid_tgid -> spawning goroutine).
 pub const MAP_GO_SPAWNING: &str = "GO_SPAWNING";
+
+/// Go `crypto/tls` (`agent-ebpf/src/gotls.rs`): the methods probed, found by name in the
+/// symbol table or, in a stripped binary, the `.gopclntab`.
+pub const GO_TLS_READ_SYMBOL: &str = "crypto/tls.(*Conn).Read";
+pub const GO_TLS_WRITE_SYMBOL: &str = "crypto/tls.(*Conn).Write";
+pub const GO_TLS_CLOSE_SYMBOL: &str = "crypto/tls.(*Conn).Close";
+pub const GO_TLS_READ_PROGRAM: &str = "go_tls_read";
+pub const GO_TLS_WRITE_PROGRAM: &str = "go_tls_write";
+/// Attached at each return instruction of `Read` and of `Write` (never a uretprobe in Go).
+pub const GO_TLS_READ_RET_PROGRAM: &str = "go_tls_read_ret";
+pub const GO_TLS_WRITE_RET_PROGRAM: &str = "go_tls_write_ret";
+pub const GO_TLS_CLOSE_PROGRAM: &str = "go_tls_close";
+/// The handshake (run by `net/http` before any read, or by the first `Read`/`Write`): its
+/// syscalls bind as an OpenSSL handshake's do.
+pub const GO_TLS_HANDSHAKE_SYMBOL: &str = "crypto/tls.(*Conn).handshakeContext";
+pub const GO_TLS_HANDSHAKE_PROGRAM: &str = "go_tls_handshake";
+pub const GO_TLS_HANDSHAKE_RET_PROGRAM: &str = "go_tls_handshake_ret";
+/// Go `crypto/tls` calls in flight, by `TaskKey { ptr: g, tgid }`.
+pub const MAP_GO_TLS_CALLS: &str = "GO_TLS_CALLS";
+/// Bytes returned by Go `crypto/tls` reads that began before the probes, by goroutine, until
+/// its next read names the connection (`LAYOUT_LOST`).
+pub const MAP_GO_TLS_LOST: &str = "GO_TLS_LOST";
+/// Where a `*tls.Conn`'s socket is, for Go 1.17 to 1.23 on x86-64 (checked against Go 1.19's
+/// sources, and against the later ones' `internal/poll.FD`, whose `SysFile` replaced `iovecs`
+/// at the same size): `tls.Conn.conn` (a `net.Conn` interface) is the first field, its data
+/// word at 8 points to a `net.TCPConn`, whose first word is its `*netFD`; `netFD.pfd` is a
+/// `poll.FD` with `Sysfd` at 16, followed by `family` at 56 and `sotype` at 64.
+pub const GO_TLS_CONN_DATA: u64 = 8;
+pub const GO_NETFD_SYSFD: u64 = 16;
+pub const GO_NETFD_FAMILY: u64 = 56;
 
 /// Python asyncio (`propagate::asyncio`): what one thread of an event loop is running, by
 /// pid_tgid (kernel map `PY_THREADS`).
@@ -688,8 +725,12 @@ pub struct TlsCall {
     /// When the call's last syscall on its socket moved bytes (0: none did): a write's bytes
     /// were sent then, however late its return probe runs after a preemption.
     pub ts_io: u64,
+    /// Go `crypto/tls`: the goroutine making the call (0 for OpenSSL). Its socket (`fd`) is
+    /// known from the `tls.Conn` at entry; a syscall binds only if made by this goroutine on
+    /// that socket (`tls::call_on`).
+    pub g: u64,
 }
-const _: () = assert!(core::mem::size_of::<TlsCall>() == 104);
+const _: () = assert!(core::mem::size_of::<TlsCall>() == 112);
 pub const TLS_NO_FD: u32 = u32::MAX;
 /// The call's first send was looked at.
 pub const TLS_SENT: u32 = 2;

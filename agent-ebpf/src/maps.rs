@@ -103,9 +103,21 @@ pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(4, 0);
 #[map]
 pub static TLS_CALLS: HashMap<u64, agent_common::TlsCall> = HashMap::with_max_entries(16384, 0);
 
-/// The socket each `SSL *` was last seen to use, and a stitching context its last read brought
-/// in, by `(tgid, ssl)`: removed by `SSL_free`,
-/// and with its process by userspace's sweep. Full: counted (`CNT_STATE_MAP_FULL`).
+/// Go `crypto/tls` calls in flight, by `(tgid, g)` (`gotls`): a goroutine can return on
+/// another thread than it entered on. Removed at return, and with its process by userspace's
+/// sweep. Full: counted (`CNT_STATE_MAP_FULL`).
+#[map]
+pub static GO_TLS_CALLS: HashMap<TaskKey, agent_common::TlsCall> =
+    HashMap::with_max_entries(16384, 0);
+
+/// Bytes that Go `crypto/tls` reads begun before the probes returned, by `(tgid, g)`, until the
+/// goroutine's next read names their connection (`gotls`).
+#[map]
+pub static GO_TLS_LOST: HashMap<TaskKey, u64> = HashMap::with_max_entries(4096, 0);
+
+/// The socket each `SSL *` (or Go `*tls.Conn`) was last seen to use, and a stitching context
+/// its last read brought in, by `(tgid, ssl)`: removed by `SSL_free` (`(*Conn).Close`), and
+/// with its process by userspace's sweep. Full: counted (`CNT_STATE_MAP_FULL`).
 #[map]
 pub static TLS_SOCKS: HashMap<TaskKey, agent_common::TlsSock> = HashMap::with_max_entries(65536, 0);
 

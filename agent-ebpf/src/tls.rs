@@ -38,8 +38,8 @@ use aya_ebpf::{
 use crate::{
     capture::copy_plain,
     maps::{
-        conn_key, count, global, process_traced, scratch, CONNS, EVENTS, PAYLOAD_LIMIT, TLS_CALLS,
-        TLS_H2_WALK, TLS_SOCKS,
+        conn_key, count, global, process_traced, scratch, CONNS, EVENTS, GO_TLS_CALLS,
+        PAYLOAD_LIMIT, TLS_CALLS, TLS_H2_WALK, TLS_SOCKS,
     },
     propagate::{self, head, inflight, stitch, task::runtime_of, TLS_SLOT},
 };
@@ -92,6 +92,7 @@ fn enter(ctx: &ProbeContext, dir: u32, ex: bool) -> u32 {
         fd: TLS_NO_FD,
         dir,
         ts_io: 0,
+        g: 0,
     };
     if TLS_CALLS.insert(&pid_tgid, &call, 0).is_err() {
         count(CNT_STATE_MAP_FULL);
@@ -183,7 +184,7 @@ fn set_fd(tgid: u32, ssl: u64, fd: u32) -> Option<&'static mut TlsSock> {
 /// client's first plaintext (an HTTP/2 preface or not) is still to come, on a connection seen
 /// from its start: the handshake binds before any plaintext moves.
 #[inline(always)]
-fn adopt(c: &mut ConnInfo) {
+pub fn adopt(c: &mut ConnInfo) {
     if c.verdict == VERDICT_TLS {
         return;
     }
@@ -235,11 +236,9 @@ pub fn ssl_free(ctx: ProbeContext) -> u32 {
 /// this `SSL *` returns.
 #[inline(always)]
 pub fn bind(io: &mut IoArgs, pid_tgid: u64, sk: u64, ret: i32, flags: u32) {
-    let Some(call) = TLS_CALLS.get_ptr_mut(&pid_tgid) else {
+    let Some(call) = call_on(pid_tgid, io.fd) else {
         return;
     };
-    // SAFETY: this thread's live map value.
-    let call = unsafe { &mut *call };
     let tgid = (pid_tgid >> 32) as u32;
     call.fd = io.fd;
     if ret > 0 {
@@ -271,6 +270,27 @@ pub fn bind(io: &mut IoArgs, pid_tgid: u64, sk: u64, ret: i32, flags: u32) {
         1 => sock.claimed = 1,
         _ => sock.claimed = 0, // several requests began here: which head gets which is unknown
     }
+}
+
+/// The TLS call in flight that a syscall of thread `pid_tgid` on socket `fd` belongs to. An
+/// OpenSSL call runs on its thread from entry to return. A Go call (`gotls`) belongs to its
+/// goroutine, which may have parked and resumed on another thread: it is found by the
+/// goroutine running now, and counts only for a syscall on its own socket.
+#[inline(always)]
+pub fn call_on(pid_tgid: u64, fd: u32) -> Option<&'static mut TlsCall> {
+    if let Some(call) = TLS_CALLS.get_ptr_mut(&pid_tgid) {
+        // SAFETY: this thread's live map value.
+        return Some(unsafe { &mut *call });
+    }
+    let tgid = (pid_tgid >> 32) as u32;
+    if runtime_of(tgid) != Some(agent_common::RUNTIME_GO) {
+        return None;
+    }
+    let g = crate::regs::user_r14()?;
+    let call = GO_TLS_CALLS.get_ptr_mut(&ssl_key(tgid, g))?;
+    // SAFETY: the goroutine's live map value.
+    let call = unsafe { &mut *call };
+    (call.fd == fd).then_some(call)
 }
 
 /// Walks the TLS records a read of `ret` bytes at `buf` brought in (the first at sequence
@@ -333,7 +353,7 @@ pub fn ssl_ex_ret(ctx: RetProbeContext) -> u32 {
 /// copies its frames. If the tail call fails, nothing of this call is copied (and the walk
 /// stays where it was: userspace sees the frame alignment lost, and counts it).
 #[inline(always)]
-fn walk_h2<C: EbpfContext>(ctx: &C, walk: Option<u32>) {
+pub fn walk_h2<C: EbpfContext>(ctx: &C, walk: Option<u32>) {
     if let Some(dir) = walk {
         // SAFETY: the array holds probe programs of this type.
         let _ = unsafe { TLS_H2_WALK.tail_call(ctx, dir) };
@@ -359,28 +379,45 @@ fn leave(ok: u64, ex: bool) -> Option<u32> {
     } else {
         ok
     };
+    finish(&call, pid_tgid, moved)
+}
+
+/// Sends what a call moved (`moved` bytes, > 0) on its connection, or returns its direction
+/// when the connection speaks HTTP/2 (see `leave`). Shared by OpenSSL's return probes and Go's
+/// (`gotls`), whose calls know their socket from the start (`call.g != 0`).
+#[inline(always)]
+pub fn finish(call: &TlsCall, pid_tgid: u64, moved: u64) -> Option<u32> {
     if moved == 0 {
         return None;
     }
     let tgid = (pid_tgid >> 32) as u32;
-    let Some(sock) = TLS_SOCKS.get_ptr_mut(&ssl_key(tgid, call.ssl)) else {
-        count(CNT_TLS_UNBOUND);
-        return None;
+    let (fd, claim) = match TLS_SOCKS.get_ptr_mut(&ssl_key(tgid, call.ssl)) {
+        Some(sock) => {
+            // SAFETY: live map value.
+            let sock = unsafe { &mut *sock };
+            // Bound by a syscall of this call, else earlier (a read served from the library's
+            // buffer).
+            let fd = if call.fd != TLS_NO_FD {
+                call.fd
+            } else {
+                sock.fd
+            };
+            // A context brought in for the next request head goes to this read's data, or
+            // nowhere.
+            let mut claim = None;
+            if call.dir == DIR_INGRESS && sock.claimed != 0 {
+                sock.claimed = 0;
+                claim = Some(sock.claim);
+            }
+            (fd, claim)
+        }
+        // A Go call whose syscalls have not bound yet (its socket is known all the same).
+        None if call.g != 0 => (call.fd, None),
+        None => {
+            count(CNT_TLS_UNBOUND);
+            return None;
+        }
     };
-    // SAFETY: live map value.
-    let sock = unsafe { &mut *sock };
-    // Bound by a syscall of this call, else earlier (a read served from the library's buffer).
-    let fd = if call.fd != TLS_NO_FD {
-        call.fd
-    } else {
-        sock.fd
-    };
-    // A context brought in for the next request head goes to this read's data, or nowhere.
-    let mut claim = None;
-    if call.dir == DIR_INGRESS && sock.claimed != 0 {
-        sock.claimed = 0;
-        claim = Some(sock.claim);
-    }
     let Some(conn) = CONNS.get_ptr_mut(&conn_key(tgid, fd)) else {
         count(CNT_TLS_UNBOUND);
         return None;
@@ -394,7 +431,7 @@ fn leave(ok: u64, ex: bool) -> Option<u32> {
     if conn.verdict != VERDICT_TLS {
         return None;
     }
-    opening(conn, &call, moved);
+    opening(conn, call, moved);
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_boot_ns() };
     // A write's bytes left when its last syscall sent them; a read's are the caller's now.
@@ -419,7 +456,7 @@ fn leave(ok: u64, ex: bool) -> Option<u32> {
         io.verdict = VERDICT_TLS;
         return Some(call.dir);
     }
-    emit(&call, pid_tgid, fd, conn, (moved, ts_exit), claim);
+    emit(call, pid_tgid, fd, conn, (moved, ts_exit), claim);
     None
 }
 
@@ -472,6 +509,7 @@ fn emit(
     if call.dir == DIR_INGRESS {
         let tgid = (pid_tgid >> 32) as u32;
         let g = match runtime_of(tgid) {
+            _ if call.g != 0 => call.g,
             Some(RUNTIME_TOKIO) => crate::propagate::tokio::polling(pid_tgid),
             _ => 0,
         };

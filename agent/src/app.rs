@@ -370,29 +370,47 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Attaches the `net/http` uprobes to the Go executables the runtime classifier found.
+/// Attaches the `net/http`, goroutine and `crypto/tls` uprobes to the Go executables the runtime
+/// classifier found.
 fn probe_go(
     ebpf: &mut aya::Ebpf,
     probes: &mut crate::loader::go::GoProbes,
     exe: std::path::PathBuf,
 ) {
     use crate::loader::go::Attached;
+    let exe_name = exe.display();
     match probes.attach(ebpf, &exe) {
-        Ok(Attached::New { spawns: Ok(n) }) => tracing::info!(
-            "Go executable {}: outgoing net/http calls link to their request by goroutine, \
-             also from goroutines the handler spawns (runtime.newproc1, {n} return points)",
-            exe.display()
-        ),
-        Ok(Attached::New { spawns: Err(e) }) => tracing::warn!(
-            "Go executable {}: outgoing net/http calls link to their request by goroutine, \
-             but calls from goroutines the handler spawns stay unlinked: {e}",
-            exe.display()
-        ),
+        Ok(Attached::New { http, spawns, tls }) => {
+            match (http, spawns) {
+                (Ok(()), Ok(n)) => tracing::info!(
+                    "Go executable {exe_name}: outgoing net/http calls link to their request by \
+                     goroutine, also from goroutines the handler spawns (runtime.newproc1, {n} \
+                     return points)"
+                ),
+                (Ok(()), Err(e)) => tracing::warn!(
+                    "Go executable {exe_name}: outgoing net/http calls link to their request by \
+                     goroutine, but calls from goroutines the handler spawns stay unlinked: {e}"
+                ),
+                (Err(e), _) => tracing::warn!(
+                    "Go executable {exe_name}: cannot probe net/http ({e}); its calls get no \
+                     in-process parent"
+                ),
+            }
+            match tls {
+                Ok(n) => tracing::info!(
+                    "Go executable {exe_name}: crypto/tls reads and writes are traced \
+                     ({n} return points)"
+                ),
+                Err(e) => tracing::info!(
+                    "Go executable {exe_name}: its TLS connections give no spans: cannot probe \
+                     crypto/tls ({e})"
+                ),
+            }
+        }
         Ok(Attached::Before) => {}
         Err(e) => tracing::warn!(
-            "Go executable {}: cannot probe net/http ({e}); its calls get no in-process \
-             parent (a stripped binary has no symbols to probe)",
-            exe.display()
+            "Go executable {exe_name}: cannot probe it ({e}); its calls get no in-process \
+             parent and its TLS connections no spans"
         ),
     }
 }

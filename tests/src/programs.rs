@@ -169,13 +169,30 @@ pub fn python(script: &str, args: &[&str]) -> Command {
 /// Builds the Go program in `fixtures/<name>/` (Debian's `golang-go`, offline: no modules, no
 /// cgo, so a static binary with symbols) and returns its path. Built once per test binary run.
 pub fn go_binary(name: &str) -> PathBuf {
+    build_go(name, false)
+}
+
+/// As `go_binary`, stripped of its symbol table (`-ldflags=-s -w`), as release builds are: only
+/// the `.gopclntab` names its functions.
+pub fn go_binary_stripped(name: &str) -> PathBuf {
+    build_go(name, true)
+}
+
+fn build_go(name: &str, stripped: bool) -> PathBuf {
     let out_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/go-fixtures");
-    let out = out_dir.join(name);
+    let out = out_dir.join(if stripped {
+        format!("{name}-stripped")
+    } else {
+        name.to_owned()
+    });
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     std::fs::create_dir_all(&out_dir).expect("go fixture dir");
+    let flags: &[&str] = if stripped { &["-ldflags=-s -w"] } else { &[] };
     run(Command::new("go")
-        .args(["build", "-o"])
+        .arg("build")
+        .args(flags)
+        .arg("-o")
         .arg(&out)
         .arg(crate::fixture(&format!("{name}/main.go")))
         .env("GO111MODULE", "off")

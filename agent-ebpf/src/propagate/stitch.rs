@@ -26,7 +26,7 @@ use aya_ebpf::{
 use super::{head, ids, inflight, SEND_SLOT};
 use crate::maps::{
     conn_key, count, global, scratch, ACTIVE_IO, BUF_IOVEC, CONNS, INJECT_MODE, OFF_COPIED_SEQ,
-    OFF_WRITE_SEQ, STITCH, TLS_CALLS,
+    OFF_WRITE_SEQ, STITCH,
 };
 
 const IPPROTO_TCP: u16 = 6;
@@ -85,9 +85,8 @@ fn sending(sk: u64) {
     };
     // SAFETY: live map value of this thread.
     let io = unsafe { &mut *io };
-    if let Some(call) = TLS_CALLS.get_ptr_mut(&pid_tgid) {
-        // SAFETY: live map value of this thread.
-        tls_sending(io, unsafe { &mut *call }, sk, pid_tgid);
+    if let Some(call) = crate::tls::call_on(pid_tgid, io.fd) {
+        tls_sending(io, call, sk, pid_tgid);
         return;
     }
     if io.direction != DIR_EGRESS || io.state & IO_SEND_SEEN != 0 {

@@ -168,7 +168,7 @@ pub fn run() -> bool {
                 let go = uprobes(&super::go::PROGRAMS);
                 r.line(
                     go.is_empty(),
-                    "verifier accepted the Go uprobes (net/http and goroutine spawns: goroutine linking)",
+                    "verifier accepted the Go uprobes (net/http and goroutine spawns: goroutine linking; crypto/tls: TLS plaintext)",
                     &go.join("; "),
                 );
                 let py = uprobes(&super::python::PROGRAMS);

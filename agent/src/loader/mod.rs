@@ -4,6 +4,7 @@ pub mod btf;
 pub mod caps;
 pub mod check;
 pub mod go;
+pub mod gosym;
 pub mod inject;
 pub mod per_process;
 pub mod python;
@@ -592,6 +593,8 @@ pub fn sweep_dead(ebpf: &mut Ebpf) {
         remove_dead_tasks::<TaskRef>(ebpf, name);
     }
     remove_dead_tasks::<agent_common::TlsSock>(ebpf, agent_common::MAP_TLS_SOCKS);
+    remove_dead_tasks::<agent_common::TlsCall>(ebpf, agent_common::MAP_GO_TLS_CALLS);
+    remove_dead_tasks::<u64>(ebpf, agent_common::MAP_GO_TLS_LOST);
     recount_lru(ebpf);
 }
 

@@ -297,6 +297,19 @@ impl Tracker {
             end_ns: h.ts_exit,
             ctx,
         };
+        if h.layout == agent_common::LAYOUT_LOST {
+            // Bytes nobody saw (`agent-ebpf/src/gotls.rs`): a gap at this point of the stream.
+            if let Some(h2) = &mut conn.h2 {
+                h2.feed(dir, Segment { data: &[], ..seg }, &mut self.exchanges);
+            } else {
+                conn.http.lost(dir, h.len, h.ts_exit, &mut self.exchanges);
+            }
+            conn.last_boot_ns = h.ts_exit;
+            if !self.exchanges.is_empty() {
+                self.emit(id);
+            }
+            return;
+        }
         if h.layout == agent_common::LAYOUT_H2_CHUNKS {
             // The kernel walked HTTP/2 frames: records of kept bytes and passed-over gaps.
             let h2 = conn.h2.get_or_insert_with(|| {
@@ -554,6 +567,7 @@ impl Output {
         let s = conn.http.take_stats();
         metrics.http_skipped_bytes.inc_by(s.skipped_bytes);
         metrics.http_orphan_responses.inc_by(s.orphan_responses);
+        metrics.http_responses_unseen.inc_by(s.responses_unseen);
         metrics
             .http_unanswered_requests
             .inc_by(s.unanswered_requests);

@@ -87,6 +87,11 @@ impl Default for StreamParser {
 }
 
 impl StreamParser {
+    /// Between messages: what comes next starts one, or is not HTTP.
+    pub fn between_messages(&self) -> bool {
+        matches!(self.state, State::Idle { .. })
+    }
+
     pub fn feed(&mut self, seg: Segment<'_>, sink: &mut impl Sink) {
         let mut data = seg.data;
         let mut gap = seg.len.saturating_sub(seg.data.len() as u64);

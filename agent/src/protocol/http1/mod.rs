@@ -54,6 +54,8 @@ pub struct Stats {
     pub orphan_responses: u64,
     pub unanswered_requests: u64,
     pub pending_overflow: u64,
+    /// Requests dropped because bytes that may hold their response were never seen (`lost`).
+    pub responses_unseen: u64,
     /// Incomplete heads given up because every connection's together reached the budget.
     pub head_budget_drops: u64,
 }
@@ -257,6 +259,35 @@ impl Http1Conn {
         }
         self.account();
         out.append(&mut self.pairing.out);
+    }
+
+    /// `bytes` moved in `dir` that nobody saw (a Go TLS read that began before its probes were
+    /// attached, `agent-ebpf/src/gotls.rs`). Lost between messages in the response direction,
+    /// they may hold the oldest pending request's response: that request is given no span, so
+    /// that the next response is never paired with it. Inside a message they are a gap like a
+    /// truncated capture's.
+    pub fn lost(&mut self, dir: Dir, bytes: u64, at_ns: u64, out: &mut Vec<Exchange>) {
+        let between = match dir {
+            Dir::Ingress => self.ingress.between_messages(),
+            Dir::Egress => self.egress.between_messages(),
+        };
+        let seg = Segment {
+            data: &[],
+            len: bytes,
+            start_ns: at_ns,
+            end_ns: at_ns,
+            ctx: None,
+        };
+        self.feed(dir, seg, out);
+        let answers = matches!(
+            (self.pairing.side, dir),
+            (Some(Side::Client), Dir::Ingress) | (Some(Side::Server), Dir::Egress)
+        );
+        let p = &mut self.pairing;
+        if between && answers && p.pending.pop_front().is_some() {
+            p.stats.responses_unseen += 1;
+            p.unvisited = p.unvisited.min(p.pending.len());
+        }
     }
 
     /// The connection closed (or went idle for good): ends until-close responses.

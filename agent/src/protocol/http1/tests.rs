@@ -371,3 +371,36 @@ fn status_below_100_is_not_a_response() {
     assert!(!got.contains("-> 0 "), "{got}");
     assert!(stats.skipped_bytes > 0);
 }
+
+/// A Go client's response read that began before the probes (`Http1Conn::lost`): the request it
+/// answered gets no span, and the next response pairs with the next request, never with it.
+#[test]
+fn a_response_never_seen_drops_its_request_not_the_next_one() {
+    let mut conn = Http1Conn::default();
+    let mut out = Vec::new();
+    let other = b"GET /other HTTP/1.1\r\nHost: b\r\n\r\n";
+    conn.feed(E, Segment::whole(GET, 0), &mut out);
+    conn.lost(I, OK.len() as u64, 1, &mut out);
+    conn.feed(E, Segment::whole(other, 2), &mut out);
+    conn.feed(I, Segment::whole(OK, 3), &mut out);
+    conn.close(&mut out);
+    assert_eq!(dump(&out), "Client GET /other 1.1 tp=- -> 200 [2..3]");
+    let s = conn.take_stats();
+    assert_eq!((s.responses_unseen, s.unanswered_requests), (1, 0));
+
+    // Lost inside a response (its head seen): a gap in its body, nothing dropped.
+    let mut conn = Http1Conn::default();
+    let mut out = Vec::new();
+    let big = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello";
+    conn.feed(E, Segment::whole(GET, 0), &mut out);
+    conn.feed(I, Segment::whole(big, 1), &mut out);
+    conn.lost(I, 5, 2, &mut out);
+    conn.feed(E, Segment::whole(other, 3), &mut out);
+    conn.feed(I, Segment::whole(OK, 4), &mut out);
+    conn.close(&mut out);
+    assert_eq!(
+        dump(&out),
+        "Client GET /users/42?x=1 1.1 tp=- -> 200 [0..2]\nClient GET /other 1.1 tp=- -> 200 [3..4]"
+    );
+    assert_eq!(conn.take_stats().responses_unseen, 0);
+}

@@ -1,0 +1,369 @@
+//! Go `crypto/tls`: spans from the plaintext of `(*tls.Conn).Read`/`Write` in a stripped Go
+//! binary (no symbol table: its functions are found in `.gopclntab`), as a TLS server and as a
+//! TLS client in one process, between curl (OpenSSL) and nginx (OpenSSL), with bodies from 1 KiB
+//! to 16 MiB, every transfer checked byte for byte and bounded in time.
+use std::{
+    collections::HashMap,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use tests::{
+    agent::{final_counters, Agent, Export},
+    free_port,
+    links::callers,
+    pki::Pki,
+    programs::{go_binary_stripped, sha256, wait_bounded, Nginx, Proc},
+    receiver::{RSpan, Receiver},
+    require_root, wait_port,
+};
+
+/// Body sizes served (1 KiB, 64 KiB, 1 MiB, 16 MiB).
+const SIZES: [usize; 4] = [1 << 10, 64 << 10, 1 << 20, 16 << 20];
+
+fn brief(s: &RSpan) -> String {
+    format!(
+        "{} {} {} pid={} proto={} trace={} span={} parent={} link={}",
+        s.res("service.name").unwrap_or("?"),
+        s.kind(),
+        s.attr("url.path").unwrap_or("?"),
+        s.res("process.pid").unwrap_or("?"),
+        s.attr("network.protocol.version").unwrap_or("?"),
+        s.trace_id(),
+        s.span_id(),
+        s.parent_id(),
+        s.attr("beholder.link.method").unwrap_or("?")
+    )
+}
+
+/// One curl process fetching every size through the Go service on one connection (`http`:
+/// `--http1.1` or `--http2`), each body written to a file and its digest checked.
+fn curl_all(port: u16, pki: &Pki, http: &str, tag: &str, sha: &HashMap<String, String>) {
+    let dir = std::env::temp_dir().join(format!("go-tls-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--fail", "--max-time", "60", http, "--cacert"])
+        .arg(&pki.ca);
+    for n in SIZES {
+        cmd.arg(format!("https://127.0.0.1:{port}/f/{n}.bin"))
+            .arg("-o")
+            .arg(dir.join(format!("{n}.bin")));
+    }
+    let mut child = cmd.stdout(Stdio::null()).spawn().expect("curl");
+    wait_bounded(
+        &mut child,
+        Instant::now() + Duration::from_secs(90),
+        "curl through the Go service",
+    );
+    for n in SIZES {
+        let got = sha256(&dir.join(format!("{n}.bin")));
+        assert_eq!(
+            Some(&got),
+            sha.get(&format!("/f/{n}.bin")),
+            "{n} bytes through the Go service changed ({http})"
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// curl -> Go service (stripped; TLS server, and TLS client with its own pool) -> nginx over
+/// TLS. Every request gives four spans in one trace: curl's, the Go server's (stitched to curl's
+/// call), the Go client's (linked in-process, by goroutine, to the Go server span), and nginx's
+/// (stitched to the Go client's call). curl also speaks HTTP/2 to the Go server: Go's HTTP/2
+/// server over `crypto/tls` is walked frame by frame like any other.
+#[test]
+fn a_stripped_go_tls_server_and_client_link_end_to_end() {
+    require_root();
+    let pki = Pki::new("go-tls");
+    let rx = Receiver::start();
+    let (gport, nport) = (free_port(), free_port());
+    let nginx = Nginx::start_tls(nport, &pki, "");
+    let sha = nginx.serve_files(&SIZES, "");
+    let bin = go_binary_stripped("go_tls_service");
+    let go = Proc::spawn(
+        Command::new(&bin)
+            .arg(gport.to_string())
+            .arg(&pki.server_cert)
+            .arg(&pki.server_key)
+            .arg(&pki.ca)
+            .arg(format!("https://127.0.0.1:{nport}")),
+    );
+    wait_port(gport);
+    let (g, n) = (gport.to_string(), nport.to_string());
+    let agent = Agent::start(Export::Grpc(&rx), &["--port", &g, "--port", &n]);
+
+    // Three HTTP/1.1 curls at once, twice, and one HTTP/2 curl beside the second round.
+    const CURLS: usize = 3;
+    for round in 0..2 {
+        std::thread::scope(|s| {
+            for i in 0..CURLS {
+                let (pki, sha) = (&pki, &sha);
+                s.spawn(move || curl_all(gport, pki, "--http1.1", &format!("{round}-{i}"), sha));
+            }
+            if round == 1 {
+                s.spawn(|| curl_all(gport, &pki, "--http2", "h2", &sha));
+            }
+        });
+    }
+    let h1 = 2 * CURLS * SIZES.len();
+    let h2 = SIZES.len();
+    let requests = h1 + h2;
+
+    let want = 4 * requests;
+    let end = Instant::now() + Duration::from_secs(60);
+    while rx.spans().len() < want && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let spans = rx.spans();
+    let (_, err) = agent.stop();
+    let counters = final_counters(&err);
+    println!("counters: {counters:?}");
+    let go_pid = go.pid().to_string();
+    let nginx_pid = nginx.pid().to_string();
+    let pid = |s: &RSpan| s.res("process.pid").unwrap_or("?").to_owned();
+    let mut by_role: HashMap<(String, &str), usize> = HashMap::new();
+    for s in &spans {
+        let who = match pid(s) {
+            p if p == go_pid => "go",
+            p if p == nginx_pid => "nginx",
+            _ => "curl",
+        };
+        *by_role.entry((who.to_owned(), s.kind())).or_default() += 1;
+    }
+    println!("{by_role:?}");
+    let parents: std::collections::HashSet<String> = spans.iter().map(|s| s.parent_id()).collect();
+    for s in spans
+        .iter()
+        .filter(|s| s.kind() == "client" && !parents.contains(&s.span_id()))
+    {
+        println!("a call without a server span: {}", brief(s));
+    }
+    assert_eq!(
+        spans.len(),
+        want,
+        "four spans per request: {by_role:?}\n{}",
+        spans.iter().map(brief).collect::<Vec<_>>().join("\n")
+    );
+
+    let by_id: HashMap<String, &RSpan> = spans.iter().map(|s| (s.span_id(), s)).collect();
+    let (mut go_servers, mut go_clients, mut backs, mut linked, mut h2_servers) = (0, 0, 0, 0, 0);
+    for s in &spans {
+        s.assert_attrs(
+            &[
+                ("url.scheme", "https"),
+                ("http.response.status_code", "200"),
+            ],
+            &brief(s),
+        );
+        let parent = by_id.get(&s.parent_id()).copied();
+        if let Some(p) = parent {
+            assert_eq!(
+                p.trace_id(),
+                s.trace_id(),
+                "{} under {}",
+                brief(s),
+                brief(p)
+            );
+            assert!(
+                p.span.start_time_unix_nano <= s.span.start_time_unix_nano
+                    && s.span.end_time_unix_nano <= p.span.end_time_unix_nano + 2_000_000,
+                "a child outside its parent in time: {} under {}",
+                brief(s),
+                brief(p)
+            );
+        }
+        let path = s.attr("url.path").unwrap_or("");
+        match (pid(s), s.kind()) {
+            (p, "server") if p == go_pid => {
+                go_servers += 1;
+                let par = parent.unwrap_or_else(|| panic!("no caller: {}", brief(s)));
+                assert!(
+                    par.kind() == "client"
+                        && par.res("service.name") == Some("curl")
+                        && par.attr("url.path") == Some(path),
+                    "{} under {}",
+                    brief(s),
+                    brief(par)
+                );
+                if s.attr("network.protocol.version") == Some("2") {
+                    h2_servers += 1;
+                }
+            }
+            (p, "client") if p == go_pid => {
+                go_clients += 1;
+                assert_eq!(
+                    s.attr("network.protocol.version"),
+                    Some("1.1"),
+                    "{}",
+                    brief(s)
+                );
+                match parent {
+                    Some(par) => {
+                        assert!(
+                            par.kind() == "server"
+                                && pid(par) == go_pid
+                                && par.attr("url.path") == Some(path),
+                            "WRONG PARENT: {} under {}",
+                            brief(s),
+                            brief(par)
+                        );
+                        linked += 1;
+                    }
+                    // HTTP/2 server streams are handled on goroutines of their own: no link.
+                    None => assert!(s.parent_id().is_empty(), "unknown parent: {}", brief(s)),
+                }
+            }
+            (p, "server") if p == nginx_pid => {
+                backs += 1;
+                let par = parent.unwrap_or_else(|| panic!("no caller: {}", brief(s)));
+                assert!(
+                    par.kind() == "client"
+                        && pid(par) == go_pid
+                        && par.attr("url.path") == Some(path),
+                    "{} under {}",
+                    brief(s),
+                    brief(par)
+                );
+            }
+            (_, "client") => {
+                assert!(s.parent_id().is_empty(), "{}", brief(s));
+            }
+            _ => panic!("unexpected span {}", brief(s)),
+        }
+    }
+    println!(
+        "{requests} requests: {go_servers} Go server spans ({h2_servers} HTTP/2), {go_clients} \
+         Go client spans ({linked} linked in-process), {backs} nginx spans"
+    );
+    assert_eq!(
+        (go_servers, go_clients, backs),
+        (requests, requests, requests)
+    );
+    assert_eq!(h2_servers, h2, "curl --http2 to Go's HTTP/2 server");
+    assert!(
+        linked >= h1,
+        "every HTTP/1.1 request's upstream call links to it by goroutine ({linked} of {h1})"
+    );
+    // Every server span (Go's, nginx's) is the stitched child of one call, around it in time.
+    assert_eq!(callers(&spans), (2 * requests, 0));
+    for key in [
+        "kernel_go_tls_unknown_conn",
+        "kernel_tls_unbound",
+        "http_responses_unseen",
+        "http_orphan_responses",
+        "http2_alignment_lost",
+    ] {
+        assert_eq!(counters.get(key).copied().unwrap_or(0), 0, "{key}");
+    }
+}
+
+/// With `--exe '*go_tls_service*'`, only the Go service (unstripped: found by its symbol table)
+/// is traced; curl and nginx, which map the same libssl, give no span and get every byte. The
+/// service's connections to nginx were opened before the agent, so their reader goroutines were
+/// already inside `Read` when the probes were attached: the response such a read returns is
+/// never seen. Its request is then given no span (`http_responses_unseen`), and no later
+/// response is paired with it: every Go client span matches its request in path and time, and
+/// spans plus unseen responses add up to the requests made.
+#[test]
+fn only_the_selected_go_service_is_traced_and_its_older_connections_never_mispair() {
+    require_root();
+    let pki = Pki::new("go-tls-sel");
+    let rx = Receiver::start();
+    let (gport, nport) = (free_port(), free_port());
+    let nginx = Nginx::start_tls(nport, &pki, "");
+    let sha = nginx.serve_files(&SIZES, "");
+    let bin = tests::programs::go_binary("go_tls_service");
+    let go = Proc::spawn(
+        Command::new(&bin)
+            .arg(gport.to_string())
+            .arg(&pki.server_cert)
+            .arg(&pki.server_key)
+            .arg(&pki.ca)
+            .arg(format!("https://127.0.0.1:{nport}")),
+    );
+    wait_port(gport);
+    const CURLS: usize = 3;
+    let round = |tag: &str| {
+        std::thread::scope(|s| {
+            for i in 0..CURLS {
+                let (pki, sha) = (&pki, &sha);
+                let tag = format!("{tag}-{i}");
+                s.spawn(move || curl_all(gport, pki, "--http1.1", &tag, sha));
+            }
+        })
+    };
+    // The service's pool to nginx, opened before the agent: a reader goroutine waits in
+    // `Read` on each connection.
+    round("before");
+    let agent = Agent::start(Export::Grpc(&rx), &["--exe", "*go_tls_service*"]);
+    round("after");
+    let requests = CURLS * SIZES.len();
+    let end = Instant::now() + Duration::from_secs(30);
+    while rx.spans().len() < 2 * requests && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let spans = rx.spans();
+    let (_, err) = agent.stop();
+    let counters = final_counters(&err);
+    println!("counters: {counters:?}");
+    let go_pid = go.pid().to_string();
+    let by_id: HashMap<String, &RSpan> = spans.iter().map(|s| (s.span_id(), s)).collect();
+    let (mut servers, mut clients) = (0, 0);
+    for s in &spans {
+        assert_eq!(s.res("process.pid"), Some(go_pid.as_str()), "{}", brief(s));
+        s.assert_attrs(
+            &[
+                ("url.scheme", "https"),
+                ("http.response.status_code", "200"),
+            ],
+            &brief(s),
+        );
+        let path = s.attr("url.path").unwrap_or("");
+        if s.kind() == "server" {
+            servers += 1;
+            // Its caller (curl) is not traced.
+            assert!(s.parent_id().is_empty(), "{}", brief(s));
+            continue;
+        }
+        clients += 1;
+        let par = by_id
+            .get(&s.parent_id())
+            .unwrap_or_else(|| panic!("no parent: {}", brief(s)));
+        assert!(
+            par.kind() == "server" && par.attr("url.path") == Some(path),
+            "WRONG PARENT: {} under {}",
+            brief(s),
+            brief(par)
+        );
+        assert!(
+            par.span.start_time_unix_nano <= s.span.start_time_unix_nano
+                && s.span.end_time_unix_nano <= par.span.end_time_unix_nano,
+            "a call outside its request in time: {} under {}",
+            brief(s),
+            brief(par)
+        );
+    }
+    let unseen = counters.get("http_responses_unseen").copied().unwrap_or(0) as usize;
+    println!(
+        "{requests} requests: {servers} server spans, {clients} client spans, {unseen} unseen"
+    );
+    assert_eq!(servers, requests);
+    assert_eq!(
+        clients + unseen,
+        requests,
+        "every call is a span or counted"
+    );
+    assert!(
+        unseen <= CURLS,
+        "at most one per connection opened before the agent"
+    );
+    assert_eq!(
+        counters
+            .get("kernel_go_tls_unknown_conn")
+            .copied()
+            .unwrap_or(0),
+        0
+    );
+}
