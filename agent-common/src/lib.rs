@@ -177,10 +177,14 @@ pub const CNT_TLS_UNBOUND: u32 = 43;
 /// of (`net.Conn` wrapped by the program, or a Go release whose `netFD` layout differs): nothing
 /// of them is sent.
 pub const CNT_GO_TLS_UNKNOWN_CONN: u32 = 44;
+/// A TLS server read that brought in the first record of a request a traced client on this
+/// host marked, but returned no request line (Go's server reads one byte ahead while a handler
+/// runs, splitting the next head): that request's span gets no parent.
+pub const CNT_TLS_CLAIM_DROPPED: u32 = 45;
 /// Size of the kernel's counter array: room for counters yet to come without a layout change.
 pub const NUM_COUNTERS: u32 = 48;
 const _: () = assert!(COUNTER_NAMES.len() <= NUM_COUNTERS as usize);
-pub const COUNTER_NAMES: [&str; 45] = [
+pub const COUNTER_NAMES: [&str; 46] = [
     "kernel_ringbuf_full_events",
     "kernel_inflight_syscall_map_full",
     "kernel_close_ringbuf_full_events",
@@ -226,6 +230,7 @@ pub const COUNTER_NAMES: [&str; 45] = [
     "kernel_link_task_unbound",
     "kernel_tls_unbound",
     "kernel_go_tls_unknown_conn",
+    "kernel_tls_claims_dropped",
 ];
 /// An `exec` whose event did not fit in the ring buffer (the process is still classified by the
 /// next periodic sweep).
@@ -729,8 +734,13 @@ pub struct TlsCall {
     /// known from the `tls.Conn` at entry; a syscall binds only if made by this goroutine on
     /// that socket (`tls::call_on`).
     pub g: u64,
+    /// Go: bytes that a read of this goroutine begun before the probes returned, unseen; told
+    /// to userspace (`LAYOUT_LOST`) before this call's own bytes, once the call is bound.
+    pub lost: u64,
+    /// When the last of those reads returned.
+    pub lost_ts: u64,
 }
-const _: () = assert!(core::mem::size_of::<TlsCall>() == 112);
+const _: () = assert!(core::mem::size_of::<TlsCall>() == 128);
 pub const TLS_NO_FD: u32 = u32::MAX;
 /// The call's first send was looked at.
 pub const TLS_SENT: u32 = 2;

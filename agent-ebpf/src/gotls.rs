@@ -10,9 +10,11 @@
 //!   nothing to read), so the call is noted by goroutine (`GO_TLS_CALLS`) and found again by
 //!   the `g` at return.
 //! - The socket is read from the `tls.Conn` at entry (`agent_common::GO_TLS_CONN_DATA` and the
-//!   `netFD` offsets), and checked: an IPv4 or IPv6 stream socket, else nothing of the call is
-//!   sent (`CNT_GO_TLS_UNKNOWN_CONN`). No syscall has to bind the call, so a read served from
-//!   the library's buffer is found as well as one that reads.
+//!   `netFD` offsets, through the wrappers servers put around a `net.TCPConn`: `PATHS`), and
+//!   checked: an IPv4 or IPv6 stream socket, else nothing of the call is sent
+//!   (`CNT_GO_TLS_UNKNOWN_CONN`). It is trusted once a syscall of the call's goroutine on that
+//!   socket has bound the `tls.Conn` to it (the handshake's, or a read's or write's); a read
+//!   served from the library's buffer then uses that binding.
 //! - The call's syscalls (found by the goroutine in `r14` at the syscall, on this socket only:
 //!   `tls::call_on`) do what an OpenSSL call's do (`tls::bind`): the connection's ciphertext is
 //!   never parsed as plaintext, and same-host stitching works on its records.
@@ -21,25 +23,21 @@
 //! - A read that began before the probes were attached returns without a note: Go clients and
 //!   servers always have a goroutine blocked in `Read` on each idle connection. Its bytes are
 //!   counted for the goroutine (`GO_TLS_LOST`), and its next read, which names the connection,
-//!   first tells userspace how many bytes it never saw (`LAYOUT_LOST`), so that a response it
-//!   missed is never paired with a later request.
+//!   first tells userspace how many bytes it never saw (`LAYOUT_LOST`, `tls::finish`), so that
+//!   a response it missed is never paired with a later request. The count is dropped when a
+//!   read of the goroutine fails or ends (its connection is done), and when its `g` is reused
+//!   for a new goroutine (`runtime.newproc1`'s return, `propagate::goroutine`).
 use agent_common::{
-    DataHeader, TaskKey, TlsCall, CNT_GO_TLS_UNKNOWN_CONN, CNT_RINGBUF_FULL, CNT_STATE_MAP_FULL,
-    DATA_HEADER_SIZE, DIR_EGRESS, DIR_HANDSHAKE, DIR_INGRESS, EVENT_TLS_DATA, GO_NETFD_FAMILY,
-    GO_NETFD_SYSFD, GO_TLS_CONN_DATA, LAYOUT_LOST, VERDICT_TLS,
+    TaskKey, TlsCall, CNT_GO_TLS_UNKNOWN_CONN, CNT_STATE_MAP_FULL, DIR_EGRESS, DIR_HANDSHAKE,
+    DIR_INGRESS, GO_NETFD_FAMILY, GO_NETFD_SYSFD, GO_TLS_CONN_DATA,
 };
 use aya_ebpf::{
-    helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_user,
-        generated::{bpf_ktime_get_boot_ns, bpf_ringbuf_output},
-    },
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, generated::bpf_ktime_get_boot_ns},
     macros::uprobe,
     programs::ProbeContext,
 };
 
-use crate::maps::{
-    conn_key, count, process_traced, CONNS, EVENTS, GO_TLS_CALLS, GO_TLS_LOST, TLS_SOCKS,
-};
+use crate::maps::{count, process_traced, GO_TLS_CALLS, GO_TLS_LOST, TLS_SOCKS};
 
 const AF_INET: i64 = 2;
 const AF_INET6: i64 = 10;
@@ -50,24 +48,66 @@ fn task_key(tgid: u32, ptr: u64) -> TaskKey {
     TaskKey { ptr, tgid, _pad: 0 }
 }
 
-/// The socket fd of the `*tls.Conn` at `conn`, if its `net.Conn` is a TCP socket's `netFD`.
+/// Where a `net.TCPConn` may sit behind the `net.Conn` a `tls.Conn` wraps: the words to follow
+/// from the interface's data pointer, each the first (a struct embedding a pointer, such as
+/// etcd's `keepAliveConn{*net.TCPConn}`) or the second (a struct embedding an interface, such
+/// as `limitListenerConn{net.Conn, ...}`) word of what the last one points to. `u8::MAX` ends a
+/// path; the first path is a bare `*net.TCPConn`.
+const PATHS: [[u8; 2]; 7] = [
+    [u8::MAX, u8::MAX],
+    [0, u8::MAX],
+    [1, u8::MAX],
+    [0, 0],
+    [1, 0],
+    [0, 1],
+    [1, 1],
+];
+
+/// The socket fd of the `*tls.Conn` at `conn`: the first path (`PATHS`) that leads to a
+/// `netFD` of an IPv4 or IPv6 stream socket. A wrong guess cannot send data for another
+/// connection: a call's bytes are sent only once a syscall of its goroutine on this fd bound
+/// it (`tls::finish`).
 #[inline(always)]
 fn socket_of(conn: u64) -> Option<u32> {
     // SAFETY: user memory through the fault-tolerant helper, at every step.
-    unsafe {
-        let data: u64 = bpf_probe_read_user((conn + GO_TLS_CONN_DATA) as *const u64).ok()?;
-        let netfd: u64 = bpf_probe_read_user(data as *const u64).ok()?;
-        let sysfd: i64 = bpf_probe_read_user((netfd + GO_NETFD_SYSFD) as *const i64).ok()?;
-        let [family, sotype] =
-            bpf_probe_read_user((netfd + GO_NETFD_FAMILY) as *const [i64; 2]).ok()?;
-        if (family != AF_INET && family != AF_INET6) || sotype != SOCK_STREAM {
-            return None;
+    let data: u64 = unsafe { bpf_probe_read_user((conn + GO_TLS_CONN_DATA) as *const u64) }.ok()?;
+    for path in PATHS {
+        let mut p = data;
+        for step in path {
+            if step == u8::MAX {
+                break;
+            }
+            // SAFETY: as above.
+            p = unsafe { bpf_probe_read_user((p + 8 * step as u64) as *const u64) }.unwrap_or(0);
         }
-        if !(0..=i32::MAX as i64).contains(&sysfd) {
-            return None;
+        if p == 0 {
+            continue;
         }
-        Some(sysfd as u32)
+        // SAFETY: as above.
+        if let Some(fd) = unsafe { netfd_socket(p) } {
+            return Some(fd);
+        }
     }
+    None
+}
+
+/// The fd of the `net.TCPConn` at `tcp` (its first word is its `*netFD`), if it is one.
+///
+/// # Safety
+/// Reads user memory only through the fault-tolerant helper.
+#[inline(always)]
+unsafe fn netfd_socket(tcp: u64) -> Option<u32> {
+    let netfd: u64 = bpf_probe_read_user(tcp as *const u64).ok()?;
+    let [family, sotype] =
+        bpf_probe_read_user((netfd + GO_NETFD_FAMILY) as *const [i64; 2]).ok()?;
+    if (family != AF_INET && family != AF_INET6) || sotype != SOCK_STREAM {
+        return None;
+    }
+    let sysfd: i64 = bpf_probe_read_user((netfd + GO_NETFD_SYSFD) as *const i64).ok()?;
+    if !(0..=i32::MAX as i64).contains(&sysfd) {
+        return None;
+    }
+    Some(sysfd as u32)
 }
 
 #[inline(always)]
@@ -99,16 +139,14 @@ fn enter(ctx: &ProbeContext, dir: u32) -> u32 {
     };
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    if dir == DIR_INGRESS {
+    let [lost, lost_ts] = if dir == DIR_INGRESS {
         // SAFETY: copied out of a live map value.
-        if let Some(bytes) = GO_TLS_LOST
+        GO_TLS_LOST
             .get_ptr(&task_key(tgid, g))
-            .map(|b| unsafe { *b })
-        {
-            let _ = GO_TLS_LOST.remove(&task_key(tgid, g));
-            lost(pid_tgid, fd, bytes, now);
-        }
-    }
+            .map_or([0, 0], |b| unsafe { *b })
+    } else {
+        [0, 0]
+    };
     let call = TlsCall {
         ssl: conn,
         buf,
@@ -122,6 +160,8 @@ fn enter(ctx: &ProbeContext, dir: u32) -> u32 {
         dir,
         ts_io: 0,
         g,
+        lost,
+        lost_ts,
     };
     if GO_TLS_CALLS.insert(&task_key(tgid, g), &call, 0).is_err() {
         count(CNT_STATE_MAP_FULL);
@@ -185,8 +225,13 @@ fn leave(ctx: &ProbeContext, dir: u32) -> u32 {
         // Begun before the probes: what a read brought is owed to its connection's stream.
         if dir == DIR_INGRESS && n > 0 && process_traced(tgid) {
             // SAFETY: copied out of a live map value.
-            let before = GO_TLS_LOST.get_ptr(&key).map_or(0, |b| unsafe { *b });
-            if GO_TLS_LOST.insert(&key, &(before + n as u64), 0).is_err() {
+            let [before, _] = GO_TLS_LOST.get_ptr(&key).map_or([0, 0], |b| unsafe { *b });
+            // SAFETY: helper without preconditions.
+            let now = unsafe { bpf_ktime_get_boot_ns() };
+            if GO_TLS_LOST
+                .insert(&key, &[before + n as u64, now], 0)
+                .is_err()
+            {
                 count(CNT_STATE_MAP_FULL);
             }
         }
@@ -196,57 +241,15 @@ fn leave(ctx: &ProbeContext, dir: u32) -> u32 {
     let call = unsafe { *noted };
     let _ = GO_TLS_CALLS.remove(&key);
     if n <= 0 {
+        if dir == DIR_INGRESS {
+            // The connection failed or ended: unseen bytes of it concern no later read.
+            let _ = GO_TLS_LOST.remove(&key);
+        }
         return 0;
     }
     let walk = crate::tls::finish(&call, pid_tgid, n as u64);
     crate::tls::walk_h2(ctx, walk);
     0
-}
-
-/// Tells userspace that `bytes` were read on socket `fd` of this process without being seen
-/// (`LAYOUT_LOST`), if the connection is one whose plaintext is traced.
-#[inline(always)]
-fn lost(pid_tgid: u64, fd: u32, bytes: u64, now: u64) {
-    let Some(c) = CONNS.get_ptr_mut(&conn_key((pid_tgid >> 32) as u32, fd)) else {
-        return;
-    };
-    // SAFETY: live map value, used in place.
-    let c = unsafe { &mut *c };
-    if c.verdict != VERDICT_TLS && c.sk != 0 {
-        crate::tls::adopt(c);
-    }
-    if c.verdict != VERDICT_TLS {
-        return;
-    }
-    let header = DataHeader {
-        kind: EVENT_TLS_DATA,
-        direction: DIR_INGRESS,
-        pid: (pid_tgid >> 32) as u32,
-        tid: pid_tgid as u32,
-        fd,
-        captured: 0,
-        sk: c.sk,
-        len: bytes,
-        ts_enter: now,
-        ts_exit: now,
-        role: c.role,
-        layout: LAYOUT_LOST,
-        tuple: c.tuple,
-        comm: bpf_get_current_comm().unwrap_or_default(),
-        wire: agent_common::WireCtx::default(),
-    };
-    // SAFETY: the header is on this program's stack; the map pointer is the ring buffer.
-    let ret = unsafe {
-        bpf_ringbuf_output(
-            core::ptr::addr_of!(EVENTS) as *mut _,
-            &header as *const DataHeader as *mut _,
-            DATA_HEADER_SIZE as u64,
-            crate::maps::ring_flags(),
-        )
-    };
-    if ret < 0 {
-        count(CNT_RINGBUF_FULL);
-    }
 }
 
 /// `(*Conn).Close(c)` entered: the address may hold another connection's `tls.Conn` next.

@@ -110,10 +110,10 @@ pub static TLS_CALLS: HashMap<u64, agent_common::TlsCall> = HashMap::with_max_en
 pub static GO_TLS_CALLS: HashMap<TaskKey, agent_common::TlsCall> =
     HashMap::with_max_entries(16384, 0);
 
-/// Bytes that Go `crypto/tls` reads begun before the probes returned, by `(tgid, g)`, until the
-/// goroutine's next read names their connection (`gotls`).
+/// Bytes that Go `crypto/tls` reads begun before the probes returned, and when the last one
+/// did, by `(tgid, g)`, until the goroutine's next read names their connection (`gotls`).
 #[map]
-pub static GO_TLS_LOST: HashMap<TaskKey, u64> = HashMap::with_max_entries(4096, 0);
+pub static GO_TLS_LOST: HashMap<TaskKey, [u64; 2]> = HashMap::with_max_entries(4096, 0);
 
 /// The socket each `SSL *` (or Go `*tls.Conn`) was last seen to use, and a stitching context
 /// its last read brought in, by `(tgid, ssl)`: removed by `SSL_free` (`(*Conn).Close`), and

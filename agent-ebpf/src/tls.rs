@@ -20,10 +20,11 @@
 //! reused by an unselected process before userspace detaches).
 use agent_common::{
     head_scan, ConnInfo, DataHeader, H2Walk, IoArgs, TaskKey, TlsCall, TlsSock, BUF_PLAIN,
-    CNT_H2_WALK_INCOMPLETE, CNT_RINGBUF_FULL, CNT_STATE_MAP_FULL, CNT_TLS_UNBOUND, CNT_TRUNCATED,
-    DATA_HEADER_SIZE, DIR_EGRESS, DIR_HANDSHAKE, DIR_INGRESS, EVENT_TLS_DATA, H2_PREFACE_LEN,
-    LAYOUT_PREFIX, MAX_PAYLOAD, PROTO_H2, PROTO_HTTP1, ROLE_SERVER, ROLE_UNKNOWN, RUNTIME_TOKIO,
-    TLS_NO_FD, VERDICT_IGNORE, VERDICT_TLS, VERDICT_TRACE, WIRE_NONE,
+    CNT_H2_WALK_INCOMPLETE, CNT_RINGBUF_FULL, CNT_STATE_MAP_FULL, CNT_TLS_CLAIM_DROPPED,
+    CNT_TLS_UNBOUND, CNT_TRUNCATED, DATA_HEADER_SIZE, DIR_EGRESS, DIR_HANDSHAKE, DIR_INGRESS,
+    EVENT_TLS_DATA, H2_PREFACE_LEN, LAYOUT_LOST, LAYOUT_PREFIX, MAX_PAYLOAD, PROTO_H2, PROTO_HTTP1,
+    ROLE_SERVER, ROLE_UNKNOWN, RUNTIME_TOKIO, TLS_NO_FD, VERDICT_IGNORE, VERDICT_TLS,
+    VERDICT_TRACE, WIRE_NONE,
 };
 use aya_ebpf::{
     helpers::{
@@ -38,7 +39,7 @@ use aya_ebpf::{
 use crate::{
     capture::copy_plain,
     maps::{
-        conn_key, count, global, process_traced, scratch, CONNS, EVENTS, GO_TLS_CALLS,
+        conn_key, count, global, process_traced, scratch, CONNS, EVENTS, GO_TLS_CALLS, GO_TLS_LOST,
         PAYLOAD_LIMIT, TLS_CALLS, TLS_H2_WALK, TLS_SOCKS,
     },
     propagate::{self, head, inflight, stitch, task::runtime_of, TLS_SLOT},
@@ -93,6 +94,8 @@ fn enter(ctx: &ProbeContext, dir: u32, ex: bool) -> u32 {
         dir,
         ts_io: 0,
         g: 0,
+        lost: 0,
+        lost_ts: 0,
     };
     if TLS_CALLS.insert(&pid_tgid, &call, 0).is_err() {
         count(CNT_STATE_MAP_FULL);
@@ -384,7 +387,7 @@ fn leave(ok: u64, ex: bool) -> Option<u32> {
 
 /// Sends what a call moved (`moved` bytes, > 0) on its connection, or returns its direction
 /// when the connection speaks HTTP/2 (see `leave`). Shared by OpenSSL's return probes and Go's
-/// (`gotls`), whose calls know their socket from the start (`call.g != 0`).
+/// (`gotls`, `call.g != 0`).
 #[inline(always)]
 pub fn finish(call: &TlsCall, pid_tgid: u64, moved: u64) -> Option<u32> {
     if moved == 0 {
@@ -396,7 +399,12 @@ pub fn finish(call: &TlsCall, pid_tgid: u64, moved: u64) -> Option<u32> {
             // SAFETY: live map value.
             let sock = unsafe { &mut *sock };
             // Bound by a syscall of this call, else earlier (a read served from the library's
-            // buffer).
+            // buffer). A Go call's socket, read from its `tls.Conn`, counts once a syscall of
+            // its goroutine on that socket bound it.
+            if call.g != 0 && sock.fd != call.fd {
+                count(CNT_TLS_UNBOUND);
+                return None;
+            }
             let fd = if call.fd != TLS_NO_FD {
                 call.fd
             } else {
@@ -411,8 +419,6 @@ pub fn finish(call: &TlsCall, pid_tgid: u64, moved: u64) -> Option<u32> {
             }
             (fd, claim)
         }
-        // A Go call whose syscalls have not bound yet (its socket is known all the same).
-        None if call.g != 0 => (call.fd, None),
         None => {
             count(CNT_TLS_UNBOUND);
             return None;
@@ -430,6 +436,10 @@ pub fn finish(call: &TlsCall, pid_tgid: u64, moved: u64) -> Option<u32> {
     }
     if conn.verdict != VERDICT_TLS {
         return None;
+    }
+    if call.lost != 0 {
+        tell_lost(pid_tgid, fd, conn, call.lost, call.lost_ts);
+        let _ = GO_TLS_LOST.remove(&ssl_key(tgid, call.g));
     }
     opening(conn, call, moved);
     // SAFETY: helper without preconditions.
@@ -485,21 +495,14 @@ fn emit(
     let captured = copy_plain(payload, call.buf, want as usize);
     // SAFETY: the scratch buffer is larger than the header and 8-byte aligned.
     let header = unsafe { &mut *(buf.as_mut_ptr() as *mut DataHeader) };
-    header.kind = EVENT_TLS_DATA;
-    header.direction = call.dir;
-    header.pid = (pid_tgid >> 32) as u32;
-    header.tid = pid_tgid as u32;
-    header.fd = fd;
-    header.captured = captured as u32;
-    header.sk = conn.sk;
-    header.len = moved;
-    header.ts_enter = call.ts_enter;
-    header.ts_exit = ts_exit;
-    header.role = conn.role;
-    header.layout = LAYOUT_PREFIX;
-    header.tuple = conn.tuple;
-    header.comm = bpf_get_current_comm().unwrap_or_default();
-    header.wire = agent_common::WireCtx::default();
+    fill(
+        header,
+        (pid_tgid, fd, call.dir),
+        conn,
+        (moved, captured as u32),
+        (call.ts_enter, ts_exit),
+        LAYOUT_PREFIX,
+    );
     // The same in-process evidence as a plaintext connection's (`capture::emit_data`): a
     // request read opens on its thread (or task), a response written closes it, and a request
     // written takes its owner. Same-host stitching works on the ciphertext's sequence numbers:
@@ -513,7 +516,8 @@ fn emit(
             Some(RUNTIME_TOKIO) => crate::propagate::tokio::polling(pid_tgid),
             _ => 0,
         };
-        if !propagate::server_request::<TLS_SLOT>(
+        let mut used = false;
+        let opened = propagate::server_request::<TLS_SLOT>(
             payload,
             captured,
             pid_tgid,
@@ -525,12 +529,18 @@ fn emit(
                     w.trace_id = c.trace_id;
                     w.parent_id = c.parent_id;
                     w.flags = c.flags;
+                    used = true;
                     true
                 }
                 None => false,
             },
-        ) && head::starts_with_status(payload, captured)
-        {
+        );
+        if claim.is_some() && !used {
+            // The read brought a request's first record but returned no request line (Go's
+            // server reads one byte ahead while a handler runs): its span gets no parent.
+            count(CNT_TLS_CLAIM_DROPPED);
+        }
+        if !opened && head::starts_with_status(payload, captured) {
             propagate::response_read(tgid, fd);
         }
     } else if call.wire.kind != WIRE_NONE {
@@ -558,4 +568,65 @@ fn emit(
     if ret < 0 {
         count(CNT_RINGBUF_FULL);
     }
+}
+
+/// Tells userspace that `bytes` were read on connection `conn` (socket `fd`) of this process
+/// without being seen (`LAYOUT_LOST`), the last of them at `now`: a Go read begun before the
+/// probes (`gotls`). The header
+/// is assembled in the scratch slot `emit` uses next (the stack has no room for it).
+#[inline(never)]
+fn tell_lost(pid_tgid: u64, fd: u32, conn: &ConnInfo, bytes: u64, now: u64) {
+    let Some(scratch) = scratch(TLS_SLOT) else {
+        return;
+    };
+    let buf = scratch.buf();
+    // SAFETY: the scratch buffer is larger than the header and 8-byte aligned.
+    let header = unsafe { &mut *(buf.as_mut_ptr() as *mut DataHeader) };
+    fill(
+        header,
+        (pid_tgid, fd, DIR_INGRESS),
+        conn,
+        (bytes, 0),
+        (now, now),
+        LAYOUT_LOST,
+    );
+    // SAFETY: the header lies in the scratch buffer; the map pointer is the ring buffer.
+    let ret = unsafe {
+        bpf_ringbuf_output(
+            core::ptr::addr_of!(EVENTS) as *mut _,
+            buf.as_mut_ptr() as *mut _,
+            DATA_HEADER_SIZE as u64,
+            crate::maps::ring_flags(),
+        )
+    };
+    if ret < 0 {
+        count(CNT_RINGBUF_FULL);
+    }
+}
+
+/// A TLS event's header for connection `conn`: `(moved, captured)` bytes between `times`.
+#[inline(always)]
+fn fill(
+    header: &mut DataHeader,
+    (pid_tgid, fd, dir): (u64, u32, u32),
+    conn: &ConnInfo,
+    (moved, captured): (u64, u32),
+    (ts_enter, ts_exit): (u64, u64),
+    layout: u32,
+) {
+    header.kind = EVENT_TLS_DATA;
+    header.direction = dir;
+    header.pid = (pid_tgid >> 32) as u32;
+    header.tid = pid_tgid as u32;
+    header.fd = fd;
+    header.captured = captured;
+    header.sk = conn.sk;
+    header.len = moved;
+    header.ts_enter = ts_enter;
+    header.ts_exit = ts_exit;
+    header.role = conn.role;
+    header.layout = layout;
+    header.tuple = conn.tuple;
+    header.comm = bpf_get_current_comm().unwrap_or_default();
+    header.wire = agent_common::WireCtx::default();
 }

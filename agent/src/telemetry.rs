@@ -58,6 +58,7 @@ counters! {
     conns_evicted_idle: "connections forgotten after being idle",
     http_skipped_bytes: "bytes skipped because a stream could not be followed",
     http_orphan_responses: "responses without a request (stream started mid-exchange)",
+    http_pending_at_exit: "HTTP/1 requests still waiting for their response when the agent stopped (no span)",
     http_responses_unseen: "requests given no span because bytes that may hold their response were never seen (a Go TLS read begun before its probes were attached)",
     http_unanswered_requests: "requests whose connection ended before a response",
     http_pending_overflow: "pipelined requests dropped: too many waiting",

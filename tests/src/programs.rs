@@ -251,3 +251,88 @@ pub fn tls_upstreams(pki: &crate::pki::Pki) -> String {
          \x20   grpc_ssl_trusted_certificate {ca};\n    grpc_ssl_verify on;\n    grpc_ssl_name localhost;\n"
     )
 }
+
+/// Debian's etcd binaries (`etcd`, `etcdctl`), unpacked by `scripts/bootstrap.sh --test`.
+pub fn etcd_bin(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/etcd/usr/bin")
+        .join(name)
+}
+
+/// A one-member etcd serving clients on `127.0.0.1:<port>`: over TLS with `pki`'s server
+/// certificate when given, else cleartext (h2c).
+pub struct Etcd {
+    _proc: Proc,
+    /// `http://` or `https://127.0.0.1:<port>`.
+    pub url: String,
+}
+
+impl Etcd {
+    pub fn start(port: u16, tls: Option<&crate::pki::Pki>) -> Etcd {
+        let peer = crate::free_port();
+        let data = std::env::temp_dir().join(format!("etcd-test-{port}"));
+        let _ = std::fs::remove_dir_all(&data);
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://127.0.0.1:{port}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let mut cmd = Command::new(etcd_bin("etcd"));
+        cmd.args(["--name", "t", "--data-dir"]).arg(&data);
+        if let Some(pki) = tls {
+            cmd.arg("--cert-file")
+                .arg(&pki.server_cert)
+                .arg("--key-file")
+                .arg(&pki.server_key);
+        }
+        let proc_ = Proc::spawn(
+            cmd.args([
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+                "--listen-peer-urls",
+                &peer_url,
+                "--initial-advertise-peer-urls",
+                &peer_url,
+                "--initial-cluster",
+                &format!("t={peer_url}"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+        );
+        crate::wait_port(port);
+        Etcd { _proc: proc_, url }
+    }
+
+    /// `rounds` times, each etcdctl run on a connection of its own: a put, a get of it, and a
+    /// revoke of a lease that does not exist (NOT_FOUND), every answer checked.
+    pub fn calls(&self, ca: Option<&std::path::Path>, rounds: usize) {
+        for i in 0..rounds {
+            let put = self.ctl(ca, &["put", &format!("key-{i}"), &format!("value-{i}")]);
+            assert_eq!(String::from_utf8_lossy(&put.stdout).trim(), "OK", "{put:?}");
+            let get = self.ctl(ca, &["get", &format!("key-{i}")]);
+            assert!(
+                String::from_utf8_lossy(&get.stdout).contains(&format!("value-{i}")),
+                "{get:?}"
+            );
+            let revoke = self.ctl(ca, &["lease", "revoke", "1234"]);
+            assert!(
+                !revoke.status.success()
+                    && String::from_utf8_lossy(&revoke.stderr).contains("lease not found"),
+                "{revoke:?}"
+            );
+        }
+    }
+
+    /// etcdctl (API v3) against this etcd, trusting `ca` when given; at most 20 s.
+    pub fn ctl(&self, ca: Option<&std::path::Path>, args: &[&str]) -> Output {
+        let mut cmd = Command::new("timeout");
+        cmd.arg("20")
+            .arg(etcd_bin("etcdctl"))
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.url));
+        if let Some(ca) = ca {
+            cmd.arg(format!("--cacert={}", ca.display()));
+        }
+        cmd.args(args).output().expect("etcdctl")
+    }
+}

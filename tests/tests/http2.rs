@@ -9,7 +9,7 @@ use tests::{
     agent::{final_counters, Agent, Export},
     fixture, free_port,
     links::callers,
-    programs::{run, Proc},
+    programs::{run, Etcd, Proc},
     receiver::{RSpan, Receiver},
     wait_port,
 };
@@ -555,13 +555,6 @@ fn assert_catalog_calls(spans: &[RSpan], rounds: usize) {
     }
 }
 
-/// Debian's etcd binaries, unpacked by `scripts/bootstrap.sh --test`.
-fn etcd_bin(name: &str) -> std::path::PathBuf {
-    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/etcd/usr/bin")
-        .join(name)
-}
-
 /// etcd (Debian's build: Go 1.19, grpc-go, stripped) serving etcdctl, two Go programs nobody
 /// here wrote, on one host: puts, gets and revokes of a lease that does not exist, each
 /// etcdctl run on a connection of its own. Each call gives one CLIENT span (etcdctl) and one
@@ -572,59 +565,13 @@ fn etcd_bin(name: &str) -> std::path::PathBuf {
 /// of that connection and named from its header table.
 #[test]
 fn etcd_and_etcdctl_grpc_calls() {
-    let (port, peer) = (free_port(), free_port());
-    let data = std::env::temp_dir().join(format!("etcd-test-{port}"));
-    let _ = std::fs::remove_dir_all(&data);
-    let client_url = format!("http://127.0.0.1:{port}");
-    let peer_url = format!("http://127.0.0.1:{peer}");
-    let _etcd = Proc::spawn(
-        Command::new(etcd_bin("etcd"))
-            .args(["--name", "t", "--data-dir"])
-            .arg(&data)
-            .args([
-                "--listen-client-urls",
-                &client_url,
-                "--advertise-client-urls",
-                &client_url,
-                "--listen-peer-urls",
-                &peer_url,
-                "--initial-advertise-peer-urls",
-                &peer_url,
-                "--initial-cluster",
-                &format!("t={peer_url}"),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-    );
-    wait_port(port);
+    let port = free_port();
+    let etcd = Etcd::start(port, None);
+    let client_url = etcd.url.clone();
     let rx = Receiver::start();
     let agent = Agent::start(Export::Grpc(&rx), &["--port", &port.to_string()]);
-    let ctl = |args: &[&str]| {
-        Command::new("timeout")
-            .arg("20")
-            .arg(etcd_bin("etcdctl"))
-            .env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints=127.0.0.1:{port}"))
-            .args(args)
-            .output()
-            .expect("etcdctl")
-    };
     let rounds = 10;
-    for i in 0..rounds {
-        let put = ctl(&["put", &format!("key-{i}"), &format!("value-{i}")]);
-        assert_eq!(String::from_utf8_lossy(&put.stdout).trim(), "OK", "{put:?}");
-        let get = ctl(&["get", &format!("key-{i}")]);
-        assert!(
-            String::from_utf8_lossy(&get.stdout).contains(&format!("value-{i}")),
-            "{get:?}"
-        );
-        let revoke = ctl(&["lease", "revoke", "1234"]);
-        assert!(
-            !revoke.status.success()
-                && String::from_utf8_lossy(&revoke.stderr).contains("lease not found"),
-            "{revoke:?}"
-        );
-    }
+    etcd.calls(None, rounds);
     let gateway = 5;
     for i in 0..gateway {
         // base64 of "gw-<i>" and "v"

@@ -122,7 +122,7 @@ pub fn go_newproc1(ctx: ProbeContext) -> u32 {
 }
 
 /// A return instruction of `runtime.newproc1` reached: `rax` = the new goroutine, which takes
-/// its spawner's note, or loses whatever note its reused `g` still had.
+/// its spawner's note, or loses whatever note (or unseen TLS bytes) its reused `g` still had.
 #[uprobe]
 pub fn go_newproc1_ret(ctx: ProbeContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -154,6 +154,8 @@ pub fn go_newproc1_ret(ctx: ProbeContext) -> u32 {
             let _ = TASK_REQ.remove(&child);
         }
     }
+    // Nor does it inherit unseen TLS bytes of the goroutine that had its `g` (`gotls`).
+    let _ = crate::maps::GO_TLS_LOST.remove(&child);
     0
 }
 

@@ -594,7 +594,7 @@ pub fn sweep_dead(ebpf: &mut Ebpf) {
     }
     remove_dead_tasks::<agent_common::TlsSock>(ebpf, agent_common::MAP_TLS_SOCKS);
     remove_dead_tasks::<agent_common::TlsCall>(ebpf, agent_common::MAP_GO_TLS_CALLS);
-    remove_dead_tasks::<u64>(ebpf, agent_common::MAP_GO_TLS_LOST);
+    remove_dead_tasks::<[u64; 2]>(ebpf, agent_common::MAP_GO_TLS_LOST);
     recount_lru(ebpf);
 }
 

@@ -202,6 +202,9 @@ impl Tracker {
             }
         }
         self.out.release_held(u64::MAX);
+        // Requests still waiting for their response: they get no span, and are counted.
+        let pending: usize = self.conns.values().map(|c| c.http.pending()).sum();
+        self.out.metrics.http_pending_at_exit.inc_by(pending as u64);
     }
 
     pub fn handle(&mut self, ev: KernelEvent) {
@@ -299,6 +302,14 @@ impl Tracker {
         };
         if h.layout == agent_common::LAYOUT_LOST {
             // Bytes nobody saw (`agent-ebpf/src/gotls.rs`): a gap at this point of the stream.
+            tracing::debug!(
+                pid = h.pid,
+                fd = h.fd,
+                sk = h.sk,
+                len = h.len,
+                at = h.ts_exit,
+                "bytes read before the probes, never seen"
+            );
             if let Some(h2) = &mut conn.h2 {
                 h2.feed(dir, Segment { data: &[], ..seg }, &mut self.exchanges);
             } else {

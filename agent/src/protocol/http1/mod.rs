@@ -94,8 +94,22 @@ struct Pairing {
     ctx: [Option<WireCtx>; 2],
     out: Vec<Exchange>,
     stats: Stats,
+    /// A response read before any request was pending, and when it ended: its request's event
+    /// may still come (its writer was preempted between sending and the probe that reports
+    /// the write, while the response came back on another CPU).
+    early: Option<(ResponseHead, u64)>,
     new_request: bool,
     budget: Option<Arc<HeadBudget>>,
+}
+
+impl Pairing {
+    /// Keeps a client's response that came before any request (see `early`); an older one
+    /// kept is an orphan for good.
+    fn early_response(&mut self, head: ResponseHead, end_ns: u64) {
+        if self.early.replace((head, end_ns)).is_some() {
+            self.stats.orphan_responses += 1;
+        }
+    }
 }
 
 impl Sink for Pairing {
@@ -120,6 +134,24 @@ impl Sink for Pairing {
                     return; // a request in the response direction: not HTTP we can pair
                 }
                 self.side = Some(side);
+                if let Some((response, end_ns)) = self.early.take() {
+                    // Sent before that response ended, with nothing else waiting: its request.
+                    if side == Side::Client && self.pending.is_empty() && start_ns < end_ns {
+                        let ctx = self.ctx[dir as usize].take();
+                        self.out.push(Exchange {
+                            side,
+                            request: head,
+                            response,
+                            start_ns,
+                            end_ns,
+                            ctx,
+                            h2: None,
+                        });
+                        self.new_request = true;
+                        return;
+                    }
+                    self.stats.orphan_responses += 1;
+                }
                 if self.pending.len() == MAX_PENDING {
                     self.pending.pop_front();
                     self.stats.pending_overflow += 1;
@@ -134,7 +166,11 @@ impl Sink for Pairing {
                     return; // informational: the final response follows
                 }
                 let Some(side) = self.side else {
-                    self.stats.orphan_responses += 1;
+                    if dir == Dir::Ingress {
+                        self.early_response(head, end_ns);
+                    } else {
+                        self.stats.orphan_responses += 1;
+                    }
                     return;
                 };
                 let expected = if side == Side::Server {
@@ -168,6 +204,7 @@ impl Sink for Pairing {
                         ctx,
                         h2: None,
                     }),
+                    None if side == Side::Client => self.early_response(head, end_ns),
                     None => self.stats.orphan_responses += 1,
                 }
             }
@@ -261,11 +298,12 @@ impl Http1Conn {
         out.append(&mut self.pairing.out);
     }
 
-    /// `bytes` moved in `dir` that nobody saw (a Go TLS read that began before its probes were
-    /// attached, `agent-ebpf/src/gotls.rs`). Lost between messages in the response direction,
-    /// they may hold the oldest pending request's response: that request is given no span, so
-    /// that the next response is never paired with it. Inside a message they are a gap like a
-    /// truncated capture's.
+    /// `bytes` moved in `dir` that nobody saw, the last of them at `at_ns` (a Go TLS read that
+    /// began before its probes were attached, `agent-ebpf/src/gotls.rs`). Lost between
+    /// messages in the response direction, they may hold the response of the oldest pending
+    /// request, if that was sent before: that request is given no span, so that the next
+    /// response is never paired with it. Inside a message they are a gap like a truncated
+    /// capture's.
     pub fn lost(&mut self, dir: Dir, bytes: u64, at_ns: u64, out: &mut Vec<Exchange>) {
         let between = match dir {
             Dir::Ingress => self.ingress.between_messages(),
@@ -284,7 +322,11 @@ impl Http1Conn {
             (Some(Side::Client), Dir::Ingress) | (Some(Side::Server), Dir::Egress)
         );
         let p = &mut self.pairing;
-        if between && answers && p.pending.pop_front().is_some() {
+        let before = p
+            .pending
+            .front()
+            .is_some_and(|(_, start, _)| *start < at_ns);
+        if between && answers && before && p.pending.pop_front().is_some() {
             p.stats.responses_unseen += 1;
             p.unvisited = p.unvisited.min(p.pending.len());
         }
@@ -301,6 +343,9 @@ impl Http1Conn {
         }
         self.pairing.stats.unanswered_requests += self.pairing.pending.len() as u64;
         self.pairing.pending.clear();
+        if self.pairing.early.take().is_some() {
+            self.pairing.stats.orphan_responses += 1;
+        }
         self.pairing.unvisited = 0;
         self.account();
         out.append(&mut self.pairing.out);
@@ -324,6 +369,11 @@ impl Http1Conn {
         for (head, _, ctx) in p.pending.iter_mut().skip(skip) {
             f(head, ctx);
         }
+    }
+
+    /// Requests waiting for their response.
+    pub fn pending(&self) -> usize {
+        self.pairing.pending.len()
     }
 
     pub fn side(&self) -> Option<Side> {

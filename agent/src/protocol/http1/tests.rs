@@ -403,4 +403,40 @@ fn a_response_never_seen_drops_its_request_not_the_next_one() {
         "Client GET /users/42?x=1 1.1 tp=- -> 200 [0..2]\nClient GET /other 1.1 tp=- -> 200 [3..4]"
     );
     assert_eq!(conn.take_stats().responses_unseen, 0);
+
+    // Lost before the request was sent: not its response.
+    let mut conn = Http1Conn::default();
+    let mut out = Vec::new();
+    conn.feed(E, Segment::whole(GET, 5), &mut out);
+    conn.lost(I, 10, 4, &mut out);
+    conn.feed(I, Segment::whole(OK, 6), &mut out);
+    conn.close(&mut out);
+    assert_eq!(
+        dump(&out),
+        "Client GET /users/42?x=1 1.1 tp=- -> 200 [5..6]"
+    );
+    assert_eq!(conn.take_stats().responses_unseen, 0);
+}
+
+/// A client's request event that comes after its response (the writer preempted between its
+/// send and the probe that reports it): paired by time, never with the next response.
+#[test]
+fn a_response_read_before_its_request_event_is_paired_with_it() {
+    let mut conn = Http1Conn::default();
+    let mut out = Vec::new();
+    let other = b"GET /other HTTP/1.1\r\nHost: b\r\n\r\n";
+    conn.feed(I, Segment::whole(OK, 5), &mut out);
+    conn.feed(E, Segment::whole(GET, 3), &mut out);
+    conn.feed(E, Segment::whole(other, 6), &mut out);
+    conn.feed(I, Segment::whole(OK, 7), &mut out);
+    conn.close(&mut out);
+    assert_eq!(
+        dump(&out),
+        "Client GET /users/42?x=1 1.1 tp=- -> 200 [3..5]\nClient GET /other 1.1 tp=- -> 200 [6..7]"
+    );
+    assert_eq!(conn.take_stats().orphan_responses, 0);
+    // A response that ended before the request was sent answers something else.
+    let (d, s) = run(&[(I, OK), (E, GET), (I, OK)]);
+    assert_eq!(d, "Client GET /users/42?x=1 1.1 tp=- -> 200 [1..2]");
+    assert_eq!(s.orphan_responses, 1);
 }
