@@ -51,6 +51,38 @@ fn wait_go_probed(agent: &Agent, exe: &str) {
     }
 }
 
+/// nginx serving the files over TLS, and the Go service `bin` in front of it.
+struct Topology {
+    gport: u16,
+    nport: u16,
+    nginx: Nginx,
+    /// SHA-256 of each file, by request path.
+    sha: HashMap<String, String>,
+    go: Proc,
+}
+
+fn topology(pki: &Pki, bin: &std::path::Path) -> Topology {
+    let (gport, nport) = (free_port(), free_port());
+    let nginx = Nginx::start_tls(nport, pki, "");
+    let sha = nginx.serve_files(&SIZES, "");
+    let go = Proc::spawn(
+        Command::new(bin)
+            .arg(gport.to_string())
+            .arg(&pki.server_cert)
+            .arg(&pki.server_key)
+            .arg(&pki.ca)
+            .arg(format!("https://127.0.0.1:{nport}")),
+    );
+    wait_port(gport);
+    Topology {
+        gport,
+        nport,
+        nginx,
+        sha,
+        go,
+    }
+}
+
 /// One curl process fetching every size through the Go service on one connection (`http`:
 /// `--http1.1` or `--http2`), each body written to a file and its digest checked.
 fn curl_all(port: u16, pki: &Pki, http: &str, tag: &str, sha: &HashMap<String, String>) {
@@ -91,19 +123,13 @@ fn a_stripped_go_tls_server_and_client_link_end_to_end() {
     require_root();
     let pki = Pki::new("go-tls");
     let rx = Receiver::start();
-    let (gport, nport) = (free_port(), free_port());
-    let nginx = Nginx::start_tls(nport, &pki, "");
-    let sha = nginx.serve_files(&SIZES, "");
-    let bin = go_binary_stripped("go_tls_service");
-    let go = Proc::spawn(
-        Command::new(&bin)
-            .arg(gport.to_string())
-            .arg(&pki.server_cert)
-            .arg(&pki.server_key)
-            .arg(&pki.ca)
-            .arg(format!("https://127.0.0.1:{nport}")),
-    );
-    wait_port(gport);
+    let Topology {
+        gport,
+        nport,
+        nginx,
+        sha,
+        go,
+    } = topology(&pki, &go_binary_stripped("go_tls_service"));
     let (g, n) = (gport.to_string(), nport.to_string());
     let agent = Agent::start(Export::Grpc(&rx), &["--port", &g, "--port", &n]);
     wait_go_probed(&agent, "go_tls_service-stripped");
@@ -304,19 +330,14 @@ fn only_the_selected_go_service_is_traced_and_its_older_connections_never_mispai
     require_root();
     let pki = Pki::new("go-tls-sel");
     let rx = Receiver::start();
-    let (gport, nport) = (free_port(), free_port());
-    let nginx = Nginx::start_tls(nport, &pki, "");
-    let sha = nginx.serve_files(&SIZES, "");
-    let bin = tests::programs::go_binary("go_tls_service");
-    let go = Proc::spawn(
-        Command::new(&bin)
-            .arg(gport.to_string())
-            .arg(&pki.server_cert)
-            .arg(&pki.server_key)
-            .arg(&pki.ca)
-            .arg(format!("https://127.0.0.1:{nport}")),
-    );
-    wait_port(gport);
+    // Bound, not ignored: nginx serves until the test ends.
+    let Topology {
+        gport,
+        nginx: _nginx,
+        sha,
+        go,
+        ..
+    } = topology(&pki, &tests::programs::go_binary("go_tls_service"));
     const CURLS: usize = 3;
     let round = |tag: &str| {
         std::thread::scope(|s| {
