@@ -34,7 +34,7 @@ fn missing_privileges() -> Vec<&'static crate::loader::caps::Cap> {
 }
 
 /// Processes whose executable path or name matches one of the globs.
-fn matching_pids(globs: &globset::GlobSet) -> Vec<u32> {
+pub(crate) fn matching_pids(globs: &globset::GlobSet) -> Vec<u32> {
     let me = std::process::id() as i32;
     procfs::process::all_processes()
         .map(|all| {
@@ -189,15 +189,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // What a thread is evidence of in each process, before any call is linked by it; then kept
     // up to date by its own thread (new processes, and those the kernel reset at exec).
     let runtimes_stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    // Go executables found by the classifier, probed by this loop as soon as they arrive.
-    let (go_tx, mut go_rx) = mpsc::channel(1024);
     let (exec_tx, exec_rx) = std::sync::mpsc::sync_channel(4096);
-    let mut go_probes = crate::loader::go::GoProbes::default();
-    // Python, tokio and OpenSSL processes found by the classifier, probed here once they are
-    // selected. Every process is reported (for OpenSSL) by the first sweep, before this loop
-    // drains the channel: room for a busy host's.
+    // Go, Python, tokio and OpenSSL processes found by the classifier, probed once they are
+    // selected (by the control thread after start-up). Every process is reported (for OpenSSL)
+    // by the first sweep, before start-up drains the channel: room for a busy host's.
     let (follow_tx, mut follow_rx) = mpsc::channel(16_384);
-    let mut followers = Followers::default();
+    let mut followers = crate::control::Followers::default();
     let filter_pids = settings.filter_pids;
     if !filter_pids {
         for (lib, r) in followers.tls.whole_host(&mut ebpf) {
@@ -218,16 +215,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             .take_map(agent_common::MAP_RUNTIMES)
             .context("the kernel object has no runtime map")?;
         let map = aya::maps::HashMap::try_from(map).context("the runtime map")?;
-        let mut c = crate::runtimes::Classifier::new(map, metrics.clone(), go_tx, follow_tx);
+        let mut c = crate::runtimes::Classifier::new(map, metrics.clone(), follow_tx);
         let t0 = std::time::Instant::now();
         c.sweep();
         tracing::info!(
             elapsed_ms = t0.elapsed().as_millis() as u64,
             "classified the runtime of every process"
         );
-        while let Ok(exe) = go_rx.try_recv() {
-            probe_go(&mut ebpf, &mut go_probes, exe);
-        }
         while let Ok((pid, f)) = follow_rx.try_recv() {
             followers.found(
                 &mut ebpf,
@@ -292,64 +286,41 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         ));
     }
 
+    // The selection and the per-process probes from here on, on a thread of their own.
+    let (control_stop, control_stop_rx) = watch::channel(false);
+    let (control_tx, mut control_done) = tokio::sync::oneshot::channel();
+    crate::control::Control {
+        ebpf,
+        metrics: metrics.clone(),
+        exe_globs: (!args.exe.is_empty()).then_some(globs),
+        pids,
+        filter_pids,
+        followers,
+        last_kernel: vec![0u64; agent_common::COUNTER_NAMES.len()],
+    }
+    .spawn(follow_rx, control_stop_rx, control_tx)
+    .context("starting the control thread")?;
+
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())
         .context("installing SIGTERM handler")?;
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut ticks: u64 = 0;
-    let mut last_kernel = vec![0u64; agent_common::COUNTER_NAMES.len()];
-    let mut failed: Option<String> = None;
-    loop {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
-            _ = sigterm.recv() => break,
-            r = &mut reader => { failed = Some(task_ended("ring reader", r)); break; }
-            r = &mut tracker => { failed = Some(task_ended("connection tracker", r)); break; }
-            r = &mut exporter => { failed = Some(task_ended("exporter", r)); break; }
-            Some(exe) = go_rx.recv() => probe_go(&mut ebpf, &mut go_probes, exe),
-            Some((pid, f)) = follow_rx.recv() => {
-                followers.found(&mut ebpf, &metrics, pid, f, !filter_pids || pids.contains(&pid));
-            }
-            _ = tick.tick() => {
-                ticks += 1;
-                sync_kernel_counters(&ebpf, &metrics, &mut last_kernel);
-                if !args.exe.is_empty() && ticks.is_multiple_of(2) {
-                    // The kernel drops a pid from the allow-list when its process exits; forget
-                    // it here too, so a later process that reuses it is judged afresh.
-                    pids.retain(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
-                    let new: Vec<u32> = matching_pids(&globs).into_iter().filter(|p| pids.insert(*p)).collect();
-                    if !new.is_empty() {
-                        tracing::info!(?new, "tracing new processes matching --exe");
-                        if let Err(e) = loader::allow_pids(&mut ebpf, &new) {
-                            tracing::warn!("cannot add processes to the filter: {e}");
-                        }
-                        for pid in new {
-                            followers.selected(&mut ebpf, &metrics, pid);
-                        }
-                    }
-                }
-                followers.tick(&mut ebpf, &metrics);
-                if ticks.is_multiple_of(30) {
-                    loader::sweep_dead(&mut ebpf);
-                    if followers.python.probed() > 0 && loader::py_task_notes_full(&ebpf) {
-                        metrics.py_task_notes_map_full.inc();
-                    }
-                    if loader::task_notes_full(&ebpf) {
-                        metrics.task_notes_map_full.inc();
-                    }
-                    let losses = metrics.losses();
-                    if !losses.is_empty() {
-                        tracing::warn!(?losses, "events or spans were dropped (see the agent metrics)");
-                    }
-                }
-            }
-        }
-    }
+    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())
+        .context("installing SIGINT handler")?;
+    let failed = tokio::select! {
+        _ = sigint.recv() => None,
+        _ = sigterm.recv() => None,
+        r = &mut reader => Some(task_ended("ring reader", r)),
+        r = &mut tracker => Some(task_ended("connection tracker", r)),
+        r = &mut exporter => Some(task_ended("exporter", r)),
+        _ = &mut control_done => Some("the control thread ended".to_string()),
+    };
+    let _ = control_stop.send(true);
     if let Some(why) = failed {
         ready.store(false, std::sync::atomic::Ordering::Release);
         tracing::error!(
             "{why}: detaching and exiting, so the agent is restarted rather than left half-alive"
         );
-        drop(ebpf); // detaches every program
+        // The control thread detaches every program; exiting does if it cannot.
+        let _ = tokio::time::timeout(Duration::from_secs(5), control_done).await;
         anyhow::bail!(why);
     }
     runtimes_stop.store(true, std::sync::atomic::Ordering::Release);
@@ -358,7 +329,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let _ = reader.await;
     let _ = tracker.await;
     let _ = tokio::time::timeout(Duration::from_secs(15), exporter).await;
-    sync_kernel_counters(&ebpf, &metrics, &mut last_kernel);
+    // The control thread reads the kernel counters a last time and detaches every program,
+    // unless it is busy past the deadline (the kernel verifying a probe's programs): then the
+    // counters are those of its last tick, and exiting detaches.
+    if tokio::time::timeout(Duration::from_secs(2), control_done)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "the control thread is still busy (attaching probes): kernel counters below are \
+             those of the last second"
+        );
+    }
     let summary: Vec<String> = metrics
         .snapshot()
         .into_iter()
@@ -366,181 +348,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
     tracing::info!("final counters: {}", summary.join(" "));
-    drop(ebpf); // detaches every program
     Ok(())
-}
-
-/// Attaches the `net/http`, goroutine and `crypto/tls` uprobes to the Go executables the runtime
-/// classifier found.
-fn probe_go(
-    ebpf: &mut aya::Ebpf,
-    probes: &mut crate::loader::go::GoProbes,
-    exe: std::path::PathBuf,
-) {
-    use crate::loader::go::Attached;
-    let exe_name = exe.display();
-    match probes.attach(ebpf, &exe) {
-        Ok(Attached::New { http, spawns, tls }) => {
-            match (http, spawns) {
-                (Ok(()), Ok(n)) => tracing::info!(
-                    "Go executable {exe_name}: outgoing net/http calls link to their request by \
-                     goroutine, also from goroutines the handler spawns (runtime.newproc1, {n} \
-                     return points)"
-                ),
-                (Ok(()), Err(e)) => tracing::warn!(
-                    "Go executable {exe_name}: outgoing net/http calls link to their request by \
-                     goroutine, but calls from goroutines the handler spawns stay unlinked: {e}"
-                ),
-                (Err(e), _) => tracing::warn!(
-                    "Go executable {exe_name}: cannot probe net/http ({e}); its calls get no \
-                     in-process parent"
-                ),
-            }
-            match tls {
-                Ok(n) => tracing::info!(
-                    "Go executable {exe_name}: crypto/tls reads and writes are traced \
-                     ({n} return points)"
-                ),
-                Err(e) => tracing::info!(
-                    "Go executable {exe_name}: its TLS connections give no spans: cannot probe \
-                     crypto/tls ({e})"
-                ),
-            }
-        }
-        Ok(Attached::Before) => {}
-        Err(e) => tracing::warn!(
-            "Go executable {exe_name}: cannot probe it ({e}); its calls get no in-process \
-             parent and its TLS connections no spans"
-        ),
-    }
-}
-
-/// The task runtimes followed with per-process uprobes (Python asyncio, tokio), and the
-/// processes found before they were selected (`--exe` selects every 2 s).
-#[derive(Default)]
-struct Followers {
-    python: crate::loader::python::PyProbes,
-    tokio: crate::loader::tokio_tasks::TokioProbes,
-    tls: crate::loader::tls::TlsProbes,
-    unselected: std::collections::HashMap<u32, Vec<crate::runtimes::Follow>>,
-}
-
-impl Followers {
-    /// The classifier found process `pid` of runtime `f`.
-    fn found(
-        &mut self,
-        ebpf: &mut aya::Ebpf,
-        metrics: &Metrics,
-        pid: u32,
-        f: crate::runtimes::Follow,
-        selected: bool,
-    ) {
-        if pid == std::process::id() {
-            // The agent is a tokio program too; it never traces itself.
-            return;
-        }
-        if selected {
-            self.probe(ebpf, metrics, pid, f);
-        } else if self.unselected.len() < 16_384 {
-            let fs = self.unselected.entry(pid).or_default();
-            if !fs.contains(&f) {
-                fs.push(f);
-            }
-        }
-    }
-
-    /// `--exe` selected process `pid`.
-    fn selected(&mut self, ebpf: &mut aya::Ebpf, metrics: &Metrics, pid: u32) {
-        for f in self.unselected.remove(&pid).unwrap_or_default() {
-            self.probe(ebpf, metrics, pid, f);
-        }
-    }
-
-    /// Detaches what exited, and looks again at Python processes whose interpreter was not
-    /// mapped yet.
-    fn tick(&mut self, ebpf: &mut aya::Ebpf, metrics: &Metrics) {
-        self.python.sweep(ebpf);
-        self.tokio.sweep(ebpf);
-        self.tls.sweep(ebpf);
-        for pid in self.tls.waiting() {
-            self.probe(ebpf, metrics, pid, crate::runtimes::Follow::Tls);
-        }
-        self.unselected
-            .retain(|pid, _| std::path::Path::new(&format!("/proc/{pid}")).exists());
-        for pid in self.python.waiting() {
-            self.probe(ebpf, metrics, pid, crate::runtimes::Follow::Python);
-        }
-    }
-
-    fn probe(
-        &mut self,
-        ebpf: &mut aya::Ebpf,
-        metrics: &Metrics,
-        pid: u32,
-        f: crate::runtimes::Follow,
-    ) {
-        use crate::loader::{python, tls, tokio_tasks as tk};
-        match f {
-            crate::runtimes::Follow::Tls => match self.tls.attach(ebpf, pid) {
-                Ok(tls::Outcome::Probed(file)) => tracing::info!(
-                    pid,
-                    "OpenSSL in {}: the process's TLS reads and writes are traced",
-                    file.display()
-                ),
-                Ok(tls::Outcome::Nothing) => {}
-                Err(e) => {
-                    metrics.tls_not_followed.inc();
-                    tracing::warn!(
-                        pid,
-                        "OpenSSL calls are not followed ({e}): its TLS traffic gives no spans"
-                    );
-                }
-            },
-            crate::runtimes::Follow::Python => match self.python.attach(ebpf, pid) {
-                Ok(python::Outcome::Probed(i)) => tracing::info!(
-                    pid,
-                    "Python process: outgoing calls of its asyncio tasks link to the request \
-                     each task was created or woken for ({} and {})",
-                    i.interpreter.display(),
-                    i.asyncio.display()
-                ),
-                Ok(python::Outcome::Nothing | python::Outcome::Later) => {}
-                Err(e) => {
-                    metrics.python_not_followed.inc();
-                    tracing::warn!(
-                        pid,
-                        "Python process: asyncio tasks are not followed ({e}); its calls link \
-                         only when their thread has one request open"
-                    );
-                }
-            },
-            crate::runtimes::Follow::Tokio => match self.tokio.attach(ebpf, pid) {
-                Ok(tk::Outcome::Probed(i)) => tracing::info!(
-                    pid,
-                    "tokio process: outgoing calls link to the request of the task (or its \
-                     spawner) that sent them over a channel ({} task poll, {} spawn, {} channel \
-                     send and {} receive instances probed{})",
-                    i.poll.len(),
-                    i.spawn.len(),
-                    i.push.len(),
-                    i.pop.len(),
-                    if i.spawn.is_empty() {
-                        "; no spawn function in this build: calls of spawned tasks get no parent"
-                    } else {
-                        ""
-                    }
-                ),
-                Ok(tk::Outcome::Nothing) => {}
-                Err(e) => {
-                    metrics.tokio_not_followed.inc();
-                    tracing::warn!(
-                        pid,
-                        "tokio process: tasks are not followed ({e}); its calls get no parent"
-                    );
-                }
-            },
-        }
-    }
 }
 
 /// Why a pipeline task ended before the agent was asked to stop.
@@ -557,16 +365,5 @@ fn task_ended<T: std::fmt::Debug>(name: &str, r: Result<T, tokio::task::JoinErro
         }
         Err(e) => format!("pipeline task {name} was cancelled: {e}"),
         Ok(v) => format!("pipeline task {name} ended unexpectedly ({v:?})"),
-    }
-}
-
-fn sync_kernel_counters(ebpf: &aya::Ebpf, metrics: &Metrics, last: &mut [u64]) {
-    for (i, v) in loader::kernel_counters(ebpf).into_iter().enumerate() {
-        if let (Some(prev), Some(c)) = (last.get_mut(i), metrics.kernel.get(i)) {
-            if v > *prev {
-                c.inc_by(v - *prev);
-                *prev = v;
-            }
-        }
     }
 }

@@ -4,6 +4,7 @@
 pub mod app;
 pub mod cli;
 pub mod clock;
+pub mod control;
 pub mod export;
 pub mod loader;
 pub mod metrics_server;

@@ -169,18 +169,18 @@ pub struct Classifier {
     map: BpfHashMap<MapData, u32, u8>,
     files: FileCache,
     /// `runtime_map_full`: processes whose entry did not fit in the kernel map;
-    /// `runtime_go_queue_full`: Go executables the agent's loop had no room for;
-    /// `runtime_follow_queue_full`: the same for Python and tokio processes.
+    /// `runtime_follow_queue_full`: Go, Python, tokio and OpenSSL processes the agent's
+    /// control loop had no room for.
     metrics: std::sync::Arc<crate::telemetry::Metrics>,
-    /// Go executables found (paths valid from here), for their `net/http` probes.
-    go_exes: tokio::sync::mpsc::Sender<PathBuf>,
-    /// Python and tokio processes found, for their task probes.
+    /// Go, Python, tokio and OpenSSL processes found, for their probes.
     followed: tokio::sync::mpsc::Sender<(u32, Follow)>,
 }
 
 /// The task runtime of a process whose tasks the agent can follow with uprobes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Follow {
+    /// `net/http`, goroutine spawns and `crypto/tls`.
+    Go,
     Python,
     Tokio,
     /// Any process but Go's (whose `crypto/tls` is not OpenSSL): probed if it holds OpenSSL.
@@ -191,7 +191,6 @@ impl Classifier {
     pub fn new(
         map: BpfHashMap<MapData, u32, u8>,
         metrics: std::sync::Arc<crate::telemetry::Metrics>,
-        go_exes: tokio::sync::mpsc::Sender<PathBuf>,
         followed: tokio::sync::mpsc::Sender<(u32, Follow)>,
     ) -> Classifier {
         Classifier {
@@ -200,7 +199,6 @@ impl Classifier {
                 by_file: HashMap::new(),
             },
             metrics,
-            go_exes,
             followed,
         }
     }
@@ -235,15 +233,8 @@ impl Classifier {
                 let _ = self.map.insert(pid, RUNTIME_PENDING, 0);
             }
             Ok(()) => {
-                if r == Runtime::Tasks("go") {
-                    if let Some(exe) = exe_path(pid) {
-                        if self.go_exes.try_send(exe).is_err() {
-                            // Probed when another process runs the same executable, else not.
-                            self.metrics.runtime_go_queue_full.inc();
-                        }
-                    }
-                }
                 let follow = match r {
+                    Runtime::Tasks("go") => Some(Follow::Go),
                     Runtime::Threads if crate::loader::python::seen(pid).is_some() => {
                         Some(Follow::Python)
                     }
@@ -253,7 +244,8 @@ impl Classifier {
                 let tls = (r != Runtime::Tasks("go")).then_some(Follow::Tls);
                 for f in follow.into_iter().chain(tls) {
                     if self.followed.try_send((pid, f)).is_err() {
-                        // Not followed: asyncio keeps the thread rule, tokio none, TLS no spans.
+                        // Not followed: asyncio keeps the thread rule, tokio and Go none, TLS no
+                        // spans.
                         self.metrics.runtime_follow_queue_full.inc();
                     }
                 }

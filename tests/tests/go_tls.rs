@@ -319,7 +319,10 @@ fn a_stripped_go_tls_server_and_client_link_end_to_end() {
 }
 
 /// With `--exe '*go_tls_service*'`, only the Go service (unstripped: found by its symbol table)
-/// is traced; curl and nginx, which map the same libssl, give no span and get every byte. The
+/// is traced; curl and nginx, which map the same libssl, give no span and get every byte. A
+/// second Go service runs a copy of the executable the glob does not match: its code is never
+/// touched (no breakpoint at any probed function while the agent runs), and it gives no span
+/// while serving the same traffic. The
 /// service's connections to nginx were opened before the agent, so their reader goroutines were
 /// already inside `Read` when the probes were attached: the response such a read returns is
 /// never seen. Its request is then given no span (`http_responses_unseen`), and no later
@@ -333,27 +336,68 @@ fn only_the_selected_go_service_is_traced_and_its_older_connections_never_mispai
     // Bound, not ignored: nginx serves until the test ends.
     let Topology {
         gport,
+        nport,
         nginx: _nginx,
         sha,
         go,
-        ..
     } = topology(&pki, &tests::programs::go_binary("go_tls_service"));
+    let bin = tests::programs::go_binary("go_tls_service");
+    let twin = bin.with_file_name(format!("unselected-copy-{}", std::process::id()));
+    let _ = std::fs::remove_file(&twin);
+    std::fs::copy(&bin, &twin).expect("copy");
+    let twin_port = free_port();
+    let twin_go = Proc::spawn(
+        Command::new(&twin)
+            .arg(twin_port.to_string())
+            .arg(&pki.server_cert)
+            .arg(&pki.server_key)
+            .arg(&pki.ca)
+            .arg(format!("https://127.0.0.1:{nport}")),
+    );
+    wait_port(twin_port);
     const CURLS: usize = 3;
-    let round = |tag: &str| {
+    let round = |tag: &str, port: u16| {
         std::thread::scope(|s| {
             for i in 0..CURLS {
                 let (pki, sha) = (&pki, &sha);
                 let tag = format!("{tag}-{i}");
-                s.spawn(move || curl_all(gport, pki, "--http1.1", &tag, sha));
+                s.spawn(move || curl_all(port, pki, "--http1.1", &tag, sha));
             }
         })
     };
     // The service's pool to nginx, opened before the agent: a reader goroutine waits in
     // `Read` on each connection.
-    round("before");
+    round("before", gport);
+    // The first byte of probed functions, as both processes run them before the agent.
+    let probed: Vec<(&str, u64, u8)> =
+        ["crypto/tls.(*Conn).Read", "net/http.(*Transport).roundTrip"]
+            .into_iter()
+            .map(|f| {
+                let at = symbol_address(&bin, f);
+                let orig = code_byte(go.pid(), at);
+                assert_eq!(code_byte(twin_go.pid(), at), orig, "{f}: the same code");
+                assert_ne!(orig, 0xcc, "{f}: a breakpoint before the agent");
+                (f, at, orig)
+            })
+            .collect();
     let agent = Agent::start(Export::Grpc(&rx), &["--exe", "*go_tls_service*"]);
     wait_go_probed(&agent, "go_tls_service");
-    round("after");
+    for &(f, at, orig) in &probed {
+        assert_eq!(
+            code_byte(go.pid(), at),
+            0xcc,
+            "{f}: no probe in the selected process"
+        );
+        assert_eq!(
+            code_byte(twin_go.pid(), at),
+            orig,
+            "{f}: the unselected process's code was changed"
+        );
+    }
+    std::thread::scope(|s| {
+        s.spawn(|| round("after", gport));
+        s.spawn(|| round("twin", twin_port));
+    });
     let requests = CURLS * SIZES.len();
     let end = Instant::now() + Duration::from_secs(30);
     while rx.spans().len() < 2 * requests && Instant::now() < end {
@@ -362,8 +406,18 @@ fn only_the_selected_go_service_is_traced_and_its_older_connections_never_mispai
     std::thread::sleep(Duration::from_secs(2));
     let spans = rx.spans();
     let (_, err) = agent.stop();
+    for &(f, at, orig) in &probed {
+        assert_eq!(
+            code_byte(go.pid(), at),
+            orig,
+            "{f}: a probe left after the agent stopped"
+        );
+    }
+    drop(twin_go);
+    let _ = std::fs::remove_file(&twin);
     let counters = final_counters(&err);
     println!("counters: {counters:?}");
+    assert_eq!(counters.get("go_not_followed"), None, "{counters:?}");
     let go_pid = go.pid().to_string();
     let by_id: HashMap<String, &RSpan> = spans.iter().map(|s| (s.span_id(), s)).collect();
     let (mut servers, mut clients) = (0, 0);
@@ -431,6 +485,34 @@ fn only_the_selected_go_service_is_traced_and_its_older_connections_never_mispai
             .unwrap_or(0),
         0
     );
+}
+
+/// The address of function `name` in Go executable `bin` (not position-independent: the same
+/// in every process), from `go tool nm`.
+fn symbol_address(bin: &std::path::Path, name: &str) -> u64 {
+    let out = Command::new("go")
+        .args(["tool", "nm"])
+        .arg(bin)
+        .output()
+        .expect("go tool nm");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| {
+            let mut w = l.split_whitespace();
+            let (addr, kind, sym) = (w.next()?, w.next()?, w.next()?);
+            (kind == "T" && sym == name).then(|| u64::from_str_radix(addr, 16).ok())?
+        })
+        .unwrap_or_else(|| panic!("{name} not in {}", bin.display()))
+}
+
+/// The byte at address `at` of process `pid`'s memory, as the process runs it (a uprobe is a
+/// breakpoint written into its copy of the page).
+fn code_byte(pid: u32, at: u64) -> u8 {
+    use std::os::unix::fs::FileExt;
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).expect("/proc/PID/mem");
+    let mut b = [0u8];
+    mem.read_exact_at(&mut b, at).expect("read code");
+    b[0]
 }
 
 /// etcd serving gRPC over TLS to etcdctl: two stripped Go programs nobody here wrote (Debian's

@@ -1,12 +1,12 @@
 //! Uprobes on Go executables, attached once per executable for every process that runs it, as
-//! the runtime classifier finds them:
+//! the runtime classifier finds a selected process running it:
 //! - `net/http` and goroutine spawns, for in-process links (`agent-ebpf/src/propagate/goroutine.rs`);
 //! - `crypto/tls`, for the plaintext of TLS connections (`agent-ebpf/src/gotls.rs`).
 //!
 //! Functions are found by name in the symbol table or, in a stripped binary, in the
 //! `.gopclntab` (`gosym`), and attached by file offset. Returns are probed at each return
 //! instruction, never with a uretprobe (Go moves goroutine stacks).
-use std::{collections::HashSet, os::unix::fs::MetadataExt, path::Path};
+use std::{collections::HashMap, os::unix::fs::MetadataExt, path::Path};
 
 use agent_common::{
     GO_NEWPROC_PROGRAM, GO_NEWPROC_RET_PROGRAM, GO_NEWPROC_SYMBOL, GO_REQUEST_WRITE_PROGRAM,
@@ -15,15 +15,12 @@ use agent_common::{
     GO_TLS_HANDSHAKE_SYMBOL, GO_TLS_READ_PROGRAM, GO_TLS_READ_RET_PROGRAM, GO_TLS_READ_SYMBOL,
     GO_TLS_WRITE_PROGRAM, GO_TLS_WRITE_RET_PROGRAM, GO_TLS_WRITE_SYMBOL,
 };
-use aya::{
-    programs::{
-        uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
-        UProbe,
-    },
-    Ebpf,
-};
+use aya::{programs::uprobe::UProbeAttachLocation, Ebpf};
 
-use super::gosym::{self, Func};
+use super::{
+    gosym::{self, Func},
+    per_process::{self, Links, Point},
+};
 
 /// Every kernel program this module loads (`agent check` verifies them).
 pub const PROGRAMS: [&str; 11] = [
@@ -51,28 +48,25 @@ const SYMBOLS: [&str; 7] = [
 ];
 /// Go executables larger than this are not read for symbols.
 const MAX_FILE_BYTES: u64 = 1 << 30;
+/// Executables probed at once; past that one is not probed (counted).
+const MAX_FILES: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GoProbeError {
-    #[error("program {0} is missing from the kernel object")]
-    Missing(&'static str),
-    #[error("{program}: {source}")]
-    Program {
-        program: &'static str,
-        source: aya::programs::ProgramError,
-    },
     #[error("{0}")]
     Returns(#[from] ReturnsError),
     #[error("{0} not found")]
     NoFunction(&'static str),
     #[error(transparent)]
     Load(#[from] super::per_process::AttachError),
+    #[error("too many Go processes or executables probed at once")]
+    Full,
 }
 
 /// What was attached to one executable, each group or why not.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Attached {
-    /// Already probed (another process runs the same file).
+    /// Already probed (another process runs the same file), or gone.
     Before,
     New {
         /// `net/http`'s outgoing requests, linked to their request by goroutine.
@@ -84,78 +78,125 @@ pub enum Attached {
     },
 }
 
-/// Go executables already probed, by file identity.
+/// The probe points (program, file offset) of one executable, each group or why it cannot be
+/// probed, with how many of a group's points are return instructions.
+struct Plan {
+    http: Result<Vec<At>, String>,
+    spawns: Result<(Vec<At>, usize), String>,
+    tls: Result<(Vec<At>, usize), String>,
+}
+
+/// A probe point: its program and file offset.
+type At = (&'static str, u64);
+
+/// File identity: (device, inode).
+type FileId = (u64, u64);
+
+/// The Go executables probed, each once for every process that runs it, once a selected process
+/// (any, in whole-host mode) is found running it. Per-process uprobes (`UProbeScope::OneProcess`)
+/// are not used: they fire only in the thread whose id is the pid, and a Go program runs its
+/// goroutines on many threads. A process outside the selection that runs the same file as a
+/// selected one takes the breakpoints too; the kernel programs drop its calls at their
+/// selection check.
 #[derive(Default)]
 pub struct GoProbes {
-    done: HashSet<(u64, u64)>,
     loaded: bool,
+    /// The executables probed, by file identity.
+    files: HashMap<FileId, Links>,
 }
 
 impl GoProbes {
-    /// Probes the Go executable at `exe` (a path valid from the agent's mount namespace) unless
-    /// it already is.
+    /// Probes the Go executable at `exe` (a path valid from the agent's mount namespace), run
+    /// by a selected process, unless it already is.
     pub fn attach(&mut self, ebpf: &mut Ebpf, exe: &Path) -> Result<Attached, GoProbeError> {
         let Ok(m) = std::fs::metadata(exe) else {
             return Ok(Attached::Before);
         };
-        if !self.done.insert((m.dev(), m.ino())) {
+        let id = (m.dev(), m.ino());
+        if self.files.contains_key(&id) {
             return Ok(Attached::Before);
         }
+        if self.files.len() >= MAX_FILES {
+            return Err(GoProbeError::Full);
+        }
         if !self.loaded {
-            super::per_process::load(ebpf, &PROGRAMS)?;
+            per_process::load(ebpf, &PROGRAMS)?;
             self.loaded = true;
         }
-        if m.len() > MAX_FILE_BYTES {
-            return Err(ReturnsError::Read("too large to read for symbols".into()).into());
-        }
-        let data = std::fs::read(exe).map_err(|e| ReturnsError::Read(e.to_string()))?;
-        let funcs =
-            gosym::functions(&data, &SYMBOLS).map_err(|e| ReturnsError::Elf(e.to_string()))?;
-        let func = |i: usize| funcs[i].ok_or(GoProbeError::NoFunction(SYMBOLS[i]));
-        let http = (|| {
-            let points = [
-                (GO_ROUNDTRIP_PROGRAM, func(0)?.file_offset),
-                (GO_REQUEST_WRITE_PROGRAM, func(1)?.file_offset),
-            ];
-            attach_points(ebpf, exe, &points)
-        })()
-        .map_err(|e| e.to_string());
-        // Returns before entries: an entry never leaves a note that no return takes.
-        let spawns = (|| {
-            let f = func(2)?;
-            let mut points = returns(&data, &f, GO_NEWPROC_RET_PROGRAM, GO_NEWPROC_SYMBOL)?;
-            let n = points.len();
-            points.push((GO_NEWPROC_PROGRAM, f.file_offset));
-            attach_points(ebpf, exe, &points).map(|_| n)
-        })()
-        .map_err(|e| e.to_string());
-        let tls = (|| {
-            let (read, write, close, hs) = (func(3)?, func(4)?, func(5)?, func(6)?);
-            let mut points = returns(&data, &read, GO_TLS_READ_RET_PROGRAM, GO_TLS_READ_SYMBOL)?;
-            points.extend(returns(
-                &data,
-                &write,
-                GO_TLS_WRITE_RET_PROGRAM,
-                GO_TLS_WRITE_SYMBOL,
-            )?);
-            points.extend(returns(
-                &data,
-                &hs,
-                GO_TLS_HANDSHAKE_RET_PROGRAM,
-                GO_TLS_HANDSHAKE_SYMBOL,
-            )?);
-            let n = points.len();
-            points.extend([
-                (GO_TLS_CLOSE_PROGRAM, close.file_offset),
-                (GO_TLS_HANDSHAKE_PROGRAM, hs.file_offset),
-                (GO_TLS_READ_PROGRAM, read.file_offset),
-                (GO_TLS_WRITE_PROGRAM, write.file_offset),
-            ]);
-            attach_points(ebpf, exe, &points).map(|_| n)
-        })()
-        .map_err(|e| e.to_string());
+        let plan = plan(exe, m.len())?;
+        let mut links: Links = Vec::new();
+        let mut group = |points: &[At]| {
+            let points: Vec<Point> = points
+                .iter()
+                .map(|&(program, off)| Point {
+                    program,
+                    location: UProbeAttachLocation::AbsoluteOffset(off),
+                    file: exe,
+                    cookie: None,
+                })
+                .collect();
+            per_process::attach_everywhere(ebpf, &points)
+                .map(|l| links.extend(l))
+                .map_err(|e| e.to_string())
+        };
+        let http = plan.http.and_then(|p| group(&p));
+        let spawns = plan.spawns.and_then(|(p, n)| group(&p).map(|_| n));
+        let tls = plan.tls.and_then(|(p, n)| group(&p).map(|_| n));
+        self.files.insert(id, links);
         Ok(Attached::New { http, spawns, tls })
     }
+}
+
+/// Reads executable `exe` (of `len` bytes) for the functions probed and their returns.
+fn plan(exe: &Path, len: u64) -> Result<Plan, GoProbeError> {
+    if len > MAX_FILE_BYTES {
+        return Err(ReturnsError::Read("too large to read for symbols".into()).into());
+    }
+    let data = std::fs::read(exe).map_err(|e| ReturnsError::Read(e.to_string()))?;
+    let funcs = gosym::functions(&data, &SYMBOLS).map_err(|e| ReturnsError::Elf(e.to_string()))?;
+    let func = |i: usize| funcs[i].ok_or(GoProbeError::NoFunction(SYMBOLS[i]));
+    let http = (|| {
+        Ok::<_, GoProbeError>(vec![
+            (GO_ROUNDTRIP_PROGRAM, func(0)?.file_offset),
+            (GO_REQUEST_WRITE_PROGRAM, func(1)?.file_offset),
+        ])
+    })()
+    .map_err(|e| e.to_string());
+    // Returns before entries: an entry never leaves a note that no return takes.
+    let spawns = (|| {
+        let f = func(2)?;
+        let mut points = returns(&data, &f, GO_NEWPROC_RET_PROGRAM, GO_NEWPROC_SYMBOL)?;
+        let n = points.len();
+        points.push((GO_NEWPROC_PROGRAM, f.file_offset));
+        Ok::<_, GoProbeError>((points, n))
+    })()
+    .map_err(|e| e.to_string());
+    let tls = (|| {
+        let (read, write, close, hs) = (func(3)?, func(4)?, func(5)?, func(6)?);
+        let mut points = returns(&data, &read, GO_TLS_READ_RET_PROGRAM, GO_TLS_READ_SYMBOL)?;
+        points.extend(returns(
+            &data,
+            &write,
+            GO_TLS_WRITE_RET_PROGRAM,
+            GO_TLS_WRITE_SYMBOL,
+        )?);
+        points.extend(returns(
+            &data,
+            &hs,
+            GO_TLS_HANDSHAKE_RET_PROGRAM,
+            GO_TLS_HANDSHAKE_SYMBOL,
+        )?);
+        let n = points.len();
+        points.extend([
+            (GO_TLS_CLOSE_PROGRAM, close.file_offset),
+            (GO_TLS_HANDSHAKE_PROGRAM, hs.file_offset),
+            (GO_TLS_READ_PROGRAM, read.file_offset),
+            (GO_TLS_WRITE_PROGRAM, write.file_offset),
+        ]);
+        Ok::<_, GoProbeError>((points, n))
+    })()
+    .map_err(|e| e.to_string());
+    Ok(Plan { http, spawns, tls })
 }
 
 /// The return instructions of `f` as points for `program`.
@@ -169,37 +210,6 @@ fn returns(
         .into_iter()
         .map(|off| (program, f.file_offset + off))
         .collect())
-}
-
-/// Attaches every point (program, file offset) to `exe` for all processes, or none.
-fn attach_points(
-    ebpf: &mut Ebpf,
-    exe: &Path,
-    points: &[(&'static str, u64)],
-) -> Result<(), GoProbeError> {
-    let mut links: Vec<(&'static str, UProbeLinkId)> = Vec::with_capacity(points.len());
-    for &(program, off) in points {
-        let r = uprobe(ebpf, program).and_then(|p| {
-            p.attach(
-                UProbeAttachLocation::AbsoluteOffset(off),
-                exe,
-                UProbeScope::AllProcesses,
-            )
-            .map_err(|source| GoProbeError::Program { program, source })
-        });
-        match r {
-            Ok(link) => links.push((program, link)),
-            Err(e) => {
-                for (program, link) in links {
-                    if let Ok(p) = uprobe(ebpf, program) {
-                        let _ = p.detach(link);
-                    }
-                }
-                return Err(e);
-            }
-        }
-    }
-    Ok(())
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -249,41 +259,4 @@ pub fn return_offsets(elf: &[u8], f: &Func, symbol: &str) -> Result<Vec<u64>, Re
         return Err(code("no return instruction"));
     }
     Ok(out)
-}
-
-fn uprobe<'a>(ebpf: &'a mut Ebpf, program: &'static str) -> Result<&'a mut UProbe, GoProbeError> {
-    ebpf.program_mut(program)
-        .ok_or(GoProbeError::Missing(program))?
-        .try_into()
-        .map_err(|source| GoProbeError::Program { program, source })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use object::{Object, ObjectSymbol};
-
-    /// Decodes a function of this test binary (x86-64, with symbols): its returns lie inside it.
-    /// Go executables' functions are covered by `gosym`'s tests and the root integration tests.
-    #[test]
-    fn finds_the_returns_of_a_function_in_the_agent_itself() {
-        let me = std::fs::read(std::env::current_exe().unwrap()).unwrap();
-        let file = object::File::parse(&*me).unwrap();
-        let name = file
-            .symbols()
-            .filter(|s| s.kind() == object::SymbolKind::Text && s.size() > 64)
-            .filter_map(|s| s.name().ok().map(str::to_owned))
-            .find(|n| n.contains("return_offsets"))
-            .expect("this test binary has symbols");
-        let f = gosym::functions(&me, &[&name]).unwrap()[0].expect("found by its symbol");
-        let offs = return_offsets(&me, &f, &name).unwrap();
-        assert!(!offs.is_empty());
-        assert!(offs.iter().all(|&o| o < f.size));
-    }
-
-    #[test]
-    fn a_function_that_is_not_there_is_none() {
-        let me = std::fs::read(std::env::current_exe().unwrap()).unwrap();
-        assert_eq!(gosym::functions(&me, &["runtime.newproc1"]), Ok(vec![None]));
-    }
 }

@@ -224,9 +224,20 @@ mod tests {
         ));
     }
 
+    /// Channel sends of the test binary's own, kept out of line (the agent's may all be
+    /// inlined into their callers, which leaves no `push` to find).
+    #[inline(never)]
+    fn send_paths(tx: &tokio::sync::mpsc::Sender<std::path::PathBuf>, n: usize) -> usize {
+        (0..n)
+            .filter(|i| tx.try_send(std::path::PathBuf::from(i.to_string())).is_ok())
+            .count()
+    }
+
     #[test]
     fn this_tokio_binary_has_polls_but_a_c_binary_has_none() {
         // The unit-test binary runs tokio tasks (and its channels).
+        let (tx, _rx) = tokio::sync::mpsc::channel(4);
+        assert_eq!(send_paths(&tx, std::hint::black_box(8)), 4);
         let me = std::fs::read("/proc/self/exe").expect("own exe");
         let found = instances(&me, "self").expect("instances");
         assert!(!found.poll.is_empty(), "{found:?}");
