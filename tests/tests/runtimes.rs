@@ -110,7 +110,7 @@ struct Links {
 /// request answered with `marker[...]` after one call to a backend), traced with
 /// `--pid service`: pairs each request's server span with its client span.
 fn concurrent_calls(service: &Proc, port: u16, n: usize, marker: &str) -> Links {
-    concurrent_calls_after(service, port, n, marker, || {})
+    concurrent_calls_after(service, port, n, marker, |_| {})
 }
 
 /// As `concurrent_calls`, running `ready` once the agent traces (before the load).
@@ -119,7 +119,7 @@ fn concurrent_calls_after(
     port: u16,
     n: usize,
     marker: &str,
-    ready: impl FnOnce(),
+    ready: impl FnOnce(&Agent),
 ) -> Links {
     concurrent_fanout(service, port, n, marker, &[""], ready)
 }
@@ -132,11 +132,11 @@ fn concurrent_fanout(
     n: usize,
     marker: &str,
     calls: &[&str],
-    ready: impl FnOnce(),
+    ready: impl FnOnce(&Agent),
 ) -> Links {
     let rx = Receiver::start();
     let agent = Agent::start(Export::Grpc(&rx), &["--pid", &service.pid().to_string()]);
-    ready();
+    ready(&agent);
     let mut curl = Command::new("curl");
     curl.args([
         "-sS",
@@ -385,7 +385,7 @@ fn spawned_calls(program: &std::path::Path, marker: &str) -> Links {
             .stdout(Stdio::null()),
     );
     wait_port(port);
-    let l = concurrent_fanout(&service, port, 150, marker, &["/a", "/b"], || {});
+    let l = concurrent_fanout(&service, port, 150, marker, &["/a", "/b"], |_| {});
     eprintln!("{marker} (calls from spawned tasks, 8 concurrent): {l:?}");
     assert_eq!(l.wrong, 0, "a wrong parent is worse than none");
     assert_eq!(
@@ -457,9 +457,19 @@ fn a_shell_that_execs_go_is_judged_as_go() {
             .args(["-c", &script])
             .stdout(Stdio::null()),
     );
-    let l = concurrent_calls_after(&service, port, 200, "go", || {
+    let l = concurrent_calls_after(&service, port, 200, "go", |agent| {
         std::fs::write(&go, b"go").expect("go file");
         wait_port(port);
+        // The first Go program found has its probe programs verified then (about 0.5 s here):
+        // the calls start once the exec'd program is probed.
+        let end = std::time::Instant::now() + Duration::from_secs(20);
+        while !agent
+            .stderr()
+            .contains("go_service: outgoing net/http calls link")
+        {
+            assert!(std::time::Instant::now() < end, "{}", agent.stderr());
+            std::thread::sleep(Duration::from_millis(50));
+        }
     });
     let _ = std::fs::remove_file(&go);
     eprintln!("Go exec'd by a traced shell (8 concurrent): {l:?}");
