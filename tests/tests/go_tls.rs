@@ -639,8 +639,13 @@ fn etcd_and_etcdctl_grpc_over_go_tls() {
         (3 * rounds - lost_clients, 0),
         "every server span is the child of its call"
     );
-    // (`kernel_go_tls_unknown_conn` may count a call of etcd's own: its gateway's connection.)
-    for key in ["kernel_tls_unbound", "http2_alignment_lost"] {
-        assert_eq!(counters.get(key).copied().unwrap_or(0), 0, "{key}");
+    // `kernel_go_tls_unknown_conn` may count calls of etcd's own (its gateway's connection,
+    // whose socket is not read from its `tls.Conn`); such a call never binds, so it is counted
+    // in `kernel_tls_unbound` too (`agent-ebpf/src/tls.rs`, `finish`). Without one, every call
+    // binds.
+    let get = |k: &str| counters.get(k).copied().unwrap_or(0);
+    if get("kernel_go_tls_unknown_conn") == 0 {
+        assert_eq!(get("kernel_tls_unbound"), 0, "{counters:?}");
     }
+    assert_eq!(get("http2_alignment_lost"), 0, "{counters:?}");
 }
