@@ -296,7 +296,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         pids,
         filter_pids,
         followers,
-        last_kernel: vec![0u64; agent_common::COUNTER_NAMES.len()],
     }
     .spawn(follow_rx, control_stop_rx, control_tx)
     .context("starting the control thread")?;

@@ -22,8 +22,6 @@ pub struct Control {
     /// Whether only the selected processes are traced (else the whole host).
     pub filter_pids: bool,
     pub followers: Followers,
-    /// The kernel counters as last read.
-    pub last_kernel: Vec<u64>,
 }
 
 impl Control {
@@ -42,7 +40,7 @@ impl Control {
         std::thread::Builder::new()
             .name("control".into())
             .spawn(move || {
-                rt.block_on(self.run(found, stop, Some(done)));
+                rt.block_on(self.run(found, stop, done));
             })
             .map(|_| ())
     }
@@ -51,39 +49,36 @@ impl Control {
         mut self,
         mut found: mpsc::Receiver<(u32, Follow)>,
         mut stop: watch::Receiver<bool>,
-        mut done: Option<oneshot::Sender<()>>,
+        done: oneshot::Sender<()>,
     ) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut ticks: u64 = 0;
+        // The kernel counters as last read.
+        let mut last_kernel = vec![0u64; agent_common::COUNTER_NAMES.len()];
         loop {
             tokio::select! {
-                r = stop.wait_for(|s| *s) => {
-                    let _ = r;
-                    break;
-                }
+                _ = stop.wait_for(|s| *s) => break,
                 Some((pid, f)) = found.recv() => {
                     let selected = !self.filter_pids || self.pids.contains(&pid);
                     self.followers.found(&mut self.ebpf, &self.metrics, pid, f, selected);
                 }
                 _ = tick.tick() => {
                     ticks += 1;
-                    self.tick(ticks);
+                    self.tick(ticks, &mut last_kernel);
                 }
             }
         }
-        sync_kernel_counters(&self.ebpf, &self.metrics, &mut self.last_kernel);
+        sync_kernel_counters(&self.ebpf, &self.metrics, &mut last_kernel);
         // Reported before detaching, which takes a while with many probes (exiting detaches
         // whatever is left).
-        if let Some(done) = done.take() {
-            let _ = done.send(());
-        }
+        let _ = done.send(());
         drop(self.ebpf); // detaches every program
     }
 
-    fn tick(&mut self, ticks: u64) {
+    fn tick(&mut self, ticks: u64, last_kernel: &mut [u64]) {
         let ebpf = &mut self.ebpf;
         let metrics = &self.metrics;
-        sync_kernel_counters(ebpf, metrics, &mut self.last_kernel);
+        sync_kernel_counters(ebpf, metrics, last_kernel);
         if let Some(globs) = self.exe_globs.as_ref().filter(|_| ticks.is_multiple_of(2)) {
             // The kernel drops a pid from the allow-list when its process exits; forget it here
             // too, so a later process that reuses it is judged afresh.

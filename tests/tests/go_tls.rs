@@ -65,15 +65,7 @@ fn topology(pki: &Pki, bin: &std::path::Path) -> Topology {
     let (gport, nport) = (free_port(), free_port());
     let nginx = Nginx::start_tls(nport, pki, "");
     let sha = nginx.serve_files(&SIZES, "");
-    let go = Proc::spawn(
-        Command::new(bin)
-            .arg(gport.to_string())
-            .arg(&pki.server_cert)
-            .arg(&pki.server_key)
-            .arg(&pki.ca)
-            .arg(format!("https://127.0.0.1:{nport}")),
-    );
-    wait_port(gport);
+    let go = go_service(bin, gport, pki, nport);
     Topology {
         gport,
         nport,
@@ -81,6 +73,20 @@ fn topology(pki: &Pki, bin: &std::path::Path) -> Topology {
         sha,
         go,
     }
+}
+
+/// The Go service `bin` serving TLS on `port`, in front of nginx on `nport`, once it listens.
+fn go_service(bin: &std::path::Path, port: u16, pki: &Pki, nport: u16) -> Proc {
+    let go = Proc::spawn(
+        Command::new(bin)
+            .arg(port.to_string())
+            .arg(&pki.server_cert)
+            .arg(&pki.server_key)
+            .arg(&pki.ca)
+            .arg(format!("https://127.0.0.1:{nport}")),
+    );
+    wait_port(port);
+    go
 }
 
 /// One curl process fetching every size through the Go service on one connection (`http`:
@@ -346,15 +352,7 @@ fn only_the_selected_go_service_is_traced_and_its_older_connections_never_mispai
     let _ = std::fs::remove_file(&twin);
     std::fs::copy(&bin, &twin).expect("copy");
     let twin_port = free_port();
-    let twin_go = Proc::spawn(
-        Command::new(&twin)
-            .arg(twin_port.to_string())
-            .arg(&pki.server_cert)
-            .arg(&pki.server_key)
-            .arg(&pki.ca)
-            .arg(format!("https://127.0.0.1:{nport}")),
-    );
-    wait_port(twin_port);
+    let twin_go = go_service(&twin, twin_port, &pki, nport);
     const CURLS: usize = 3;
     let round = |tag: &str, port: u16| {
         std::thread::scope(|s| {
