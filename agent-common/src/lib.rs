@@ -637,8 +637,9 @@ const _: () = assert!(core::mem::size_of::<H2Walk>() == 32);
 /// The client preface (`PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`), kept whole.
 pub const H2_PREFACE_LEN: u32 = 24;
 /// Steps of the kernel's frame walk per syscall (a frame takes up to three: header, kept
-/// payload, passed-over payload); what is left beyond them is passed over and counted.
-pub const H2_WALK_STEPS: u32 = 2048;
+/// payload, passed-over payload, and a step more per 16 iovecs passed over); what is left
+/// beyond them is passed over and counted. Enough for a 16 MiB read of 4 KiB DATA frames.
+pub const H2_WALK_STEPS: u32 = 1 << 15;
 /// The tail-called walkers, by direction (`DIR_INGRESS`, `DIR_EGRESS`), and their array.
 pub const H2_WALK_PROGRAMS: [&str; 2] = ["h2_walk_ingress", "h2_walk_egress"];
 pub const MAP_H2_WALK: &str = "H2_WALK";

@@ -122,6 +122,10 @@ pub struct Walk {
     gap: u32,
     /// Kept bytes that did not fit (passed over instead).
     full: u32,
+    /// Where the event being built starts in the syscall (an earlier part went out in an event
+    /// of its own when the scratch filled), and the events' `ts_exit`.
+    ev_off: u64,
+    ts_exit: u64,
     st: H2Walk,
     /// Iovec cursor (`iov` set): the vector the walk is in, where it starts in the syscall,
     /// and its address and length.
@@ -188,6 +192,13 @@ fn walk_io<const DIR: u32, const WHICH: u32>(
     w.data = 0;
     w.gap = 0;
     w.full = 0;
+    w.ev_off = 0;
+    w.ts_exit = if WHICH == TLS {
+        tls_exit
+    } else {
+        // SAFETY: helper without preconditions.
+        unsafe { bpf_ktime_get_boot_ns() }
+    };
     w.st = conn.h2[d];
     w.iv_idx = 0;
     w.iv_start = 0;
@@ -200,6 +211,27 @@ fn walk_io<const DIR: u32, const WHICH: u32>(
             w.iv_len = v[1];
         }
     }
+    // The event header first: every event this walk sends shares it (only `captured` and
+    // `len` differ, set as each goes out).
+    // SAFETY: the scratch buffer is larger than the header and 8-byte aligned.
+    let header = unsafe { &mut *(buf.as_mut_ptr() as *mut DataHeader) };
+    header.kind = if WHICH == TLS {
+        EVENT_TLS_DATA
+    } else {
+        EVENT_DATA
+    };
+    header.direction = args.direction;
+    header.pid = tgid;
+    header.tid = pid_tgid as u32;
+    header.fd = args.fd;
+    header.sk = args.sk;
+    header.ts_enter = args.ts_enter;
+    header.ts_exit = w.ts_exit;
+    header.role = conn.role;
+    header.layout = LAYOUT_H2_CHUNKS;
+    header.tuple = conn.tuple;
+    header.comm = bpf_get_current_comm().unwrap_or_default();
+    header.wire = agent_common::WireCtx::default();
     // A frame header cut by the previous syscall: its remaining bytes come first.
     if w.st.have > 0 {
         finish_header(w, buf.as_mut_ptr());
@@ -217,6 +249,7 @@ fn walk_io<const DIR: u32, const WHICH: u32>(
         // More frames than steps: the rest is passed over, and where the next frame starts
         // is unknown (assumed to be the next syscall's start; userspace checks and realigns).
         w.gap += (w.moved - w.off) as u32;
+        w.off = w.moved;
         w.st = H2Walk::default();
         count(CNT_H2_WALK_INCOMPLETE);
     }
@@ -224,35 +257,18 @@ fn walk_io<const DIR: u32, const WHICH: u32>(
         count(CNT_H2_CHUNKS_FULL);
     }
     conn.h2[d] = w.st;
-    close_record(w, buf.as_mut_ptr());
+    send(w, buf.as_mut_ptr());
+}
 
-    let ts_exit = if WHICH == TLS {
-        tls_exit
-    } else {
-        // SAFETY: helper without preconditions.
-        unsafe { bpf_ktime_get_boot_ns() }
-    };
-    // SAFETY: the scratch buffer is larger than the header and 8-byte aligned.
-    let header = unsafe { &mut *(buf.as_mut_ptr() as *mut DataHeader) };
-    header.kind = if WHICH == TLS {
-        EVENT_TLS_DATA
-    } else {
-        EVENT_DATA
-    };
-    header.direction = args.direction;
-    header.pid = tgid;
-    header.tid = pid_tgid as u32;
-    header.fd = args.fd;
+/// Sends the event built so far: the records of the syscall's bytes from `ev_off` to the
+/// walk's offset. The next event (if the walk goes on) starts there, with an empty record.
+#[inline(always)]
+fn send(w: &mut Walk, buf: *mut u8) {
+    close_record(w, buf);
+    // SAFETY: the slot starts with the event header, written before the walk.
+    let header = unsafe { &mut *(buf as *mut DataHeader) };
     header.captured = w.out;
-    header.sk = args.sk;
-    header.len = moved;
-    header.ts_enter = args.ts_enter;
-    header.ts_exit = ts_exit;
-    header.role = conn.role;
-    header.layout = LAYOUT_H2_CHUNKS;
-    header.tuple = conn.tuple;
-    header.comm = bpf_get_current_comm().unwrap_or_default();
-    header.wire = agent_common::WireCtx::default();
+    header.len = w.off - w.ev_off;
     let mut total = w.out as u64;
     if total > MAX_PAYLOAD as u64 {
         total = MAX_PAYLOAD as u64;
@@ -261,7 +277,7 @@ fn walk_io<const DIR: u32, const WHICH: u32>(
     let ret = unsafe {
         bpf_ringbuf_output(
             core::ptr::addr_of!(EVENTS) as *mut _,
-            buf.as_mut_ptr() as *mut _,
+            buf as *mut _,
             DATA_HEADER_SIZE as u64 + total,
             crate::maps::ring_flags(),
         )
@@ -269,6 +285,11 @@ fn walk_io<const DIR: u32, const WHICH: u32>(
     if ret < 0 {
         count(CNT_RINGBUF_FULL);
     }
+    w.ev_off = w.off;
+    w.out = REC;
+    w.rec = 0;
+    w.data = 0;
+    w.gap = 0;
 }
 
 /// The payload area (records) of the walk's scratch slot.
@@ -371,6 +392,35 @@ fn keep_bytes(w: &mut Walk, buf: *mut u8, src: *const u8, n: u32) {
 fn pass(w: &mut Walk, n: u32) {
     w.gap += n;
     w.off += n as u64;
+}
+
+/// Moves the iovec cursor towards the walk's offset, over at most `IOVEC_STEPS` vectors (a
+/// frame passed over may span hundreds); false while the offset lies further on, so that the
+/// next step goes on from there instead of taking the offset for unreadable.
+#[inline(always)]
+fn seek(w: &mut Walk) -> bool {
+    if w.iov == 0 {
+        return true;
+    }
+    let mut i = 0;
+    while i < IOVEC_STEPS {
+        if w.off < w.iv_start || w.off - w.iv_start < w.iv_len || w.iv_idx + 1 >= w.count {
+            // There, or `locate` reports it unreadable.
+            return true;
+        }
+        // SAFETY: struct iovec { void *iov_base; size_t iov_len; } read from user memory.
+        match unsafe { bpf_probe_read_user((w.buf + (w.iv_idx + 1) * 16) as *const [u64; 2]) } {
+            Ok(v) => {
+                w.iv_start += w.iv_len;
+                w.iv_idx += 1;
+                w.iv_base = v[0];
+                w.iv_len = v[1];
+            }
+            Err(_) => return true,
+        }
+        i += 1;
+    }
+    false
 }
 
 /// The user address of syscall offset `off` and the bytes contiguous from there. Offsets only
@@ -480,7 +530,15 @@ fn read_user<const CAP: usize>(w: &mut Walk, off: u64, base: *mut u8, at: u32, n
 /// What to keep and pass over of a frame of `len` payload bytes and type `kind`.
 #[inline(always)]
 fn plan(st: &mut H2Walk, len: u32, kind: u8) {
-    let keep = match kind {
+    let keep = kept(len, kind);
+    st.keep = keep;
+    st.skip = len - keep;
+}
+
+/// The payload bytes kept of a frame of `len` bytes and type `kind`.
+#[inline(always)]
+fn kept(len: u32, kind: u8) -> u32 {
+    match kind {
         // HEADERS, RST_STREAM, SETTINGS, PUSH_PROMISE, GOAWAY, CONTINUATION: whole.
         0x1 | 0x3 | 0x4 | 0x5 | 0x7 | 0x9 => len,
         // DATA: a gRPC message prefix.
@@ -492,9 +550,7 @@ fn plan(st: &mut H2Walk, len: u32, kind: u8) {
             }
         }
         _ => 0,
-    };
-    st.keep = keep;
-    st.skip = len - keep;
+    }
 }
 
 /// Length and type from a frame header's first 8 bytes (little-endian word).
@@ -577,6 +633,10 @@ extern "C" fn step<const WHICH: u32>(_index: u64, _ctx: *mut c_void) -> i64 {
     } else {
         left as u32
     };
+    if (w.st.keep > 0 || w.st.skip == 0) && !seek(w) {
+        // Bytes to read lie beyond the vectors this step went over: the next step goes on.
+        return 0;
+    }
     if w.st.keep > 0 {
         let n = if w.st.keep < left { w.st.keep } else { left };
         let walked = keep(w, buf, n);
@@ -601,6 +661,17 @@ extern "C" fn step<const WHICH: u32>(_index: u64, _ctx: *mut c_void) -> i64 {
         pass(w, left);
         return 1;
     }
+    let (len, kind) = len_kind(u64::from_le_bytes([
+        tmp[0], tmp[1], tmp[2], tmp[3], tmp[4], tmp[5], tmp[6], tmp[7],
+    ]));
+    // A frame starts here: if its header and what it keeps would not fit in the event's room,
+    // the event goes out now and the frame starts the next one, so that no frame header is
+    // ever left out (userspace would lose the frame alignment).
+    let keeps = if n < FRAME_HEADER { 0 } else { kept(len, kind) };
+    let need = (2 * REC + FRAME_HEADER) as u64 + keeps as u64;
+    if w.out > REC && w.out as u64 + need > MAX_PAYLOAD as u64 {
+        send(w, buf);
+    }
     keep_bytes(w, buf, tmp.as_ptr(), n);
     if n < FRAME_HEADER {
         // Cut by the end of the syscall: the rest comes with the next one.
@@ -608,9 +679,6 @@ extern "C" fn step<const WHICH: u32>(_index: u64, _ctx: *mut c_void) -> i64 {
         w.st.have = n;
         return 1;
     }
-    let (len, kind) = len_kind(u64::from_le_bytes([
-        tmp[0], tmp[1], tmp[2], tmp[3], tmp[4], tmp[5], tmp[6], tmp[7],
-    ]));
     plan(&mut w.st, len, kind);
     0
 }

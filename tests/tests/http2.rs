@@ -208,6 +208,55 @@ fn frame_headers_cut_at_every_byte_keep_the_walk_aligned() {
     assert_eq!(counters.get("http2_alignment_lost"), None, "{counters:?}");
 }
 
+/// A raw-socket client writing 250 gRPC calls (500 frames) in one write, then 20 more in one
+/// `sendmsg` whose DATA payloads come as 40 iovecs each, against Node's http2 server: what the
+/// kernel keeps of one syscall outgrows one event (it goes out as several, split at frame
+/// boundaries), and the walk follows frames hundreds of vectors into a call. Every call gives
+/// a span on each side, named, with its gRPC status; no frame header is left out and no
+/// direction loses its alignment (before the split, the first 8 KiB of kept records ended
+/// the event and the rest of the syscall was passed over).
+#[test]
+fn hundreds_of_frames_in_one_syscall_keep_every_stream() {
+    let port = free_port();
+    let _server = h2_server(port);
+    let rx = Receiver::start();
+    let agent = Agent::start(Export::Grpc(&rx), &["--port", &port.to_string()]);
+    let (burst, vectored) = (250, 20);
+    let n = burst + vectored;
+    let out = run(Command::new("timeout")
+        .args(["60", "python3"])
+        .arg(fixture("h2_burst_client.py"))
+        .args([port.to_string(), burst.to_string(), vectored.to_string()]));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("ok {n}")
+    );
+    let err = stop_after(agent, &rx, 2 * n);
+    let counters = final_counters(&err);
+    let spans = rx.spans();
+    for kind in ["server", "client"] {
+        for i in 0..n {
+            let name = format!("burst.Svc/Call{i}");
+            let got = one(&spans, kind, |s| s.span.name == name);
+            assert_eq!(got.len(), 1, "{kind} {name}; counters {counters:?}");
+            assert_eq!(got[0].attr("rpc.system.name"), Some("grpc"), "{name}");
+            assert_eq!(
+                got[0].attr("rpc.response.status_code"),
+                Some("OK"),
+                "{name}"
+            );
+        }
+    }
+    assert_eq!(spans.len(), 2 * n, "counters {counters:?}");
+    for lost in [
+        "http2_alignment_lost",
+        "kernel_h2_chunks_full",
+        "kernel_h2_walk_incomplete",
+    ] {
+        assert_eq!(counters.get(lost), None, "{counters:?}");
+    }
+}
+
 #[test]
 fn h2load_thousands_of_interleaved_streams_each_give_a_span() {
     let rx = Receiver::start();
