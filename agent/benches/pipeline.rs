@@ -109,7 +109,7 @@ fn bench(c: &mut Criterion) {
                 }
             }
             assert_eq!(spans.len(), EXCHANGES as usize);
-            black_box(prost::Message::encode_to_vec(&encode::request(&spans)))
+            black_box(encode::requests(spans, usize::MAX))
         })
     });
     group.finish();

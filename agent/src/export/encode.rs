@@ -1,6 +1,8 @@
 //! Our spans to OTLP protobuf messages, one `ResourceSpans` per traced process.
 use std::{collections::HashMap, sync::Arc};
 
+use bytes::Bytes;
+
 use opentelemetry_proto::tonic::{
     collector::trace::v1::ExportTraceServiceRequest,
     common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue as PKeyValue},
@@ -25,22 +27,36 @@ fn kv(a: &KeyValue) -> PKeyValue {
     }
 }
 
-fn span(s: &Span) -> PSpan {
+/// As `kv`, moving the strings (a span's attributes are encoded once, then dropped).
+fn kv_owned(a: KeyValue) -> PKeyValue {
+    let value = match a.value {
+        Value::Str(s) => any_value::Value::StringValue(s),
+        Value::Int(i) => any_value::Value::IntValue(i),
+    };
+    PKeyValue {
+        key: a.key.into_owned(),
+        value: Some(AnyValue { value: Some(value) }),
+        ..Default::default()
+    }
+}
+
+fn span(s: Span) -> PSpan {
+    let flags = s.flags as u32 | 0x100 | if s.parent_span_id.is_some() { 0x200 } else { 0 };
     PSpan {
         trace_id: s.trace_id.to_vec(),
         span_id: s.span_id.to_vec(),
-        trace_state: s.trace_state.clone(),
+        trace_state: s.trace_state,
         parent_span_id: s.parent_span_id.map(|p| p.to_vec()).unwrap_or_default(),
         // Low byte: W3C trace flags; bits 8-9: parent-is-remote known, and true when there is a parent.
-        flags: s.flags as u32 | 0x100 | if s.parent_span_id.is_some() { 0x200 } else { 0 },
-        name: s.name.clone(),
+        flags,
+        name: s.name,
         kind: match s.kind {
             Kind::Server => SpanKind::Server,
             Kind::Client => SpanKind::Client,
         } as i32,
         start_time_unix_nano: s.start_unix_ns,
         end_time_unix_nano: s.end_unix_ns,
-        attributes: s.attributes.iter().map(kv).collect(),
+        attributes: s.attributes.into_iter().map(kv_owned).collect(),
         dropped_attributes_count: s.dropped_attributes_count,
         status: Some(PStatus {
             message: String::new(),
@@ -53,55 +69,118 @@ fn span(s: &Span) -> PSpan {
     }
 }
 
-pub fn request(spans: &[Span]) -> ExportTraceServiceRequest {
+fn resource_spans(r: &crate::process::Resource, spans: Vec<PSpan>) -> ResourceSpans {
+    ResourceSpans {
+        resource: Some(PResource {
+            attributes: r.attributes.iter().map(kv).collect(),
+            ..Default::default()
+        }),
+        scope_spans: vec![ScopeSpans {
+            scope: Some(InstrumentationScope {
+                name: "beholder.http".into(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                ..Default::default()
+            }),
+            spans,
+            schema_url: "https://opentelemetry.io/schemas/1.26.0".into(),
+        }],
+        schema_url: String::new(),
+    }
+}
+
+/// The spans as one export request, grouped by resource (in order of first appearance).
+pub fn request(spans: Vec<Span>) -> ExportTraceServiceRequest {
+    let spans = spans.into_iter().map(|s| {
+        let r = s.resource.clone();
+        (r, span(s))
+    });
+    group(spans)
+}
+
+fn group(
+    spans: impl Iterator<Item = (Arc<crate::process::Resource>, PSpan)>,
+) -> ExportTraceServiceRequest {
     let mut groups: Vec<(Arc<crate::process::Resource>, Vec<PSpan>)> = Vec::new();
     let mut index: HashMap<*const crate::process::Resource, usize> = HashMap::new();
-    for s in spans {
-        let i = *index.entry(Arc::as_ptr(&s.resource)).or_insert_with(|| {
-            groups.push((s.resource.clone(), Vec::new()));
+    for (r, s) in spans {
+        let i = *index.entry(Arc::as_ptr(&r)).or_insert_with(|| {
+            groups.push((r.clone(), Vec::new()));
             groups.len() - 1
         });
-        groups[i].1.push(span(s));
+        groups[i].1.push(s);
     }
     ExportTraceServiceRequest {
         resource_spans: groups
             .into_iter()
-            .map(|(r, spans)| ResourceSpans {
-                resource: Some(PResource {
-                    attributes: r.attributes.iter().map(kv).collect(),
-                    ..Default::default()
-                }),
-                scope_spans: vec![ScopeSpans {
-                    scope: Some(InstrumentationScope {
-                        name: "beholder.http".into(),
-                        version: env!("CARGO_PKG_VERSION").into(),
-                        ..Default::default()
-                    }),
-                    spans,
-                    schema_url: "https://opentelemetry.io/schemas/1.26.0".into(),
-                }],
-                schema_url: String::new(),
-            })
+            .map(|(r, spans)| resource_spans(&r, spans))
             .collect(),
     }
 }
 
-/// The batch as export requests of at most `max_bytes` encoded each (halving until they fit; a
-/// single span bigger than that still goes alone), with their span counts.
-pub fn requests(spans: &[Span], max_bytes: usize) -> Vec<(ExportTraceServiceRequest, u64)> {
-    let mut out = Vec::new();
-    let mut todo = vec![spans];
-    while let Some(part) = todo.pop() {
-        let req = request(part);
-        if part.len() > 1 && prost::Message::encoded_len(&req) > max_bytes {
-            let (a, b) = part.split_at(part.len() / 2);
-            todo.push(b);
-            todo.push(a);
-        } else if !part.is_empty() {
-            out.push((req, part.len() as u64));
+/// Bytes a length-delimited field of `len` bytes takes (tag, length, payload).
+fn field_len(len: usize) -> usize {
+    1 + prost::encoding::encoded_len_varint(len as u64) + len
+}
+
+/// The batch encoded as export requests of at most `max_bytes` each (halving until they fit; a
+/// single span bigger than that still goes alone), with their span counts. Each span is
+/// converted once, its strings moved, and sized once: the halving works on those sizes, so
+/// nothing is encoded twice, and retries resend the same bytes.
+pub fn requests(spans: Vec<Span>, max_bytes: usize) -> Vec<(Bytes, u64)> {
+    let spans: Vec<(Arc<crate::process::Resource>, PSpan)> = spans
+        .into_iter()
+        .map(|s| {
+            let r = s.resource.clone();
+            (r, span(s))
+        })
+        .collect();
+    let sizes: Vec<usize> = spans
+        .iter()
+        .map(|(_, p)| field_len(prost::Message::encoded_len(p)))
+        .collect();
+    // Index ranges of spans, each small enough (in order).
+    let mut ranges = Vec::new();
+    let mut todo = Vec::new();
+    todo.push(0..spans.len());
+    while let Some(r) = todo.pop() {
+        if r.len() > 1 && estimate(&spans[r.clone()], &sizes[r.clone()]) > max_bytes {
+            let mid = r.start + r.len() / 2;
+            todo.push(mid..r.end);
+            todo.push(r.start..mid);
+        } else if !r.is_empty() {
+            ranges.push(r);
         }
     }
-    out
+    let mut spans = spans.into_iter();
+    ranges
+        .into_iter()
+        .map(|r| {
+            let n = r.len();
+            let req = group(spans.by_ref().take(n));
+            (Bytes::from(prost::Message::encode_to_vec(&req)), n as u64)
+        })
+        .collect()
+}
+
+/// An upper bound of the encoded size of a request of these spans (of these sizes).
+fn estimate(spans: &[(Arc<crate::process::Resource>, PSpan)], sizes: &[usize]) -> usize {
+    let mut seen: Vec<*const crate::process::Resource> = Vec::new();
+    let mut total: usize = sizes.iter().sum();
+    for (r, _) in spans {
+        let p = Arc::as_ptr(r);
+        if !seen.contains(&p) {
+            seen.push(p);
+            total += resource_overhead(r);
+        }
+    }
+    total
+}
+
+/// Bytes a resource adds to a request besides its spans: its attributes, the scope, and the
+/// `ResourceSpans`/`ScopeSpans` wrappers with room for their length prefixes.
+fn resource_overhead(r: &crate::process::Resource) -> usize {
+    let empty = resource_spans(r, Vec::new());
+    field_len(prost::Message::encoded_len(&empty)) + 16
 }
 
 /// Spans in an export request.
@@ -111,6 +190,19 @@ pub fn span_count(req: &ExportTraceServiceRequest) -> u64 {
         .flat_map(|r| &r.scope_spans)
         .map(|s| s.spans.len() as u64)
         .sum()
+}
+
+/// As `split`, for an encoded request (a backend refused it as too large, which is rare):
+/// the halves encoded, with their span counts; `None` for a single span or bytes that are not
+/// a request.
+pub fn split_encoded(req: &Bytes) -> Option<((Bytes, u64), (Bytes, u64))> {
+    let req: ExportTraceServiceRequest = prost::Message::decode(req.as_ref()).ok()?;
+    let (a, b) = split(req)?;
+    let enc = |r: ExportTraceServiceRequest| {
+        let n = span_count(&r);
+        (Bytes::from(prost::Message::encode_to_vec(&r)), n)
+    };
+    Some((enc(a), enc(b)))
 }
 
 /// Splits an export request into two with half of its spans each (resources and scopes kept
@@ -170,27 +262,62 @@ mod tests {
 
     #[test]
     fn requests_fit_the_limit_and_keep_every_span() {
-        let spans: Vec<Span> = (0..100).map(test_span).collect();
-        let whole = prost::Message::encoded_len(&request(&spans));
-        let parts = requests(&spans, whole / 5);
+        let spans = || (0..100).map(test_span).collect::<Vec<Span>>();
+        let whole = prost::Message::encoded_len(&request(spans()));
+        let parts = requests(spans(), whole / 5);
         assert!(parts.len() >= 5, "{}", parts.len());
         assert_eq!(parts.iter().map(|(_, n)| n).sum::<u64>(), 100);
-        for (r, n) in &parts {
-            assert!(prost::Message::encoded_len(r) <= whole / 5);
-            assert_eq!(span_count(r), *n);
+        let mut names = Vec::new();
+        for (body, n) in &parts {
+            assert!(body.len() <= whole / 5, "{} > {}", body.len(), whole / 5);
+            let r: ExportTraceServiceRequest =
+                prost::Message::decode(body.as_ref()).expect("decodes");
+            assert_eq!(span_count(&r), *n);
+            for rs in &r.resource_spans {
+                assert!(rs.resource.is_some());
+                names.extend(
+                    rs.scope_spans
+                        .iter()
+                        .flat_map(|s| &s.spans)
+                        .map(|s| s.name.clone()),
+                );
+            }
         }
-        // Order kept: the first request starts with the first span.
-        let first = &parts[0].0.resource_spans[0].scope_spans[0].spans[0];
-        assert_eq!(first.name, spans[0].name);
-        assert_eq!(requests(&spans, usize::MAX).len(), 1);
+        // Every span once, in order within each resource.
+        let mut want: Vec<String> = spans().into_iter().map(|s| s.name).collect();
+        names.sort();
+        want.sort();
+        assert_eq!(names, want);
+        // One request when it fits, the same bytes as encoding the batch whole.
+        let one = requests(spans(), usize::MAX);
+        assert_eq!(one.len(), 1);
+        assert_eq!(
+            one[0].0.as_ref(),
+            prost::Message::encode_to_vec(&request(spans())).as_slice()
+        );
         // A span bigger than the limit still goes, alone.
-        assert_eq!(requests(&spans[..1], 10).len(), 1);
+        assert_eq!(requests(spans()[..1].to_vec(), 10).len(), 1);
+        assert_eq!(requests(spans()[..3].to_vec(), 10).len(), 3);
+    }
+
+    #[test]
+    fn spans_encode_as_the_conventions_say() {
+        let s = test_span(3);
+        let (name, attrs) = (s.name.clone(), s.attributes.len());
+        let r = request(vec![s]);
+        let p = &r.resource_spans[0].scope_spans[0].spans[0];
+        assert_eq!(p.name, name);
+        assert_eq!(p.attributes.len(), attrs);
+        assert_eq!(p.trace_id.len(), 16);
+        assert_eq!(p.span_id.len(), 8);
+        // Parent-is-remote known (bit 8); the test span has no parent (bit 9 clear).
+        assert_eq!(p.flags & 0x300, 0x100);
     }
 
     #[test]
     fn split_halves_across_resources() {
         let spans: Vec<Span> = (0..7).map(test_span).collect();
-        let req = request(&spans);
+        let req = request(spans.clone());
         let resources = req.resource_spans.len();
         let (a, b) = split(req).expect("split");
         assert_eq!((span_count(&a), span_count(&b)), (3, 4));
@@ -202,6 +329,6 @@ mod tests {
                 .all(|s| s.scope.is_some() && !s.spans.is_empty()));
         }
         assert!(a.resource_spans.len() + b.resource_spans.len() >= resources);
-        assert!(split(request(&spans[..1])).is_none());
+        assert!(split(request(spans[..1].to_vec())).is_none());
     }
 }

@@ -158,8 +158,7 @@ impl Exporter {
             Sink::Otlp(t) => (**t).clone(),
         };
         // Several requests when the batch encodes larger than the backend takes at once.
-        let requests = encode::requests(batch, self.max_request_bytes);
-        batch.clear();
+        let requests = encode::requests(std::mem::take(batch), self.max_request_bytes);
         if requests.len() > 1 {
             self.metrics.export_requests_split.inc();
         }
@@ -204,7 +203,7 @@ struct SendCtx<'a> {
 
 async fn send_with_retry(
     mut transport: Transport,
-    req: opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+    req: bytes::Bytes,
     n: u64,
     retry_for: Duration,
     mut ctx: SendCtx<'_>,
@@ -215,7 +214,7 @@ async fn send_with_retry(
     while let Some((req, n, may_split)) = todo.pop() {
         let mut backoff = Duration::from_millis(100);
         loop {
-            match transport.send(req.clone()).await {
+            match transport.send(&req).await {
                 Ok(rejected) => {
                     if failing.swap(false, Ordering::Relaxed) {
                         tracing::info!("OTLP backend reachable again; export resumed");
@@ -244,12 +243,11 @@ async fn send_with_retry(
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
                 Err(SendError::TooLarge(e)) if may_split => {
-                    match encode::split(req) {
-                        Some((a, b)) => {
+                    match encode::split_encoded(&req) {
+                        Some(((a, na), (b, nb))) => {
                             tracing::warn!(spans = n, "{e}; sending it again in two halves");
                             metrics.export_requests_split.inc();
-                            let na = encode::span_count(&a);
-                            todo.push((b, n - na, false));
+                            todo.push((b, nb, false));
                             todo.push((a, na, false));
                         }
                         None => {

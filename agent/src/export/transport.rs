@@ -6,12 +6,11 @@ use std::str::FromStr;
 
 use super::config::display_url;
 
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    trace_service_client::TraceServiceClient, ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
+use bytes::{Buf, BufMut, Bytes};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use prost::Message;
 use tonic::{
-    codec::CompressionEncoding,
+    codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder},
     metadata::{MetadataKey, MetadataValue},
     transport::{Certificate, Channel, ClientTlsConfig, Identity},
 };
@@ -36,10 +35,60 @@ pub enum SendError {
     Setup(String),
 }
 
+/// The OTLP trace export method (opentelemetry-proto's `TraceService/Export`).
+const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+
+/// A gRPC codec for requests encoded already (`encode::requests`): the message bytes go out as
+/// they are, so a retry resends them instead of encoding a clone of the request again; the
+/// response is decoded with prost as the generated client would. tonic's `ProstCodec` takes
+/// only messages, hence these few lines.
+#[derive(Clone, Copy, Default)]
+struct Encoded;
+
+impl Codec for Encoded {
+    type Encode = Bytes;
+    type Decode = ExportTraceServiceResponse;
+    type Encoder = Encoded;
+    type Decoder = Encoded;
+
+    fn encoder(&mut self) -> Encoded {
+        Encoded
+    }
+
+    fn decoder(&mut self) -> Encoded {
+        Encoded
+    }
+}
+
+impl Encoder for Encoded {
+    type Item = Bytes;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for Encoded {
+    type Item = ExportTraceServiceResponse;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut DecodeBuf<'_>,
+    ) -> Result<Option<ExportTraceServiceResponse>, tonic::Status> {
+        let n = src.remaining();
+        ExportTraceServiceResponse::decode(src.copy_to_bytes(n))
+            .map(Some)
+            .map_err(|e| tonic::Status::internal(format!("bad ExportTraceServiceResponse: {e}")))
+    }
+}
+
 #[derive(Clone)]
 pub enum Transport {
     Grpc {
-        client: TraceServiceClient<Channel>,
+        client: tonic::client::Grpc<Channel>,
         headers: Vec<(
             MetadataKey<tonic::metadata::Ascii>,
             MetadataValue<tonic::metadata::Ascii>,
@@ -88,7 +137,7 @@ impl Transport {
                         .map_err(|e| SendError::Setup(format!("header {k}: {e}")))?;
                     headers.push((key, val));
                 }
-                let mut client = TraceServiceClient::new(builder.connect_lazy())
+                let mut client = tonic::client::Grpc::new(builder.connect_lazy())
                     .max_encoding_message_size(usize::MAX);
                 if ep.gzip {
                     client = client.send_compressed(CompressionEncoding::Gzip);
@@ -139,20 +188,28 @@ impl Transport {
         }
     }
 
-    /// Sends one request; returns how many spans the backend rejected (partial success).
-    pub async fn send(&mut self, req: ExportTraceServiceRequest) -> Result<i64, SendError> {
+    /// Sends one encoded `ExportTraceServiceRequest`; returns how many spans the backend
+    /// rejected (partial success). The bytes are shared, not copied, by a retry.
+    pub async fn send(&mut self, req: &Bytes) -> Result<i64, SendError> {
         match self {
             Transport::Grpc {
                 client,
                 headers,
                 timeout,
             } => {
-                let mut r = tonic::Request::new(req);
+                let mut r = tonic::Request::new(req.clone());
                 r.set_timeout(*timeout);
                 for (k, v) in headers.iter() {
                     r.metadata_mut().insert(k.clone(), v.clone());
                 }
-                match client.export(r).await {
+                if let Err(e) = client.ready().await {
+                    // As the generated client reports it.
+                    return Err(grpc_error(&tonic::Status::unknown(format!(
+                        "Service was not ready: {e}"
+                    ))));
+                }
+                let path = tonic::codegen::http::uri::PathAndQuery::from_static(EXPORT_PATH);
+                match client.unary(r, path, Encoded).await {
                     Ok(resp) => Ok(rejected(resp.into_inner())),
                     Err(status) => Err(grpc_error(&status)),
                 }
@@ -167,10 +224,9 @@ impl Transport {
                     .post(url.as_str())
                     .header("content-type", "application/x-protobuf");
                 rb = if *gzip {
-                    rb.header("content-encoding", "gzip")
-                        .body(gzip_bytes(&req.encode_to_vec()))
+                    rb.header("content-encoding", "gzip").body(gzip_bytes(req))
                 } else {
-                    rb.body(req.encode_to_vec())
+                    rb.body(req.clone())
                 };
                 for (k, v) in headers.iter() {
                     rb = rb.header(k.as_str(), v.as_str());
