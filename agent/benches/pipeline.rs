@@ -82,8 +82,11 @@ fn bench(c: &mut Criterion) {
             let mut conn = Http1Conn::default();
             let mut exchanges = Vec::new();
             let mut spans = Vec::with_capacity(EXCHANGES as usize);
+            let mut arena = bytes::BytesMut::new();
             for raw in &items {
-                let Ok(KernelEvent::Data { header, payload }) = KernelEvent::decode(raw) else {
+                let Ok(KernelEvent::Data { header, payload }) =
+                    KernelEvent::decode_in(raw, &mut arena)
+                else {
                     panic!("decode")
                 };
                 let dir = if header.direction == DIR_INGRESS {
@@ -109,7 +112,7 @@ fn bench(c: &mut Criterion) {
                 }
             }
             assert_eq!(spans.len(), EXCHANGES as usize);
-            black_box(encode::requests(spans, usize::MAX))
+            black_box(encode::requests(&spans, usize::MAX))
         })
     });
     group.finish();

@@ -250,7 +250,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let sink = export::Sink::new(&cfg).context("setting up the OTLP exporter")?;
     let (span_tx, span_rx) = export::queue(&cfg);
+    // Batches of at most BATCH events; the budgets bound what they hold together.
     let (ev_tx, ev_rx) = mpsc::channel(EVENT_QUEUE);
+    let ev_items = std::sync::Arc::new(crate::pipeline::budget::ByteBudget::new(EVENT_QUEUE));
     let ev_budget = std::sync::Arc::new(crate::pipeline::budget::ByteBudget::new(EVENT_BYTES));
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -265,13 +267,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut tracker = tokio::spawn(
         Tracker::new(metrics.clone(), span_tx, snapshot, sampler, (urls, limits))
             .attached_at(attached_ns)
-            .run(ev_rx, ev_budget.clone()),
+            .run(ev_rx, (ev_items.clone(), ev_budget.clone())),
     );
     let mut reader = tokio::spawn(reader::run(
         ring,
-        ev_tx,
+        reader::Events {
+            tx: ev_tx,
+            items: ev_items,
+            bytes: ev_budget,
+        },
         exec_tx,
-        ev_budget,
         metrics.clone(),
         stop_rx,
     ));

@@ -69,20 +69,31 @@ fn span(s: Span) -> PSpan {
     }
 }
 
+/// The schema of the attribute names the spans use.
+pub const SCHEMA_URL: &str = "https://opentelemetry.io/schemas/1.26.0";
+
+pub fn resource(r: &crate::process::Resource) -> PResource {
+    PResource {
+        attributes: r.attributes.iter().map(kv).collect(),
+        ..Default::default()
+    }
+}
+
+pub fn scope() -> InstrumentationScope {
+    InstrumentationScope {
+        name: "beholder.http".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        ..Default::default()
+    }
+}
+
 fn resource_spans(r: &crate::process::Resource, spans: Vec<PSpan>) -> ResourceSpans {
     ResourceSpans {
-        resource: Some(PResource {
-            attributes: r.attributes.iter().map(kv).collect(),
-            ..Default::default()
-        }),
+        resource: Some(resource(r)),
         scope_spans: vec![ScopeSpans {
-            scope: Some(InstrumentationScope {
-                name: "beholder.http".into(),
-                version: env!("CARGO_PKG_VERSION").into(),
-                ..Default::default()
-            }),
+            scope: Some(scope()),
             spans,
-            schema_url: "https://opentelemetry.io/schemas/1.26.0".into(),
+            schema_url: SCHEMA_URL.into(),
         }],
         schema_url: String::new(),
     }
@@ -117,29 +128,21 @@ fn group(
     }
 }
 
-/// Bytes a length-delimited field of `len` bytes takes (tag, length, payload).
-fn field_len(len: usize) -> usize {
-    1 + prost::encoding::encoded_len_varint(len as u64) + len
+/// Spans in an export request.
+pub fn span_count(req: &ExportTraceServiceRequest) -> u64 {
+    req.resource_spans
+        .iter()
+        .flat_map(|r| &r.scope_spans)
+        .map(|s| s.spans.len() as u64)
+        .sum()
 }
 
 /// The batch encoded as export requests of at most `max_bytes` each (halving until they fit; a
-/// single span bigger than that still goes alone), with their span counts. Each span is
-/// converted once, its strings moved, and sized once: the halving works on those sizes, so
-/// nothing is encoded twice, and retries resend the same bytes.
-pub fn requests(spans: Vec<Span>, max_bytes: usize) -> Vec<(Bytes, u64)> {
-    let spans: Vec<(Arc<crate::process::Resource>, PSpan)> = spans
-        .into_iter()
-        .map(|s| {
-            let r = s.resource.clone();
-            (r, span(s))
-        })
-        .collect();
-    let sizes: Vec<usize> = spans
-        .iter()
-        .map(|(_, p)| field_len(prost::Message::encoded_len(p)))
-        .collect();
-    // Index ranges of spans, each small enough (in order).
-    let mut ranges = Vec::new();
+/// single span bigger than that still goes alone), with their span counts. Each span is sized
+/// once and written once, straight from its fields (`wire`), and retries resend the same bytes.
+pub fn requests(spans: &[Span], max_bytes: usize) -> Vec<(Bytes, u64)> {
+    let sizes: Vec<usize> = spans.iter().map(super::wire::span_len).collect();
+    let mut out = Vec::new();
     let mut todo = Vec::new();
     todo.push(0..spans.len());
     while let Some(r) = todo.pop() {
@@ -148,48 +151,26 @@ pub fn requests(spans: Vec<Span>, max_bytes: usize) -> Vec<(Bytes, u64)> {
             todo.push(mid..r.end);
             todo.push(r.start..mid);
         } else if !r.is_empty() {
-            ranges.push(r);
+            let body = super::wire::request(&spans[r.clone()], &sizes[r.clone()]);
+            out.push((Bytes::from(body), r.len() as u64));
         }
     }
-    let mut spans = spans.into_iter();
-    ranges
-        .into_iter()
-        .map(|r| {
-            let n = r.len();
-            let req = group(spans.by_ref().take(n));
-            (Bytes::from(prost::Message::encode_to_vec(&req)), n as u64)
-        })
-        .collect()
+    out
 }
 
 /// An upper bound of the encoded size of a request of these spans (of these sizes).
-fn estimate(spans: &[(Arc<crate::process::Resource>, PSpan)], sizes: &[usize]) -> usize {
+fn estimate(spans: &[Span], sizes: &[usize]) -> usize {
     let mut seen: Vec<*const crate::process::Resource> = Vec::new();
-    let mut total: usize = sizes.iter().sum();
-    for (r, _) in spans {
-        let p = Arc::as_ptr(r);
+    // Each span's key and length prefix, at their widest.
+    let mut total: usize = sizes.iter().map(|n| n + 6).sum();
+    for s in spans {
+        let p = Arc::as_ptr(&s.resource);
         if !seen.contains(&p) {
             seen.push(p);
-            total += resource_overhead(r);
+            total += super::wire::group_overhead(&s.resource);
         }
     }
     total
-}
-
-/// Bytes a resource adds to a request besides its spans: its attributes, the scope, and the
-/// `ResourceSpans`/`ScopeSpans` wrappers with room for their length prefixes.
-fn resource_overhead(r: &crate::process::Resource) -> usize {
-    let empty = resource_spans(r, Vec::new());
-    field_len(prost::Message::encoded_len(&empty)) + 16
-}
-
-/// Spans in an export request.
-pub fn span_count(req: &ExportTraceServiceRequest) -> u64 {
-    req.resource_spans
-        .iter()
-        .flat_map(|r| &r.scope_spans)
-        .map(|s| s.spans.len() as u64)
-        .sum()
 }
 
 /// As `split`, for an encoded request (a backend refused it as too large, which is rare):
@@ -264,7 +245,7 @@ mod tests {
     fn requests_fit_the_limit_and_keep_every_span() {
         let spans = || (0..100).map(test_span).collect::<Vec<Span>>();
         let whole = prost::Message::encoded_len(&request(spans()));
-        let parts = requests(spans(), whole / 5);
+        let parts = requests(&spans(), whole / 5);
         assert!(parts.len() >= 5, "{}", parts.len());
         assert_eq!(parts.iter().map(|(_, n)| n).sum::<u64>(), 100);
         let mut names = Vec::new();
@@ -289,15 +270,15 @@ mod tests {
         want.sort();
         assert_eq!(names, want);
         // One request when it fits, the same bytes as encoding the batch whole.
-        let one = requests(spans(), usize::MAX);
+        let one = requests(&spans(), usize::MAX);
         assert_eq!(one.len(), 1);
-        assert_eq!(
-            one[0].0.as_ref(),
-            prost::Message::encode_to_vec(&request(spans())).as_slice()
+        assert!(
+            one[0].0.as_ref() == prost::Message::encode_to_vec(&request(spans())).as_slice(),
+            "bytes differ"
         );
         // A span bigger than the limit still goes, alone.
-        assert_eq!(requests(spans()[..1].to_vec(), 10).len(), 1);
-        assert_eq!(requests(spans()[..3].to_vec(), 10).len(), 3);
+        assert_eq!(requests(&spans()[..1], 10).len(), 1);
+        assert_eq!(requests(&spans()[..3], 10).len(), 3);
     }
 
     #[test]

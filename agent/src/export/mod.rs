@@ -5,6 +5,7 @@ pub mod console;
 pub mod encode;
 pub mod queue;
 pub mod transport;
+pub mod wire;
 
 use std::{
     sync::{
@@ -158,7 +159,8 @@ impl Exporter {
             Sink::Otlp(t) => (**t).clone(),
         };
         // Several requests when the batch encodes larger than the backend takes at once.
-        let requests = encode::requests(std::mem::take(batch), self.max_request_bytes);
+        let requests = encode::requests(batch, self.max_request_bytes);
+        batch.clear();
         if requests.len() > 1 {
             self.metrics.export_requests_split.inc();
         }

@@ -5,7 +5,15 @@ use agent_common::{
     CloseEvent, ConnTuple, DataHeader, ExecEvent, DATA_HEADER_SIZE, EVENT_CLOSE, EVENT_DATA,
     EVENT_EXEC, EVENT_TLS_DATA,
 };
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+
+/// Bytes of each allocation that payloads are copied into (`KernelEvent::decode_in`).
+pub const ARENA_CHUNK: usize = 256 << 10;
+
+/// Events handed from the ring reader to the tracker at once (one channel send and one wakeup
+/// for up to `BATCH` events).
+pub type Batch = Vec<KernelEvent>;
+pub const BATCH: usize = 256;
 
 #[derive(Debug)]
 pub enum KernelEvent {
@@ -43,6 +51,13 @@ impl KernelEvent {
 
     /// Decodes one ring item; the payload is copied once, out of the ring.
     pub fn decode(item: &[u8]) -> Result<KernelEvent, DecodeError> {
+        KernelEvent::decode_in(item, &mut BytesMut::with_capacity(item.len()))
+    }
+
+    /// As `decode`, copying the payload into `arena`: the payloads of consecutive items share
+    /// its allocations (one per `ARENA_CHUNK` bytes, not one per event), each event holding a
+    /// slice that frees its part of the chunk when the last slice of it drops.
+    pub fn decode_in(item: &[u8], arena: &mut BytesMut) -> Result<KernelEvent, DecodeError> {
         if item.len() < 4 {
             return Err(DecodeError::Short(item.len()));
         }
@@ -55,7 +70,12 @@ impl KernelEvent {
                 // SAFETY: length checked; `DataHeader` is plain old data.
                 let header: DataHeader = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
                 let end = (DATA_HEADER_SIZE + header.captured as usize).min(item.len());
-                let payload = Bytes::copy_from_slice(&item[DATA_HEADER_SIZE..end]);
+                let src = &item[DATA_HEADER_SIZE..end];
+                if arena.capacity() - arena.len() < src.len() {
+                    *arena = BytesMut::with_capacity(ARENA_CHUNK.max(src.len()));
+                }
+                arena.extend_from_slice(src);
+                let payload = arena.split().freeze();
                 Ok(KernelEvent::Data { header, payload })
             }
             EVENT_CLOSE => {

@@ -8,22 +8,35 @@ use tokio::{
     sync::{mpsc, watch},
 };
 
-use super::{budget::ByteBudget, event::KernelEvent};
+use bytes::BytesMut;
+
+use super::{
+    budget::ByteBudget,
+    event::{Batch, KernelEvent, BATCH},
+};
 use crate::telemetry::Metrics;
+
+/// The tracker's queue: batches of events, bounded in events and in payload bytes.
+pub struct Events {
+    pub tx: mpsc::Sender<Batch>,
+    /// Events queued (a count, in a budget's clothes).
+    pub items: Arc<ByteBudget>,
+    pub bytes: Arc<ByteBudget>,
+}
 
 pub async fn run(
     ring: RingBuf<MapData>,
-    events: mpsc::Sender<KernelEvent>,
+    events: Events,
     execs: std::sync::mpsc::SyncSender<u32>,
-    budget: Arc<ByteBudget>,
     metrics: Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    let q = Queue {
+    let mut q = Queue {
         events: &events,
         execs: &execs,
-        budget: &budget,
         metrics: &metrics,
+        arena: BytesMut::new(),
+        batch: Vec::new(),
     };
     // SAFETY: the ring buffer owns its fd and keeps it open for as long as the AsyncFd lives.
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
@@ -33,62 +46,87 @@ pub async fn run(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tokio::select! {
-            _ = tick.tick() => drain(fd.get_mut(), &q),
+            _ = tick.tick() => drain(fd.get_mut(), &mut q),
             guard = fd.readable_mut() => {
                 let mut guard = guard?;
-                drain(guard.get_inner_mut(), &q);
+                drain(guard.get_inner_mut(), &mut q);
                 guard.clear_ready();
             }
             _ = stop.changed() => {
                 // Take what the kernel already produced, then stop.
-                drain(fd.get_mut(), &q);
+                drain(fd.get_mut(), &mut q);
                 return Ok(());
             }
         }
     }
 }
 
-/// Where drained events go: the tracker's channel, bounded in items and in bytes.
+/// Where drained events go: the tracker's channel, in batches, bounded in events and bytes.
 struct Queue<'a> {
-    events: &'a mpsc::Sender<KernelEvent>,
+    events: &'a Events,
     /// `exec`s, for the runtime classifier (bounded; one that does not fit is still found by
     /// its next sweep).
     execs: &'a std::sync::mpsc::SyncSender<u32>,
-    budget: &'a ByteBudget,
     metrics: &'a Metrics,
+    arena: BytesMut,
+    batch: Batch,
 }
 
-fn drain(ring: &mut RingBuf<MapData>, q: &Queue<'_>) {
+impl Queue<'_> {
+    /// Adds an event to the batch if both budgets have room for it (counted otherwise).
+    fn push(&mut self, ev: KernelEvent) {
+        let n = ev.bytes();
+        if !self.events.items.try_take(1) {
+            self.metrics.events_channel_full.inc();
+        } else if !self.events.bytes.try_take(n) {
+            self.events.items.release(1);
+            self.metrics.events_bytes_full.inc();
+        } else {
+            self.batch.push(ev);
+            if self.batch.len() >= BATCH {
+                self.send();
+            }
+        }
+    }
+
+    /// Hands the batch to the tracker.
+    fn send(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH));
+        if let Err(e) = self.events.tx.try_send(batch) {
+            // Only when the tracker is gone, or holds as many batches as the channel takes.
+            let batch = match e {
+                mpsc::error::TrySendError::Full(b) | mpsc::error::TrySendError::Closed(b) => b,
+            };
+            let bytes: usize = batch.iter().map(KernelEvent::bytes).sum();
+            self.events.items.release(batch.len());
+            self.events.bytes.release(bytes);
+            self.metrics.events_channel_full.inc_by(batch.len() as u64);
+        }
+    }
+}
+
+fn drain(ring: &mut RingBuf<MapData>, q: &mut Queue<'_>) {
     let metrics = q.metrics;
     while let Some(item) = ring.next() {
         metrics.ring_events.inc();
-        match KernelEvent::decode(&item) {
+        match KernelEvent::decode_in(&item, &mut q.arena) {
             Ok(KernelEvent::Exec(pid)) => {
                 if q.execs.try_send(pid).is_err() {
                     metrics.runtime_exec_queue_full.inc();
                 }
                 if let Some(netns) = crate::process::netns_of(pid) {
-                    if q.events
-                        .try_send(KernelEvent::Netns { pid, netns })
-                        .is_err()
-                    {
-                        metrics.events_channel_full.inc();
-                    }
+                    q.push(KernelEvent::Netns { pid, netns });
                 }
             }
-            Ok(ev) => {
-                let n = ev.bytes();
-                if !q.budget.try_take(n) {
-                    metrics.events_bytes_full.inc();
-                } else if q.events.try_send(ev).is_err() {
-                    q.budget.release(n);
-                    metrics.events_channel_full.inc();
-                }
-            }
+            Ok(ev) => q.push(ev),
             Err(e) => {
                 metrics.ring_decode_errors.inc();
                 tracing::debug!("bad ring item: {e}");
             }
         }
     }
+    q.send();
 }

@@ -8,7 +8,7 @@ use tokio::sync::mpsc;
 use super::{
     budget::ByteBudget,
     discovery::Snapshot,
-    event::{endpoints, Endpoints, KernelEvent},
+    event::{endpoints, Batch, Endpoints, KernelEvent},
 };
 use crate::{
     clock::Clock,
@@ -175,18 +175,27 @@ impl Tracker {
     }
 
     /// Consumes events until the channel closes, sweeping idle connections now and then; gives
-    /// each event's bytes back to the channel's byte budget once handled.
-    pub async fn run(mut self, mut events: mpsc::Receiver<KernelEvent>, budget: Arc<ByteBudget>) {
+    /// each batch's events and bytes back to the channel's budgets once handled.
+    pub async fn run(
+        mut self,
+        mut events: mpsc::Receiver<Batch>,
+        budgets: (Arc<ByteBudget>, Arc<ByteBudget>),
+    ) {
+        let (items, bytes) = budgets;
         let mut sweep = tokio::time::interval(Duration::from_secs(5));
         let mut held = tokio::time::interval(Duration::from_millis(250));
         held.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                ev = events.recv() => match ev {
-                    Some(ev) => {
-                        let n = ev.bytes();
-                        self.handle(ev);
-                        budget.release(n);
+                batch = events.recv() => match batch {
+                    Some(batch) => {
+                        let (k, mut n) = (batch.len(), 0);
+                        for ev in batch {
+                            n += ev.bytes();
+                            self.handle(ev);
+                        }
+                        items.release(k);
+                        bytes.release(n);
                     }
                     None => break,
                 },
