@@ -55,6 +55,19 @@ impl Control {
         let mut ticks: u64 = 0;
         // The kernel counters as last read.
         let mut last_kernel = vec![0u64; agent_common::COUNTER_NAMES.len()];
+        if !self.filter_pids || self.exe_globs.is_some() {
+            // A Go program may start (or be selected) later: its probe programs are verified
+            // now, so that it is probed when found instead of about 0.5 s later (several
+            // seconds on a busy host), during which its calls would go unfollowed.
+            let t = std::time::Instant::now();
+            match self.followers.go.preload(&mut self.ebpf) {
+                Ok(()) => tracing::debug!(
+                    elapsed_ms = t.elapsed().as_millis() as u64,
+                    "Go probe programs verified ahead"
+                ),
+                Err(e) => tracing::debug!("Go probe programs not verified ahead: {e}"),
+            }
+        }
         loop {
             tokio::select! {
                 _ = stop.wait_for(|s| *s) => break,

@@ -110,15 +110,18 @@ impl ProcessCache {
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| exe_name.clone());
         let mut attributes = vec![
-            KeyValue::new("service.name", Value::Str(service_name.clone())),
+            KeyValue::new("service.name", Value::Str(service_name.clone().into())),
             KeyValue::new("process.pid", Value::Int(pid as i64)),
-            KeyValue::new("process.executable.name", Value::Str(exe_name)),
+            KeyValue::new("process.executable.name", Value::Str(exe_name.into())),
         ];
         if let Some(path) = exe_path {
-            attributes.push(KeyValue::new("process.executable.path", Value::Str(path)));
+            attributes.push(KeyValue::new(
+                "process.executable.path",
+                Value::Str(path.into()),
+            ));
         }
         attributes.extend([
-            KeyValue::new("host.name", Value::Str(self.host_name.clone())),
+            KeyValue::new("host.name", Value::Str(self.host_name.clone().into())),
             KeyValue::new(
                 "telemetry.sdk.name",
                 Value::Str("beholder-ebpf-agent".into()),
@@ -137,7 +140,7 @@ impl ProcessCache {
                     if !k.is_empty() && !attributes.iter().any(|a| a.key == k) {
                         attributes.push(KeyValue::owned(
                             k.to_owned(),
-                            Value::Str(v.trim().to_owned()),
+                            Value::Str(v.trim().to_owned().into()),
                         ));
                     }
                 }

@@ -12,7 +12,7 @@ pub fn format_span(s: &Span) -> String {
         Kind::Client => "CLIENT",
     };
     let get = |k: &str| match s.attr(k) {
-        Some(Value::Str(v)) => v.clone(),
+        Some(Value::Str(v)) => v.to_string(),
         Some(Value::Int(i)) => i.to_string(),
         None => "-".into(),
     };
@@ -36,7 +36,7 @@ pub fn format_span(s: &Span) -> String {
         svc = s.resource.service_name,
         pid = s.resource.attributes.iter().find(|a| a.key == "process.pid").map(|a| match &a.value {
             Value::Int(i) => i.to_string(),
-            Value::Str(v) => v.clone(),
+            Value::Str(v) => v.to_string(),
         }).unwrap_or_default(),
         trace = hex(&s.trace_id),
         span = hex(&s.span_id),

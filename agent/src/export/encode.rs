@@ -17,7 +17,7 @@ use crate::span::{KeyValue, Kind, Span, Status, Value};
 
 fn kv(a: &KeyValue) -> PKeyValue {
     let value = match &a.value {
-        Value::Str(s) => any_value::Value::StringValue(s.clone()),
+        Value::Str(s) => any_value::Value::StringValue(s.to_string()),
         Value::Int(i) => any_value::Value::IntValue(*i),
     };
     PKeyValue {
@@ -30,7 +30,7 @@ fn kv(a: &KeyValue) -> PKeyValue {
 /// As `kv`, moving the strings (a span's attributes are encoded once, then dropped).
 fn kv_owned(a: KeyValue) -> PKeyValue {
     let value = match a.value {
-        Value::Str(s) => any_value::Value::StringValue(s),
+        Value::Str(s) => any_value::Value::StringValue(s.into_owned()),
         Value::Int(i) => any_value::Value::IntValue(i),
     };
     PKeyValue {

@@ -81,10 +81,10 @@ pub async fn run(
     loop {
         tokio::select! {
             next = rx.recv() => match next {
-                Some(span) => {
-                    batch.push(span);
+                Some(spans) => {
+                    batch.extend(spans);
                     if batch.len() >= max {
-                        exporter.flush(&mut batch, cfg.batch.retry_for).await;
+                        exporter.flush_full(&mut batch, max, cfg.batch.retry_for).await;
                         deadline = Instant::now() + cfg.batch.delay;
                     }
                 }
@@ -102,11 +102,15 @@ pub async fn run(
     // backend that is down now is not waited for): everything still queued gets one attempt, in
     // batches, within the final-flush budget.
     let stop = Instant::now() + final_flush;
-    while let Some(span) = rx.try_recv() {
-        batch.push(span);
+    while let Some(spans) = rx.try_recv() {
+        batch.extend(spans);
         if batch.len() >= max {
             exporter
-                .flush(&mut batch, stop.saturating_duration_since(Instant::now()))
+                .flush_full(
+                    &mut batch,
+                    max,
+                    stop.saturating_duration_since(Instant::now()),
+                )
                 .await;
         }
     }
@@ -141,6 +145,16 @@ struct Exporter {
 }
 
 impl Exporter {
+    /// Exports the batch in batches of `max` spans while it holds that many (the rest waits
+    /// for more, or for the schedule delay).
+    async fn flush_full(&self, batch: &mut Vec<Span>, max: usize, retry_for: Duration) {
+        while batch.len() >= max {
+            let rest = batch.split_off(max);
+            self.flush(batch, retry_for).await;
+            *batch = rest;
+        }
+    }
+
     /// Hands the batch to a sender task once fewer than `MAX_IN_FLIGHT` are exporting.
     async fn flush(&self, batch: &mut Vec<Span>, retry_for: Duration) {
         let n = batch.len() as u64;

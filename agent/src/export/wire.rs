@@ -277,10 +277,14 @@ mod tests {
         s.attributes
             .push(KeyValue::new("n", Value::Int(-(i as i64))));
         s.attributes
-            .push(KeyValue::new("e", Value::Str(String::new())));
+            .push(KeyValue::new("e", Value::Str(String::new().into())));
         s.attributes.push(KeyValue::new("z", Value::Int(0)));
         s.attributes
-            .push(KeyValue::new("long", Value::Str("x".repeat(200 * i))));
+            .push(KeyValue::new("b", Value::Str("borrowed".into())));
+        s.attributes.push(KeyValue::new(
+            "long",
+            Value::Str("x".repeat(200 * i).into()),
+        ));
         s
     }
 

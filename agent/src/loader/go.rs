@@ -106,6 +106,16 @@ pub struct GoProbes {
 }
 
 impl GoProbes {
+    /// Loads (verifies) the probe programs now, so that the first Go process found later is
+    /// probed at once rather than after their verification.
+    pub fn preload(&mut self, ebpf: &mut Ebpf) -> Result<(), GoProbeError> {
+        if !self.loaded {
+            per_process::load(ebpf, &PROGRAMS)?;
+            self.loaded = true;
+        }
+        Ok(())
+    }
+
     /// Probes the Go executable at `exe` (a path valid from the agent's mount namespace), run
     /// by a selected process, unless it already is.
     pub fn attach(&mut self, ebpf: &mut Ebpf, exe: &Path) -> Result<Attached, GoProbeError> {
@@ -119,10 +129,7 @@ impl GoProbes {
         if self.files.len() >= MAX_FILES {
             return Err(GoProbeError::Full);
         }
-        if !self.loaded {
-            per_process::load(ebpf, &PROGRAMS)?;
-            self.loaded = true;
-        }
+        self.preload(ebpf)?;
         let plan = plan(exe, m.len())?;
         let mut links: Links = Vec::new();
         let mut group = |points: &[At]| {

@@ -209,8 +209,11 @@ impl Tracker {
                     self.out.release_held(Clock::boot_now_ns().saturating_sub(1_000_000_000));
                 }
             }
+            // The spans of what was just handled go to the exporter together.
+            self.out.spans.flush();
         }
         self.out.release_held(u64::MAX);
+        self.out.spans.flush();
         // Requests still waiting for their response: they get no span, and are counted.
         let pending: usize = self.conns.values().map(|c| c.http.pending()).sum();
         self.out.metrics.http_pending_at_exit.inc_by(pending as u64);

@@ -1,6 +1,6 @@
 //! An HTTP exchange becomes a span: kind, name, stable HTTP semantic-convention attributes,
 //! status and trace context.
-use std::{net::IpAddr, sync::Arc};
+use std::{borrow::Cow, net::IpAddr, sync::Arc};
 
 use super::{
     redact::{parse_target, UrlPolicy},
@@ -54,8 +54,9 @@ pub fn build_span(
         link,
     } = ids;
 
-    let known = KNOWN_METHODS.contains(&req.method.as_str());
-    let method = if known { req.method.as_str() } else { "_OTHER" };
+    let known_method = KNOWN_METHODS.iter().find(|m| **m == req.method).copied();
+    let known = known_method.is_some();
+    let method = known_method.unwrap_or("_OTHER");
     // An absolute-form target (sent to a forward proxy) gives only its path here: scheme, host
     // and any credentials never go into `url.path`.
     let target = parse_target(&req.target);
@@ -63,14 +64,21 @@ pub fn build_span(
     let status = ex.response.status;
     // The version actually spoken: a 1.1 client talking to a 1.0 server speaks 1.0.
     let version = match &ex.h2 {
-        Some(_) => "2".to_owned(),
-        None => format!("1.{}", req.minor_version.min(ex.response.minor_version)),
+        Some(_) => "2",
+        None if req.minor_version.min(ex.response.minor_version) == 0 => "1.0",
+        None => "1.1",
     };
     let grpc = ex.h2.as_ref().and_then(|h| h.grpc.as_ref().map(|g| (h, g)));
-    let scheme = match ex.h2.as_ref().and_then(|h| h.scheme.as_deref()) {
+    let scheme: &str = match ex.h2.as_ref().and_then(|h| h.scheme.as_deref()) {
         Some(s) => s,
         None if ends.tls => "https",
         None => "http",
+    };
+    // The scheme as an attribute value: the two usual ones borrowed.
+    let scheme_value: Cow<'static, str> = match scheme {
+        "http" => "http".into(),
+        "https" => "https".into(),
+        other => other.to_owned().into(),
     };
     let mut attrs = Vec::with_capacity(14);
     if grpc.is_none() {
@@ -81,11 +89,14 @@ pub fn build_span(
         if !known {
             attrs.push(KeyValue::new(
                 "http.request.method_original",
-                Value::Str(req.method.clone()),
+                Value::Str(req.method.clone().into()),
             ));
         }
-        attrs.push(KeyValue::new("url.path", Value::Str(path.into())));
-        attrs.push(KeyValue::new("url.scheme", Value::Str(scheme.into())));
+        attrs.push(KeyValue::new(
+            "url.path",
+            Value::Str(path.to_owned().into()),
+        ));
+        attrs.push(KeyValue::new("url.scheme", Value::Str(scheme_value)));
         if status != 0 {
             attrs.push(KeyValue::new(
                 "http.response.status_code",
@@ -105,7 +116,7 @@ pub fn build_span(
     ));
     attrs.push(KeyValue::new(
         "network.protocol.version",
-        Value::Str(version),
+        Value::Str(version.into()),
     ));
     if let Some(h2) = ex.h2.as_ref().filter(|h| h.unresolved > 0) {
         // Header fields that named table entries from before the agent saw the connection.
@@ -116,7 +127,7 @@ pub fn build_span(
     }
     attrs.push(KeyValue::new(
         "network.peer.address",
-        Value::Str(ip_str(ends.peer)),
+        Value::Str(ip_str(ends.peer).into()),
     ));
     attrs.push(KeyValue::new(
         "network.peer.port",
@@ -129,15 +140,18 @@ pub fn build_span(
                 Some((h, p)) if !h.is_empty() => (h.to_owned(), p.unwrap_or(ends.local_port)),
                 _ => (ip_str(ends.local), ends.local_port),
             };
-            attrs.push(KeyValue::new("server.address", Value::Str(addr)));
+            attrs.push(KeyValue::new("server.address", Value::Str(addr.into())));
             attrs.push(KeyValue::new("server.port", Value::Int(port as i64)));
             attrs.push(KeyValue::new(
                 "client.address",
-                Value::Str(ip_str(ends.peer)),
+                Value::Str(ip_str(ends.peer).into()),
             ));
             if grpc.is_none() {
                 if let Some(q) = target.query.and_then(|q| urls.query(q)) {
-                    attrs.push(KeyValue::new("url.query", Value::Str(q.into_owned())));
+                    attrs.push(KeyValue::new(
+                        "url.query",
+                        Value::Str(q.into_owned().into()),
+                    ));
                 }
             }
             Kind::Server
@@ -154,10 +168,10 @@ pub fn build_span(
                     .unwrap_or_else(|| format!("{}:{}", ends.peer, ends.peer_port));
                 attrs.push(KeyValue::new(
                     "url.full",
-                    Value::Str(urls.full_url(&req.target, &authority, scheme)),
+                    Value::Str(urls.full_url(&req.target, &authority, scheme).into()),
                 ));
             }
-            attrs.push(KeyValue::new("server.address", Value::Str(addr)));
+            attrs.push(KeyValue::new("server.address", Value::Str(addr.into())));
             attrs.push(KeyValue::new(
                 "server.port",
                 Value::Int(ends.peer_port as i64),
@@ -166,7 +180,10 @@ pub fn build_span(
         }
     };
     if let Some(ua) = &req.user_agent {
-        attrs.push(KeyValue::new("user_agent.original", Value::Str(ua.clone())));
+        attrs.push(KeyValue::new(
+            "user_agent.original",
+            Value::Str(ua.clone().into()),
+        ));
     }
     let (name, span_status) = match grpc {
         Some((h2, g)) => super::rpc::attributes(&req.target, g, h2.end, kind, &mut attrs),
@@ -187,7 +204,7 @@ pub fn build_span(
             };
             let failed = error_type.is_some();
             if let Some(e) = error_type {
-                attrs.push(KeyValue::new("error.type", Value::Str(e)));
+                attrs.push(KeyValue::new("error.type", Value::Str(e.into())));
             }
             let name = if known {
                 req.method.clone()

@@ -78,7 +78,7 @@ impl Limits {
         for a in &mut span.attributes {
             if let Value::Str(s) = &mut a.value {
                 if let Some((cut, _)) = s.char_indices().nth(max) {
-                    s.truncate(cut);
+                    s.to_mut().truncate(cut);
                 }
             }
         }

@@ -12,7 +12,8 @@ use crate::process::Resource;
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
-    Str(String),
+    /// A string: constants (method names, schemes, versions) borrowed, never allocated.
+    Str(Cow<'static, str>),
     Int(i64),
 }
 
@@ -81,7 +82,7 @@ impl Span {
             .map(|a| {
                 owned(&a.key)
                     + match &a.value {
-                        Value::Str(s) => s.capacity(),
+                        Value::Str(s) => owned(s),
                         Value::Int(_) => 0,
                     }
             })
@@ -108,7 +109,7 @@ pub fn test_span(i: usize) -> Span {
         service_name: format!("svc{}", i % 3),
         attributes: vec![KeyValue::new(
             "service.name",
-            Value::Str(format!("svc{}", i % 3)),
+            Value::Str(format!("svc{}", i % 3).into()),
         )],
     });
     Span {
@@ -121,7 +122,10 @@ pub fn test_span(i: usize) -> Span {
         kind: Kind::Server,
         start_unix_ns: 1,
         end_unix_ns: 2,
-        attributes: vec![KeyValue::new("url.path", Value::Str(format!("/items/{i}")))],
+        attributes: vec![KeyValue::new(
+            "url.path",
+            Value::Str(format!("/items/{i}").into()),
+        )],
         dropped_attributes_count: 0,
         status: Status::Unset,
         resource,

@@ -35,10 +35,10 @@ const STATUS_NAMES: [&str; 17] = [
 /// Server-side errors (the rest are the client's doing).
 const SERVER_ERRORS: [u32; 6] = [2, 4, 12, 13, 14, 15];
 
-pub fn status_name(code: u32) -> String {
+pub fn status_name(code: u32) -> std::borrow::Cow<'static, str> {
     STATUS_NAMES
         .get(code as usize)
-        .map_or_else(|| code.to_string(), |s| (*s).to_owned())
+        .map_or_else(|| code.to_string().into(), |s| (*s).into())
 }
 
 /// HTTP/2 error codes (RFC 9113 section 7), for `error.type` of a reset stream.
@@ -92,7 +92,7 @@ pub fn attributes(
 ) -> (String, Status) {
     let m = method(path);
     attrs.push(KeyValue::new("rpc.system.name", Value::Str("grpc".into())));
-    attrs.push(KeyValue::new("rpc.method", Value::Str(m.into())));
+    attrs.push(KeyValue::new("rpc.method", Value::Str(m.to_owned().into())));
     let (sent, received) = match kind {
         Kind::Client => (grpc.requests, grpc.responses),
         Kind::Server => (grpc.responses, grpc.requests),
@@ -122,7 +122,7 @@ pub fn attributes(
             error.then(|| status_name(code))
         }
         // No status: the call was cut short (or its trailers went unseen).
-        None => end_error(end),
+        None => end_error(end).map(Into::into),
     };
     let status = match error {
         Some(e) => {

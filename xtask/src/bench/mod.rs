@@ -417,10 +417,12 @@ pub fn add_pipeline(root: &Path) -> Result<()> {
         "\n## Where the time goes, and what comes next\n\n\
          - Userspace: at saturation the agent used {user_us:.2} µs of user CPU per request (configuration C). \
          Decode, parse, span building and OTLP encoding alone cost {span_us:.2} µs per span on one core \
-         (section 4), so about {:.0}% of it is that path: per-event allocation of payloads, about a dozen owned \
-         strings per span, and a second copy of every string into the protobuf message. The rest is the ring \
-         reader, the two channel hops and the HTTP export. Next: build the protobuf span directly from borrowed \
-         head fields, reuse payload buffers, and move parsing off the tokio worker that also serves export.\n\
+         (section 4), so about {:.0}% of it is that path. Payloads are copied into shared 256 KiB arenas and \
+         handed to the tracker in batches of up to 256 events, spans go to the exporter in batches, and each span \
+         is written straight into protobuf bytes once (no intermediate message, retries resend the bytes). What \
+         remains per span: the owned strings of what the traffic carried (path, addresses, URL, user agent), the \
+         HTTP parse, and the HTTP export itself. Next: borrow those strings from the payload, and shard the tracker \
+         by connection so that one task is not the bottleneck.\n\
          - Kernel: the table above splits the eBPF time by program. The data-syscall exits carry most of it \
          (payload copy into per-CPU scratch, then `bpf_ringbuf_output`); wakeups are already batched (the \
          reader is woken at 64 KiB and drains on a 10 ms tick). Next: reserve ring space directly in size \
