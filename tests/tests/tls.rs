@@ -434,3 +434,102 @@ fn only_selected_processes_are_probed_including_a_connection_older_than_the_agen
     );
     assert_eq!(counters.get("kernel_tls_unbound").copied().unwrap_or(0), 0);
 }
+
+/// A selected multi-threaded OpenSSL client whose threads all predate the agent (each has
+/// made a request on its own keep-alive connection before the agent starts): the per-process
+/// probes fire in every thread of the process, not only in the one whose id is the pid, so
+/// every later request of every thread gives its client span, over the connection it was
+/// already using.
+#[test]
+fn every_thread_of_a_selected_openssl_process_is_traced() {
+    require_root();
+    let pki = Pki::new("tls-threads");
+    let rx = Receiver::start();
+    let p = start_proxy(&pki);
+    const THREADS: usize = 6;
+    const ROUNDS: usize = 5;
+    let path = "/p/f/65536.bin";
+    let mut client = Command::new("python3")
+        .arg(fixture("tls_threads_client.py"))
+        .arg(p.front.port.to_string())
+        .arg(&pki.ca)
+        .arg(THREADS.to_string())
+        .arg(ROUNDS.to_string())
+        .arg(path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("threaded client");
+    let mut out = BufReader::new(client.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("connected");
+    assert_eq!(line.trim(), "connected");
+    let threads = std::fs::read_dir(format!("/proc/{}/task", client.id()))
+        .expect("tasks")
+        .count();
+    assert!(threads > THREADS, "{threads} threads");
+
+    let agent = Agent::start(Export::Grpc(&rx), &["--exe", "*python3*"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !agent.stderr().contains(&format!("pid={}", client.id())) {
+        assert!(
+            Instant::now() < deadline,
+            "client not probed:\n{}",
+            agent.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    client
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"go\n")
+        .expect("go");
+    wait_bounded(
+        &mut client,
+        Instant::now() + Duration::from_secs(120),
+        "threaded TLS client",
+    );
+    line.clear();
+    out.read_line(&mut line).expect("report");
+    let report: Vec<(u64, u64, u64, u64)> = serde_json::from_str(line.trim()).expect("report");
+    assert_eq!(report.len(), THREADS * ROUNDS);
+    for (t, k, status, len) in &report {
+        assert_eq!((*status, *len), (200, 65536), "thread {t} request {k}");
+    }
+    let spans = wait_spans(&rx, THREADS * ROUNDS);
+    let (_, err) = agent.stop();
+    let counters = final_counters(&err);
+    let mut got: Vec<String> = spans
+        .iter()
+        .filter(|s| s.kind() == "client")
+        .map(|s| {
+            s.assert_attrs(
+                &[
+                    ("url.scheme", "https"),
+                    ("http.response.status_code", "200"),
+                ],
+                &brief(s),
+            );
+            s.attr("url.full").unwrap_or("?").to_owned()
+        })
+        .collect();
+    got.sort();
+    let mut want: Vec<String> = (0..THREADS)
+        .flat_map(|t| {
+            (0..ROUNDS)
+                .map(move |k| format!("https://127.0.0.1:{}{path}?thread={t}&n={k}", p.front.port))
+        })
+        .collect();
+    want.sort();
+    assert_eq!(
+        got, want,
+        "one client span per request of every thread; {counters:?}"
+    );
+    assert_eq!(
+        spans.len(),
+        THREADS * ROUNDS,
+        "only the selected client gives spans"
+    );
+    assert_eq!(counters.get("kernel_tls_unbound").copied().unwrap_or(0), 0);
+}
