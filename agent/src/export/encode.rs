@@ -27,36 +27,22 @@ fn kv(a: &KeyValue) -> PKeyValue {
     }
 }
 
-/// As `kv`, moving the strings (a span's attributes are encoded once, then dropped).
-fn kv_owned(a: KeyValue) -> PKeyValue {
-    let value = match a.value {
-        Value::Str(s) => any_value::Value::StringValue(s.into_owned()),
-        Value::Int(i) => any_value::Value::IntValue(i),
-    };
-    PKeyValue {
-        key: a.key.into_owned(),
-        value: Some(AnyValue { value: Some(value) }),
-        ..Default::default()
-    }
-}
-
-fn span(s: Span) -> PSpan {
-    let flags = s.flags as u32 | 0x100 | if s.parent_span_id.is_some() { 0x200 } else { 0 };
+fn span(s: &Span) -> PSpan {
     PSpan {
         trace_id: s.trace_id.to_vec(),
         span_id: s.span_id.to_vec(),
-        trace_state: s.trace_state,
+        trace_state: s.trace_state.clone(),
         parent_span_id: s.parent_span_id.map(|p| p.to_vec()).unwrap_or_default(),
         // Low byte: W3C trace flags; bits 8-9: parent-is-remote known, and true when there is a parent.
-        flags,
-        name: s.name,
+        flags: s.flags as u32 | 0x100 | if s.parent_span_id.is_some() { 0x200 } else { 0 },
+        name: s.name.clone(),
         kind: match s.kind {
             Kind::Server => SpanKind::Server,
             Kind::Client => SpanKind::Client,
         } as i32,
         start_time_unix_nano: s.start_unix_ns,
         end_time_unix_nano: s.end_unix_ns,
-        attributes: s.attributes.into_iter().map(kv_owned).collect(),
+        attributes: s.attributes.iter().map(kv).collect(),
         dropped_attributes_count: s.dropped_attributes_count,
         status: Some(PStatus {
             message: String::new(),
@@ -99,26 +85,17 @@ fn resource_spans(r: &crate::process::Resource, spans: Vec<PSpan>) -> ResourceSp
     }
 }
 
-/// The spans as one export request, grouped by resource (in order of first appearance).
-pub fn request(spans: Vec<Span>) -> ExportTraceServiceRequest {
-    let spans = spans.into_iter().map(|s| {
-        let r = s.resource.clone();
-        (r, span(s))
-    });
-    group(spans)
-}
-
-fn group(
-    spans: impl Iterator<Item = (Arc<crate::process::Resource>, PSpan)>,
-) -> ExportTraceServiceRequest {
+/// The spans as one export request, grouped by resource (in order of first appearance),
+/// through opentelemetry-proto's types: the oracle of `wire`, which the exporter uses.
+pub fn request(spans: &[Span]) -> ExportTraceServiceRequest {
     let mut groups: Vec<(Arc<crate::process::Resource>, Vec<PSpan>)> = Vec::new();
     let mut index: HashMap<*const crate::process::Resource, usize> = HashMap::new();
-    for (r, s) in spans {
-        let i = *index.entry(Arc::as_ptr(&r)).or_insert_with(|| {
-            groups.push((r.clone(), Vec::new()));
+    for s in spans {
+        let i = *index.entry(Arc::as_ptr(&s.resource)).or_insert_with(|| {
+            groups.push((s.resource.clone(), Vec::new()));
             groups.len() - 1
         });
-        groups[i].1.push(s);
+        groups[i].1.push(span(s));
     }
     ExportTraceServiceRequest {
         resource_spans: groups
@@ -244,7 +221,7 @@ mod tests {
     #[test]
     fn requests_fit_the_limit_and_keep_every_span() {
         let spans = || (0..100).map(test_span).collect::<Vec<Span>>();
-        let whole = prost::Message::encoded_len(&request(spans()));
+        let whole = prost::Message::encoded_len(&request(&spans()));
         let parts = requests(&spans(), whole / 5);
         assert!(parts.len() >= 5, "{}", parts.len());
         assert_eq!(parts.iter().map(|(_, n)| n).sum::<u64>(), 100);
@@ -273,7 +250,7 @@ mod tests {
         let one = requests(&spans(), usize::MAX);
         assert_eq!(one.len(), 1);
         assert!(
-            one[0].0.as_ref() == prost::Message::encode_to_vec(&request(spans())).as_slice(),
+            one[0].0.as_ref() == prost::Message::encode_to_vec(&request(&spans())).as_slice(),
             "bytes differ"
         );
         // A span bigger than the limit still goes, alone.
@@ -285,7 +262,7 @@ mod tests {
     fn spans_encode_as_the_conventions_say() {
         let s = test_span(3);
         let (name, attrs) = (s.name.clone(), s.attributes.len());
-        let r = request(vec![s]);
+        let r = request(std::slice::from_ref(&s));
         let p = &r.resource_spans[0].scope_spans[0].spans[0];
         assert_eq!(p.name, name);
         assert_eq!(p.attributes.len(), attrs);
@@ -298,7 +275,7 @@ mod tests {
     #[test]
     fn split_halves_across_resources() {
         let spans: Vec<Span> = (0..7).map(test_span).collect();
-        let req = request(spans.clone());
+        let req = request(&spans);
         let resources = req.resource_spans.len();
         let (a, b) = split(req).expect("split");
         assert_eq!((span_count(&a), span_count(&b)), (3, 4));
@@ -310,6 +287,6 @@ mod tests {
                 .all(|s| s.scope.is_some() && !s.spans.is_empty()));
         }
         assert!(a.resource_spans.len() + b.resource_spans.len() >= resources);
-        assert!(split(request(spans[..1].to_vec())).is_none());
+        assert!(split(request(&spans[..1])).is_none());
     }
 }

@@ -299,7 +299,7 @@ mod tests {
         let sizes: Vec<usize> = spans.iter().map(span_len).collect();
         let bytes = request(&spans, &sizes);
         let got = ExportTraceServiceRequest::decode(bytes.as_slice()).expect("decodes");
-        let want = super::super::encode::request(spans.clone());
+        let want = super::super::encode::request(&spans);
         assert!(got == want, "decoded request differs");
         // And byte for byte as prost writes the crate's types.
         assert!(bytes == want.encode_to_vec(), "bytes differ");
