@@ -217,6 +217,53 @@ pub fn sha256(path: &std::path::Path) -> String {
 }
 
 /// Waits for `child` at most until `deadline`: a stalled transfer fails the test.
+/// A client that makes its first connection, prints "connected", then waits for a line on
+/// stdin before going on (so that the agent can start in between), and ends by printing one
+/// line: its report.
+pub struct Waiting {
+    child: Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Waiting {
+    /// Spawns `cmd` and returns once it printed "connected".
+    pub fn spawn(cmd: &mut Command) -> Waiting {
+        use std::io::BufRead;
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+        let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        out.read_line(&mut line).expect("client output");
+        assert_eq!(line.trim(), "connected", "{cmd:?}");
+        Waiting { child, out }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Lets the client go on, waits for it to end (within `within`, or it is killed and this
+    /// panics) and returns its report line.
+    pub fn release(mut self, within: Duration, what: &str) -> String {
+        use std::io::{BufRead, Write};
+        self.child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(b"go\n")
+            .expect("go");
+        // Waited for first: the time bound holds however the client fails (its one-line
+        // report fits in the pipe).
+        wait_bounded(&mut self.child, Instant::now() + within, what);
+        let mut line = String::new();
+        self.out.read_line(&mut line).expect("report");
+        line
+    }
+}
+
 pub fn wait_bounded(child: &mut std::process::Child, deadline: Instant, what: &str) {
     loop {
         if let Some(status) = child.try_wait().expect("wait") {

@@ -45,6 +45,19 @@ fn stop_after(agent: Agent, rx: &Receiver, n: usize) -> String {
     agent.stop().1
 }
 
+/// Runs one of the raw-socket HTTP/2 client fixtures (within 60 s), which reports "ok N" once
+/// every one of its `n` streams ended.
+fn raw_client(script: &str, args: &[String], n: usize) {
+    let out = run(Command::new("timeout")
+        .args(["60", "python3"])
+        .arg(fixture(script))
+        .args(args));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("ok {n}")
+    );
+}
+
 fn one<'a>(spans: &'a [RSpan], kind: &str, f: impl Fn(&RSpan) -> bool) -> Vec<&'a RSpan> {
     spans.iter().filter(|s| s.kind() == kind && f(s)).collect()
 }
@@ -184,14 +197,7 @@ fn frame_headers_cut_at_every_byte_keep_the_walk_aligned() {
     let rx = Receiver::start();
     let agent = Agent::start(Export::Grpc(&rx), &["--port", &port.to_string()]);
     let n = 40;
-    let out = run(Command::new("timeout")
-        .args(["60", "python3"])
-        .arg(fixture("h2_split_client.py"))
-        .args([port.to_string(), n.to_string()]));
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        format!("ok {n}")
-    );
+    raw_client("h2_split_client.py", &[port.to_string(), n.to_string()], n);
     let err = stop_after(agent, &rx, 2 * n);
     let counters = final_counters(&err);
     let spans = rx.spans();
@@ -223,13 +229,10 @@ fn hundreds_of_frames_in_one_syscall_keep_every_stream() {
     let agent = Agent::start(Export::Grpc(&rx), &["--port", &port.to_string()]);
     let (burst, vectored) = (250, 20);
     let n = burst + vectored;
-    let out = run(Command::new("timeout")
-        .args(["60", "python3"])
-        .arg(fixture("h2_burst_client.py"))
-        .args([port.to_string(), burst.to_string(), vectored.to_string()]));
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        format!("ok {n}")
+    raw_client(
+        "h2_burst_client.py",
+        &[port.to_string(), burst.to_string(), vectored.to_string()],
+        n,
     );
     let err = stop_after(agent, &rx, 2 * n);
     let counters = final_counters(&err);

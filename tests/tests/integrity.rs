@@ -3,7 +3,6 @@
 //! that looks like a request head, a request with its own header, a connection older than the
 //! agent, and a large response. The server checks every body against its SHA-256.
 use std::{
-    io::{BufRead, BufReader, Write},
     process::{Command, Stdio},
     time::Duration,
 };
@@ -12,7 +11,7 @@ use serde_json::Value;
 use tests::{
     agent::{final_counters, Agent, Export},
     fixture, free_port,
-    programs::{python, Proc},
+    programs::{python, Proc, Waiting},
     receiver::{RSpan, Receiver},
     require_root, wait_port,
 };
@@ -25,30 +24,13 @@ fn run_client(rx: &Receiver, args: &[&str]) -> (Value, std::collections::HashMap
     let _server =
         Proc::spawn(python("threaded_server.py", &[&port.to_string()]).stdout(Stdio::null()));
     wait_port(port);
-    let mut client = Command::new("python3")
-        .arg(fixture("integrity_client.py"))
-        .arg(port.to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("integrity client");
-    let mut out = BufReader::new(client.stdout.take().expect("stdout"));
-    let mut line = String::new();
-    out.read_line(&mut line).expect("client output");
-    assert_eq!(line.trim(), "connected");
-    let agent = Agent::start(Export::Grpc(rx), args);
-    client
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(b"go\n")
-        .expect("go");
-    line.clear();
-    out.read_line(&mut line).expect("client report");
-    assert!(
-        client.wait().expect("client").success(),
-        "integrity client failed"
+    let client = Waiting::spawn(
+        Command::new("python3")
+            .arg(fixture("integrity_client.py"))
+            .arg(port.to_string()),
     );
+    let agent = Agent::start(Export::Grpc(rx), args);
+    let line = client.release(Duration::from_secs(120), "integrity client");
     let report: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
     std::thread::sleep(Duration::from_secs(2));
     let (_, err) = agent.stop();

@@ -3,7 +3,7 @@
 //! 16 MiB through a TLS reverse proxy, every transfer checked byte for byte and bounded in time.
 use std::{
     collections::HashMap,
-    io::{BufRead, BufReader, Write},
+    io::{BufRead, BufReader},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -12,7 +12,7 @@ use tests::{
     agent::{final_counters, Agent, Export},
     fixture, free_port,
     pki::Pki,
-    programs::{sha256, wait_bounded, Nginx},
+    programs::{sha256, wait_bounded, Nginx, Waiting},
     receiver::{RSpan, Receiver},
     require_root,
 };
@@ -173,6 +173,22 @@ fn brief(s: &RSpan) -> String {
         s.parent_id(),
         s.attr("beholder.link.method").unwrap_or("?")
     )
+}
+
+/// Waits (at most 20 s) until the agent has logged probing each of `pids`.
+fn wait_probed(agent: &Agent, pids: &[u32], what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !pids
+        .iter()
+        .all(|pid| agent.stderr().contains(&format!("pid={pid}")))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{what} not probed:\n{}",
+            agent.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]
@@ -341,48 +357,20 @@ fn only_selected_processes_are_probed_including_a_connection_older_than_the_agen
     let rx = Receiver::start();
     let p = start_proxy(&pki);
     let paths = paths();
-    let mut early = Command::new("python3")
-        .arg(fixture("tls_client.py"))
-        .arg("--wait")
-        .arg(p.front.port.to_string())
-        .arg(&pki.ca)
-        .arg("2")
-        .args(&paths)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("early client");
-    let mut out = BufReader::new(early.stdout.take().expect("stdout"));
-    let mut line = String::new();
-    out.read_line(&mut line).expect("connected");
-    assert_eq!(line.trim(), "connected");
+    let early = Waiting::spawn(
+        Command::new("python3")
+            .arg(fixture("tls_client.py"))
+            .arg("--wait")
+            .arg(p.front.port.to_string())
+            .arg(&pki.ca)
+            .arg("2")
+            .args(&paths),
+    );
 
     let agent = Agent::start(Export::Grpc(&rx), &["--exe", "*nginx*"]);
     // The agent probes the nginx processes it finds at start.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !agent.stderr().contains(&format!("pid={}", p.back.pid()))
-        || !agent.stderr().contains(&format!("pid={}", p.front.pid()))
-    {
-        assert!(
-            Instant::now() < deadline,
-            "nginx not probed:\n{}",
-            agent.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    early
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(b"go\n")
-        .expect("go");
-    wait_bounded(
-        &mut early,
-        Instant::now() + Duration::from_secs(120),
-        "early client",
-    );
-    line.clear();
-    out.read_line(&mut line).expect("report");
+    wait_probed(&agent, &[p.back.pid(), p.front.pid()], "nginx");
+    let line = early.release(Duration::from_secs(120), "early client");
     let early_report = parse_report(&line);
     check_bodies(&p, &early_report);
     let fresh = python_client(&p, &pki, 2);
@@ -449,49 +437,23 @@ fn every_thread_of_a_selected_openssl_process_is_traced() {
     const THREADS: usize = 6;
     const ROUNDS: usize = 5;
     let path = "/p/f/65536.bin";
-    let mut client = Command::new("python3")
-        .arg(fixture("tls_threads_client.py"))
-        .arg(p.front.port.to_string())
-        .arg(&pki.ca)
-        .arg(THREADS.to_string())
-        .arg(ROUNDS.to_string())
-        .arg(path)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("threaded client");
-    let mut out = BufReader::new(client.stdout.take().expect("stdout"));
-    let mut line = String::new();
-    out.read_line(&mut line).expect("connected");
-    assert_eq!(line.trim(), "connected");
-    let threads = std::fs::read_dir(format!("/proc/{}/task", client.id()))
+    let client = Waiting::spawn(
+        Command::new("python3")
+            .arg(fixture("tls_threads_client.py"))
+            .arg(p.front.port.to_string())
+            .arg(&pki.ca)
+            .arg(THREADS.to_string())
+            .arg(ROUNDS.to_string())
+            .arg(path),
+    );
+    let threads = std::fs::read_dir(format!("/proc/{}/task", client.pid()))
         .expect("tasks")
         .count();
     assert!(threads > THREADS, "{threads} threads");
 
     let agent = Agent::start(Export::Grpc(&rx), &["--exe", "*python3*"]);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !agent.stderr().contains(&format!("pid={}", client.id())) {
-        assert!(
-            Instant::now() < deadline,
-            "client not probed:\n{}",
-            agent.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    client
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(b"go\n")
-        .expect("go");
-    wait_bounded(
-        &mut client,
-        Instant::now() + Duration::from_secs(120),
-        "threaded TLS client",
-    );
-    line.clear();
-    out.read_line(&mut line).expect("report");
+    wait_probed(&agent, &[client.pid()], "threaded client");
+    let line = client.release(Duration::from_secs(120), "threaded TLS client");
     let report: Vec<(u64, u64, u64, u64)> = serde_json::from_str(line.trim()).expect("report");
     assert_eq!(report.len(), THREADS * ROUNDS);
     for (t, k, status, len) in &report {
