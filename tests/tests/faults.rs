@@ -527,8 +527,10 @@ fn span_queue_is_bounded_in_bytes() {
     let get = |k: &str| c.get(k).copied().unwrap_or(0);
     assert_eq!(get("spans_created"), 300, "{c:?}");
     assert!(
-        (200..300).contains(&get("spans_queue_bytes_full")),
-        "about 60 spans of 4 KiB fit in 256 KiB; the rest are refused and counted: {c:?}"
+        (230..300).contains(&get("spans_queue_bytes_full")),
+        "about 50 spans of 5 KiB fit in 256 KiB (and one batch and four requests are held by the \
+         exporter, whatever the pace of the tracker's hand-overs); the rest are refused and \
+         counted: {c:?}"
     );
     assert_eq!(
         get("spans_queue_full"),

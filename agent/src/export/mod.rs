@@ -80,7 +80,7 @@ pub async fn run(
     let mut deadline = Instant::now() + cfg.batch.delay;
     loop {
         tokio::select! {
-            next = rx.recv() => match next {
+            next = rx.recv(max.saturating_sub(batch.len())) => match next {
                 Some(spans) => {
                     batch.extend(spans);
                     if batch.len() >= max {
@@ -102,7 +102,7 @@ pub async fn run(
     // backend that is down now is not waited for): everything still queued gets one attempt, in
     // batches, within the final-flush budget.
     let stop = Instant::now() + final_flush;
-    while let Some(spans) = rx.try_recv() {
+    while let Some(spans) = rx.try_recv(max.saturating_sub(batch.len())) {
         batch.extend(spans);
         if batch.len() >= max {
             exporter

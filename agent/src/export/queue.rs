@@ -26,6 +26,9 @@ pub struct SpanSender {
 
 pub struct SpanReceiver {
     rx: mpsc::UnboundedReceiver<Vec<(Span, usize)>>,
+    /// The hand-over being taken apart: its spans still count against both budgets until the
+    /// exporter takes them, so what waits outside the queue is one export batch at most.
+    current: std::vec::IntoIter<(Span, usize)>,
     spans: Arc<ByteBudget>,
     budget: Arc<ByteBudget>,
 }
@@ -49,6 +52,7 @@ pub fn bounded(spans: usize, bytes: usize) -> (SpanSender, SpanReceiver) {
         },
         SpanReceiver {
             rx,
+            current: Vec::new().into_iter(),
             spans: count,
             budget,
         },
@@ -89,21 +93,38 @@ impl SpanSender {
 }
 
 impl SpanReceiver {
-    fn release(&self, batch: Vec<(Span, usize)>) -> Vec<Span> {
-        self.spans.release(batch.len());
-        self.budget.release(batch.iter().map(|(_, n)| n).sum());
-        batch.into_iter().map(|(s, _)| s).collect()
+    /// Takes up to `limit` spans off the current hand-over and out of both budgets.
+    fn take(&mut self, limit: usize) -> Vec<Span> {
+        let mut bytes = 0;
+        let out: Vec<Span> = self
+            .current
+            .by_ref()
+            .take(limit.max(1))
+            .map(|(s, n)| {
+                bytes += n;
+                s
+            })
+            .collect();
+        self.spans.release(out.len());
+        self.budget.release(bytes);
+        out
     }
 
-    /// The next batch of spans, once the tracker hands one over.
-    pub async fn recv(&mut self) -> Option<Vec<Span>> {
-        let batch = self.rx.recv().await?;
-        Some(self.release(batch))
+    /// Up to `limit` spans (at least one), waiting for the tracker to hand some over when none
+    /// are left. Cancel-safe: nothing is taken before the channel yields.
+    pub async fn recv(&mut self, limit: usize) -> Option<Vec<Span>> {
+        if self.current.len() == 0 {
+            self.current = self.rx.recv().await?.into_iter();
+        }
+        Some(self.take(limit))
     }
 
-    pub fn try_recv(&mut self) -> Option<Vec<Span>> {
-        let batch = self.rx.try_recv().ok()?;
-        Some(self.release(batch))
+    /// Up to `limit` spans (at least one) without waiting.
+    pub fn try_recv(&mut self, limit: usize) -> Option<Vec<Span>> {
+        if self.current.len() == 0 {
+            self.current = self.rx.try_recv().ok()?.into_iter();
+        }
+        Some(self.take(limit))
     }
 
     /// Bytes held by queued spans.
@@ -126,9 +147,12 @@ mod tests {
         assert_eq!(tx.try_send(test_span(0)), Err(Full::Bytes));
         // Admitted spans count before they are handed over.
         assert_eq!(rx.bytes(), 2 * one);
-        assert!(rx.try_recv().is_none());
+        assert!(rx.try_recv(8).is_none());
         tx.flush();
-        assert_eq!(rx.recv().await.map(|b| b.len()), Some(2));
+        // Taken one at a time, the second still counts while the first is exported.
+        assert_eq!(rx.recv(1).await.map(|b| b.len()), Some(1));
+        assert_eq!(rx.bytes(), one);
+        assert_eq!(rx.try_recv(8).map(|b| b.len()), Some(1));
         assert_eq!(rx.bytes(), 0);
         assert_eq!(tx.try_send(test_span(0)), Ok(()));
         assert_eq!(rx.bytes(), one);
