@@ -181,10 +181,14 @@ pub const CNT_GO_TLS_UNKNOWN_CONN: u32 = 44;
 /// host marked, but returned no request line (Go's server reads one byte ahead while a handler
 /// runs, splitting the next head): that request's span gets no parent.
 pub const CNT_TLS_CLAIM_DROPPED: u32 = 45;
+/// TLS calls that returned after their socket was closed (another thread or goroutine closed
+/// the connection while this call, whose own syscall had moved its bytes, was returning): the
+/// connection and its spans have ended, so nothing of the call is sent.
+pub const CNT_TLS_AFTER_CLOSE: u32 = 46;
 /// Size of the kernel's counter array: room for counters yet to come without a layout change.
 pub const NUM_COUNTERS: u32 = 48;
 const _: () = assert!(COUNTER_NAMES.len() <= NUM_COUNTERS as usize);
-pub const COUNTER_NAMES: [&str; 46] = [
+pub const COUNTER_NAMES: [&str; 47] = [
     "kernel_ringbuf_full_events",
     "kernel_inflight_syscall_map_full",
     "kernel_close_ringbuf_full_events",
@@ -231,6 +235,7 @@ pub const COUNTER_NAMES: [&str; 46] = [
     "kernel_tls_unbound",
     "kernel_go_tls_unknown_conn",
     "kernel_tls_claims_dropped",
+    "kernel_tls_after_close",
 ];
 /// An `exec` whose event did not fit in the ring buffer (the process is still classified by the
 /// next periodic sweep).
@@ -616,6 +621,14 @@ pub struct ConnInfo {
     pub proto: u32,
     /// Where each direction (`DIR_*`) stands in its frame stream between syscalls.
     pub h2: [H2Walk; 2],
+    /// Per direction (`DIR_*`): 1 while a TLS call whose own syscall moved bytes on this
+    /// socket has not returned (`tls::bind`); its plaintext is still to be sent.
+    pub tls_busy: [u32; 2],
+    /// When the socket was closed (0: open) while a TLS call was busy on it: the close is told
+    /// to userspace once the last such call has sent its plaintext (`tls::settle`), so a gRPC
+    /// server's last write, whose return runs after another goroutine closed the connection,
+    /// still ends its stream. A later close of the fd number, or its reuse, closes it at once.
+    pub closing: u64,
 }
 pub const PROTO_HTTP1: u32 = 0;
 pub const PROTO_H2: u32 = 1;
@@ -652,7 +665,7 @@ pub const VERDICT_IGNORE: u32 = 2;
 /// A traced connection that an OpenSSL call was seen to use (`agent-ebpf/src/tls.rs`): its
 /// ciphertext is never copied; its plaintext comes from the library's calls.
 pub const VERDICT_TLS: u32 = 3;
-const _: () = assert!(core::mem::size_of::<ConnInfo>() == 128);
+const _: () = assert!(core::mem::size_of::<ConnInfo>() == 144);
 
 /// Key of the excluded-endpoint map: an address and port whose traffic is never traced, on
 /// either side of a connection (the OTLP backend).
@@ -740,11 +753,19 @@ pub struct TlsCall {
     pub lost: u64,
     /// When the last of those reads returned.
     pub lost_ts: u64,
+    /// `TLS_BUSY`: the socket whose connection waits for this call (`ConnInfo::tls_busy`).
+    pub sk: u64,
 }
-const _: () = assert!(core::mem::size_of::<TlsCall>() == 128);
+const _: () = assert!(core::mem::size_of::<TlsCall>() == 136);
 pub const TLS_NO_FD: u32 = u32::MAX;
 /// The call's first send was looked at.
 pub const TLS_SENT: u32 = 2;
+/// A syscall of the call on its socket bound it (`tls::bind`): its `fd` is proven, even if the
+/// `SSL *`'s binding goes (`SSL_free`, `(*Conn).Close` on another thread) before it returns.
+pub const TLS_BOUND: u32 = 4;
+/// The call's syscall moved bytes on a traced TLS connection (`TlsCall::sk`), marked busy there
+/// (`ConnInfo::tls_busy`) until the call returns.
+pub const TLS_BUSY: u32 = 8;
 /// `TlsCall::dir` of `SSL_do_handshake`: it moves no plaintext, but its syscalls bind.
 pub const DIR_HANDSHAKE: u32 = 2;
 

@@ -1,5 +1,7 @@
 //! Connection set-up and teardown: `accept`/`accept4` and `connect` record the socket's role
-//! (server or client side); `close` tells userspace a tracked connection ended.
+//! (server or client side); `close` tells userspace a tracked connection ended, unless a TLS
+//! call that moved bytes on it is still returning on another thread or goroutine: that call
+//! closes it once its plaintext is sent (`tls::settle`).
 //!
 //! Formats: `sys_exit_accept{,4}`: `long ret` @16. `sys_enter_connect`: `int fd` @16,
 //! `struct sockaddr *uservaddr` @24. `sys_enter_close`: `unsigned int fd` @16.
@@ -30,6 +32,7 @@ fn read(ctx: &TracePointContext, off: usize) -> u64 {
 
 #[inline(always)]
 fn remember(tgid: u32, fd: u32, role: u32) {
+    close_pending(tgid, fd);
     let info = ConnInfo {
         sk: 0,
         role,
@@ -38,6 +41,8 @@ fn remember(tgid: u32, fd: u32, role: u32) {
         opening: 0,
         proto: agent_common::PROTO_HTTP1,
         h2: [agent_common::H2Walk::default(); 2],
+        tls_busy: [0; 2],
+        closing: 0,
     };
     if lru_insert(&CONNS, LRU_CONNS, CAP_CONNS, &conn_key(tgid, fd), &info).is_err() {
         count(agent_common::CNT_CONNS_FULL);
@@ -106,32 +111,50 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let fd = read(&ctx, 16) as u32;
-    let key = conn_key(tgid, fd);
-    let Some(info) = CONNS.get_ptr(&key) else {
+    let Some(c) = CONNS.get_ptr_mut(&conn_key(tgid, fd)) else {
         return 0;
     };
-    // SAFETY: live map value copied before removal.
-    let info = unsafe { *info };
+    // SAFETY: live map value, used in place.
+    let c = unsafe { &mut *c };
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    if c.closing == 0 && (c.tls_busy[0] | c.tls_busy[1]) != 0 {
+        // A TLS call (on another thread or goroutine) whose syscall moved bytes here has not
+        // returned: it sends them, then closes (`tls::settle`).
+        c.closing = now;
+        return 0;
+    }
+    // Closed a second time (the fd number reused by something else): the connection is over.
+    let ts = if c.closing != 0 { c.closing } else { now };
+    let (sk, verdict) = (c.sk, c.verdict);
+    close(tgid, fd, sk, verdict, ts);
+    0
+}
+
+/// Connection `fd` of process `tgid` (socket `sk`) ended at `ts`: its state goes, and userspace
+/// is told if it was traced. Shared by `close` and the deferred closes (`ConnInfo::closing`).
+#[inline(never)]
+pub fn close(tgid: u32, fd: u32, sk: u64, verdict: u32, ts: u64) {
+    let key = conn_key(tgid, fd);
     lru_remove(&CONNS, LRU_CONNS, &key);
     // Per-connection state of the trace-context code goes with the connection.
     lru_remove(&BODY_LEFT, LRU_BODY_LEFT, &key);
     lru_remove(&CONNECT_REFS, LRU_CONNECT_REFS, &key);
-    if info.sk != 0 {
+    if sk != 0 {
         // A request still open on this connection no longer counts on its thread.
-        crate::propagate::inflight::close(info.sk);
-        lru_remove(&SERVER_REQS, LRU_SERVER_REQS, &info.sk);
+        crate::propagate::inflight::close(sk);
+        lru_remove(&SERVER_REQS, LRU_SERVER_REQS, &sk);
     }
-    if info.verdict != VERDICT_TRACE && info.verdict != agent_common::VERDICT_TLS {
-        return 0;
+    if verdict != VERDICT_TRACE && verdict != agent_common::VERDICT_TLS {
+        return;
     }
     let ev = CloseEvent {
         kind: EVENT_CLOSE,
         pid: tgid,
         fd,
         _pad: 0,
-        sk: info.sk,
-        // SAFETY: helper without preconditions.
-        ts: unsafe { bpf_ktime_get_boot_ns() },
+        sk,
+        ts,
     };
     if EVENTS
         .output::<CloseEvent>(&ev, crate::maps::ring_flags())
@@ -139,7 +162,20 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
     {
         count(agent_common::CNT_CLOSE_RINGBUF_FULL);
     }
-    0
+}
+
+/// A connection on `fd` whose close waits for a TLS call (`ConnInfo::closing`) is closed now:
+/// the fd number names a new socket.
+#[inline(always)]
+pub fn close_pending(tgid: u32, fd: u32) {
+    let Some(c) = CONNS.get_ptr(&conn_key(tgid, fd)) else {
+        return;
+    };
+    // SAFETY: fields of a live map value, copied before its removal.
+    let (closing, sk, verdict) = unsafe { ((*c).closing, (*c).sk, (*c).verdict) };
+    if closing != 0 {
+        close(tgid, fd, sk, verdict, closing);
+    }
 }
 
 /// A task exits: its thread's request list goes, and when the whole process is gone its pid

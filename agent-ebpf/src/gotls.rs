@@ -162,6 +162,7 @@ fn enter(ctx: &ProbeContext, dir: u32) -> u32 {
         g,
         lost,
         lost_ts,
+        sk: 0,
     };
     if GO_TLS_CALLS.insert(&task_key(tgid, g), &call, 0).is_err() {
         count(CNT_STATE_MAP_FULL);
@@ -240,14 +241,11 @@ fn leave(ctx: &ProbeContext, dir: u32) -> u32 {
     // SAFETY: live map value, copied before removal.
     let call = unsafe { *noted };
     let _ = GO_TLS_CALLS.remove(&key);
-    if n <= 0 {
-        if dir == DIR_INGRESS {
-            // The connection failed or ended: unseen bytes of it concern no later read.
-            let _ = GO_TLS_LOST.remove(&key);
-        }
-        return 0;
+    if n <= 0 && dir == DIR_INGRESS {
+        // The connection failed or ended: unseen bytes of it concern no later read.
+        let _ = GO_TLS_LOST.remove(&key);
     }
-    let walk = crate::tls::finish(&call, pid_tgid, n as u64);
+    let walk = crate::tls::complete(&call, pid_tgid, n.max(0) as u64);
     crate::tls::walk_h2(ctx, walk);
     0
 }

@@ -58,6 +58,8 @@ pub struct TlsWalk {
     pub io: IoArgs,
     /// The event's `ts_exit` (for a write, when its last syscall sent its bytes).
     pub ts_exit: u64,
+    /// The call marked its connection busy (`tls::settle` after the walk).
+    pub settle: bool,
 }
 
 #[map]
@@ -99,6 +101,23 @@ fn walk_tls<const DIR: u32>() {
     // SAFETY: this CPU's live map value, written by the program that tail-called this one.
     let (args, ts_exit) = unsafe { ((*args).io, (*args).ts_exit) };
     walk_io::<DIR, TLS>(&args, bpf_get_current_pid_tgid(), args.count, ts_exit);
+    settle_tls();
+}
+
+/// The walked TLS call's connection is no longer busy with it (`tls::settle`); also when the
+/// tail call into the walker failed.
+#[inline(always)]
+pub fn settle_tls() {
+    let Some(args) = TLS_WALK_IO.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's live map value.
+    let args = unsafe { &mut *args };
+    if args.settle {
+        args.settle = false;
+        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        crate::tls::settle(tgid, args.io.fd, args.io.sk, args.io.direction);
+    }
 }
 
 /// The walk's state. It lives in a per-CPU map, not on the stack: the verifier checks a

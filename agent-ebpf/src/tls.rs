@@ -14,17 +14,19 @@
 //!   plaintext HTTP/2 connection's syscalls are: the return probe tail-calls the walker
 //!   (`h2walk`) on the call's buffer, so no body byte is copied however large the frames.
 //! - A call with no binding at all (a memory BIO: Node's TLSWrap, gRPC core, Python's
-//!   `MemoryBIO`) sends nothing and is counted (`CNT_TLS_UNBOUND`).
+//!   `MemoryBIO`) sends nothing and is counted (`CNT_TLS_UNBOUND`). A call whose own syscall
+//!   bound it (`TLS_BOUND`) keeps that socket if the binding is removed before it returns (a
+//!   close on another thread), and is counted (`CNT_TLS_AFTER_CLOSE`) if the socket is gone.
 //!
 //! Probes are attached per selected process; each program checks the selection again (a pid
 //! reused by an unselected process before userspace detaches).
 use agent_common::{
     head_scan, ConnInfo, DataHeader, H2Walk, IoArgs, TaskKey, TlsCall, TlsSock, BUF_PLAIN,
-    CNT_H2_WALK_INCOMPLETE, CNT_RINGBUF_FULL, CNT_STATE_MAP_FULL, CNT_TLS_CLAIM_DROPPED,
-    CNT_TLS_UNBOUND, CNT_TRUNCATED, DATA_HEADER_SIZE, DIR_EGRESS, DIR_HANDSHAKE, DIR_INGRESS,
-    EVENT_TLS_DATA, H2_PREFACE_LEN, LAYOUT_LOST, LAYOUT_PREFIX, MAX_PAYLOAD, PROTO_H2, PROTO_HTTP1,
-    ROLE_SERVER, ROLE_UNKNOWN, RUNTIME_TOKIO, TLS_NO_FD, VERDICT_IGNORE, VERDICT_TLS,
-    VERDICT_TRACE, WIRE_NONE,
+    CNT_H2_WALK_INCOMPLETE, CNT_RINGBUF_FULL, CNT_STATE_MAP_FULL, CNT_TLS_AFTER_CLOSE,
+    CNT_TLS_CLAIM_DROPPED, CNT_TLS_UNBOUND, CNT_TRUNCATED, DATA_HEADER_SIZE, DIR_EGRESS,
+    DIR_HANDSHAKE, DIR_INGRESS, EVENT_TLS_DATA, H2_PREFACE_LEN, LAYOUT_LOST, LAYOUT_PREFIX,
+    MAX_PAYLOAD, PROTO_H2, PROTO_HTTP1, ROLE_SERVER, ROLE_UNKNOWN, RUNTIME_TOKIO, TLS_BOUND,
+    TLS_BUSY, TLS_NO_FD, VERDICT_IGNORE, VERDICT_TLS, VERDICT_TRACE, WIRE_NONE,
 };
 use aya_ebpf::{
     helpers::{
@@ -96,6 +98,7 @@ fn enter(ctx: &ProbeContext, dir: u32, ex: bool) -> u32 {
         g: 0,
         lost: 0,
         lost_ts: 0,
+        sk: 0,
     };
     if TLS_CALLS.insert(&pid_tgid, &call, 0).is_err() {
         count(CNT_STATE_MAP_FULL);
@@ -244,6 +247,7 @@ pub fn bind(io: &mut IoArgs, pid_tgid: u64, sk: u64, ret: i32, flags: u32) {
     };
     let tgid = (pid_tgid >> 32) as u32;
     call.fd = io.fd;
+    call.state |= TLS_BOUND;
     if ret > 0 {
         // SAFETY: helper without preconditions.
         call.ts_io = unsafe { bpf_ktime_get_boot_ns() };
@@ -259,6 +263,12 @@ pub fn bind(io: &mut IoArgs, pid_tgid: u64, sk: u64, ret: i32, flags: u32) {
     }
     adopt(c);
     io.verdict = c.verdict;
+    if ret > 0 && c.verdict == VERDICT_TLS && call.dir < DIR_HANDSHAKE {
+        // Its plaintext is owed to this connection: a close before the call returns waits.
+        c.tls_busy[(call.dir & 1) as usize] = 1;
+        call.sk = sk;
+        call.state |= TLS_BUSY;
+    }
     if c.verdict != VERDICT_TLS || c.role != ROLE_SERVER || io.direction != DIR_INGRESS {
         return;
     }
@@ -361,6 +371,7 @@ pub fn walk_h2<C: EbpfContext>(ctx: &C, walk: Option<u32>) {
         // SAFETY: the array holds probe programs of this type.
         let _ = unsafe { TLS_H2_WALK.tail_call(ctx, dir) };
         count(CNT_H2_WALK_INCOMPLETE);
+        crate::h2walk::settle_tls();
     }
 }
 
@@ -373,16 +384,44 @@ fn leave(ok: u64, ex: bool) -> Option<u32> {
     // SAFETY: this thread's live map value, copied before removal.
     let call = unsafe { *call };
     let _ = TLS_CALLS.remove(&pid_tgid);
-    if ok == 0 {
-        return None;
-    }
-    let moved = if ex {
+    let moved = if ok == 0 {
+        0
+    } else if ex {
         // SAFETY: user memory through the fault-tolerant helper.
-        unsafe { bpf_probe_read_user(call.out as *const u64) }.ok()?
+        unsafe { bpf_probe_read_user(call.out as *const u64) }.unwrap_or(0)
     } else {
         ok
     };
-    finish(&call, pid_tgid, moved)
+    complete(&call, pid_tgid, moved)
+}
+
+/// `finish`, then `settle` unless the frame walker is to copy the call (it settles).
+#[inline(always)]
+pub fn complete(call: &TlsCall, pid_tgid: u64, moved: u64) -> Option<u32> {
+    let walk = finish(call, pid_tgid, moved);
+    if walk.is_none() && call.state & TLS_BUSY != 0 {
+        settle((pid_tgid >> 32) as u32, call.fd, call.sk, call.dir);
+    }
+    walk
+}
+
+/// A TLS call that marked connection `fd` (socket `sk`) busy in direction `dir` has sent what
+/// it moved: the mark goes, and a close that waited for it (`ConnInfo::closing`) happens now.
+#[inline(always)]
+pub fn settle(tgid: u32, fd: u32, sk: u64, dir: u32) {
+    let Some(c) = CONNS.get_ptr_mut(&conn_key(tgid, fd)) else {
+        return;
+    };
+    // SAFETY: live map value, used in place.
+    let c = unsafe { &mut *c };
+    if c.sk != sk {
+        return;
+    }
+    c.tls_busy[(dir & 1) as usize] = 0;
+    if c.closing != 0 && (c.tls_busy[0] | c.tls_busy[1]) == 0 {
+        let (verdict, ts) = (c.verdict, c.closing);
+        crate::conn::close(tgid, fd, sk, verdict, ts);
+    }
 }
 
 /// Sends what a call moved (`moved` bytes, > 0) on its connection, or returns its direction
@@ -419,17 +458,31 @@ pub fn finish(call: &TlsCall, pid_tgid: u64, moved: u64) -> Option<u32> {
             }
             (fd, claim)
         }
+        // Closed on another thread or goroutine (`SSL_free`, `(*Conn).Close`) after this
+        // call's own syscall moved its bytes: the socket is the one that syscall used.
+        None if call.state & TLS_BOUND != 0 && call.fd != TLS_NO_FD => (call.fd, None),
         None => {
             count(CNT_TLS_UNBOUND);
             return None;
         }
     };
     let Some(conn) = CONNS.get_ptr_mut(&conn_key(tgid, fd)) else {
-        count(CNT_TLS_UNBOUND);
+        // A socket this call's syscall used is gone only if it was closed since: the
+        // connection's close has been told to userspace, its spans are ended.
+        count(if call.state & TLS_BOUND != 0 {
+            CNT_TLS_AFTER_CLOSE
+        } else {
+            CNT_TLS_UNBOUND
+        });
         return None;
     };
     // SAFETY: live map value, used in place.
     let conn = unsafe { &mut *conn };
+    if call.state & TLS_BUSY != 0 && conn.sk != call.sk {
+        // The fd number names another socket now: this call's connection was closed.
+        count(CNT_TLS_AFTER_CLOSE);
+        return None;
+    }
     if conn.verdict != VERDICT_TLS && conn.sk != 0 {
         // Bound by `SSL_set_fd` or an earlier call, never by a syscall in a read or write.
         adopt(conn);
@@ -464,6 +517,7 @@ pub fn finish(call: &TlsCall, pid_tgid: u64, moved: u64) -> Option<u32> {
         io.buf_kind = BUF_PLAIN;
         io.direction = call.dir;
         io.verdict = VERDICT_TLS;
+        w.settle = call.state & TLS_BUSY != 0;
         return Some(call.dir);
     }
     emit(call, pid_tgid, fd, conn, (moved, ts_exit), claim);

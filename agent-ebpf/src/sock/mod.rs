@@ -113,7 +113,8 @@ pub fn classify(io: &mut IoArgs, pid_tgid: u64, sk: u64, family: u16, protocol: 
         return;
     }
     io.sk = sk;
-    let key = conn_key((pid_tgid >> 32) as u32, io.fd);
+    let tgid = (pid_tgid >> 32) as u32;
+    let key = conn_key(tgid, io.fd);
     let mut role = ROLE_UNKNOWN;
     if let Some(c) = CONNS.get_ptr(&key) {
         // SAFETY: live map value, copied once.
@@ -125,6 +126,9 @@ pub fn classify(io: &mut IoArgs, pid_tgid: u64, sk: u64, family: u16, protocol: 
         if c.sk == 0 {
             role = c.role; // set by accept/connect, first data on this socket
         }
+        if c.closing != 0 {
+            crate::conn::close_pending(tgid, io.fd);
+        }
     }
     let mut info = ConnInfo {
         sk,
@@ -134,6 +138,8 @@ pub fn classify(io: &mut IoArgs, pid_tgid: u64, sk: u64, family: u16, protocol: 
         opening: 0,
         proto: agent_common::PROTO_HTTP1,
         h2: [agent_common::H2Walk::default(); 2],
+        tls_busy: [0; 2],
+        closing: 0,
     };
     if (family == AF_INET || family == AF_INET6) && protocol == IPPROTO_TCP {
         if read_tuple(sk, family, &mut info.tuple).is_ok() && wanted(&info.tuple) {
