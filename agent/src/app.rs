@@ -294,6 +294,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // The selection and the per-process probes from here on, on a thread of their own.
     let (control_stop, control_stop_rx) = watch::channel(false);
     let (control_tx, mut control_done) = tokio::sync::oneshot::channel();
+    let (detached_tx, detached) = tokio::sync::oneshot::channel();
     crate::control::Control {
         ebpf,
         metrics: metrics.clone(),
@@ -302,7 +303,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         filter_pids,
         followers,
     }
-    .spawn(follow_rx, control_stop_rx, control_tx)
+    .spawn(follow_rx, control_stop_rx, (control_tx, detached_tx))
     .context("starting the control thread")?;
 
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())
@@ -323,8 +324,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tracing::error!(
             "{why}: detaching and exiting, so the agent is restarted rather than left half-alive"
         );
-        // The control thread detaches every program; exiting does if it cannot.
         let _ = tokio::time::timeout(Duration::from_secs(5), control_done).await;
+        wait_detached(detached).await;
         anyhow::bail!(why);
     }
     runtimes_stop.store(true, std::sync::atomic::Ordering::Release);
@@ -352,7 +353,31 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
     tracing::info!("final counters: {}", summary.join(" "));
+    wait_detached(detached).await;
     Ok(())
+}
+
+/// How long the agent waits, on its way out, for the control thread to detach every program.
+const DETACH_DEADLINE: Duration = Duration::from_secs(20);
+
+/// Waits (bounded) for the control thread to have detached every program: a uprobe still
+/// attached when the process exits cannot be taken out of the probed program's code by the
+/// kernel (see `control::Control::spawn`).
+async fn wait_detached(detached: tokio::sync::oneshot::Receiver<crate::control::Detached>) {
+    match tokio::time::timeout(DETACH_DEADLINE, detached).await {
+        Ok(Ok(d)) => tracing::info!(
+            elapsed_ms = d.took.as_millis() as u64,
+            probes = d.probes,
+            probes_ms = d.probes_took.as_millis() as u64,
+            "detached every program and probe"
+        ),
+        Ok(Err(_)) => tracing::warn!("the control thread ended without detaching"),
+        Err(_) => tracing::warn!(
+            "exiting with probes still attached after {} s: the kernel may leave their \
+             breakpoints in the probed programs (a trap per call until they exit)",
+            DETACH_DEADLINE.as_secs()
+        ),
+    }
 }
 
 /// Why a pipeline task ended before the agent was asked to stop.

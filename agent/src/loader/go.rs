@@ -106,6 +106,17 @@ pub struct GoProbes {
 }
 
 impl GoProbes {
+    /// Every executable's links, taken out of their programs (`per_process::take`).
+    pub fn take_links(
+        &mut self,
+        ebpf: &mut Ebpf,
+        out: &mut Vec<aya::programs::uprobe::UProbeLink>,
+    ) {
+        for (_, links) in self.files.drain() {
+            per_process::take(ebpf, links, out);
+        }
+    }
+
     /// Loads (verifies) the probe programs now, so that the first Go process found later is
     /// probed at once rather than after their verification.
     pub fn preload(&mut self, ebpf: &mut Ebpf) -> Result<(), GoProbeError> {

@@ -5,7 +5,7 @@ use std::{collections::HashMap, path::Path};
 
 use aya::{
     programs::{
-        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLink, UProbeLinkId, UProbeScope},
         ProgramError, UProbe,
     },
     Ebpf,
@@ -56,6 +56,13 @@ impl Processes {
 
     pub fn is_empty(&self) -> bool {
         self.probed.is_empty()
+    }
+
+    /// Every process's links, taken out of their programs (`take`).
+    pub fn take_all(&mut self, ebpf: &mut Ebpf, out: &mut Vec<UProbeLink>) {
+        for (_, (_, links)) in self.probed.drain() {
+            take(ebpf, links, out);
+        }
     }
 
     /// Detaches the probes of processes that exited (or whose pid another process took).
@@ -153,6 +160,19 @@ fn attach_scoped(
         }
     }
     Ok(links)
+}
+
+/// Takes `links` out of their programs as owned links: dropping one detaches it, so the agent
+/// can detach many at once on its way out (`control::detach_all`).
+pub fn take(ebpf: &mut Ebpf, links: Links, out: &mut Vec<UProbeLink>) {
+    for (program, link) in links {
+        if let Ok(link) = uprobe(ebpf, program).and_then(|p| {
+            p.take_link(link)
+                .map_err(|source| AttachError::Program { program, source })
+        }) {
+            out.push(link);
+        }
+    }
 }
 
 pub fn detach(ebpf: &mut Ebpf, links: Links) {

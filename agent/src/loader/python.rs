@@ -242,6 +242,15 @@ pub struct PyProbes {
 }
 
 impl PyProbes {
+    /// Every process's links, taken out of their programs (`per_process::take`).
+    pub fn take_links(
+        &mut self,
+        ebpf: &mut Ebpf,
+        out: &mut Vec<aya::programs::uprobe::UProbeLink>,
+    ) {
+        self.probed.take_all(ebpf, out);
+    }
+
     /// Probes process `pid` if it runs CPython with asyncio support and is not probed yet.
     pub fn attach(&mut self, ebpf: &mut Ebpf, pid: u32) -> Result<Outcome, PyProbeError> {
         let Some(since) = per_process::start_time(pid) else {

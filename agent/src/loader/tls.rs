@@ -183,6 +183,18 @@ pub struct TlsProbes {
 }
 
 impl TlsProbes {
+    /// Every process's and library's links, taken out of their programs (`per_process::take`).
+    pub fn take_links(
+        &mut self,
+        ebpf: &mut Ebpf,
+        out: &mut Vec<aya::programs::uprobe::UProbeLink>,
+    ) {
+        self.probed.take_all(ebpf, out);
+        for (_, links) in self.everywhere.iter_mut().flat_map(|m| m.drain()) {
+            per_process::take(ebpf, links, out);
+        }
+    }
+
     /// Whole-host mode: libraries are probed for every process that maps them, starting with
     /// the system's own. Returns what each system library found gave.
     pub fn whole_host(&mut self, ebpf: &mut Ebpf) -> Vec<(PathBuf, Result<(), TlsProbeError>)> {

@@ -142,6 +142,15 @@ pub struct TokioProbes {
 }
 
 impl TokioProbes {
+    /// Every process's links, taken out of their programs (`per_process::take`).
+    pub fn take_links(
+        &mut self,
+        ebpf: &mut Ebpf,
+        out: &mut Vec<aya::programs::uprobe::UProbeLink>,
+    ) {
+        self.probed.take_all(ebpf, out);
+    }
+
     /// Probes tokio process `pid` unless it is already.
     pub fn attach(&mut self, ebpf: &mut Ebpf, pid: u32) -> Result<Outcome, TokioProbeError> {
         let Some(since) = per_process::start_time(pid) else {
