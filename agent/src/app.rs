@@ -358,7 +358,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 /// How long the agent waits, on its way out, for the control thread to detach every program.
-const DETACH_DEADLINE: Duration = Duration::from_secs(20);
+const DETACH_DEADLINE: Duration = Duration::from_secs(40);
 
 /// Waits (bounded) for the control thread to have detached every program: a uprobe still
 /// attached when the process exits cannot be taken out of the probed program's code by the
