@@ -181,9 +181,10 @@ pub const CNT_GO_TLS_UNKNOWN_CONN: u32 = 44;
 /// host marked, but returned no request line (Go's server reads one byte ahead while a handler
 /// runs, splitting the next head): that request's span gets no parent.
 pub const CNT_TLS_CLAIM_DROPPED: u32 = 45;
-/// TLS calls that returned after their socket was closed (another thread or goroutine closed
-/// the connection while this call, whose own syscall had moved its bytes, was returning): the
-/// connection and its spans have ended, so nothing of the call is sent.
+/// TLS calls whose socket was known (bound by their own syscall or an earlier one) but closed
+/// by the time they returned (another thread or goroutine closed the connection, and the fd
+/// number names another socket, or the call made no syscall of its own): the connection and
+/// its spans have ended, so nothing of the call is sent.
 pub const CNT_TLS_AFTER_CLOSE: u32 = 46;
 /// Size of the kernel's counter array: room for counters yet to come without a layout change.
 pub const NUM_COUNTERS: u32 = 48;

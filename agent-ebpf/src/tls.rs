@@ -467,13 +467,11 @@ pub fn finish(call: &TlsCall, pid_tgid: u64, moved: u64) -> Option<u32> {
         }
     };
     let Some(conn) = CONNS.get_ptr_mut(&conn_key(tgid, fd)) else {
-        // A socket this call's syscall used is gone only if it was closed since: the
-        // connection's close has been told to userspace, its spans are ended.
-        count(if call.state & TLS_BOUND != 0 {
-            CNT_TLS_AFTER_CLOSE
-        } else {
-            CNT_TLS_UNBOUND
-        });
+        // The call's socket is known (its own syscall, or the binding a syscall made): it is
+        // gone only if it was closed since (a read served from the library's buffer, returning
+        // after another thread or goroutine closed the connection). Its close has been told
+        // to userspace and its spans are ended.
+        count(CNT_TLS_AFTER_CLOSE);
         return None;
     };
     // SAFETY: live map value, used in place.
