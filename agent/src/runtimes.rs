@@ -46,9 +46,20 @@ const MAX_SCAN_BYTES: u64 = 512 << 20;
 /// Distinct files remembered; past that the cache starts over.
 const MAX_FILES: usize = 16_384;
 
+/// The text every binary with a tokio runtime keeps: tokio's own panic message for a call
+/// outside one (the same in every tokio 1.x); read-only data survives stripping. (Its default
+/// worker-thread name is no mark: tokio 1.4x renamed it, and the compiler builds such short
+/// strings from immediates.)
+const TOKIO_MARK: &[u8] = b"must be called from the context of a Tokio 1.x runtime";
+
 /// Judges one ELF file by what any build of these runtimes leaves in it, stripped or not.
+/// `has_mark(offset, size)` says whether that byte range of the file holds `TOKIO_MARK`.
 /// Hand-written: no crate names the runtime an ELF file was built with.
-pub fn classify_elf<'a, R: object::ReadRef<'a>>(data: R, file_name: &str) -> Runtime {
+pub fn classify_elf<'a, R: object::ReadRef<'a>>(
+    data: R,
+    file_name: &str,
+    mut has_mark: impl FnMut(u64, u64) -> bool,
+) -> Runtime {
     if file_name == "beam.smp" {
         return Runtime::Tasks("erlang");
     }
@@ -65,20 +76,48 @@ pub fn classify_elf<'a, R: object::ReadRef<'a>>(data: R, file_name: &str) -> Run
     }) {
         return Runtime::Tasks("go");
     }
-    // Every binary with a tokio runtime keeps tokio's own panic message for a call outside
-    // one (the same text in every tokio 1.x); read-only data survives stripping. (Its default
-    // worker-thread name is no mark: tokio 1.4x renamed it, and the compiler builds such short
-    // strings from immediates.)
-    let marks =
-        memchr::memmem::Finder::new(b"must be called from the context of a Tokio 1.x runtime");
     if elf
         .sections()
         .filter(|s| s.name().is_ok_and(|n| n.starts_with(".rodata")))
-        .any(|s| s.data().is_ok_and(|d| marks.find(d).is_some()))
+        .filter_map(|s| s.file_range())
+        .any(|(offset, size)| has_mark(offset, size))
     {
         return Runtime::Tasks("tokio");
     }
     Runtime::Threads
+}
+
+/// Bytes read from a file at a time when looking for `TOKIO_MARK`.
+const SCAN_CHUNK: usize = 1 << 20;
+
+/// Whether that range of `file` holds `TOKIO_MARK`, read a chunk at a time into one reused
+/// buffer: a big program's read-only data (node's is 47 MB) is judged in a few milliseconds
+/// instead of the tens that copying it whole into fresh memory took, so a process that exec'd
+/// is classified before its first requests (until then its calls get no in-thread parent).
+fn mark_in_file(file: &File, offset: u64, size: u64) -> bool {
+    use std::os::unix::fs::FileExt;
+    let finder = memchr::memmem::Finder::new(TOKIO_MARK);
+    let keep = TOKIO_MARK.len() - 1;
+    let mut buf = vec![0u8; SCAN_CHUNK + keep];
+    // Bytes carried over from the previous chunk, so a mark across two chunks is found.
+    let mut carried = 0;
+    let mut at = offset;
+    let end = offset.saturating_add(size);
+    while at < end {
+        let want = ((end - at) as usize).min(SCAN_CHUNK);
+        let n = match file.read_at(&mut buf[carried..carried + want], at) {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => n,
+        };
+        let filled = carried + n;
+        if finder.find(&buf[..filled]).is_some() {
+            return true;
+        }
+        carried = filled.min(keep);
+        buf.copy_within(filled - carried..filled, 0);
+        at += n as u64;
+    }
+    false
 }
 
 /// The runtime of the file at `path`, remembered by its identity.
@@ -99,11 +138,12 @@ impl FileCache {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let r = if m.len() > MAX_SCAN_BYTES {
-            classify_elf(&[][..], &name)
+            classify_elf(&[][..], &name, |_, _| false)
         } else {
-            // Reads only the headers and the sections looked at, not the whole file.
-            let cache = object::read::ReadCache::new(f);
-            classify_elf(&cache, &name)
+            // Reads only the headers and section names, not the whole file; read-only data is
+            // searched from the file itself.
+            let cache = object::read::ReadCache::new(&f);
+            classify_elf(&cache, &name, |offset, size| mark_in_file(&f, offset, size))
         };
         if self.by_file.len() >= MAX_FILES {
             self.by_file.clear();
@@ -300,14 +340,61 @@ impl Classifier {
 mod tests {
     use super::*;
 
+    /// Whether `bytes[offset..offset + size]` holds `TOKIO_MARK`.
+    fn mark_in_slice(bytes: &[u8], offset: u64, size: u64) -> bool {
+        let (start, end) = (offset as usize, offset.saturating_add(size) as usize);
+        bytes
+            .get(start..end.min(bytes.len()))
+            .is_some_and(|d| memchr::memmem::find(d, TOKIO_MARK).is_some())
+    }
+
+    #[test]
+    fn a_mark_is_found_in_a_file_wherever_it_lies_across_chunks() {
+        let path = std::env::temp_dir().join(format!("beholder-mark-{}", std::process::id()));
+        let len = 3 * SCAN_CHUNK;
+        let f = |at: Option<usize>| {
+            let mut bytes = vec![b'x'; len];
+            if let Some(at) = at {
+                bytes[at..at + TOKIO_MARK.len()].copy_from_slice(TOKIO_MARK);
+            }
+            std::fs::write(&path, &bytes).unwrap();
+            File::open(&path).unwrap()
+        };
+        let across = SCAN_CHUNK - 7;
+        assert!(mark_in_file(&f(Some(across)), 0, len as u64));
+        assert!(mark_in_file(&f(Some(across)), 100, len as u64 - 100));
+        assert!(mark_in_file(
+            &f(Some(len - TOKIO_MARK.len())),
+            0,
+            len as u64
+        ));
+        assert!(mark_in_file(&f(Some(0)), 0, TOKIO_MARK.len() as u64));
+        // Outside the range, cut by its end, or absent: not found.
+        assert!(!mark_in_file(&f(Some(across)), across as u64 + 1, 10 << 20));
+        assert!(!mark_in_file(&f(Some(across)), 0, across as u64 + 5));
+        assert!(!mark_in_file(&f(None), 0, len as u64));
+        // A range past the end of the file (a truncated file) is no mark and no error.
+        assert!(!mark_in_file(&f(None), len as u64 * 2, 100));
+        std::fs::remove_file(&path).unwrap();
+    }
+
     #[test]
     fn a_c_binary_is_threaded_and_names_decide_the_rest() {
         let ls = std::fs::read("/bin/ls").expect("/bin/ls");
-        assert_eq!(classify_elf(&ls[..], "ls"), Runtime::Threads);
-        assert_eq!(classify_elf(&b"not an elf"[..], "x"), Runtime::Threads);
-        assert_eq!(classify_elf(&[][..], "beam.smp"), Runtime::Tasks("erlang"));
         assert_eq!(
-            classify_elf(&[][..], "libcoreclr.so"),
+            classify_elf(&ls[..], "ls", |o, n| mark_in_slice(&ls, o, n)),
+            Runtime::Threads
+        );
+        assert_eq!(
+            classify_elf(&b"not an elf"[..], "x", |_, _| true),
+            Runtime::Threads
+        );
+        assert_eq!(
+            classify_elf(&[][..], "beam.smp", |_, _| false),
+            Runtime::Tasks("erlang")
+        );
+        assert_eq!(
+            classify_elf(&[][..], "libcoreclr.so", |_, _| false),
             Runtime::Tasks("dotnet")
         );
     }
@@ -316,7 +403,10 @@ mod tests {
     fn this_tokio_binary_is_a_task_runtime() {
         // The unit-test binary links tokio with its multi-thread runtime.
         let me = std::fs::read("/proc/self/exe").expect("own exe");
-        assert_eq!(classify_elf(&me[..], "agent-test"), Runtime::Tasks("tokio"));
+        assert_eq!(
+            classify_elf(&me[..], "agent-test", |o, n| mark_in_slice(&me, o, n)),
+            Runtime::Tasks("tokio")
+        );
         let mut files = FileCache {
             by_file: HashMap::new(),
         };

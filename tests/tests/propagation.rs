@@ -426,7 +426,7 @@ fn node_linking_accuracy_under_concurrency() {
     agent.stop();
     drop(chain_leaf);
     let m = by_path(&rx.spans());
-    let (mut linked, mut unlinked, mut wrong) = (0, 0, 0);
+    let (mut linked, mut unlinked, mut unclassified, mut wrong) = (0, 0, 0, 0);
     for p in &paths {
         let spans = m.get(p).cloned().unwrap_or_default();
         let one = |svc: &str, kind: &str| -> RSpan {
@@ -450,8 +450,14 @@ fn node_linking_accuracy_under_concurrency() {
         assert_eq!(leaf.trace_id(), client.trace_id());
         let method = client.attr("beholder.link.method").unwrap_or("");
         if client.parent_id().is_empty() {
-            assert!(matches!(method, "ambiguous" | "none"), "{p}: {method}");
+            // "unclassified": the call came before the agent had looked at node's executable
+            // (it exec'd a moment before the first requests), so its thread was no evidence yet.
+            assert!(
+                matches!(method, "ambiguous" | "none" | "unclassified"),
+                "{p}: {method}"
+            );
             unlinked += 1;
+            unclassified += usize::from(method == "unclassified");
         } else if client.parent_id() == server.span_id() && client.trace_id() == server.trace_id() {
             assert_eq!(method, "thread", "{p}");
             linked += 1;
@@ -462,8 +468,15 @@ fn node_linking_accuracy_under_concurrency() {
     let _ = LEAF;
     println!(
         "node linking under 10 concurrent clients: {linked}/{} linked, {unlinked} ambiguous or \
-         unlinked, {wrong} wrong",
+         unlinked ({unclassified} before node was classified), {wrong} wrong",
         paths.len(),
     );
     assert_eq!(wrong, 0, "a wrong parent is worse than none");
+    // Only the first burst can come before the classifier has judged node (milliseconds
+    // after its exec); a process left unclassified for good would leave every call unlinked.
+    assert!(
+        unclassified * 10 <= paths.len(),
+        "{unclassified} of {} calls found node unclassified",
+        paths.len()
+    );
 }

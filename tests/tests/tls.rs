@@ -293,7 +293,10 @@ fn openssl_clients_through_an_nginx_tls_proxy_link_end_to_end() {
                     None => {
                         assert!(s.parent_id().is_empty(), "unknown parent: {}", brief(s));
                         assert!(
-                            matches!(s.attr("beholder.link.method"), Some("ambiguous" | "none")),
+                            matches!(
+                                s.attr("beholder.link.method"),
+                                Some("ambiguous" | "none" | "unclassified")
+                            ),
                             "{}",
                             brief(s)
                         );
