@@ -53,6 +53,7 @@ pub fn emit_data<const DIR: u32>(args: &IoArgs, pid_tgid: u64, moved: u64) -> bo
     } else {
         copy_plain(payload, args.buf, want as usize)
     };
+    let captured = forget_paths(buf.as_mut_ptr(), captured);
 
     if conn.opening != 0 && !opens_http::<DIR>(conn, payload, captured) {
         return false;
@@ -118,6 +119,27 @@ pub fn emit_data<const DIR: u32>(args: &IoArgs, pid_tgid: u64, moved: u64) -> bo
         count(CNT_RINGBUF_FULL);
     }
     false
+}
+
+/// `captured` as the verifier sees a value read from memory: any count up to `MAX_PAYLOAD`,
+/// the same on every path. Each way through the copy loops ends with a count of its own, and
+/// the verifier would check all that follows once for each of them (past its million
+/// instructions in the ingress exit on some 6.18 builds); written to the map value and read
+/// back, they are all one state and the rest is checked once. `buf` is the scratch buffer.
+#[inline(always)]
+fn forget_paths(buf: *mut u8, captured: usize) -> usize {
+    // SAFETY: the scratch buffer begins with the (8-byte aligned) `DataHeader`.
+    let at = unsafe { core::ptr::addr_of_mut!((*(buf as *mut DataHeader)).captured) };
+    // SAFETY: as above; volatile, so that the compiler keeps the store and the load.
+    let n = unsafe {
+        core::ptr::write_volatile(at, captured as u32);
+        core::ptr::read_volatile(at)
+    } as usize;
+    if n > MAX_PAYLOAD {
+        MAX_PAYLOAD
+    } else {
+        n
+    }
 }
 
 /// The first bytes of a connection seen from its start: when the client's opening is not an HTTP

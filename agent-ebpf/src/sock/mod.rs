@@ -10,12 +10,15 @@
 #[allow(unused_imports)]
 use crate::maps::lru::*;
 use agent_common::{
-    head_scan, ConnInfo, ConnTuple, EndpointKey, H2Walk, IoArgs, ANY_ADDR, BUF_IOVEC, DIR_EGRESS,
+    head_scan, ConnTuple, EndpointKey, H2Walk, IoArgs, ANY_ADDR, BUF_IOVEC, DIR_EGRESS,
     DIR_INGRESS, FILTER_PORTS, H2_PREFACE_LEN, PROTO_H2, PROTO_HTTP1, ROLE_SERVER, ROLE_UNKNOWN,
     VERDICT_IGNORE, VERDICT_TRACE,
 };
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_user},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
+        bpf_probe_read_user,
+    },
     macros::tracepoint,
     programs::TracePointContext,
 };
@@ -106,8 +109,9 @@ pub fn family(sk: u64) -> u16 {
 }
 
 /// Decides once per syscall whether the socket `sk` it is on is traced (`io.verdict`), keeping
-/// the answer per connection in `CONNS`.
-#[inline(always)]
+/// the answer per connection in `CONNS`. A subprogram of its own: inlined, its locals and the
+/// spills they cause took the syscall exits past the 512-byte stack their callees share.
+#[inline(never)]
 pub fn classify(io: &mut IoArgs, pid_tgid: u64, sk: u64, family: u16, protocol: u16) {
     if io.sk != 0 || sk == 0 {
         return;
@@ -117,8 +121,9 @@ pub fn classify(io: &mut IoArgs, pid_tgid: u64, sk: u64, family: u16, protocol: 
     let key = conn_key(tgid, io.fd);
     let mut role = ROLE_UNKNOWN;
     if let Some(c) = CONNS.get_ptr(&key) {
-        // SAFETY: live map value, copied once.
-        let c = unsafe { *c };
+        // SAFETY: live map value, read in place (a copy would cost this program's stack, which
+        // the callees it shares the 512-byte budget with need).
+        let c = unsafe { &*c };
         if c.sk == sk {
             io.verdict = c.verdict;
             return;
@@ -130,17 +135,20 @@ pub fn classify(io: &mut IoArgs, pid_tgid: u64, sk: u64, family: u16, protocol: 
             crate::conn::close_pending(tgid, io.fd);
         }
     }
-    let mut info = ConnInfo {
-        sk,
-        role,
-        verdict: VERDICT_IGNORE,
-        tuple: ConnTuple::default(),
-        opening: 0,
-        proto: agent_common::PROTO_HTTP1,
-        h2: [agent_common::H2Walk::default(); 2],
-        tls_busy: [0; 2],
-        closing: 0,
+    let Some(info) = crate::maps::CONN_NEW.get_ptr_mut(0) else {
+        return;
     };
+    // SAFETY: this CPU's scratch slot, filled field by field and inserted before return.
+    let info = unsafe { &mut *info };
+    info.sk = sk;
+    info.role = role;
+    info.verdict = VERDICT_IGNORE;
+    info.tuple = ConnTuple::default();
+    info.opening = 0;
+    info.proto = agent_common::PROTO_HTTP1;
+    info.h2 = [agent_common::H2Walk::default(); 2];
+    info.tls_busy = [0; 2];
+    info.closing = 0;
     if (family == AF_INET || family == AF_INET6) && protocol == IPPROTO_TCP {
         if read_tuple(sk, family, &mut info.tuple).is_ok() && wanted(&info.tuple) {
             info.verdict = VERDICT_TRACE;
@@ -149,12 +157,14 @@ pub fn classify(io: &mut IoArgs, pid_tgid: u64, sk: u64, family: u16, protocol: 
         }
     }
     io.verdict = info.verdict;
-    if lru_insert(&CONNS, LRU_CONNS, CAP_CONNS, &key, &info).is_err() {
+    if lru_insert(&CONNS, LRU_CONNS, CAP_CONNS, &key, info).is_err() {
         count(agent_common::CNT_CONNS_FULL);
     }
 }
 
-#[inline(always)]
+/// A subprogram of its own, beside `classify`'s frame. Addresses are read straight into `t`
+/// (a map value) and unmapped in place: copies through the stack cost the frame its budget.
+#[inline(never)]
 fn read_tuple(sk: u64, family: u16, t: &mut ConnTuple) -> Result<(), i64> {
     // SAFETY: kernel reads through the fault-tolerant helper.
     unsafe {
@@ -163,21 +173,17 @@ fn read_tuple(sk: u64, family: u16, t: &mut ConnTuple) -> Result<(), i64> {
         t.local_port = (ports >> 16) as u16;
         t.family = family;
         if family == AF_INET {
-            let peer = bpf_probe_read_kernel(sk as *const [u8; 4]).map_err(|e| e as i64)?;
-            let local = bpf_probe_read_kernel((sk + 4) as *const [u8; 4]).map_err(|e| e as i64)?;
-            t.peer_addr[..4].copy_from_slice(&peer);
-            t.local_addr[..4].copy_from_slice(&local);
+            bpf_probe_read_kernel_buf(sk as *const u8, &mut t.peer_addr[..4])?;
+            bpf_probe_read_kernel_buf((sk + 4) as *const u8, &mut t.local_addr[..4])?;
         } else {
-            t.peer_addr =
-                bpf_probe_read_kernel((sk + 56) as *const [u8; 16]).map_err(|e| e as i64)?;
-            t.local_addr =
-                bpf_probe_read_kernel((sk + 72) as *const [u8; 16]).map_err(|e| e as i64)?;
+            bpf_probe_read_kernel_buf((sk + 56) as *const u8, &mut t.peer_addr)?;
+            bpf_probe_read_kernel_buf((sk + 72) as *const u8, &mut t.local_addr)?;
             // A dual-stack socket speaking IPv4 (`::ffff:a.b.c.d` on both ends) is recorded as
             // IPv4, once per connection, so both ends of a connection name it alike.
             if v4_mapped(&t.peer_addr) && v4_mapped(&t.local_addr) {
                 t.family = AF_INET;
-                t.peer_addr = unmap(&t.peer_addr);
-                t.local_addr = unmap(&t.local_addr);
+                unmap(&mut t.peer_addr);
+                unmap(&mut t.local_addr);
             }
         }
     }
@@ -186,21 +192,14 @@ fn read_tuple(sk: u64, family: u16, t: &mut ConnTuple) -> Result<(), i64> {
 
 #[inline(always)]
 fn v4_mapped(a: &[u8; 16]) -> bool {
-    u64::from_ne_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]) == 0
-        && a[8] == 0
-        && a[9] == 0
-        && a[10] == 0xff
-        && a[11] == 0xff
+    a[..10].iter().all(|&b| b == 0) && a[10] == 0xff && a[11] == 0xff
 }
 
+/// `::ffff:a.b.c.d` becomes `a.b.c.d` followed by zeros.
 #[inline(always)]
-fn unmap(a: &[u8; 16]) -> [u8; 16] {
-    let mut v4 = [0u8; 16];
-    v4[0] = a[12];
-    v4[1] = a[13];
-    v4[2] = a[14];
-    v4[3] = a[15];
-    v4
+fn unmap(a: &mut [u8; 16]) {
+    a.copy_within(12..16, 0);
+    a[4..].fill(0);
 }
 
 /// Port filter and the excluded OTLP endpoints, checked once per connection.

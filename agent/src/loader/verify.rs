@@ -30,11 +30,22 @@ pub fn ahead(ebpf: &mut Ebpf, names: &[&str]) -> usize {
         for _ in 0..threads {
             s.spawn(|| loop {
                 let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop();
-                let Some((_, prog)) = next else {
+                let Some((i, prog)) = next else {
                     break;
                 };
+                let start = std::time::Instant::now();
                 if load_once(prog).is_ok() && prog.fd().is_ok() {
                     *loaded.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+                    let insns = prog
+                        .info()
+                        .ok()
+                        .and_then(|i| i.verified_instruction_count());
+                    tracing::debug!(
+                        program = names[i],
+                        ms = start.elapsed().as_millis() as u64,
+                        verified_insns = insns,
+                        "verified"
+                    );
                 }
             });
         }
