@@ -37,7 +37,7 @@ cat > "$dir/u.c" <<'EOF'
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
-extern int k_jcc(int), k_call(int), k_nop5(int), k_sub(int), k_endbr(int), k_mov(int), k_ret(int);
+extern int k_jcc(int), k_call(int), k_nop5(int), k_sub(int), k_endbr(int), k_mov(int), k_ret(int), k_push(int);
 asm(".text\n"
     ".globl k_jcc\nk_jcc: test %edi,%edi\n js 1f\n1: lea 1(%rdi),%eax\n ret\n"
     ".globl k_call\nk_call: call 2f\n lea 1(%rdi),%eax\n ret\n2: ret\n"
@@ -45,9 +45,10 @@ asm(".text\n"
     ".globl k_sub\nk_sub: sub $0x18,%rsp\n add $0x18,%rsp\n lea 1(%rdi),%eax\n ret\n"
     ".globl k_endbr\nk_endbr: endbr64\n lea 1(%rdi),%eax\n ret\n"
     ".globl k_mov\nk_mov: mov %rdi,%rax\n lea 1(%rdi),%eax\n ret\n"
-    ".globl k_ret\nk_ret: lea 1(%rdi),%eax\n ret\n");
+    ".globl k_ret\nk_ret: lea 1(%rdi),%eax\n ret\n"
+    ".globl k_push\nk_push: push %rbx\n lea 1(%rdi),%eax\n pop %rbx\n ret\n");
 int main(int argc, char **argv) {
-  int (*fs[])(int) = {k_jcc, k_call, k_nop5, k_sub, k_endbr, k_mov, k_ret};
+  int (*fs[])(int) = {k_jcc, k_call, k_nop5, k_sub, k_endbr, k_mov, k_ret, k_push, k_push, k_sub};
   int (*f)(int) = fs[atoi(argv[1])];
   long n = atol(argv[2]), s = 0;
   struct timespec a, b;
@@ -65,19 +66,29 @@ echo 0 > "$inst/tracing_on"
 offset() { # symbol [bytes to skip]
   printf '0x%x' $((0x$(nm "$dir/u" | awk -v s="$1" '$3 == s {print $1}') + ${2:-0}))
 }
-kinds=(jcc call nop5 sub endbr mov ret)
-how=(emulated emulated optimized single-stepped single-stepped single-stepped single-stepped)
-printf '%-6s %-15s %12s %12s %12s\n' kind "kernel runs it" "bare us" "probed us" "added us"
+# push+ret and sub+ret: a return probe (uretprobe) on the function, which also traps at its
+# first instruction; what OpenSSL's internal read and write (first instruction a push) and
+# its exported wrappers (a sub) each cost with an entry and a return probe.
+kinds=(jcc call nop5 sub endbr mov ret push push+ret sub+ret)
+how=(emulated emulated optimized single-stepped single-stepped single-stepped single-stepped emulated emulated+return single-stepped+return)
+printf '%-9s %-22s %12s %12s %12s\n' kind "kernel runs it" "bare us" "probed us" "added us"
 for i in "${!kinds[@]}"; do
   k=${kinds[$i]}
   skip=0
   [ "$k" = jcc ] && skip=2 # the js after the test
   [ "$k" = ret ] && skip=3
-  echo "p:$group/$k $dir/u:$(offset "k_$k" $skip)" >> "$tracefs/uprobe_events"
+  fn=${k%+ret}
+  ev=${k/+/_}
+  if [ "$fn" != "$k" ]; then
+    echo "p:$group/${ev}_in $dir/u:$(offset "k_$fn")" >> "$tracefs/uprobe_events"
+    echo "r:$group/$ev $dir/u:$(offset "k_$fn")" >> "$tracefs/uprobe_events"
+  else
+    echo "p:$group/$ev $dir/u:$(offset "k_$fn" $skip)" >> "$tracefs/uprobe_events"
+  fi
   bare=$("$dir/u" "$i" "$calls")
-  echo 1 > "$inst/events/$group/$k/enable"
+  for e in "$ev" "${ev}_in"; do [ -e "$inst/events/$group/$e" ] && echo 1 > "$inst/events/$group/$e/enable"; done
   probed=$("$dir/u" "$i" "$calls")
-  echo 0 > "$inst/events/$group/$k/enable"
+  for e in "$ev" "${ev}_in"; do [ -e "$inst/events/$group/$e" ] && echo 0 > "$inst/events/$group/$e/enable"; done
   awk -v k="$k" -v h="${how[$i]}" -v b="$bare" -v p="$probed" \
-    'BEGIN { printf "%-6s %-15s %12s %12s %12.3f\n", k, h, b, p, p - b }'
+    'BEGIN { printf "%-9s %-22s %12s %12s %12.3f\n", k, h, b, p, p - b }'
 done

@@ -70,13 +70,20 @@ pub enum TlsProbeError {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Library {
     pub offsets: [Option<u64>; TLS_PROBES.len()],
+    /// Reads and writes are probed in the library's internal functions that both exported
+    /// forms call (`shared_callee`), not at the exported wrappers.
+    pub internal: bool,
 }
+
+/// `TLS_PROBES` indices of the calls that `shared_callee` can move: (plain, `_ex`).
+const READ: (usize, usize) = (0, 2);
+const WRITE: (usize, usize) = (1, 3);
 
 /// Finds the functions in the ELF file `data` (named `file` in errors).
 pub fn library(data: &[u8], file: &str) -> Result<Library, TlsProbeError> {
     let elf =
         object::File::parse(data).map_err(|e| TlsProbeError::Read(file.into(), e.to_string()))?;
-    let mut found = Library::default();
+    let mut addrs: [Option<u64>; TLS_PROBES.len()] = Default::default();
     for sym in elf.dynamic_symbols().chain(elf.symbols()) {
         if sym.kind() != object::SymbolKind::Text || sym.address() == 0 || sym.is_undefined() {
             continue;
@@ -87,26 +94,107 @@ pub fn library(data: &[u8], file: &str) -> Result<Library, TlsProbeError> {
         let Some(i) = TLS_PROBES.iter().position(|(s, _, _)| *s == name) else {
             continue;
         };
-        if found.offsets[i].is_some() {
-            continue;
+        if addrs[i].is_none() && code_at(&elf, data, sym.address()).is_some() {
+            addrs[i] = Some(sym.address());
         }
-        let Some(section) = sym
-            .section_index()
-            .and_then(|i| elf.section_by_index(i).ok())
-        else {
-            continue;
-        };
-        let Some((start, _)) = section.file_range() else {
-            continue;
-        };
-        found.offsets[i] = Some(sym.address() - section.address() + start);
     }
     // Reads and writes are the point; the `_ex` forms and the binding calls are optional
     // (BoringSSL has no `_ex`).
-    if found.offsets[0].is_none() || found.offsets[1].is_none() {
+    if addrs[0].is_none() || addrs[1].is_none() {
         return Err(TlsProbeError::NoSymbols(file.into()));
     }
+    let mut found = Library::default();
+    let moved = if elf.architecture() == object::Architecture::X86_64 {
+        let callee = |(plain, ex): (usize, usize)| {
+            shared_callee(&elf, data, addrs[plain]?, addrs[ex]?)
+        };
+        match (callee(READ), callee(WRITE)) {
+            (Some(r), Some(w)) if r != w => Some((r, w)),
+            _ => None,
+        }
+    } else {
+        None
+    };
+    if let Some((r, w)) = moved {
+        // Both forms of each call reach the library through its internal function, probed
+        // with the `_ex` programs (same arguments, same result): the wrappers are not probed,
+        // so no call is seen twice.
+        for ((plain, ex), at) in [(READ, r), (WRITE, w)] {
+            addrs[plain] = None;
+            addrs[ex] = Some(at);
+        }
+        found.internal = true;
+    }
+    for (i, a) in addrs.iter().enumerate() {
+        found.offsets[i] = a.and_then(|a| code_at(&elf, data, a)).map(|(off, _)| off);
+    }
     Ok(found)
+}
+
+/// The file offset of the code at address `addr`, and the bytes from there to the end of its
+/// section.
+fn code_at<'d>(elf: &object::File<'d>, data: &'d [u8], addr: u64) -> Option<(u64, &'d [u8])> {
+    let section = elf.sections().find(|s| {
+        s.kind() == object::SectionKind::Text
+            && (s.address()..s.address() + s.size()).contains(&addr)
+    })?;
+    let (start, size) = section.file_range()?;
+    let off = addr - section.address() + start;
+    let end = start.checked_add(size)?;
+    Some((off, data.get(off as usize..end as usize)?))
+}
+
+/// The kernel runs a probed `push` itself, but single-steps most other instructions out of line,
+/// which costs a second trap (about 9 to 15 µs in a VM, `bench/uprobe_cost.sh`). OpenSSL's
+/// exported `SSL_read`/`SSL_read_ex` (and writes) begin with `sub $n,%rsp`, where a return
+/// probe must sit, and both call one internal function, `ssl_read_internal(ssl, buf, num,
+/// *readbytes)`, with the `_ex` form's arguments and result, whose first instruction is a
+/// `push`. Probing it there gives the same calls at a tenth of the cost.
+///
+/// Returns that function's address when the code shows it: the `_ex` wrapper at `ex` passes
+/// its four argument registers untouched to its first call (only `endbr64`, `push` or `sub
+/// $n,%rsp` come before), the plain wrapper at `plain` calls the same function, and that
+/// function begins with a `push` of a register. Anything else (BoringSSL, another compiler's
+/// layout) keeps the probes at the exported functions.
+fn shared_callee(elf: &object::File, data: &[u8], plain: u64, ex: u64) -> Option<u64> {
+    use iced_x86::{Code, Decoder, DecoderOptions, Mnemonic, OpKind, Register};
+    let decode = |addr: u64| {
+        let (_, bytes) = code_at(elf, data, addr)?;
+        let bytes = &bytes[..bytes.len().min(256)];
+        Some(Decoder::with_ip(64, bytes, addr, DecoderOptions::NONE))
+    };
+    let direct_call = |i: &iced_x86::Instruction| {
+        (i.code() == Code::Call_rel32_64).then(|| i.near_branch_target())
+    };
+    let mut target = None;
+    for insn in decode(ex)?.into_iter().take(8) {
+        if let Some(t) = direct_call(&insn) {
+            target = Some(t);
+            break;
+        }
+        let keeps_arguments = match insn.mnemonic() {
+            Mnemonic::Endbr64 => true,
+            Mnemonic::Push => insn.op0_kind() == OpKind::Register,
+            Mnemonic::Sub => {
+                insn.op0_kind() == OpKind::Register
+                    && insn.op0_register() == Register::RSP
+                    && matches!(insn.op1_kind(), OpKind::Immediate8to64 | OpKind::Immediate32to64)
+            }
+            _ => false,
+        };
+        if !keeps_arguments {
+            return None;
+        }
+    }
+    let target = target?;
+    let calls_it = decode(plain)?
+        .into_iter()
+        .take_while(|i| !i.is_invalid() && i.mnemonic() != Mnemonic::Ret)
+        .take(64)
+        .any(|i| direct_call(&i) == Some(target));
+    let first = decode(target)?.into_iter().next()?;
+    (calls_it && first.mnemonic() == Mnemonic::Push && first.op0_kind() == OpKind::Register)
+        .then_some(target)
 }
 
 /// The file of process `pid` that holds OpenSSL, as a path valid from the agent: a mapped
@@ -318,10 +406,20 @@ impl TlsProbes {
                 if m.len() > MAX_FILE_BYTES {
                     return Err(format!("{name}: too large to read for symbols"));
                 }
-                std::fs::read(path)
+                let lib = std::fs::read(path)
                     .map_err(|e| TlsProbeError::Read(name.clone(), e.to_string()))
                     .and_then(|data| library(&data, &name))
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| e.to_string());
+                if let Ok(lib) = &lib {
+                    tracing::debug!(
+                        "{name}: reads and writes probed {}",
+                        match lib.internal {
+                            true => "in its internal functions (first instruction emulated)",
+                            false => "at the exported calls",
+                        }
+                    );
+                }
+                lib
             })
             .clone();
         Some(r)
@@ -361,9 +459,40 @@ mod tests {
         let path = "/usr/lib/x86_64-linux-gnu/libssl.so.3";
         let data = std::fs::read(path).expect("libssl.so.3 (Debian's libssl3)");
         let lib = library(&data, path).expect("OpenSSL symbols");
-        assert!(
-            lib.offsets.iter().all(Option::is_some),
-            "every call probed is exported by OpenSSL 3: {lib:?}"
+        // Debian's OpenSSL 3: both forms of SSL_read and of SSL_write call one internal
+        // function each, probed instead of the wrappers (`shared_callee`).
+        assert!(lib.internal, "{lib:?}");
+        let (r, w) = (lib.offsets[READ.1].unwrap(), lib.offsets[WRITE.1].unwrap());
+        assert!(lib.offsets[READ.0].is_none() && lib.offsets[WRITE.0].is_none());
+        assert_ne!(r, w);
+        for (i, off) in lib.offsets.iter().enumerate().skip(4) {
+            assert!(off.is_some(), "{} is exported by OpenSSL 3", TLS_PROBES[i].0);
+        }
+        // The internal functions begin with a push (0x41 0x5x: push r12-r15, or 0x5x).
+        for off in [r, w] {
+            let b = &data[off as usize..off as usize + 2];
+            assert!(
+                (0x50..=0x57).contains(&b[0]) || (b[0] == 0x41 && (0x50..=0x57).contains(&b[1])),
+                "{b:02x?}"
+            );
+        }
+        // The analysis refuses a pair that does not share its callee.
+        let elf = object::File::parse(&*data).unwrap();
+        let addr = |name: &str| {
+            elf.dynamic_symbols()
+                .find(|s| s.name().is_ok_and(|n| n.split('@').next() == Some(name)))
+                .map(|s| s.address())
+                .unwrap()
+        };
+        assert!(shared_callee(&elf, &data, addr("SSL_read"), addr("SSL_read_ex")).is_some());
+        assert_eq!(
+            shared_callee(&elf, &data, addr("SSL_read"), addr("SSL_write_ex")),
+            None
+        );
+        // SSL_free's first instruction is a test, not a call: no callee.
+        assert_eq!(
+            shared_callee(&elf, &data, addr("SSL_read"), addr("SSL_free")),
+            None
         );
         let ls = std::fs::read("/bin/ls").expect("/bin/ls");
         assert!(matches!(
