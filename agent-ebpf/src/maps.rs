@@ -99,6 +99,20 @@ pub static EXCLUDED_ENDPOINTS: HashMap<EndpointKey, u8> = HashMap::with_max_entr
 #[map]
 pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(4, 0);
 
+/// The state of a head walk (`propagate::head`), one per scratch slot: its `bpf_loop` callback
+/// finds it here rather than on the caller's stack. A scalar loaded from a map value is
+/// unknown to the verifier, so the callback's state is the same at every step and it is
+/// checked in a step or two; on the stack, each step's offsets were exact and the verifier
+/// checked step after step (`tcp_sendmsg_locked` took 637k instructions, 1.5 s).
+#[map]
+pub static WALKS: PerCpuArray<WalkState> = PerCpuArray::with_max_entries(4, 0);
+
+/// Room for the largest walk state (`head_scan::HeadWalk`, 48 bytes).
+#[repr(C, align(8))]
+pub struct WalkState {
+    pub bytes: [u8; 64],
+}
+
 /// Where `sock::classify` builds a new connection's entry before inserting it into `CONNS`
 /// (on the stack it cost 144 bytes of the 512 its program shares with its callees). Every
 /// caller runs in process context with preemption off (a syscall's tracepoint, or

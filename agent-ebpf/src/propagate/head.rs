@@ -13,7 +13,7 @@ use aya_ebpf::{cty::c_void, helpers::generated::bpf_loop};
 
 pub use agent_common::head_scan::{Head, TraceParent, SCAN_MAX, TP_LEN};
 
-use crate::maps::SCRATCH;
+use crate::maps::{WalkState, SCRATCH, WALKS};
 
 const MASK: usize = MAX_PAYLOAD - 1;
 
@@ -50,35 +50,55 @@ fn slot_buf(slot: u32) -> Option<Masked> {
     Some(Masked(unsafe { (*s).buf.as_ptr().add(DATA_HEADER_SIZE) }))
 }
 
-/// Runs `step` on `state` for indices `0..n` until it returns 1. `bpf_loop` has the verifier
-/// check the step once, where an open-coded loop over 4 KiB would exceed its limits.
+/// Runs `step` over the walk state `init` for indices `0..n` until it returns 1, and returns
+/// the state. `bpf_loop` has the verifier check the step as a loop body, where an open-coded
+/// loop over 4 KiB would exceed its limits; the state lives in `WALKS` (see there) and the
+/// callback gets only the slot.
 #[inline(always)]
-fn walk<T>(n: usize, state: &mut T, step: extern "C" fn(u64, *mut c_void) -> i64) {
-    // SAFETY: `state` outlives the call; the callback only touches it and the scratch map.
+fn walk<W>(
+    slot: u32,
+    n: usize,
+    init: W,
+    step: extern "C" fn(u64, *mut c_void) -> i64,
+) -> Option<W> {
+    const { assert!(core::mem::size_of::<W>() <= core::mem::size_of::<WalkState>()) };
+    let state = WALKS.get_ptr_mut(slot)? as *mut W;
+    // SAFETY: this CPU's map value, large and aligned enough for `W` (asserted above); no other
+    // program uses this slot's state while this one runs (as for `SCRATCH`).
+    unsafe { core::ptr::write(state, init) };
+    let mut ctx = slot;
+    // SAFETY: `ctx` outlives the call; the callback only touches the maps of its slot.
     unsafe {
         bpf_loop(
             n as u32,
             step as *mut c_void,
-            state as *mut T as *mut c_void,
+            &mut ctx as *mut u32 as *mut c_void,
             0,
         )
     };
+    // SAFETY: as above; the walk is over.
+    Some(unsafe { core::ptr::read(state) })
 }
 
-/// A walk's state with the scratch slot its callback reads.
-#[repr(C)]
-struct InSlot<W> {
-    slot: u32,
-    w: W,
+/// A callback's slot, walk state and bytes.
+///
+/// # Safety
+/// `ctx` is the slot `walk` passed to `bpf_loop`, whose state holds a `W`.
+#[inline(always)]
+unsafe fn step_state<'a, W>(ctx: *mut c_void) -> Option<(&'a mut W, Option<Masked>)> {
+    // SAFETY: per the contract.
+    let slot = unsafe { *(ctx as *const u32) };
+    let w = WALKS.get_ptr_mut(slot)? as *mut W;
+    // SAFETY: this CPU's map value holding the walk's `W`.
+    Some((unsafe { &mut *w }, slot_buf(slot)))
 }
 
 extern "C" fn newline_step(index: u64, ctx: *mut c_void) -> i64 {
-    // SAFETY: `ctx` is the `InSlot<LineWalk>` passed to `bpf_loop`.
-    let s = unsafe { &mut *(ctx as *mut InSlot<LineWalk>) };
-    let Some(buf) = slot_buf(s.slot) else {
+    // SAFETY: `walk` of a `LineWalk` passes its slot.
+    let Some((w, Some(buf))) = (unsafe { step_state::<LineWalk>(ctx) }) else {
         return 1;
     };
-    head_scan::newline_step(&mut s.w, &buf, index)
+    head_scan::newline_step(w, &buf, index)
 }
 
 /// Offset just past the request line's CRLF when the head in scratch `slot` (also at `buf`)
@@ -88,54 +108,53 @@ pub fn request_line_end(slot: u32, buf: *const u8, len: usize) -> usize {
     if !starts_with_method(buf, len) {
         return 0;
     }
-    let mut s = InSlot {
-        slot,
-        w: LineWalk {
-            len: len as u64,
-            end: 0,
-        },
+    let init = LineWalk {
+        len: len as u64,
+        end: 0,
     };
-    walk(SCAN_MAX, &mut s, newline_step);
-    head_scan::request_line_checked(&Masked(buf), s.w.end as usize)
+    let Some(w) = walk(slot, SCAN_MAX, init, newline_step) else {
+        return 0;
+    };
+    head_scan::request_line_checked(&Masked(buf), w.end as usize)
 }
 
 extern "C" fn header_step(index: u64, ctx: *mut c_void) -> i64 {
-    // SAFETY: `ctx` is the `InSlot<HeadWalk>` passed to `bpf_loop`.
-    let s = unsafe { &mut *(ctx as *mut InSlot<HeadWalk>) };
-    let Some(buf) = slot_buf(s.slot) else {
+    // SAFETY: `walk` of a `HeadWalk` passes its slot.
+    let Some((w, Some(buf))) = (unsafe { step_state::<HeadWalk>(ctx) }) else {
         return 1;
     };
-    head_scan::header_step(&mut s.w, &buf, index)
+    head_scan::header_step(w, &buf, index)
 }
 
 /// Walks the header lines that start at `from` (just past the request line). With `BODY`, also
 /// reads the `Content-Length` value (only the injector follows bodies; the readers need not pay).
 #[inline(always)]
 pub fn read_head<const BODY: bool>(slot: u32, from: usize, len: usize) -> Head {
-    let mut s = InSlot {
-        slot,
-        w: HeadWalk::new(from, len),
+    let Some(w) = walk(slot, SCAN_MAX, HeadWalk::new(from, len), header_step) else {
+        return HeadWalk::new(from, 0).head(None);
     };
-    walk(SCAN_MAX, &mut s, header_step);
     if !BODY {
-        return s.w.head(None);
+        return w.head(None);
     }
-    let Some(dec) = s.w.decimal_walk() else {
-        return s.w.head(None);
+    let Some(dec) = w.decimal_walk() else {
+        return w.head(None);
     };
-    let mut d = InSlot { slot, w: dec };
-    walk(DEC_WALK, &mut d, decimal_step);
-    s.w.head(Some(&d.w))
+    match walk(slot, DEC_WALK, dec, decimal_step) {
+        Some(d) => w.head(Some(&d)),
+        None => w.head(None),
+    }
 }
 
 extern "C" fn decimal_step(index: u64, ctx: *mut c_void) -> i64 {
-    // SAFETY: `ctx` is the `InSlot<DecWalk>` passed to `bpf_loop`.
-    let s = unsafe { &mut *(ctx as *mut InSlot<DecWalk>) };
-    let Some(buf) = slot_buf(s.slot) else {
-        s.w.state = 2;
-        return 1;
-    };
-    head_scan::decimal_step(&mut s.w, &buf, index)
+    // SAFETY: `walk` of a `DecWalk` passes its slot.
+    match unsafe { step_state::<DecWalk>(ctx) } {
+        Some((w, Some(buf))) => head_scan::decimal_step(w, &buf, index),
+        Some((w, None)) => {
+            w.state = 2;
+            1
+        }
+        None => 1,
+    }
 }
 
 /// Offset of the CR that ends the header value starting at `v`, looking at most 256 bytes on.
@@ -145,13 +164,15 @@ pub fn value_end(buf: *const u8, v: usize, len: usize) -> Option<usize> {
 }
 
 extern "C" fn traceparent_step(index: u64, ctx: *mut c_void) -> i64 {
-    // SAFETY: `ctx` is the `InSlot<TpWalk>` passed to `bpf_loop`.
-    let s = unsafe { &mut *(ctx as *mut InSlot<TpWalk>) };
-    let Some(buf) = slot_buf(s.slot) else {
-        s.w.bad = 1;
-        return 1;
-    };
-    head_scan::traceparent_step(&mut s.w, &buf, index)
+    // SAFETY: `walk` of a `TpWalk` passes its slot.
+    match unsafe { step_state::<TpWalk>(ctx) } {
+        Some((w, Some(buf))) => head_scan::traceparent_step(w, &buf, index),
+        Some((w, None)) => {
+            w.bad = 1;
+            1
+        }
+        None => 1,
+    }
 }
 
 /// Parses the `traceparent` value after offset `v` (just past the colon) of the head in scratch
@@ -159,10 +180,6 @@ extern "C" fn traceparent_step(index: u64, ctx: *mut c_void) -> i64 {
 /// are invalid, as W3C Trace Context says.
 #[inline(always)]
 pub fn parse_traceparent(slot: u32, buf: *const u8, v: usize, len: usize) -> Option<TraceParent> {
-    let mut s = InSlot {
-        slot,
-        w: TpWalk::new(v, len),
-    };
-    walk(TP_WALK, &mut s, traceparent_step);
-    head_scan::traceparent_ids(&Masked(buf), s.w.value_at()? & (2 * SCAN_MAX - 1))
+    let w = walk(slot, TP_WALK, TpWalk::new(v, len), traceparent_step)?;
+    head_scan::traceparent_ids(&Masked(buf), w.value_at()? & (2 * SCAN_MAX - 1))
 }

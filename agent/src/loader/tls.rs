@@ -105,9 +105,8 @@ pub fn library(data: &[u8], file: &str) -> Result<Library, TlsProbeError> {
     }
     let mut found = Library::default();
     let moved = if elf.architecture() == object::Architecture::X86_64 {
-        let callee = |(plain, ex): (usize, usize)| {
-            shared_callee(&elf, data, addrs[plain]?, addrs[ex]?)
-        };
+        let callee =
+            |(plain, ex): (usize, usize)| shared_callee(&elf, data, addrs[plain]?, addrs[ex]?);
         match (callee(READ), callee(WRITE)) {
             (Some(r), Some(w)) if r != w => Some((r, w)),
             _ => None,
@@ -178,7 +177,10 @@ fn shared_callee(elf: &object::File, data: &[u8], plain: u64, ex: u64) -> Option
             Mnemonic::Sub => {
                 insn.op0_kind() == OpKind::Register
                     && insn.op0_register() == Register::RSP
-                    && matches!(insn.op1_kind(), OpKind::Immediate8to64 | OpKind::Immediate32to64)
+                    && matches!(
+                        insn.op1_kind(),
+                        OpKind::Immediate8to64 | OpKind::Immediate32to64
+                    )
             }
             _ => false,
         };
@@ -466,7 +468,11 @@ mod tests {
         assert!(lib.offsets[READ.0].is_none() && lib.offsets[WRITE.0].is_none());
         assert_ne!(r, w);
         for (i, off) in lib.offsets.iter().enumerate().skip(4) {
-            assert!(off.is_some(), "{} is exported by OpenSSL 3", TLS_PROBES[i].0);
+            assert!(
+                off.is_some(),
+                "{} is exported by OpenSSL 3",
+                TLS_PROBES[i].0
+            );
         }
         // The internal functions begin with a push (0x41 0x5x: push r12-r15, or 0x5x).
         for off in [r, w] {
