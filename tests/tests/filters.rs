@@ -318,7 +318,7 @@ fn non_http_connections_are_not_copied() {
     assert_eq!(tls.len(), 5, "one span per HTTPS exchange with s_server");
     assert!(tls
         .iter()
-        .all(|s| s.kind() == "server" && s.attr("url.scheme") == Some(&"https".to_string())));
+        .all(|s| s.kind() == "server" && s.attr("url.scheme") == Some("https")));
     let c = tests::agent::final_counters(&err);
     let not_http = c.get("kernel_conns_not_http").copied().unwrap_or(0);
     assert!(
