@@ -294,6 +294,9 @@ pub struct DataHeader {
     pub comm: [u8; 16],
     /// Trace context the kernel decided for a request that starts in this event.
     pub wire: WireCtx,
+    /// Events of this process the kernel failed to send before this one (`LOSSES`): nonzero
+    /// says some of what it did was not seen.
+    pub lost: u64,
 }
 pub const LAYOUT_PREFIX: u32 = 0;
 pub const LAYOUT_H2_CHUNKS: u32 = 1;
@@ -303,7 +306,7 @@ pub const LAYOUT_LOST: u32 = 2;
 /// Bytes of a chunk record's header (`LAYOUT_H2_CHUNKS`).
 pub const H2_CHUNK_HEADER: usize = 8;
 pub const DATA_HEADER_SIZE: usize = core::mem::size_of::<DataHeader>();
-const _: () = assert!(DATA_HEADER_SIZE == 160);
+const _: () = assert!(DATA_HEADER_SIZE == 168);
 
 /// What the kernel did with the trace context of a request that starts in a data event.
 pub const WIRE_NONE: u8 = 0;
@@ -397,6 +400,25 @@ pub const LINK_UNCLASSIFIED: u8 = 4;
 /// request called `http.Transport.roundTrip` for the request being written, or the Python
 /// asyncio task sending it was created or woken for that request.
 pub const LINK_TASK: u8 = 5;
+/// HTTP/2 (userspace): the one request its process had open when the call's HEADERS were
+/// written is the owner (`agent/src/trace_context/h2_owner.rs`).
+pub const LINK_PROCESS: u8 = 6;
+
+/// Whether a kernel counter means a data or close event was not sent (or not whole): each
+/// such count also moves the process's loss count, which its later events carry
+/// (`DataHeader::lost`).
+pub const fn loses_events(index: u32) -> bool {
+    matches!(
+        index,
+        CNT_RINGBUF_FULL
+            | CNT_ACTIVE_IO_FULL
+            | CNT_CLOSE_RINGBUF_FULL
+            | CNT_READ_FAULT
+            | CNT_SCRATCH_BUSY
+            | CNT_H2_WALK_INCOMPLETE
+            | CNT_H2_CHUNKS_FULL
+    )
+}
 
 /// `PROC_RUNTIME` values: what a thread is evidence of in that process.
 /// Not classified yet (set by the kernel at `exec`; userspace classifies it).

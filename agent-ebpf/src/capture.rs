@@ -61,7 +61,7 @@ pub fn emit_data<const DIR: u32>(args: &IoArgs, pid_tgid: u64, moved: u64) -> bo
 
     // SAFETY: helper without preconditions.
     let ts_exit = unsafe { bpf_ktime_get_boot_ns() };
-    // Written in place: a 160-byte header built on the stack would not fit beside the rest.
+    // Written in place: a 168-byte header built on the stack would not fit beside the rest.
     // SAFETY: the scratch buffer is larger than the header and 8-byte aligned.
     let header = unsafe { &mut *(buf.as_mut_ptr() as *mut DataHeader) };
     header.kind = EVENT_DATA;
@@ -79,6 +79,7 @@ pub fn emit_data<const DIR: u32>(args: &IoArgs, pid_tgid: u64, moved: u64) -> bo
     header.tuple = conn.tuple;
     header.comm = bpf_get_current_comm().unwrap_or_default();
     header.wire = args.wire;
+    header.lost = crate::maps::losses(&header.pid);
     let wire = &mut header.wire;
     if DIR == DIR_INGRESS {
         if !propagate::incoming(

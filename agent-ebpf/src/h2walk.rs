@@ -288,6 +288,7 @@ fn send(w: &mut Walk, buf: *mut u8) {
     let header = unsafe { &mut *(buf as *mut DataHeader) };
     header.captured = w.out;
     header.len = w.off - w.ev_off;
+    header.lost = crate::maps::losses(&header.pid);
     let mut total = w.out as u64;
     if total > MAX_PAYLOAD as u64 {
         total = MAX_PAYLOAD as u64;

@@ -5,6 +5,7 @@ use agent_common::{
     NUM_COUNTERS, SAMPLE_ALWAYS,
 };
 use aya_ebpf::{
+    helpers::bpf_get_current_pid_tgid,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf, SockHash},
 };
@@ -52,6 +53,11 @@ pub fn global64(v: &'static u64) -> u64 {
 /// Data and close events to userspace. Userspace may resize it (`--ring-size`).
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
+
+/// Events the kernel failed to send, by process (see `count`). LRU: a process evicted starts
+/// again from zero, after as many others lost events since (userspace keeps what it saw).
+#[map]
+pub static LOSSES: LruHashMap<u32, u64> = LruHashMap::with_max_entries(16384, 0);
 
 /// Per-CPU counters of everything that could not be sent or tracked (see `agent_common::CNT_*`).
 #[map]
@@ -279,16 +285,26 @@ impl Drop for ScratchGuard {
 /// the caller gets nothing (counted) rather than a buffer another program is writing.
 #[inline(always)]
 pub fn scratch(slot: u32) -> Option<ScratchGuard> {
-    let s = SCRATCH.get_ptr_mut(slot)?;
+    let s = try_scratch(slot);
+    if s.is_err() {
+        count(CNT_SCRATCH_BUSY);
+    }
+    s.ok()
+}
+
+/// `scratch`, leaving the count to the caller (`Err(CNT_SCRATCH_BUSY)`): for a function out of
+/// line whose callers' frames leave its own no room for counting.
+#[inline(always)]
+pub fn try_scratch(slot: u32) -> Result<ScratchGuard, u32> {
+    let s = SCRATCH.get_ptr_mut(slot).ok_or(CNT_SCRATCH_BUSY)?;
     // SAFETY: live per-CPU map value.
     unsafe {
         if core::ptr::read_volatile(&(*s).busy) != 0 {
-            count(CNT_SCRATCH_BUSY);
-            return None;
+            return Err(CNT_SCRATCH_BUSY);
         }
         core::ptr::write_volatile(&mut (*s).busy, 1);
     }
-    Some(ScratchGuard { s })
+    Ok(ScratchGuard { s })
 }
 
 pub use agent_common::{IoArgs, BUF_IOVEC, BUF_PLAIN};
@@ -316,6 +332,34 @@ pub fn count(index: u32) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
         unsafe { *c += 1 };
     }
+    if agent_common::loses_events(index) {
+        lose();
+    }
+}
+
+/// The event lost was the current task's: its process's loss count moves.
+#[inline(always)]
+fn lose() {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    match LOSSES.get_ptr_mut(&tgid) {
+        // SAFETY: a live map value. Not atomic: two CPUs adding at once may count one, and
+        // what userspace needs is only that it is not zero.
+        Some(l) => unsafe { *l += 1 },
+        None => {
+            let _ = LOSSES.insert(&tgid, &1, 0);
+        }
+    }
+}
+
+/// The loss count of the process whose pid is at `tgid`, which every data event of it
+/// carries (`DataHeader::lost`). `tgid` is the header's own field, in map memory: the lookup
+/// takes no room on the stack.
+#[inline(always)]
+pub fn losses(tgid: &u32) -> u64 {
+    // SAFETY: a live map value; a 64-bit load is not torn.
+    LOSSES
+        .get_ptr(tgid)
+        .map_or(0, |l| unsafe { core::ptr::read_volatile(l) })
 }
 
 /// Whether the calling process may be traced at all: never the agent itself, and only the

@@ -30,7 +30,7 @@ use agent_common::{
 };
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_user,
+        bpf_get_current_pid_tgid, bpf_probe_read_user,
         generated::{bpf_ktime_get_boot_ns, bpf_ringbuf_output},
     },
     macros::{uprobe, uretprobe},
@@ -489,7 +489,12 @@ pub fn finish(call: &TlsCall, pid_tgid: u64, moved: u64) -> Option<u32> {
         return None;
     }
     if call.lost != 0 {
-        tell_lost(pid_tgid, fd, conn, call.lost, call.lost_ts);
+        let counter = tell_lost(pid_tgid, fd, conn, call.lost, call.lost_ts);
+        if counter != SENT {
+            // Counted here, not in `tell_lost`: its frame has no room for counting beside
+            // the frames of the return probes that call it (512 bytes in all).
+            count(counter);
+        }
         let _ = GO_TLS_LOST.remove(&ssl_key(tgid, call.g));
     }
     opening(conn, call, moved);
@@ -625,11 +630,14 @@ fn emit(
 /// Tells userspace that `bytes` were read on connection `conn` (socket `fd`) of this process
 /// without being seen (`LAYOUT_LOST`), the last of them at `now`: a Go read begun before the
 /// probes (`gotls`). The header
-/// is assembled in the scratch slot `emit` uses next (the stack has no room for it).
+/// is assembled in the scratch slot `emit` uses next (the stack has no room for it). Returns
+/// `SENT`, or the counter to move (a plain `u32`: a `Result` would be a sixth argument, which
+/// BPF calls cannot pass).
 #[inline(never)]
-fn tell_lost(pid_tgid: u64, fd: u32, conn: &ConnInfo, bytes: u64, now: u64) {
-    let Some(scratch) = scratch(TLS_SLOT) else {
-        return;
+fn tell_lost(pid_tgid: u64, fd: u32, conn: &ConnInfo, bytes: u64, now: u64) -> u32 {
+    let scratch = match crate::maps::try_scratch(TLS_SLOT) {
+        Ok(s) => s,
+        Err(counter) => return counter,
     };
     let buf = scratch.buf();
     // SAFETY: the scratch buffer is larger than the header and 8-byte aligned.
@@ -652,9 +660,13 @@ fn tell_lost(pid_tgid: u64, fd: u32, conn: &ConnInfo, bytes: u64, now: u64) {
         )
     };
     if ret < 0 {
-        count(CNT_RINGBUF_FULL);
+        return CNT_RINGBUF_FULL;
     }
+    SENT
 }
+
+/// `tell_lost`'s event went out.
+const SENT: u32 = u32::MAX;
 
 /// A TLS event's header for connection `conn`: `(moved, captured)` bytes between `times`.
 #[inline(always)]
@@ -679,6 +691,16 @@ fn fill(
     header.role = conn.role;
     header.layout = layout;
     header.tuple = conn.tuple;
-    header.comm = bpf_get_current_comm().unwrap_or_default();
+    // Written by the helper in place: a copy through the stack spills byte by byte, and
+    // `tell_lost`'s frame has no room for that.
+    // SAFETY: `comm` is 16 writable bytes of the header; the helper fills them (zeroed on
+    // error).
+    unsafe {
+        aya_ebpf::helpers::generated::bpf_get_current_comm(
+            header.comm.as_mut_ptr() as *mut core::ffi::c_void,
+            header.comm.len() as u32,
+        )
+    };
     header.wire = agent_common::WireCtx::default();
+    header.lost = crate::maps::losses(&header.pid);
 }

@@ -47,6 +47,7 @@ fn item(direction: u32, payload: &[u8], ts: u64) -> Vec<u8> {
         tuple: t,
         comm: *b"nginx\0\0\0\0\0\0\0\0\0\0\0",
         wire: Default::default(),
+        lost: 0,
     };
     let mut v = vec![0u8; DATA_HEADER_SIZE];
     // SAFETY: DataHeader is plain old data of exactly DATA_HEADER_SIZE bytes.

@@ -242,11 +242,23 @@ mod tests {
             .count()
     }
 
+    /// More callers of the same `push`, so that it is not inlined into each of them.
+    #[inline(never)]
+    fn send_one_path(tx: &tokio::sync::mpsc::Sender<std::path::PathBuf>, i: usize) -> bool {
+        match i % 4 {
+            0 => tx.try_send(std::path::PathBuf::from("/a")).is_ok(),
+            1 => tx.try_send(std::path::PathBuf::from("/b")).is_ok(),
+            2 => tx.try_send(std::path::PathBuf::from("/c")).is_ok(),
+            _ => tx.try_send(std::path::PathBuf::from("/d")).is_ok(),
+        }
+    }
+
     #[test]
     fn this_tokio_binary_has_polls_but_a_c_binary_has_none() {
         // The unit-test binary runs tokio tasks (and its channels).
         let (tx, _rx) = tokio::sync::mpsc::channel(4);
         assert_eq!(send_paths(&tx, std::hint::black_box(8)), 4);
+        assert!((0..4).all(|i| !send_one_path(&tx, std::hint::black_box(i))));
         let me = std::fs::read("/proc/self/exe").expect("own exe");
         let found = instances(&me, "self").expect("instances");
         assert!(!found.poll.is_empty(), "{found:?}");

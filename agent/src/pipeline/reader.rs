@@ -37,6 +37,7 @@ pub async fn run(
         metrics: &metrics,
         arena: BytesMut::new(),
         batch: Vec::new(),
+        dropped: Dropped::default(),
     };
     // SAFETY: the ring buffer owns its fd and keeps it open for as long as the AsyncFd lives.
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
@@ -70,18 +71,58 @@ struct Queue<'a> {
     metrics: &'a Metrics,
     arena: BytesMut,
     batch: Batch,
+    dropped: Dropped,
+}
+
+/// Processes a data or close event of which was dropped here: their later data events say so
+/// (`DataHeader::lost`), as the kernel's do for what it failed to send, so that nothing is
+/// inferred from what they did unseen (`trace_context::h2_owner`).
+#[derive(Default)]
+struct Dropped {
+    pids: std::collections::HashSet<u32>,
+    /// More processes than `MAX_DROPPED` lost events: every one is taken to have.
+    all: bool,
+}
+
+/// Processes remembered as having had events dropped here.
+const MAX_DROPPED: usize = 16_384;
+
+impl Dropped {
+    fn note(&mut self, ev: &KernelEvent) {
+        let pid = match ev {
+            KernelEvent::Data { header, .. } => header.pid,
+            KernelEvent::Close(c) => c.pid,
+            KernelEvent::Exec(_) | KernelEvent::Netns { .. } => return,
+        };
+        if self.pids.len() >= MAX_DROPPED && !self.pids.contains(&pid) {
+            self.all = true;
+        } else {
+            self.pids.insert(pid);
+        }
+    }
+
+    fn mark(&self, ev: &mut KernelEvent) {
+        if let KernelEvent::Data { header, .. } = ev {
+            if self.all || self.pids.contains(&header.pid) {
+                header.lost = header.lost.saturating_add(1);
+            }
+        }
+    }
 }
 
 impl Queue<'_> {
     /// Adds an event to the batch if both budgets have room for it (counted otherwise).
-    fn push(&mut self, ev: KernelEvent) {
+    fn push(&mut self, mut ev: KernelEvent) {
         let n = ev.bytes();
         if !self.events.items.try_take(1) {
             self.metrics.events_channel_full.inc();
+            self.dropped.note(&ev);
         } else if !self.events.bytes.try_take(n) {
             self.events.items.release(1);
             self.metrics.events_bytes_full.inc();
+            self.dropped.note(&ev);
         } else {
+            self.dropped.mark(&mut ev);
             self.batch.push(ev);
             if self.batch.len() >= BATCH {
                 self.send();
@@ -104,6 +145,9 @@ impl Queue<'_> {
             self.events.items.release(batch.len());
             self.events.bytes.release(bytes);
             self.metrics.events_channel_full.inc_by(batch.len() as u64);
+            for ev in &batch {
+                self.dropped.note(ev);
+            }
         }
     }
 }

@@ -2,7 +2,7 @@
 //! exchanges into spans, and forgets connections on close or after they go idle.
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use agent_common::{DataHeader, DIR_INGRESS, ROLE_CLIENT, ROLE_SERVER};
+use agent_common::{DataHeader, WireCtx, DIR_INGRESS, ROLE_CLIENT, ROLE_SERVER, WIRE_SERVER};
 use tokio::sync::mpsc;
 
 use super::{
@@ -15,13 +15,14 @@ use crate::{
     process::{ProcessCache, Resource},
     protocol::{
         http1::{Exchange, HeadBudget, Http1Conn, Side},
-        http2::{frame, Http2Conn},
+        http2::{frame, Http2Conn, Opened},
         Dir, Segment,
     },
     sampling::Sampler,
     span::{build_span, limits::Limits, redact::UrlPolicy},
     telemetry::Metrics,
     trace_context::{
+        h2_owner::{self, Open, Owner, Owners, Report},
         h2_stitch::{self, ConnKey, H2Stitch},
         h2_wait::H2Wait,
         link::{decide, random_span_id, server_ctx, Decision, Registry},
@@ -56,6 +57,11 @@ struct Conn {
     /// The network namespace of the process (read once the connection shows HTTP/2, for
     /// same-host stitching on loopback).
     netns: Option<u64>,
+    /// Picked up in its middle (open before the agent, or its first bytes were missed): a
+    /// request may be open on it that was never seen.
+    prior: bool,
+    /// What it last told of the requests its process serves (`h2_owner`).
+    reported: Report,
 }
 
 /// The records of an HTTP/2 event (`LAYOUT_H2_CHUNKS`): each a run of kept bytes and the
@@ -74,6 +80,34 @@ fn h2_chunks(mut p: &[u8]) -> impl Iterator<Item = (&[u8], u32)> {
 }
 
 impl Conn {
+    /// What this connection tells of the requests its process serves, as the server.
+    fn report(&self) -> Report {
+        let side = self.h2.as_ref().and_then(|h| h.side()).or(self.expected);
+        match (&self.h2, side) {
+            (Some(h2), Some(Side::Server)) => Report {
+                open: h2.open_streams() as u32,
+                blind: self.prior || !h2.whole(),
+            },
+            (None, Some(Side::Server)) => Report {
+                open: self.http.pending() as u32,
+                blind: self.prior,
+            },
+            // Either side: what was missed may be a request open.
+            (_, None) => Report {
+                open: 0,
+                blind: self.prior,
+            },
+            (_, Some(Side::Client)) => Report::default(),
+        }
+    }
+
+    /// Tells `owners` what changed since the last report.
+    fn report_to(&mut self, owners: &mut Owners, pid: u32) {
+        let now = self.report();
+        owners.adjust(pid, self.reported, now);
+        self.reported = now;
+    }
+
     /// This connection as both of its ends name it, this process being on `side`.
     fn stitch_key(&self, side: Side) -> Option<ConnKey> {
         ConnKey::new(
@@ -106,6 +140,9 @@ pub struct Tracker {
     /// connections are reached (bounded by `MAX_CONNS`; the oldest go first).
     netns: HashMap<u32, u64>,
     netns_order: std::collections::VecDeque<u32>,
+    /// Connections an event of which was ignored as begun before the programs were attached
+    /// (at most `MAX_CONNS`; beyond it, their process is taken to have lost events).
+    early: std::collections::HashSet<ConnId>,
     out: Output,
 }
 
@@ -128,6 +165,8 @@ struct Output {
     h2_stitch: H2Stitch,
     /// Server streams on this host whose caller's record may still be on its way.
     h2_wait: H2Wait<Held>,
+    /// The requests each process serves, for its HTTP/2 calls' parents.
+    owners: Owners,
     urls: UrlPolicy,
     limits: Limits,
 }
@@ -150,6 +189,7 @@ impl Tracker {
             head_budget: HeadBudget::new(HEAD_BUDGET),
             netns: HashMap::new(),
             netns_order: std::collections::VecDeque::new(),
+            early: std::collections::HashSet::new(),
             out: Output {
                 clock: Clock::sample(),
                 metrics,
@@ -158,6 +198,7 @@ impl Tracker {
                 registry: Registry::default(),
                 h2_stitch: H2Stitch::default(),
                 h2_wait: H2Wait::default(),
+                owners: Owners::default(),
                 urls,
                 limits,
             },
@@ -240,8 +281,9 @@ impl Tracker {
                     fd: c.fd,
                     sk: c.sk,
                 };
+                self.early.remove(&id);
                 if let Some(mut conn) = self.conns.remove(&id) {
-                    self.out.ended(&mut self.exchanges, id.pid, &mut conn);
+                    self.out.ended(&mut self.exchanges, id, &mut conn);
                 }
             }
         }
@@ -250,9 +292,25 @@ impl Tracker {
     fn data(&mut self, h: &DataHeader, payload: &[u8]) {
         // Every event the kernel sent before this one has been handled.
         self.out.release_held(h.ts_exit);
+        if h.lost != 0 {
+            // Some of what this process did was not seen (`h2_owner`).
+            self.out.owners.lost(h.pid);
+        }
         if h.ts_enter < self.attached_ns {
             // Begun while the programs were still being attached (see `attached_at`).
             self.out.metrics.events_before_attach.inc();
+            // What it carried (a request read, maybe) was not seen: its connection is picked
+            // up in its middle.
+            let id = ConnId {
+                pid: h.pid,
+                fd: h.fd,
+                sk: h.sk,
+            };
+            if self.early.len() < MAX_CONNS {
+                self.early.insert(id);
+            } else if !self.early.contains(&id) {
+                self.out.owners.lost(h.pid);
+            }
             return;
         }
         let id = ConnId {
@@ -263,6 +321,7 @@ impl Tracker {
         if !self.conns.contains_key(&id) {
             if self.conns.len() >= MAX_CONNS {
                 self.out.metrics.tracker_conns_full.inc();
+                self.out.owners.lost(h.pid);
                 return;
             }
             let ends = endpoints(&h.tuple);
@@ -272,6 +331,9 @@ impl Tracker {
                 _ => self.preexisting.side_of(&ends),
             };
             let resource = self.processes.resource(h.pid, &h.comm);
+            // A socket whose origin the kernel saw is followed from its first byte, unless
+            // some of its first bytes went by while the programs were being attached.
+            let prior = !matches!(h.role, ROLE_SERVER | ROLE_CLIENT) || self.early.remove(&id);
             self.conns.insert(
                 id,
                 Conn {
@@ -282,6 +344,8 @@ impl Tracker {
                     expected,
                     last_boot_ns: h.ts_exit,
                     netns: None,
+                    prior,
+                    reported: Report::default(),
                 },
             );
         }
@@ -327,6 +391,7 @@ impl Tracker {
             } else {
                 conn.http.lost(dir, h.len, h.ts_exit, &mut self.exchanges);
             }
+            conn.report_to(&mut self.out.owners, h.pid);
             conn.last_boot_ns = h.ts_exit;
             if !self.exchanges.is_empty() {
                 self.emit(id);
@@ -375,7 +440,8 @@ impl Tracker {
                     "HTTP/2 event that lost alignment"
                 );
             }
-            self.out.h2_opened(conn);
+            conn.report_to(&mut self.out.owners, h.pid);
+            self.out.h2_opened(conn, id);
             conn.last_boot_ns = h.ts_exit;
             if !self.exchanges.is_empty() {
                 self.emit(id);
@@ -395,9 +461,11 @@ impl Tracker {
         }
         if let Some(h2) = &mut conn.h2 {
             h2.feed(dir, seg, &mut self.exchanges);
-            self.out.h2_opened(conn);
+            conn.report_to(&mut self.out.owners, h.pid);
+            self.out.h2_opened(conn, id);
         } else {
             conn.http.feed(dir, seg, &mut self.exchanges);
+            conn.report_to(&mut self.out.owners, h.pid);
         }
         if dir == Dir::Ingress && conn.h2.is_none() {
             let (sampler, registry) = (&self.out.sampler, &mut self.out.registry);
@@ -415,7 +483,7 @@ impl Tracker {
 
     fn emit(&mut self, id: ConnId) {
         if let Some(conn) = self.conns.get_mut(&id) {
-            self.out.spans_for(&mut self.exchanges, id.pid, conn);
+            self.out.spans_for(&mut self.exchanges, id, conn);
         }
     }
 
@@ -432,7 +500,7 @@ impl Tracker {
         for id in stale {
             if let Some(mut conn) = self.conns.remove(&id) {
                 self.out.metrics.conns_evicted_idle.inc();
-                self.out.ended(&mut self.exchanges, id.pid, &mut conn);
+                self.out.ended(&mut self.exchanges, id, &mut conn);
             }
         }
     }
@@ -443,35 +511,133 @@ impl Tracker {
 }
 
 impl Output {
-    /// Records the ids of the request streams a client connection just opened, for the callee
-    /// on this host to take (`h2_stitch`).
-    fn h2_opened(&mut self, conn: &mut Conn) {
+    /// Chooses the ids of the request streams a connection just opened, while they are open:
+    /// a server stream's, for the calls its process makes to name (`h2_owner`); a client
+    /// stream's, for its callee on this host to take (`h2_stitch`).
+    fn h2_opened(&mut self, conn: &mut Conn, id: ConnId) {
         let Some(h2) = conn.h2.as_mut() else {
             return;
         };
-        let opened = h2.take_opened();
+        for o in h2.take_opened() {
+            match o.side {
+                Side::Server => self.server_opened(conn, id, o),
+                Side::Client => self.client_opened(conn, id.pid, o),
+            }
+        }
+    }
+
+    /// A server stream opened: its ids, from its own `traceparent`, else from its caller's
+    /// record on this host, else a new trace (provisional: a caller's record may still come).
+    fn server_opened(&mut self, conn: &Conn, id: ConnId, o: Opened) {
+        if conn.expected == Some(Side::Client) {
+            // A request read on a socket this process connected: not served here.
+            return;
+        }
+        let mut rng = rand::rng();
+        let span = random_span_id(&mut rng);
+        let key = conn.stitch_key(Side::Server);
+        let stitched = || WireCtx {
+            kind: WIRE_SERVER,
+            span_id: span,
+            ..WireCtx::default()
+        };
+        let (ctx, provisional) = match o.traceparent {
+            Some(tp) => (
+                WireCtx {
+                    trace_id: tp.trace_id,
+                    parent_id: tp.parent_id,
+                    flags: self.sampler.sample(&tp.trace_id, Some(tp.sampled())) as u8,
+                    ..stitched()
+                },
+                false,
+            ),
+            None => {
+                match key.and_then(|k| self.h2_stitch.server_ctx(&k, o.stream, o.start_ns, span)) {
+                    Some(ctx) => (ctx, false),
+                    None => {
+                        let trace_id: [u8; 16] = rng.random();
+                        let flags = self.sampler.sample(&trace_id, None) as u8;
+                        (
+                            WireCtx {
+                                trace_id,
+                                flags,
+                                ..stitched()
+                            },
+                            true,
+                        )
+                    }
+                }
+            }
+        };
+        if !provisional {
+            // A call that forwards the context it received names this span (`link::Registry`).
+            self.registry
+                .server_started(id.pid, &ctx, o.traceparent.as_ref());
+        }
+        let open = Open {
+            ctx,
+            provisional,
+            committed: false,
+            key,
+            start_ns: o.start_ns,
+        };
+        if !self.owners.opened(id.pid, id.sk, o.stream, open) {
+            self.metrics.http2_owner_full.inc();
+        }
+    }
+
+    /// A client stream opened with no context of its own: its span's ids, with the one
+    /// request its process has open as parent (`h2_owner`), recorded for its callee on this
+    /// host; a callee's server end that came first and waited takes them now.
+    fn client_opened(&mut self, conn: &Conn, pid: u32, o: Opened) {
+        if o.traceparent.is_some() {
+            // The callee and this span follow the program's own context.
+            return;
+        }
         let Some(key) = conn.stitch_key(Side::Client) else {
             return;
         };
         let mut rng = rand::rng();
-        for o in opened.into_iter().filter(|o| !o.traceparent) {
+        // The owner's caller may have been seen since the owner opened: its ids settle first.
+        if let Some((sk, stream, open)) = self.owners.provisional_sole(pid) {
+            let settled = open.key.and_then(|k| {
+                self.h2_stitch
+                    .server_ctx(&k, stream, open.start_ns, open.ctx.span_id)
+            });
+            if let Some(ctx) = settled {
+                self.owners.settle(pid, sk, stream, ctx);
+                self.registry.server_started(pid, &ctx, None);
+            }
+        }
+        let span = random_span_id(&mut rng);
+        let new = |rng: &mut rand::rngs::ThreadRng, sampler: &Sampler| {
             let trace_id: [u8; 16] = rng.random();
-            let sampled = self.sampler.sample(&trace_id, None);
-            let ctx = h2_stitch::client_ctx(trace_id, random_span_id(&mut rng), sampled);
-            if !self.h2_stitch.opened(key, o.stream, o.start_ns, ctx) {
-                self.metrics.http2_stitch_full.inc();
+            h2_stitch::client_ctx(trace_id, span, sampler.sample(&trace_id, None))
+        };
+        let ctx = match self.owners.owner(pid, span) {
+            Owner::Sole(ctx) => {
+                self.metrics.http2_links_process.inc();
+                ctx
             }
-            if let Some(mut held) = self.h2_wait.take(&key, o.stream) {
-                // Its server end came first and waited: it takes this call as its parent.
-                let span = random_span_id(&mut rng);
-                held.ex.ctx = self
-                    .h2_stitch
-                    .server_ctx(&key, o.stream, held.ex.start_ns, span);
-                if held.ex.ctx.is_some() {
-                    self.metrics.http2_stitched_late.inc();
-                }
-                self.queue(&held.ex, held.pid, &held.ends, held.resource);
+            Owner::None => new(&mut rng, &self.sampler),
+            Owner::Ambiguous => {
+                self.metrics.http2_links_ambiguous.inc();
+                h2_owner::ambiguous(new(&mut rng, &self.sampler))
             }
+        };
+        if !self.h2_stitch.opened(key, o.stream, o.start_ns, ctx) {
+            self.metrics.http2_stitch_full.inc();
+        }
+        if let Some(mut held) = self.h2_wait.take(&key, o.stream) {
+            // Its server end came first and waited: it takes this call as its parent.
+            let span = random_span_id(&mut rng);
+            held.ex.ctx = self
+                .h2_stitch
+                .server_ctx(&key, o.stream, held.ex.start_ns, span);
+            if held.ex.ctx.is_some() {
+                self.metrics.http2_stitched_late.inc();
+            }
+            self.queue(&held.ex, held.pid, &held.ends, held.resource);
         }
     }
 
@@ -489,10 +655,15 @@ impl Output {
     /// The ids an HTTP/2 exchange was given out of band: a client stream's, recorded when it
     /// opened; a server stream's, from its caller's record on this host. The connection of a
     /// server stream whose caller's record is not (yet) there.
-    fn h2_ctx(&mut self, ex: &mut Exchange, conn: &Conn) -> Option<ConnKey> {
+    fn h2_ctx(&mut self, ex: &mut Exchange, conn: &Conn, opened: Option<Open>) -> Option<ConnKey> {
         let (Some(h2), None) = (&ex.h2, ex.ctx) else {
             return None;
         };
+        if let Some(o) = opened.filter(|o| !o.provisional || o.committed) {
+            // Chosen when it opened, and final: its calls named it.
+            ex.ctx = Some(o.ctx);
+            return None;
+        }
         let key = conn.stitch_key(ex.side)?;
         ex.ctx = match ex.side {
             Side::Client => self.h2_stitch.client_ended(&key, h2.stream, ex.end_ns),
@@ -540,9 +711,12 @@ impl Output {
     }
 
     /// The connection ended: what was open on it becomes spans, and its stitching records go.
-    fn ended(&mut self, exchanges: &mut Vec<Exchange>, pid: u32, conn: &mut Conn) {
+    fn ended(&mut self, exchanges: &mut Vec<Exchange>, id: ConnId, conn: &mut Conn) {
         conn.close(exchanges);
-        self.spans_for(exchanges, pid, conn);
+        self.spans_for(exchanges, id, conn);
+        self.owners.adjust(id.pid, conn.reported, Report::default());
+        conn.reported = Report::default();
+        self.owners.conn_ended(id.pid, id.sk);
         if conn.h2.as_ref().and_then(|h| h.side()) == Some(Side::Client) {
             if let Some(key) = conn.stitch_key(Side::Client) {
                 self.h2_stitch.conn_ended(&key);
@@ -552,14 +726,19 @@ impl Output {
 
     /// Turns the connection's completed exchanges into spans and queues them; one place for both
     /// live traffic and connections that end.
-    fn spans_for(&mut self, exchanges: &mut Vec<Exchange>, pid: u32, conn: &mut Conn) {
+    fn spans_for(&mut self, exchanges: &mut Vec<Exchange>, id: ConnId, conn: &mut Conn) {
+        let pid = id.pid;
         for mut ex in exchanges.drain(..) {
+            let opened = match (&ex.h2, ex.side) {
+                (Some(h2), Side::Server) => self.owners.ended(pid, id.sk, h2.stream),
+                _ => None,
+            };
             if conn.expected.is_some_and(|s| s != ex.side) {
                 // A request seen in the wrong direction for this socket: not a real exchange.
                 self.metrics.http_orphan_responses.inc();
                 continue;
             }
-            if let Some(key) = self.h2_ctx(&mut ex, conn) {
+            if let Some(key) = self.h2_ctx(&mut ex, conn, opened) {
                 let stream = ex.h2.as_ref().map_or(0, |h| h.stream);
                 let held = Held {
                     ex,

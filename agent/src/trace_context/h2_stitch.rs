@@ -209,9 +209,8 @@ impl H2Stitch {
     }
 }
 
-/// The CLIENT span's context of a stream opened with no context of its own: a new trace whose
-/// root it is, sampled as `sampled` says; no in-process parent (HTTP/2 calls are not linked
-/// to the request their process serves yet).
+/// The CLIENT span's context of a stream opened with no context of its own and no owner in
+/// its process (`h2_owner`): a new trace whose root it is, sampled as `sampled` says.
 pub fn client_ctx(trace_id: [u8; 16], span_id: [u8; 8], sampled: bool) -> WireCtx {
     WireCtx {
         trace_id,

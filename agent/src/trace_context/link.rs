@@ -15,14 +15,17 @@
 //! - CLIENT span, request not modified (injection off, connection older than the agent, head split
 //!   across writes): a `traceparent` the program sent is followed as above with a new span id;
 //!   otherwise the in-thread owner's trace; otherwise a new trace.
+//! - CLIENT span, HTTP/2 call with no `traceparent` of its own: the ids chosen when its HEADERS
+//!   were written; parent = the one request its process had open then (`h2_owner`), else none.
 //!
 //! The sampled flag decided at the root travels in the ids; a span whose flag is clear is
 //! dropped here, before any attribute is built.
 use std::collections::{HashMap, VecDeque};
 
 use agent_common::{
-    WireCtx, LINK_AMBIGUOUS, LINK_RUNTIME, LINK_TASK, LINK_THREAD, LINK_UNCLASSIFIED, WIRE_CARRIED,
-    WIRE_CARRIED_FWD, WIRE_INSERTED, WIRE_LINKED, WIRE_REPLACED, WIRE_REWRITTEN, WIRE_SERVER,
+    WireCtx, LINK_AMBIGUOUS, LINK_PROCESS, LINK_RUNTIME, LINK_TASK, LINK_THREAD, LINK_UNCLASSIFIED,
+    WIRE_CARRIED, WIRE_CARRIED_FWD, WIRE_INSERTED, WIRE_LINKED, WIRE_REPLACED, WIRE_REWRITTEN,
+    WIRE_SERVER,
 };
 use rand::Rng;
 
@@ -41,6 +44,9 @@ pub enum LinkMethod {
     /// CLIENT: the runtime's own task identity: the goroutine that read the request made the
     /// call that is being written (Go, uprobes on `net/http`).
     Task,
+    /// CLIENT (HTTP/2): the one request its process had open when it wrote the call's HEADERS
+    /// (`h2_owner`).
+    Process,
     /// CLIENT: the request carried a context this process received with a request it served.
     Forwarded,
     /// SERVER: the request's `traceparent`; CLIENT: the program's own `traceparent`.
@@ -65,6 +71,7 @@ impl LinkMethod {
         match self {
             LinkMethod::Thread => "thread",
             LinkMethod::Task => "task",
+            LinkMethod::Process => "process",
             LinkMethod::Forwarded => "forwarded",
             LinkMethod::Header => "header",
             LinkMethod::Stitch => "stitch",
@@ -88,6 +95,7 @@ impl LinkMethod {
         match w.link {
             LINK_THREAD if w.parent_id != [0; 8] => LinkMethod::Thread,
             LINK_TASK if w.parent_id != [0; 8] => LinkMethod::Task,
+            LINK_PROCESS if w.parent_id != [0; 8] => LinkMethod::Process,
             LINK_AMBIGUOUS => LinkMethod::Ambiguous,
             LINK_RUNTIME => LinkMethod::Runtime,
             LINK_UNCLASSIFIED => LinkMethod::Unclassified,

@@ -57,14 +57,17 @@ pub struct H2Info {
     pub unresolved: u32,
 }
 
-/// A request stream this process opened as the client (its HEADERS written), drained by the
-/// tracker to record the context its callee on this host can take (`trace_context::h2_stitch`).
+/// A request stream that opened (its HEADERS written by this process as the client, or read
+/// as the server), drained by the tracker to choose its ids while it is open: a client's for
+/// its callee on this host to take (`trace_context::h2_stitch`), a server's for the calls it
+/// makes to name (`trace_context::h2_owner`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Opened {
+    pub side: Side,
     pub stream: u32,
     pub start_ns: u64,
-    /// The request carries a valid `traceparent` of its own (the callee follows that instead).
-    pub traceparent: bool,
+    /// The request's own valid `traceparent` (a client's callee follows that instead).
+    pub traceparent: Option<crate::trace_context::TraceParent>,
 }
 
 /// Counters of one connection, drained by the tracker.
@@ -184,8 +187,11 @@ pub struct Http2Conn {
     streams: HashMap<u32, Stream>,
     seq: u64,
     stats: H2Stats,
-    /// Client streams opened since the last `take_opened` (at most `MAX_STREAMS`).
+    /// Streams opened since the last `take_opened` (at most `MAX_STREAMS`).
     opened: Vec<Opened>,
+    /// Seen from its preface, every frame in place, no stream dropped: every request that
+    /// opened on it is known.
+    whole: bool,
 }
 
 impl Http2Conn {
@@ -193,6 +199,7 @@ impl Http2Conn {
     pub fn from_preface(client: Dir) -> Self {
         let mut c = Self::with(true);
         c.client = Some(client);
+        c.whole = true;
         c.dirs[client as usize].preface = frame::PREFACE.len();
         c
     }
@@ -212,6 +219,7 @@ impl Http2Conn {
             seq: 0,
             stats: H2Stats::default(),
             opened: Vec::new(),
+            whole: false,
         }
     }
 
@@ -231,6 +239,12 @@ impl Http2Conn {
 
     pub fn open_streams(&self) -> usize {
         self.streams.len()
+    }
+
+    /// Whether every request that opened on this connection was seen (from its preface, no
+    /// frame passed over unaligned, no stream dropped for room): then `open_streams` is exact.
+    pub fn whole(&self) -> bool {
+        self.whole
     }
 
     /// The side the traced process is on, once a header block has shown it.
@@ -511,17 +525,25 @@ impl Http2Conn {
                 {
                     self.streams.remove(&oldest);
                     self.stats.streams_dropped += 1;
+                    self.whole = false;
                 }
             }
             self.seq += 1;
-            if dir == Dir::Egress && self.opened.len() < MAX_STREAMS {
+            if self.opened.len() < MAX_STREAMS {
                 self.opened.push(Opened {
+                    side: if dir == Dir::Egress {
+                        Side::Client
+                    } else {
+                        Side::Server
+                    },
                     stream,
                     start_ns: seg.start_ns,
                     traceparent: value(&fields, "traceparent")
-                        .and_then(crate::trace_context::TraceParent::parse)
-                        .is_some(),
+                        .and_then(crate::trace_context::TraceParent::parse),
                 });
+            } else {
+                // Its ids are not chosen while it is open: nothing links to it.
+                self.whole = false;
             }
             let blind = !self.dirs[other(dir) as usize].aligned;
             self.streams.insert(
@@ -585,6 +607,7 @@ impl Http2Conn {
         let d = &mut self.dirs[dir as usize];
         if d.aligned {
             self.stats.alignment_lost += 1;
+            self.whole = false;
             tracing::debug!(
                 ?dir,
                 why,
