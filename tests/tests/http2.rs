@@ -707,33 +707,10 @@ fn grpc_js_and_grpcio_both_ways() {
     for (server_impl, client_impl) in pairs {
         let port = free_port();
         let p = port.to_string();
-        let mut server = if server_impl == "node" {
-            grpc_js(&["serve", &p])
-        } else {
-            tests::programs::python("grpc_service.py", &["serve", &p])
-        };
-        let _server = Proc::spawn(server.stdout(Stdio::null()));
-        wait_port(port);
+        let _server = catalog(server_impl, port, None);
         let rx = Receiver::start();
         let agent = Agent::start(Export::Grpc(&rx), &["--port", &p]);
-        let n = rounds.to_string();
-        let client = if client_impl == "node" {
-            grpc_js(&["call", &p, &n])
-        } else {
-            let mut c = Command::new("python3");
-            c.arg(fixture("grpc_service.py")).args(["call", &p, &n]);
-            c
-        };
-        let out = run(Command::new("timeout")
-            .arg("60")
-            .arg(client.get_program())
-            .args(client.get_args())
-            .envs(client.get_envs().filter_map(|(k, v)| Some((k, v?)))));
-        assert_eq!(
-            String::from_utf8_lossy(&out.stdout).trim(),
-            format!("ok {rounds}"),
-            "{client_impl} client of a {server_impl} server"
-        );
+        catalog_calls(client_impl, port, rounds, 4);
         let calls = 6 * rounds;
         let err = stop_after(agent, &rx, 2 * calls);
         let spans = rx.spans();

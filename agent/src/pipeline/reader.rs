@@ -174,3 +174,46 @@ fn drain(ring: &mut RingBuf<MapData>, q: &mut Queue<'_>) {
     }
     q.send();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agent_common::{CloseEvent, DataHeader};
+
+    fn data(pid: u32) -> KernelEvent {
+        KernelEvent::Data {
+            header: DataHeader {
+                pid,
+                ..DataHeader::default()
+            },
+            payload: bytes::Bytes::new(),
+        }
+    }
+
+    fn lost(ev: &KernelEvent) -> u64 {
+        match ev {
+            KernelEvent::Data { header, .. } => header.lost,
+            _ => 0,
+        }
+    }
+
+    #[test]
+    fn a_process_whose_event_was_dropped_says_so_in_its_later_events() {
+        let mut d = Dropped::default();
+        d.note(&KernelEvent::Close(CloseEvent {
+            pid: 7,
+            ..CloseEvent::default()
+        }));
+        let (mut seven, mut eight) = (data(7), data(8));
+        d.mark(&mut seven);
+        d.mark(&mut eight);
+        assert_eq!((lost(&seven), lost(&eight)), (1, 0));
+        // Beyond the processes it remembers, every process is taken to have lost events.
+        for pid in 0..MAX_DROPPED as u32 {
+            d.note(&data(1000 + pid));
+        }
+        assert_eq!(lost(&eight), 0);
+        d.mark(&mut eight);
+        assert_eq!(lost(&eight), 1);
+    }
+}

@@ -777,3 +777,6 @@ impl Output {
         metrics.http_head_budget_drops.inc_by(s.head_budget_drops);
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -244,6 +244,13 @@ fn from_the_start_every_call_is_exact() {
     }
     assert_eq!(conn.take_stats(), H2Stats::default());
     assert_eq!(conn.open_streams(), 0);
+    // Every stream was seen open, as this process's calls, with its own `traceparent`.
+    assert!(conn.whole());
+    let opened = conn.take_opened();
+    assert_eq!(opened.len(), 200);
+    assert!(opened
+        .iter()
+        .all(|o| o.side == Side::Client && o.traceparent.is_some()));
 }
 
 /// Which call each stream carried, from a decoding of the whole connection.
@@ -323,6 +330,8 @@ fn a_stream_table_bounded_and_counted() {
     assert!(out.is_empty());
     assert_eq!(conn.open_streams(), MAX_STREAMS);
     assert_eq!(conn.take_stats().streams_dropped, 10);
+    // Requests it dropped are not counted open any more: its count is not exact.
+    assert!(!conn.whole());
 }
 
 #[test]
@@ -335,4 +344,46 @@ fn garbage_after_the_preface_is_never_a_stream() {
     conn.close(2, &mut out);
     assert!(out.is_empty());
     assert_eq!(conn.take_stats().alignment_lost, 1);
+    assert!(!conn.whole());
+}
+
+#[test]
+fn a_servers_streams_are_open_from_their_request_to_their_answer() {
+    // The traced process is the server: it reads the preface and a request, then answers.
+    let mut conn = Http2Conn::from_preface(Dir::Ingress);
+    let mut out = Vec::new();
+    let mut req = frame::PREFACE.to_vec();
+    // HEADERS, END_HEADERS | END_STREAM: :method GET, :scheme http, :path /
+    req.extend([
+        0,
+        0,
+        3,
+        frame::HEADERS,
+        frame::END_HEADERS | frame::END_STREAM,
+    ]);
+    req.extend(1u32.to_be_bytes());
+    req.extend([0x82, 0x86, 0x84]);
+    conn.feed(Dir::Ingress, Segment::whole(&req, 1), &mut out);
+    assert_eq!(conn.open_streams(), 1);
+    let opened = conn.take_opened();
+    assert_eq!(opened.len(), 1);
+    assert_eq!(
+        (opened[0].side, opened[0].stream, opened[0].traceparent),
+        (Side::Server, 1, None)
+    );
+    // HEADERS, END_HEADERS | END_STREAM: :status 200
+    let mut answer = vec![
+        0,
+        0,
+        1,
+        frame::HEADERS,
+        frame::END_HEADERS | frame::END_STREAM,
+    ];
+    answer.extend(1u32.to_be_bytes());
+    answer.push(0x88);
+    conn.feed(Dir::Egress, Segment::whole(&answer, 2), &mut out);
+    assert_eq!(conn.open_streams(), 0);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].side, Side::Server);
+    assert!(conn.whole());
 }

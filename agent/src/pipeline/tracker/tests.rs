@@ -1,0 +1,209 @@
+//! The tracker's in-process linking of HTTP/2 calls (`trace_context::h2_owner`), fed kernel
+//! events as the ring buffer would carry them: a process serving one request and making a call
+//! while it is open; with a loss, or two requests open, the call gets no parent.
+use agent_common::{ConnTuple, DataHeader, EVENT_DATA, LAYOUT_PREFIX};
+use bytes::Bytes;
+
+use super::*;
+use crate::{
+    protocol::http2::frame::{END_HEADERS, END_STREAM, HEADERS},
+    span::{Kind, Span, Value},
+};
+
+/// A pid no process has (above any `pid_max`): nothing is read of it from `/proc`.
+const PID: u32 = 4_300_000;
+const SERVER_SK: u64 = 1;
+const CLIENT_SK: u64 = 2;
+
+fn header(sk: u64, dir: u32, len: usize, lost: u64, ts: u64, server_role: u32) -> DataHeader {
+    let mut tuple = ConnTuple {
+        family: 2,
+        ..ConnTuple::default()
+    };
+    tuple.local_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+    tuple.peer_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+    // The server's socket serves port 50051; the client's calls port 50052.
+    let (role, local, peer) = if sk == SERVER_SK {
+        (server_role, 50051, 40000)
+    } else {
+        (ROLE_CLIENT, 40001, 50052)
+    };
+    tuple.local_port = local;
+    tuple.peer_port = peer;
+    DataHeader {
+        kind: EVENT_DATA,
+        direction: dir,
+        pid: PID,
+        tid: PID,
+        fd: sk as u32 + 10,
+        captured: len as u32,
+        sk,
+        len: len as u64,
+        ts_enter: ts,
+        ts_exit: ts + 1,
+        role,
+        layout: LAYOUT_PREFIX,
+        tuple,
+        comm: *b"middle\0\0\0\0\0\0\0\0\0\0",
+        wire: Default::default(),
+        lost,
+    }
+}
+
+/// A HEADERS frame of one block, ending its stream.
+fn headers(stream: u32, block: &[u8]) -> Vec<u8> {
+    let mut f = (block.len() as u32).to_be_bytes()[1..].to_vec();
+    f.extend([HEADERS, END_HEADERS | END_STREAM]);
+    f.extend(stream.to_be_bytes());
+    f.extend(block);
+    f
+}
+
+/// `:method GET`, `:scheme http`, `:path /`.
+const GET: [u8; 3] = [0x82, 0x86, 0x84];
+/// `:status 200`.
+const OK: [u8; 1] = [0x88];
+
+struct Middle {
+    /// Server streams read (1, 3, ...) before the call.
+    requests: u32,
+    /// The loss count the call's event carries.
+    lost: u64,
+    /// The role the kernel gives the server's socket (`ROLE_UNKNOWN`: open before the agent).
+    server_role: u32,
+}
+
+fn data(t: &mut Tracker, m: &Middle, sk: u64, (dir, ts): (u32, u64), bytes: Vec<u8>, lost: u64) {
+    t.handle(KernelEvent::Data {
+        header: header(sk, dir, bytes.len(), lost, ts, m.server_role),
+        payload: Bytes::from(bytes),
+    });
+}
+
+fn with_preface(frames: Vec<u8>) -> Vec<u8> {
+    let mut b = frame::PREFACE.to_vec();
+    b.extend(frames);
+    b
+}
+
+/// Runs the middle tier's events: its requests read, then a call written, answered, then the
+/// requests answered. Returns the spans.
+fn middle(m: Middle) -> Vec<Span> {
+    let (tx, mut rx) = crate::export::queue::bounded(1024, 1 << 20);
+    let mut t = Tracker::new(
+        Metrics::new(),
+        tx,
+        Snapshot::default(),
+        Sampler::from_values(None, None).expect("default sampler"),
+        (UrlPolicy::default(), Limits::default()),
+    );
+    t.handle(KernelEvent::Netns { pid: PID, netns: 1 });
+    let mut reqs = Vec::new();
+    for i in 0..m.requests {
+        reqs.extend(headers(2 * i + 1, &GET));
+    }
+    let egress = agent_common::DIR_EGRESS;
+    data(
+        &mut t,
+        &m,
+        SERVER_SK,
+        (DIR_INGRESS, 100),
+        with_preface(reqs),
+        0,
+    );
+    let call = with_preface(headers(1, &GET));
+    data(&mut t, &m, CLIENT_SK, (egress, 200), call, m.lost);
+    data(
+        &mut t,
+        &m,
+        CLIENT_SK,
+        (DIR_INGRESS, 300),
+        headers(1, &OK),
+        0,
+    );
+    let mut answers = Vec::new();
+    for i in 0..m.requests {
+        answers.extend(headers(2 * i + 1, &OK));
+    }
+    data(&mut t, &m, SERVER_SK, (egress, 400), answers, 0);
+    // Server streams with no caller seen wait for one (`h2_wait`): none comes.
+    t.out.release_held(u64::MAX);
+    t.out.spans.flush();
+    let mut spans = Vec::new();
+    while let Some(batch) = rx.try_recv(1024) {
+        spans.extend(batch);
+    }
+    spans
+}
+
+fn link(s: &Span) -> Option<&str> {
+    s.attributes.iter().find_map(|kv| match &kv.value {
+        Value::Str(v) if kv.key == "beholder.link.method" => Some(v.as_ref()),
+        _ => None,
+    })
+}
+
+fn split(spans: &[Span]) -> (Vec<&Span>, &Span) {
+    let servers: Vec<&Span> = spans.iter().filter(|s| s.kind == Kind::Server).collect();
+    let clients: Vec<&Span> = spans.iter().filter(|s| s.kind == Kind::Client).collect();
+    assert_eq!(clients.len(), 1, "{spans:?}");
+    (servers, clients[0])
+}
+
+#[test]
+fn a_call_made_while_one_request_is_open_is_its_child() {
+    let spans = middle(Middle {
+        requests: 1,
+        lost: 0,
+        server_role: ROLE_SERVER,
+    });
+    let (servers, client) = split(&spans);
+    assert_eq!(servers.len(), 1);
+    let server = servers[0];
+    assert_eq!(client.trace_id, server.trace_id);
+    assert_eq!(client.parent_span_id, Some(server.span_id));
+    assert_eq!(link(client), Some("process"));
+    // The server span itself starts the trace.
+    assert_eq!(server.parent_span_id, None);
+}
+
+#[test]
+fn a_call_of_a_process_that_lost_an_event_gets_no_parent() {
+    let spans = middle(Middle {
+        requests: 1,
+        lost: 3,
+        server_role: ROLE_SERVER,
+    });
+    let (servers, client) = split(&spans);
+    assert_ne!(client.trace_id, servers[0].trace_id);
+    assert_eq!(client.parent_span_id, None);
+    assert_eq!(link(client), Some("ambiguous"));
+}
+
+#[test]
+fn a_call_made_while_two_requests_are_open_gets_no_parent() {
+    let spans = middle(Middle {
+        requests: 2,
+        lost: 0,
+        server_role: ROLE_SERVER,
+    });
+    let (servers, client) = split(&spans);
+    assert_eq!(servers.len(), 2);
+    assert!(servers.iter().all(|s| s.trace_id != client.trace_id));
+    assert_eq!(client.parent_span_id, None);
+    assert_eq!(link(client), Some("ambiguous"));
+}
+
+#[test]
+fn a_server_connection_older_than_the_agent_blinds_its_process() {
+    // Its requests may have been read before the agent: the one seen is not known to be the
+    // only one open.
+    let spans = middle(Middle {
+        requests: 1,
+        lost: 0,
+        server_role: agent_common::ROLE_UNKNOWN,
+    });
+    let (_, client) = split(&spans);
+    assert_eq!(client.parent_span_id, None);
+    assert_eq!(link(client), Some("ambiguous"));
+}
