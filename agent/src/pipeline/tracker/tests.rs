@@ -167,43 +167,34 @@ fn a_call_made_while_one_request_is_open_is_its_child() {
     assert_eq!(server.parent_span_id, None);
 }
 
+/// No parent where a request other than the one seen may be open: the call's process lost an
+/// event, it has two requests open, or its server connection is older than the agent (its
+/// requests may have been read before it).
 #[test]
-fn a_call_of_a_process_that_lost_an_event_gets_no_parent() {
-    let spans = middle(Middle {
-        requests: 1,
-        lost: 3,
-        server_role: ROLE_SERVER,
-    });
-    let (servers, client) = split(&spans);
-    assert_ne!(client.trace_id, servers[0].trace_id);
-    assert_eq!(client.parent_span_id, None);
-    assert_eq!(link(client), Some("ambiguous"));
-}
-
-#[test]
-fn a_call_made_while_two_requests_are_open_gets_no_parent() {
-    let spans = middle(Middle {
-        requests: 2,
-        lost: 0,
-        server_role: ROLE_SERVER,
-    });
-    let (servers, client) = split(&spans);
-    assert_eq!(servers.len(), 2);
-    assert!(servers.iter().all(|s| s.trace_id != client.trace_id));
-    assert_eq!(client.parent_span_id, None);
-    assert_eq!(link(client), Some("ambiguous"));
-}
-
-#[test]
-fn a_server_connection_older_than_the_agent_blinds_its_process() {
-    // Its requests may have been read before the agent: the one seen is not known to be the
-    // only one open.
-    let spans = middle(Middle {
-        requests: 1,
-        lost: 0,
-        server_role: agent_common::ROLE_UNKNOWN,
-    });
-    let (_, client) = split(&spans);
-    assert_eq!(client.parent_span_id, None);
-    assert_eq!(link(client), Some("ambiguous"));
+fn a_call_gets_no_parent_where_another_request_may_be_open() {
+    let cases = [
+        ("a lost event", 1, 3, ROLE_SERVER),
+        ("two requests open", 2, 0, ROLE_SERVER),
+        (
+            "a connection older than the agent",
+            1,
+            0,
+            agent_common::ROLE_UNKNOWN,
+        ),
+    ];
+    for (what, requests, lost, server_role) in cases {
+        let spans = middle(Middle {
+            requests,
+            lost,
+            server_role,
+        });
+        let (servers, client) = split(&spans);
+        assert_eq!(servers.len(), requests as usize, "{what}");
+        assert!(
+            servers.iter().all(|s| s.trace_id != client.trace_id),
+            "{what}"
+        );
+        assert_eq!(client.parent_span_id, None, "{what}");
+        assert_eq!(link(client), Some("ambiguous"), "{what}");
+    }
 }
