@@ -94,7 +94,7 @@ counters! {
     http2_stitched_late: "HTTP/2 server streams on this host whose caller was seen only after they ended (a client preempted after its write), stitched after waiting for it",
     http2_wait_full: "HTTP/2 server streams on this host not held for their caller's late record (4,096 held already): they get no parent from it",
     http2_stitch_full: "HTTP/2 request streams opened while the same-host stitching table was full (65,536 open streams): their callee's span gets no parent from them",
-    http2_owner_full: "HTTP/2 server streams opened while the table of open server streams was full (65,536): calls their process makes meanwhile get no parent",
+    http2_owner_full: "server requests (HTTP/2 streams, HTTP/1 requests) read while the table of open requests was full (65,536): HTTP/2 calls their process makes meanwhile get no parent",
     http2_links_process: "HTTP/2 calls linked to the one request their process had open when they were written",
     http2_links_ambiguous: "HTTP/2 calls written while their process had several requests open, or may have had one unseen (a lost event, a connection picked up in its middle): no parent guessed",
 }

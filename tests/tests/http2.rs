@@ -852,3 +852,87 @@ fn grpc_middle_tiers_link_their_calls_to_the_request_they_serve() {
         }
     }
 }
+
+/// A REST front end calling gRPC: curl asks Node's HTTP/1.1 server, whose handler calls Get on
+/// a grpcio Catalog; one request at a time over one keep-alive connection, half of them for a
+/// missing item (NOT_FOUND, answered 404). Every request is one trace of four spans: curl's
+/// CLIENT, the front end's HTTP SERVER span, its gRPC CLIENT span (`process`: the one request
+/// it had open) and the Catalog's SERVER span.
+#[test]
+fn a_rest_front_end_links_its_grpc_calls_to_the_request_it_serves() {
+    let (leaf, front) = (free_port(), free_port());
+    let _leaf = catalog("python", leaf, None);
+    let (f, l) = (front.to_string(), leaf.to_string());
+    let _front = Proc::spawn(grpc_js(&["gateway", &f, &l]).stdout(Stdio::null()));
+    wait_port(front);
+    let rx = Receiver::start();
+    let agent = Agent::start(Export::Grpc(&rx), &["--port", &f, "--port", &l]);
+    let n = 20;
+    let urls: Vec<String> = (0..n)
+        .map(|i| {
+            let id = if i % 2 == 0 { "42" } else { "missing" };
+            format!("http://127.0.0.1:{front}/items/{id}")
+        })
+        .collect();
+    // HTTP/1.1, one connection kept alive (not the h2c `curl` helper above).
+    let out = run(Command::new("curl")
+        .args(["-sS", "--max-time", "30", "-w", " %{http_code}\\n"])
+        .args(&urls));
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.lines().filter(|l| *l == "42 200").count(),
+        n / 2,
+        "{out}"
+    );
+    assert_eq!(
+        out.lines().filter(|l| *l == "no such item 404").count(),
+        n / 2,
+        "{out}"
+    );
+    let err = stop_after(agent, &rx, 4 * n);
+    let spans = rx.spans();
+    let counters = final_counters(&err);
+    eprintln!("REST front end: counters {counters:?}");
+    assert_eq!(spans.len(), 4 * n, "four spans per request; {counters:?}");
+    let by_id: std::collections::HashMap<String, &RSpan> =
+        spans.iter().map(|s| (s.span_id(), s)).collect();
+    let calls: Vec<&RSpan> = spans
+        .iter()
+        .filter(|s| s.span.name == "shop.v1.Catalog/Get" && s.kind() == "client")
+        .collect();
+    assert_eq!(calls.len(), n);
+    for call in calls {
+        let server = by_id
+            .get(&call.parent_id())
+            .unwrap_or_else(|| panic!("the call's parent is a span here: {call:?}"));
+        assert_eq!(server.kind(), "server");
+        assert_eq!(server.attr("network.protocol.version"), Some("1.1"));
+        assert_eq!(server.res("process.pid"), call.res("process.pid"));
+        assert_eq!(call.attr("beholder.link.method"), Some("process"));
+        assert!(
+            server.span.start_time_unix_nano <= call.span.start_time_unix_nano
+                && call.span.end_time_unix_nano <= server.span.end_time_unix_nano
+        );
+        // The status the call got is the one the front end answered with.
+        let (status, code) = if call.attr("rpc.response.status_code") == Some("NOT_FOUND") {
+            ("404", 2)
+        } else {
+            ("200", 0)
+        };
+        assert_eq!(call.status_code(), code);
+        assert_eq!(server.attr("http.response.status_code"), Some(status));
+        // Above it curl's request, below it the Catalog's span of the same call.
+        let curl_span = by_id.get(&server.parent_id()).expect("curl's span");
+        assert_eq!(curl_span.kind(), "client");
+        assert!(curl_span.parent_id().is_empty());
+        let leaf_spans: Vec<_> = spans
+            .iter()
+            .filter(|s| s.parent_id() == call.span_id())
+            .collect();
+        assert_eq!(leaf_spans.len(), 1);
+        assert_eq!(leaf_spans[0].kind(), "server");
+        assert!([server, curl_span, leaf_spans[0]]
+            .iter()
+            .all(|s| s.trace_id() == call.trace_id()));
+    }
+}

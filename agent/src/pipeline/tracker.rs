@@ -468,12 +468,26 @@ impl Tracker {
             conn.report_to(&mut self.out.owners, h.pid);
         }
         if dir == Dir::Ingress && conn.h2.is_none() {
-            let (sampler, registry) = (&self.out.sampler, &mut self.out.registry);
+            let out = &mut self.out;
+            let (sampler, registry, owners) = (&out.sampler, &mut out.registry, &mut out.owners);
+            let mut full = 0;
             conn.http.new_server_heads(|head, ctx| {
                 let w = *ctx.get_or_insert_with(|| server_ctx(head, sampler));
                 let header = head.traceparent.as_deref().and_then(TraceParent::parse);
                 registry.server_started(h.pid, &w, header.as_ref());
+                // Named for the HTTP/2 calls its process makes while it is open (`h2_owner`).
+                let open = Open {
+                    ctx: w,
+                    provisional: false,
+                    committed: false,
+                    key: None,
+                    start_ns: h.ts_exit,
+                };
+                if !owners.opened(h.pid, h.sk, h2_owner::http1_key(&w), open) {
+                    full += 1;
+                }
             });
+            out.metrics.http2_owner_full.inc_by(full);
         }
         conn.last_boot_ns = h.ts_exit;
         if !self.exchanges.is_empty() {
@@ -729,8 +743,12 @@ impl Output {
     fn spans_for(&mut self, exchanges: &mut Vec<Exchange>, id: ConnId, conn: &mut Conn) {
         let pid = id.pid;
         for mut ex in exchanges.drain(..) {
-            let opened = match (&ex.h2, ex.side) {
-                (Some(h2), Side::Server) => self.owners.ended(pid, id.sk, h2.stream),
+            let opened = match (&ex.h2, ex.side, &ex.ctx) {
+                (Some(h2), Side::Server, _) => self.owners.ended(pid, id.sk, h2.stream),
+                (None, Side::Server, Some(w)) => {
+                    self.owners.ended(pid, id.sk, h2_owner::http1_key(w));
+                    None
+                }
                 _ => None,
             };
             if conn.expected.is_some_and(|s| s != ex.side) {

@@ -18,6 +18,9 @@
 //! - the kernel sends events in the order their syscalls returned, so a request read before the
 //!   call was written is seen before it.
 //!
+//! HTTP/1 requests a process serves are named too (their ids are chosen when their head is
+//! read), so that a REST front end's gRPC calls link alike.
+//!
 //! Two or more open: no parent is guessed (`Ambiguous`). What this cannot tell apart: a call
 //! the process makes on its own (a timer, a background refresh) while one request is open
 //! is given that request as parent, as the thread rule does for an event loop.
@@ -153,8 +156,8 @@ impl Owners {
         }
     }
 
-    /// The one request `pid` has open, when it is a stream whose ids are here (an HTTP/1
-    /// request, or one the table had no room for, is counted but not named).
+    /// The one request `pid` has open, when its ids are here (one the table had no room for
+    /// is counted but not named).
     fn sole(&mut self, pid: u32) -> Option<(&(u64, u32), &mut Open)> {
         let lossy = self.all_lossy || self.lossy.contains(&pid);
         let p = self.procs.get_mut(&pid)?;
@@ -216,6 +219,15 @@ impl Owners {
     pub fn is_empty(&self) -> bool {
         self.streams == 0
     }
+}
+
+/// The key an HTTP/1 request is kept under on its connection, in place of a stream id: from
+/// its server span's id, with the top bit set (HTTP/2 stream ids are 31 bits). Two requests
+/// open on one connection whose keys collide are one entry while two are counted open: no
+/// parent is given then, never a wrong one.
+pub fn http1_key(ctx: &WireCtx) -> u32 {
+    let s = ctx.span_id;
+    u32::from_le_bytes([s[0], s[1], s[2], s[3]]) | 0x8000_0000
 }
 
 /// A call's context when its owner is ambiguous: a new trace, no parent, and why.
@@ -312,7 +324,7 @@ mod tests {
         o.opened(7, 100, 1, open(1, 2));
         o.opened(7, 100, 3, open(3, 4));
         assert_eq!(o.owner(7, [5; 8]), Owner::Ambiguous);
-        // One stream ended, but an HTTP/1 request is open beside the other.
+        // One stream ended, but a request that was not named (no room for it) is open beside it.
         o.ended(7, 100, 1);
         o.adjust(7, r(2, false), r(1, false));
         o.adjust(7, r(0, false), r(1, false));

@@ -71,6 +71,8 @@ struct Middle {
     lost: u64,
     /// The role the kernel gives the server's socket (`ROLE_UNKNOWN`: open before the agent).
     server_role: u32,
+    /// The middle tier serves HTTP/1.1 (a REST front end), not HTTP/2.
+    http1: bool,
 }
 
 fn data(t: &mut Tracker, m: &Middle, sk: u64, (dir, ts): (u32, u64), bytes: Vec<u8>, lost: u64) {
@@ -98,19 +100,18 @@ fn middle(m: Middle) -> Vec<Span> {
         (UrlPolicy::default(), Limits::default()),
     );
     t.handle(KernelEvent::Netns { pid: PID, netns: 1 });
-    let mut reqs = Vec::new();
+    let (mut reqs, mut answers) = (frame::PREFACE.to_vec(), Vec::new());
     for i in 0..m.requests {
         reqs.extend(headers(2 * i + 1, &GET));
+        answers.extend(headers(2 * i + 1, &OK));
+    }
+    if m.http1 {
+        let n = m.requests as usize;
+        reqs = b"GET /items/42 HTTP/1.1\r\nHost: front\r\n\r\n".repeat(n);
+        answers = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n".repeat(n);
     }
     let egress = agent_common::DIR_EGRESS;
-    data(
-        &mut t,
-        &m,
-        SERVER_SK,
-        (DIR_INGRESS, 100),
-        with_preface(reqs),
-        0,
-    );
+    data(&mut t, &m, SERVER_SK, (DIR_INGRESS, 100), reqs, 0);
     let call = with_preface(headers(1, &GET));
     data(&mut t, &m, CLIENT_SK, (egress, 200), call, m.lost);
     data(
@@ -121,10 +122,6 @@ fn middle(m: Middle) -> Vec<Span> {
         headers(1, &OK),
         0,
     );
-    let mut answers = Vec::new();
-    for i in 0..m.requests {
-        answers.extend(headers(2 * i + 1, &OK));
-    }
     data(&mut t, &m, SERVER_SK, (egress, 400), answers, 0);
     // Server streams with no caller seen wait for one (`h2_wait`): none comes.
     t.out.release_held(u64::MAX);
@@ -151,11 +148,38 @@ fn split(spans: &[Span]) -> (Vec<&Span>, &Span) {
 }
 
 #[test]
+fn a_call_made_while_one_http1_request_is_open_is_its_child() {
+    let spans = middle(Middle {
+        requests: 1,
+        lost: 0,
+        server_role: ROLE_SERVER,
+        http1: true,
+    });
+    let (servers, client) = split(&spans);
+    assert_eq!(servers.len(), 1);
+    assert_eq!(client.trace_id, servers[0].trace_id);
+    assert_eq!(client.parent_span_id, Some(servers[0].span_id));
+    assert_eq!(link(client), Some("process"));
+    // Two HTTP/1 requests open (pipelined): no parent.
+    let spans = middle(Middle {
+        requests: 2,
+        lost: 0,
+        server_role: ROLE_SERVER,
+        http1: true,
+    });
+    let (servers, client) = split(&spans);
+    assert_eq!(servers.len(), 2);
+    assert_eq!(client.parent_span_id, None);
+    assert_eq!(link(client), Some("ambiguous"));
+}
+
+#[test]
 fn a_call_made_while_one_request_is_open_is_its_child() {
     let spans = middle(Middle {
         requests: 1,
         lost: 0,
         server_role: ROLE_SERVER,
+        http1: false,
     });
     let (servers, client) = split(&spans);
     assert_eq!(servers.len(), 1);
@@ -187,6 +211,7 @@ fn a_call_gets_no_parent_where_another_request_may_be_open() {
             requests,
             lost,
             server_role,
+            http1: false,
         });
         let (servers, client) = split(&spans);
         assert_eq!(servers.len(), requests as usize, "{what}");
