@@ -318,6 +318,12 @@ fn grpc_through_nginx_with_a_tls_hop_keeps_every_frame() {
         .filter(|s| s.span.name == "shop.v1.Catalog/Blob")
         .all(|s| s.attr("rpc.response.status_code") == Some("OK") && s.status_code() == 0));
     let servers = spans.iter().filter(|s| s.kind() == "server").count();
+    for s in spans
+        .iter()
+        .filter(|s| s.kind() == "server" && s.parent_id().is_empty())
+    {
+        eprintln!("ROOT {} pid={:?}", brief(s), s.res("process.pid"));
+    }
     assert_eq!(
         callers(&spans),
         (servers, 0),

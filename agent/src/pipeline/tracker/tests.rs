@@ -223,3 +223,94 @@ fn a_call_gets_no_parent_where_another_request_may_be_open() {
         assert_eq!(link(client), Some("ambiguous"), "{what}");
     }
 }
+
+/// The middle tier's caller runs on this host, and its write of the request is seen only after
+/// the middle tier read it and made its call (the two ends' events race on two CPUs). The call
+/// gets no parent, so that the request still joins its caller's trace when that record comes;
+/// taking the request's provisional ids would have left it a root for good.
+#[test]
+fn a_call_made_before_its_requests_caller_is_seen_leaves_the_request_to_its_caller() {
+    const CALLER: u32 = PID + 1;
+    const CALLER_SK: u64 = 3;
+    let m = Middle {
+        requests: 1,
+        lost: 0,
+        server_role: ROLE_SERVER,
+        http1: false,
+    };
+    let (tx, mut rx) = crate::export::queue::bounded(1024, 1 << 20);
+    let metrics = Metrics::new();
+    let mut t = Tracker::new(
+        metrics.clone(),
+        tx,
+        Snapshot::default(),
+        Sampler::from_values(None, None).expect("default sampler"),
+        (UrlPolicy::default(), Limits::default()),
+    );
+    for pid in [PID, CALLER] {
+        t.handle(KernelEvent::Netns { pid, netns: 1 });
+    }
+    // The caller's socket: port 40000 calling the middle tier's 50051.
+    let caller = |t: &mut Tracker, dir: u32, ts: u64, bytes: Vec<u8>| {
+        let mut header = header(SERVER_SK, dir, bytes.len(), 0, ts, ROLE_CLIENT);
+        (header.pid, header.tid, header.sk, header.fd) = (CALLER, CALLER, CALLER_SK, 13);
+        (header.tuple.local_port, header.tuple.peer_port) = (40000, 50051);
+        t.handle(KernelEvent::Data {
+            header,
+            payload: Bytes::from(bytes),
+        });
+    };
+    let egress = agent_common::DIR_EGRESS;
+    caller(&mut t, egress, 50, frame::PREFACE.to_vec());
+    data(
+        &mut t,
+        &m,
+        SERVER_SK,
+        (DIR_INGRESS, 100),
+        with_preface(headers(1, &GET)),
+        0,
+    );
+    data(
+        &mut t,
+        &m,
+        CLIENT_SK,
+        (egress, 200),
+        with_preface(headers(1, &GET)),
+        0,
+    );
+    // The caller's write began before the middle tier read it, and is seen only now.
+    caller(&mut t, egress, 90, headers(1, &GET));
+    data(
+        &mut t,
+        &m,
+        CLIENT_SK,
+        (DIR_INGRESS, 300),
+        headers(1, &OK),
+        0,
+    );
+    data(&mut t, &m, SERVER_SK, (egress, 400), headers(1, &OK), 0);
+    caller(&mut t, DIR_INGRESS, 500, headers(1, &OK));
+    t.out.release_held(u64::MAX);
+    t.out.spans.flush();
+    let mut spans = Vec::new();
+    while let Some(batch) = rx.try_recv(1024) {
+        spans.extend(batch);
+    }
+    let servers: Vec<&Span> = spans.iter().filter(|s| s.kind == Kind::Server).collect();
+    assert_eq!((spans.len(), servers.len()), (3, 1), "{spans:?}");
+    let server = servers[0];
+    // The caller's span is the server span's parent, in one trace.
+    let (calls, others): (Vec<&Span>, Vec<&Span>) = spans
+        .iter()
+        .filter(|s| s.kind == Kind::Client)
+        .partition(|c| Some(c.span_id) == server.parent_span_id);
+    assert_eq!((calls.len(), others.len()), (1, 1), "{spans:?}");
+    assert_eq!(server.trace_id, calls[0].trace_id);
+    // The middle tier's call: no parent, a trace of its own.
+    let call = others[0];
+    assert_eq!(call.parent_span_id, None);
+    assert_ne!(call.trace_id, server.trace_id);
+    assert_eq!(link(call), Some("ambiguous"));
+    assert_eq!(metrics.http2_links_unsettled.get(), 1);
+    assert_eq!(metrics.http2_links_process.get(), 0);
+}
