@@ -75,6 +75,16 @@ struct Middle {
     http1: bool,
 }
 
+/// A middle tier that lost nothing and whose server socket the kernel saw accepted.
+fn served(requests: u32, http1: bool) -> Middle {
+    Middle {
+        requests,
+        lost: 0,
+        server_role: ROLE_SERVER,
+        http1,
+    }
+}
+
 fn data(t: &mut Tracker, m: &Middle, sk: u64, (dir, ts): (u32, u64), bytes: Vec<u8>, lost: u64) {
     t.handle(KernelEvent::Data {
         header: header(sk, dir, bytes.len(), lost, ts, m.server_role),
@@ -88,18 +98,38 @@ fn with_preface(frames: Vec<u8>) -> Vec<u8> {
     b
 }
 
-/// Runs the middle tier's events: its requests read, then a call written, answered, then the
-/// requests answered. Returns the spans.
-fn middle(m: Middle) -> Vec<Span> {
-    let (tx, mut rx) = crate::export::queue::bounded(1024, 1 << 20);
+/// A tracker whose spans go to the receiver, knowing the network namespace of `pids`.
+fn tracker(metrics: Arc<Metrics>, pids: &[u32]) -> (Tracker, crate::export::queue::SpanReceiver) {
+    let (tx, rx) = crate::export::queue::bounded(1024, 1 << 20);
     let mut t = Tracker::new(
-        Metrics::new(),
+        metrics,
         tx,
         Snapshot::default(),
         Sampler::from_values(None, None).expect("default sampler"),
         (UrlPolicy::default(), Limits::default()),
     );
-    t.handle(KernelEvent::Netns { pid: PID, netns: 1 });
+    for &pid in pids {
+        t.handle(KernelEvent::Netns { pid, netns: 1 });
+    }
+    (t, rx)
+}
+
+/// The spans of every exchange the tracker completed; server streams with no caller seen wait
+/// for one (`h2_wait`) and get none.
+fn drain(t: &mut Tracker, rx: &mut crate::export::queue::SpanReceiver) -> Vec<Span> {
+    t.out.release_held(u64::MAX);
+    t.out.spans.flush();
+    let mut spans = Vec::new();
+    while let Some(batch) = rx.try_recv(1024) {
+        spans.extend(batch);
+    }
+    spans
+}
+
+/// Runs the middle tier's events: its requests read, then a call written, answered, then the
+/// requests answered. Returns the spans.
+fn middle(m: Middle) -> Vec<Span> {
+    let (mut t, mut rx) = tracker(Metrics::new(), &[PID]);
     let (mut reqs, mut answers) = (frame::PREFACE.to_vec(), Vec::new());
     for i in 0..m.requests {
         reqs.extend(headers(2 * i + 1, &GET));
@@ -123,14 +153,7 @@ fn middle(m: Middle) -> Vec<Span> {
         0,
     );
     data(&mut t, &m, SERVER_SK, (egress, 400), answers, 0);
-    // Server streams with no caller seen wait for one (`h2_wait`): none comes.
-    t.out.release_held(u64::MAX);
-    t.out.spans.flush();
-    let mut spans = Vec::new();
-    while let Some(batch) = rx.try_recv(1024) {
-        spans.extend(batch);
-    }
-    spans
+    drain(&mut t, &mut rx)
 }
 
 fn link(s: &Span) -> Option<&str> {
@@ -149,24 +172,14 @@ fn split(spans: &[Span]) -> (Vec<&Span>, &Span) {
 
 #[test]
 fn a_call_made_while_one_http1_request_is_open_is_its_child() {
-    let spans = middle(Middle {
-        requests: 1,
-        lost: 0,
-        server_role: ROLE_SERVER,
-        http1: true,
-    });
+    let spans = middle(served(1, true));
     let (servers, client) = split(&spans);
     assert_eq!(servers.len(), 1);
     assert_eq!(client.trace_id, servers[0].trace_id);
     assert_eq!(client.parent_span_id, Some(servers[0].span_id));
     assert_eq!(link(client), Some("process"));
     // Two HTTP/1 requests open (pipelined): no parent.
-    let spans = middle(Middle {
-        requests: 2,
-        lost: 0,
-        server_role: ROLE_SERVER,
-        http1: true,
-    });
+    let spans = middle(served(2, true));
     let (servers, client) = split(&spans);
     assert_eq!(servers.len(), 2);
     assert_eq!(client.parent_span_id, None);
@@ -175,12 +188,7 @@ fn a_call_made_while_one_http1_request_is_open_is_its_child() {
 
 #[test]
 fn a_call_made_while_one_request_is_open_is_its_child() {
-    let spans = middle(Middle {
-        requests: 1,
-        lost: 0,
-        server_role: ROLE_SERVER,
-        http1: false,
-    });
+    let spans = middle(served(1, false));
     let (servers, client) = split(&spans);
     assert_eq!(servers.len(), 1);
     let server = servers[0];
@@ -232,24 +240,9 @@ fn a_call_gets_no_parent_where_another_request_may_be_open() {
 fn a_call_made_before_its_requests_caller_is_seen_leaves_the_request_to_its_caller() {
     const CALLER: u32 = PID + 1;
     const CALLER_SK: u64 = 3;
-    let m = Middle {
-        requests: 1,
-        lost: 0,
-        server_role: ROLE_SERVER,
-        http1: false,
-    };
-    let (tx, mut rx) = crate::export::queue::bounded(1024, 1 << 20);
+    let m = served(1, false);
     let metrics = Metrics::new();
-    let mut t = Tracker::new(
-        metrics.clone(),
-        tx,
-        Snapshot::default(),
-        Sampler::from_values(None, None).expect("default sampler"),
-        (UrlPolicy::default(), Limits::default()),
-    );
-    for pid in [PID, CALLER] {
-        t.handle(KernelEvent::Netns { pid, netns: 1 });
-    }
+    let (mut t, mut rx) = tracker(metrics.clone(), &[PID, CALLER]);
     // The caller's socket: port 40000 calling the middle tier's 50051.
     let caller = |t: &mut Tracker, dir: u32, ts: u64, bytes: Vec<u8>| {
         let mut header = header(SERVER_SK, dir, bytes.len(), 0, ts, ROLE_CLIENT);
@@ -290,12 +283,7 @@ fn a_call_made_before_its_requests_caller_is_seen_leaves_the_request_to_its_call
     );
     data(&mut t, &m, SERVER_SK, (egress, 400), headers(1, &OK), 0);
     caller(&mut t, DIR_INGRESS, 500, headers(1, &OK));
-    t.out.release_held(u64::MAX);
-    t.out.spans.flush();
-    let mut spans = Vec::new();
-    while let Some(batch) = rx.try_recv(1024) {
-        spans.extend(batch);
-    }
+    let spans = drain(&mut t, &mut rx);
     let servers: Vec<&Span> = spans.iter().filter(|s| s.kind == Kind::Server).collect();
     assert_eq!((spans.len(), servers.len()), (3, 1), "{spans:?}");
     let server = servers[0];
