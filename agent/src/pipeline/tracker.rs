@@ -760,17 +760,14 @@ impl Output {
         self.owners.adjust(id.pid, conn.reported, Report::default());
         conn.reported = Report::default();
         self.owners.conn_ended(id.pid, id.sk);
+        // An HTTP/2 client's end: its key was taken when it showed it (`h2_opened`).
         if let Some(key) = conn.client_key.take() {
+            self.h2_stitch.conn_ended(&key);
             if let Some(n) = self.h2_clients.get_mut(&key) {
                 *n -= 1;
                 if *n == 0 {
                     self.h2_clients.remove(&key);
                 }
-            }
-        }
-        if conn.h2.as_ref().and_then(|h| h.side()) == Some(Side::Client) {
-            if let Some(key) = conn.stitch_key(Side::Client) {
-                self.h2_stitch.conn_ended(&key);
             }
         }
     }
