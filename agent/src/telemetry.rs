@@ -97,7 +97,7 @@ counters! {
     http2_owner_full: "server requests (HTTP/2 streams, HTTP/1 requests) read while the table of open requests was full (65,536): HTTP/2 calls their process makes meanwhile get no parent",
     http2_links_process: "HTTP/2 calls linked to the one request their process had open when they were written",
     http2_links_ambiguous: "HTTP/2 calls written while their process had several requests open, or may have had one unseen (a lost event, a connection picked up in its middle): no parent guessed",
-    http2_links_unsettled: "HTTP/2 calls written while the one request their process served still waited for its caller's record on this host (the caller's write not yet seen): no parent, so that the request can still join its caller's trace",
+    http2_links_unsettled: "HTTP/2 calls written while the one request their process served had no caller's record yet (a caller on this host whose write is not seen yet, or a caller the agent does not see): no parent, so that the request can still join its caller's trace",
 }
 
 impl Metrics {

@@ -62,8 +62,6 @@ struct Conn {
     prior: bool,
     /// What it last told of the requests its process serves (`h2_owner`).
     reported: Report,
-    /// Its key in `Output::h2_clients`, once it showed it is an HTTP/2 client's end.
-    client_key: Option<ConnKey>,
 }
 
 /// The records of an HTTP/2 event (`LAYOUT_H2_CHUNKS`): each a run of kept bytes and the
@@ -169,10 +167,6 @@ struct Output {
     h2_wait: H2Wait<Held>,
     /// The requests each process serves, for its HTTP/2 calls' parents.
     owners: Owners,
-    /// The client ends of HTTP/2 connections followed here, by key (as many connections may
-    /// share a key as the kernel has sockets for it; at most `MAX_CONNS`): a server stream of
-    /// such a connection whose caller's record is not there yet will get one.
-    h2_clients: HashMap<ConnKey, u32>,
     urls: UrlPolicy,
     limits: Limits,
 }
@@ -205,7 +199,6 @@ impl Tracker {
                 h2_stitch: H2Stitch::default(),
                 h2_wait: H2Wait::default(),
                 owners: Owners::default(),
-                h2_clients: HashMap::new(),
                 urls,
                 limits,
             },
@@ -353,7 +346,6 @@ impl Tracker {
                     netns: None,
                     prior,
                     reported: Report::default(),
-                    client_key: None,
                 },
             );
         }
@@ -540,14 +532,7 @@ impl Output {
         let Some(h2) = conn.h2.as_mut() else {
             return;
         };
-        let opened = h2.take_opened();
-        if conn.client_key.is_none() && h2.side() == Some(Side::Client) {
-            conn.client_key = conn.stitch_key(Side::Client);
-            if let Some(key) = conn.client_key {
-                *self.h2_clients.entry(key).or_default() += 1;
-            }
-        }
-        for o in opened {
+        for o in h2.take_opened() {
             match o.side {
                 Side::Server => self.server_opened(conn, id, o),
                 Side::Client => self.client_opened(conn, id.pid, o),
@@ -638,10 +623,10 @@ impl Output {
                 self.owners.settle(pid, sk, stream, ctx);
                 self.registry.server_started(pid, &ctx, None);
             } else {
-                // Its caller's end is followed here, and its write not seen yet (the two ends'
-                // events race on two CPUs): taking the provisional ids now would cut the
-                // request off its caller's trace for good.
-                unsettled = open.key.is_some_and(|k| self.h2_clients.contains_key(&k));
+                // Its caller's write may not be seen yet (the two ends' events race on two
+                // CPUs): taking the provisional ids now would cut the request off its caller's
+                // trace for good, so the call gets no parent.
+                unsettled = true;
             }
         }
         let span = random_span_id(&mut rng);
@@ -760,14 +745,9 @@ impl Output {
         self.owners.adjust(id.pid, conn.reported, Report::default());
         conn.reported = Report::default();
         self.owners.conn_ended(id.pid, id.sk);
-        // An HTTP/2 client's end: its key was taken when it showed it (`h2_opened`).
-        if let Some(key) = conn.client_key.take() {
-            self.h2_stitch.conn_ended(&key);
-            if let Some(n) = self.h2_clients.get_mut(&key) {
-                *n -= 1;
-                if *n == 0 {
-                    self.h2_clients.remove(&key);
-                }
+        if conn.h2.as_ref().and_then(|h| h.side()) == Some(Side::Client) {
+            if let Some(key) = conn.stitch_key(Side::Client) {
+                self.h2_stitch.conn_ended(&key);
             }
         }
     }
