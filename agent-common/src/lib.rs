@@ -823,3 +823,7 @@ pub const TLS_PROBES: [(&str, &str, Option<&str>); 7] = [
 
 pub const MAP_ACTIVE_IO: &str = "ACTIVE_IO";
 pub const MAP_ACTIVE_CONNECT: &str = "ACTIVE_CONNECT";
+
+/// The bench's floor programs (`agent-ebpf/src/floor.rs`): a tracepoint program attached to
+/// every tracepoint the agent uses, and a raw tracepoint program where its stitching one is.
+pub const FLOOR_PROGRAMS: [&str; 2] = ["floor_tracepoint", "floor_raw_tracepoint"];

@@ -8,6 +8,7 @@
 mod capture;
 mod conn;
 mod data;
+mod floor;
 mod gotls;
 mod h2walk;
 mod maps;

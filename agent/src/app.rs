@@ -154,6 +154,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         cgroup: args.cgroup.clone(),
         sample_threshold: sampler.kernel_threshold(),
         sample_parent_based: sampler.parent_based,
+        floor: args.bench_floor,
     };
     let snapshot = Snapshot::scan();
     let loader::Loaded {
@@ -195,8 +196,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // by the first sweep, before start-up drains the channel: room for a busy host's.
     let (follow_tx, mut follow_rx) = mpsc::channel(16_384);
     let mut followers = crate::control::Followers::default();
+    followers.floor = args.bench_floor;
     let filter_pids = settings.filter_pids;
-    if !filter_pids {
+    if !filter_pids && !args.bench_floor {
         for (lib, r) in followers.tls.whole_host(&mut ebpf) {
             match r {
                 Ok(()) => tracing::info!(

@@ -58,6 +58,10 @@ pub struct RunArgs {
     /// same-host stitching alone would do), so one host exercises the cross-host path.
     #[arg(long, hide = true, env = "BEHOLDER_TCP_OPTION_LOOPBACK")]
     pub tcp_option_loopback: bool,
+    /// A bench aid (`cargo xtask bench`'s floor): attach programs that only run the process
+    /// filter to the agent's tracepoints, and nothing else; no span comes out.
+    #[arg(long, hide = true)]
+    pub bench_floor: bool,
     /// Query strings in `url.full` and `url.query`: `redact` (default) reports the values of
     /// secret-looking keys as REDACTED; `drop` leaves query strings out entirely.
     #[arg(long, value_name = "redact|drop", default_value = "redact", env = "BEHOLDER_URL_QUERY",

@@ -75,7 +75,7 @@ impl Control {
         let mut ticks: u64 = 0;
         // The kernel counters as last read.
         let mut last_kernel = vec![0u64; agent_common::COUNTER_NAMES.len()];
-        if !self.filter_pids || self.exe_globs.is_some() {
+        if !self.followers.floor && (!self.filter_pids || self.exe_globs.is_some()) {
             // A Go program may start (or be selected) later: its probe programs are verified
             // now, so that it is probed when found instead of about 0.5 s later (several
             // seconds on a busy host), during which its calls would go unfollowed.
@@ -221,6 +221,8 @@ pub struct Followers {
     pub tokio: crate::loader::tokio_tasks::TokioProbes,
     pub tls: crate::loader::tls::TlsProbes,
     unselected: std::collections::HashMap<u32, Vec<crate::runtimes::Follow>>,
+    /// The bench's floor (`--bench-floor`): no process is probed.
+    pub floor: bool,
 }
 
 impl Followers {
@@ -288,6 +290,9 @@ impl Followers {
         f: crate::runtimes::Follow,
     ) {
         use crate::loader::{python, tls, tokio_tasks as tk};
+        if self.floor {
+            return;
+        }
         match f {
             crate::runtimes::Follow::Go => probe_go(ebpf, metrics, &mut self.go, pid),
             crate::runtimes::Follow::Tls => match self.tls.attach(ebpf, pid) {

@@ -176,6 +176,9 @@ pub struct Settings {
     /// Sampling of traces that start here, as the kernel applies it.
     pub sample_threshold: u64,
     pub sample_parent_based: bool,
+    /// The bench's floor (`--bench-floor`): every tracepoint gets a program that only runs the
+    /// process filter, and nothing else is attached.
+    pub floor: bool,
 }
 
 pub struct Loaded {
@@ -200,6 +203,44 @@ fn attach_stitch(ebpf: &mut Ebpf) -> Result<(), LoadError> {
     }
     prog.attach(STITCH_PROGRAM)
         .map_err(|source| attach_error(STITCH_PROGRAM, source))?;
+    Ok(())
+}
+
+/// The bench's floor: the floor tracepoint program on every tracepoint of `PROGRAMS`, and the
+/// floor raw tracepoint program where the stitching program goes when `stitch` (the agent
+/// attaches that one unless `--inject off`).
+fn attach_floor(ebpf: &mut Ebpf, stitch: bool) -> Result<(), LoadError> {
+    let [tp, raw] = agent_common::FLOOR_PROGRAMS;
+    let prog: &mut TracePoint = ebpf
+        .program_mut(tp)
+        .ok_or(LoadError::Missing(tp))?
+        .try_into()
+        .map_err(|source| attach_error(tp, source))?;
+    prog.load().map_err(|source| attach_error(tp, source))?;
+    for (name, category) in PROGRAMS {
+        prog.attach(category, name)
+            .map_err(|source| LoadError::Attach {
+                name,
+                category,
+                source,
+            })?;
+    }
+    if stitch {
+        let prog: &mut aya::programs::RawTracePoint = ebpf
+            .program_mut(raw)
+            .ok_or(LoadError::Missing(raw))?
+            .try_into()
+            .map_err(|source| attach_error(raw, source))?;
+        prog.load().map_err(|source| attach_error(raw, source))?;
+        prog.attach(STITCH_PROGRAM)
+            .map_err(|source| attach_error(raw, source))?;
+    }
+    tracing::warn!(
+        tracepoints = PROGRAMS.len(),
+        stitch,
+        "start-up: bench floor attached (--bench-floor): programs that only run the process \
+         filter; no event, no span"
+    );
     Ok(())
 }
 
@@ -316,6 +357,19 @@ pub fn load(s: &Settings) -> Result<Loaded, LoadError> {
 
     fill_maps(&mut ebpf, s)?;
     let object_ms = t_object.elapsed().as_millis() as u64;
+    if s.floor {
+        attach_floor(&mut ebpf, mode != agent_common::INJECT_OFF)?;
+        let ring = RingBuf::try_from(
+            ebpf.take_map(MAP_EVENTS)
+                .ok_or(LoadError::Missing(MAP_EVENTS))?,
+        )
+        .map_err(|e| LoadError::Map(MAP_EVENTS, e))?;
+        return Ok(Loaded {
+            ebpf,
+            ring,
+            injecting: None,
+        });
+    }
     let t0 = std::time::Instant::now();
     // Every program start-up needs, verified on all CPUs at once, largest first (the loads
     // below then only report a failure, with their usual message).

@@ -1,7 +1,9 @@
 //! `cargo xtask bench`: the agent's cost, measured on this machine in one run.
 //!
-//! 1. Throughput at saturation, configurations interleaved A B C A B C ... so drift cancels:
-//!    A no agent, B agent capturing without exporting, C agent exporting over OTLP.
+//! 1. Throughput at saturation, configurations interleaved A F B C G H A F ... so drift cancels:
+//!    A no agent, F the floor (the agent's tracepoints with programs that only run the process
+//!    filter), B agent capturing without exporting, C agent exporting over OTLP; G and H are F
+//!    and C on the whole host instead of `--exe '*/nginx'`.
 //! 2. Latency at a fixed rate well below saturation, interleaved the same way.
 //! 3. Loss accounting at fixed rates and at saturation: requests nginx served == spans the sink
 //!    received + spans the agent counted as dropped.
@@ -12,7 +14,7 @@ mod tools;
 
 use std::{path::Path, time::Duration};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::json;
 
 use tools::{Agent, Guard, Nginx};
@@ -45,17 +47,41 @@ impl Plan {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Config {
     A,
+    F,
     B,
     C,
+    G,
+    H,
 }
+
+/// Section 1's configurations, in the order each round runs them.
+const SATURATION: [Config; 6] = [
+    Config::A,
+    Config::F,
+    Config::B,
+    Config::C,
+    Config::G,
+    Config::H,
+];
 
 impl Config {
     fn label(self) -> &'static str {
         match self {
             Config::A => "A: no agent",
+            Config::F => "F: floor: the agent's tracepoints (25 and tcp_sendmsg_locked) with programs that only run its process filter (`--bench-floor`)",
             Config::B => "B: agent, capture only (OTEL_TRACES_EXPORTER=none)",
             Config::C => "C: agent exporting OTLP/HTTP to a local receiver",
+            Config::G => "G: floor on the whole host (no selection)",
+            Config::H => "H: agent exporting OTLP/HTTP on the whole host (no selection: wrk is traced too)",
         }
+    }
+
+    fn floor(self) -> bool {
+        matches!(self, Config::F | Config::G)
+    }
+
+    fn whole_host(self) -> bool {
+        matches!(self, Config::G | Config::H)
     }
 }
 
@@ -68,15 +94,31 @@ struct Env<'a> {
 
 impl Env<'_> {
     fn agent(&self, c: Config) -> Result<Option<Agent>> {
-        self.agent_for(c, &["--exe", "*/nginx"])
+        if c.whole_host() {
+            self.agent_for(c, &[])
+        } else {
+            self.agent_for(c, &["--exe", "*/nginx"])
+        }
     }
 
     /// As `agent`, with the selection `select`.
     fn agent_for(&self, c: Config, select: &[&str]) -> Result<Option<Agent>> {
-        let env = match c {
+        self.agent_with(c, select, &[])
+    }
+
+    /// As `agent_for`, with the environment `extra` besides the configuration's.
+    fn agent_with(
+        &self,
+        c: Config,
+        select: &[&str],
+        extra: &[(&str, String)],
+    ) -> Result<Option<Agent>> {
+        let mut env = match c {
             Config::A => return Ok(None),
-            Config::B => vec![("OTEL_TRACES_EXPORTER", "none".to_owned())],
-            Config::C => vec![
+            Config::B | Config::F | Config::G => {
+                vec![("OTEL_TRACES_EXPORTER", "none".to_owned())]
+            }
+            Config::C | Config::H => vec![
                 (
                     "OTEL_EXPORTER_OTLP_ENDPOINT",
                     format!("http://127.0.0.1:{}", self.sink_http),
@@ -84,8 +126,15 @@ impl Env<'_> {
                 ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf".to_owned()),
             ],
         };
-        let a = Agent::start_for(self.agent_bin, select, &env)?;
-        self.starts.borrow_mut().push(a.startup());
+        env.extend(extra.iter().cloned());
+        let mut args = select.to_vec();
+        if c.floor() {
+            args.push("--bench-floor");
+        }
+        let a = Agent::start_for(self.agent_bin, &args, &env)?;
+        if !c.floor() {
+            self.starts.borrow_mut().push(a.startup());
+        }
         Ok(Some(a))
     }
 }
@@ -118,12 +167,12 @@ pub fn run(root: &Path, agent_bin: &Path, sink_bin: &Path, plan: Plan) -> Result
     tools::wrk(&url, 1, 8)?;
 
     eprintln!(
-        "[bench] 1/3 throughput at saturation: {} rounds x A B C x {} s",
+        "[bench] 1/3 throughput at saturation: {} rounds x A F B C G H x {} s",
         plan.rounds, plan.secs
     );
     let mut tp: Vec<serde_json::Value> = Vec::new();
     for round in 0..plan.rounds {
-        for c in [Config::A, Config::B, Config::C] {
+        for c in SATURATION {
             let agent = env.agent(c)?;
             let pid = agent.as_ref().map(|a| a.pid());
             std::thread::sleep(Duration::from_millis(300));
@@ -252,14 +301,15 @@ pub fn run(root: &Path, agent_bin: &Path, sink_bin: &Path, plan: Plan) -> Result
         plan.loss_secs
     );
     let mut loss: Vec<serde_json::Value> = Vec::new();
-    for (label, rate) in [
-        ("1k req/s", Some(1000)),
-        ("10k req/s", Some(10_000)),
-        ("saturation", None),
+    for (label, rate, c) in [
+        ("1k req/s", Some(1000), Config::C),
+        ("10k req/s", Some(10_000), Config::C),
+        ("10k req/s, whole host", Some(10_000), Config::H),
+        ("saturation", None, Config::C),
     ] {
         let _ = nginx.take_requests();
         let before = tools::sink_count(sink_http, "nginx/server");
-        let agent = env.agent(Config::C)?.context("agent")?;
+        let agent = env.agent(c)?.context("agent")?;
         std::thread::sleep(Duration::from_millis(300));
         let r = match rate {
             Some(rate) => tools::hey(&url, plan.loss_secs, rate, if rate > 2000 { 16 } else { 4 })?,
@@ -288,6 +338,15 @@ pub fn run(root: &Path, agent_bin: &Path, sink_bin: &Path, plan: Plan) -> Result
             "drops": drops.iter().map(|(k, v)| json!({k: v})).collect::<Vec<_>>(),
         }));
     }
+    eprintln!("[bench] start-up to the first span: {} starts", plan.rounds);
+    let mut first: Vec<serde_json::Value> = Vec::new();
+    for _ in 0..plan.rounds {
+        let _ = nginx.take_requests();
+        let ms = first_span_ms(&env, &nginx, sink_http)?;
+        eprintln!("[bench]   first span {ms} ms after the agent started");
+        first.push(json!(ms));
+    }
+    let _ = nginx.take_requests();
     let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", stats_was.trim());
 
     let host = json!({
@@ -297,7 +356,7 @@ pub fn run(root: &Path, agent_bin: &Path, sink_bin: &Path, plan: Plan) -> Result
         "nginx_workers": 1, "plan": {"rounds": plan.rounds, "secs": plan.secs, "loss_secs": plan.loss_secs},
     });
     let startup = env.starts.take();
-    let data = json!({"host": host, "throughput": tp, "h2_throughput": h2, "grpc_throughput": grpc, "tls_throughput": tls, "h2_tls_throughput": h2_tls, "latency": lat, "loss": loss, "startup": startup});
+    let data = json!({"host": host, "throughput": tp, "h2_throughput": h2, "grpc_throughput": grpc, "tls_throughput": tls, "h2_tls_throughput": h2_tls, "latency": lat, "loss": loss, "startup": startup, "first_span_ms": first});
     let dir = root.join("bench");
     std::fs::create_dir_all(&dir)?;
     std::fs::write(
@@ -307,6 +366,32 @@ pub fn run(root: &Path, agent_bin: &Path, sink_bin: &Path, plan: Plan) -> Result
     std::fs::write(dir.join("report.md"), report::markdown(&data))?;
     eprintln!("[bench] wrote bench/report.md and bench/report.json");
     Ok(())
+}
+
+/// From the agent's start (configuration C, spans exported every 50 ms so that the batch
+/// delay does not hide the start) to its first nginx span at the receiver, in ms, with one
+/// request sent to nginx every 5 ms from the moment the agent says it is tracing.
+fn first_span_ms(env: &Env, nginx: &Nginx, sink_http: u16) -> Result<u64> {
+    let before = tools::sink_count(sink_http, "nginx/server");
+    let agent = env
+        .agent_with(
+            Config::C,
+            &["--exe", "*/nginx"],
+            &[("OTEL_BSP_SCHEDULE_DELAY", "50".to_owned())],
+        )?
+        .context("agent")?;
+    let traced = std::time::Instant::now();
+    let end = traced + Duration::from_secs(20);
+    while tools::sink_count(sink_http, "nginx/server") == before {
+        if std::time::Instant::now() > end {
+            bail!("no nginx span at the receiver 20 s after the agent started tracing");
+        }
+        tools::get_once(nginx.port);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let ms = agent.start_ms() + traced.elapsed().as_millis() as u64;
+    agent.stop()?;
+    Ok(ms)
 }
 
 /// Rounds of A B C under the load `load` (h2load, or wrk over TLS), the agent selecting
@@ -355,13 +440,16 @@ fn h2_rounds(
     Ok(rows)
 }
 
-pub fn labels() -> [(&'static str, &'static str); 3] {
-    [Config::A, Config::B, Config::C].map(|c| {
+pub fn labels() -> [(&'static str, &'static str); 6] {
+    SATURATION.map(|c| {
         (
             match c {
                 Config::A => "A",
+                Config::F => "F",
                 Config::B => "B",
                 Config::C => "C",
+                Config::G => "G",
+                Config::H => "H",
             },
             c.label(),
         )

@@ -215,6 +215,11 @@ impl Agent {
         })
     }
 
+    /// Milliseconds from its spawn to its "tracing" line.
+    pub fn start_ms(&self) -> u64 {
+        self.start_ms
+    }
+
     pub fn pid(&self) -> u32 {
         self.guard.0.id()
     }
@@ -496,6 +501,18 @@ pub fn hey(url: &str, secs: u32, rate: u32, conns: u32) -> Result<LoadResult> {
 }
 
 /// Spans of `key` (`service/kind`) the sink counted.
+/// One `GET /hello` to 127.0.0.1:`port` (HTTP/1.0, so the server closes), its answer read and
+/// dropped; errors are ignored (the caller watches for the span, not the answer).
+pub fn get_once(port: u16) {
+    use std::io::{Read, Write};
+    if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let _ = s.write_all(b"GET /hello HTTP/1.0\r\nHost: bench\r\n\r\n");
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink);
+    }
+}
+
 pub fn sink_count(http_port: u16, key: &str) -> u64 {
     let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", http_port)) else {
         return 0;
