@@ -6,6 +6,7 @@ pub mod cli;
 pub mod clock;
 pub mod control;
 pub mod export;
+pub mod fast;
 pub mod loader;
 pub mod metrics_server;
 pub mod pipeline;

@@ -7,7 +7,9 @@
 //! and written once from the strings it holds. The field numbers are those of
 //! opentelemetry-proto's `trace.proto` and `common.proto`; a golden test decodes what this writes
 //! with the crate's own types and compares it with `encode::request`, the type-based conversion.
-use std::{collections::HashMap, sync::Arc};
+use std::sync::Arc;
+
+use crate::fast::HashMap;
 
 use prost::{
     encoding::{encode_key, encode_varint, encoded_len_varint, WireType},
@@ -221,7 +223,7 @@ pub fn group_overhead(r: &Resource) -> usize {
 pub fn request(spans: &[Span], sizes: &[usize]) -> Vec<u8> {
     // Spans by resource, in order.
     let mut groups: Vec<(Group, Vec<usize>, usize)> = Vec::new();
-    let mut index: HashMap<*const Resource, usize> = HashMap::new();
+    let mut index: HashMap<*const Resource, usize> = HashMap::default();
     for (i, s) in spans.iter().enumerate() {
         let g = *index.entry(Arc::as_ptr(&s.resource)).or_insert_with(|| {
             groups.push((Group::new(&s.resource), Vec::new(), 0));

@@ -79,7 +79,7 @@ struct Queue<'a> {
 /// inferred from what they did unseen (`trace_context::h2_owner`).
 #[derive(Default)]
 struct Dropped {
-    pids: std::collections::HashSet<u32>,
+    pids: crate::fast::HashSet<u32>,
     /// More processes than `MAX_DROPPED` lost events: every one is taken to have.
     all: bool,
 }

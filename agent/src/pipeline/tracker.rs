@@ -1,6 +1,8 @@
 //! Connection tracker: routes each kernel event to its connection's parser, turns completed
 //! exchanges into spans, and forgets connections on close or after they go idle.
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
+
+use crate::fast::{HashMap, HashSet};
 
 use agent_common::{DataHeader, WireCtx, DIR_INGRESS, ROLE_CLIENT, ROLE_SERVER, WIRE_SERVER};
 use tokio::sync::mpsc;
@@ -142,7 +144,7 @@ pub struct Tracker {
     netns_order: std::collections::VecDeque<u32>,
     /// Connections an event of which was ignored as begun before the programs were attached
     /// (at most `MAX_CONNS`; beyond it, their process is taken to have lost events).
-    early: std::collections::HashSet<ConnId>,
+    early: HashSet<ConnId>,
     out: Output,
 }
 
@@ -181,15 +183,15 @@ impl Tracker {
     ) -> Tracker {
         Tracker {
             attached_ns: 0,
-            conns: HashMap::new(),
+            conns: HashMap::default(),
             processes: ProcessCache::new(),
             preexisting,
             idle: Duration::from_secs(60),
             exchanges: Vec::new(),
             head_budget: HeadBudget::new(HEAD_BUDGET),
-            netns: HashMap::new(),
+            netns: HashMap::default(),
             netns_order: std::collections::VecDeque::new(),
-            early: std::collections::HashSet::new(),
+            early: HashSet::default(),
             out: Output {
                 clock: Clock::sample(),
                 metrics,

@@ -28,7 +28,7 @@
 //! A server stream's ids are chosen when it opens, so that its calls can name it: from its own
 //! `traceparent`, else from its caller's record on this host, else a new trace (`provisional`:
 //! a caller's record that comes later still wins; a call made before it gets no parent).
-use std::collections::{HashMap, HashSet};
+use crate::fast::{HashMap, HashSet};
 
 use agent_common::{WireCtx, LINK_AMBIGUOUS, LINK_PROCESS, WIRE_CARRIED};
 

@@ -19,12 +19,11 @@
 //! `GRACE_NS` for a server end still on its way; untaken records then go, oldest first, and
 //! those of a connection whose streams never ended go with it. The table is bounded; a stream
 //! that finds it full is counted and not stitched.
-use std::{
-    collections::{HashMap, VecDeque},
-    net::IpAddr,
-};
+use std::{collections::VecDeque, net::IpAddr};
 
 use agent_common::{WireCtx, LINK_NONE, WIRE_CARRIED, WIRE_SERVER};
+
+use crate::fast::HashMap;
 
 /// Records kept at once (streams opened and not yet ended, on every client connection, and
 /// those ended less than `GRACE_NS` ago).

@@ -8,7 +8,9 @@
 //! the kernel sent `WAIT_NS` after the stream ended have been handled (`due`): every event
 //! sent before then is behind us, and the stream has no caller on this host. Bounded: a stream
 //! that finds the table full is not held (and gets no parent).
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use crate::fast::HashMap;
 
 use super::h2_stitch::ConnKey;
 
@@ -26,7 +28,7 @@ pub struct H2Wait<T> {
 impl<T> Default for H2Wait<T> {
     fn default() -> Self {
         H2Wait {
-            held: HashMap::new(),
+            held: HashMap::default(),
             order: VecDeque::new(),
         }
     }

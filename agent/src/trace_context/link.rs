@@ -20,7 +20,9 @@
 //!
 //! The sampled flag decided at the root travels in the ids; a span whose flag is clear is
 //! dropped here, before any attribute is built.
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use crate::fast::HashMap;
 
 use agent_common::{
     WireCtx, LINK_AMBIGUOUS, LINK_PROCESS, LINK_RUNTIME, LINK_TASK, LINK_THREAD, LINK_UNCLASSIFIED,
@@ -137,7 +139,7 @@ impl Default for Registry {
 impl Registry {
     pub fn with_capacity(cap: usize) -> Self {
         Registry {
-            map: HashMap::new(),
+            map: HashMap::default(),
             order: VecDeque::new(),
             cap,
         }

@@ -2,7 +2,7 @@
 //! the kernel did not copy), header blocks decoded per direction, and one exchange per stream:
 //! from the request's HEADERS to the response's END_STREAM, a RST_STREAM, a GOAWAY that leaves
 //! it out, or the connection's end.
-use std::collections::HashMap;
+use crate::fast::HashMap;
 
 use bytes::Bytes;
 
@@ -215,7 +215,7 @@ impl Http2Conn {
         Http2Conn {
             client: None,
             dirs: [Direction::new(from_start), Direction::new(from_start)],
-            streams: HashMap::new(),
+            streams: HashMap::default(),
             seq: 0,
             stats: H2Stats::default(),
             opened: Vec::new(),
