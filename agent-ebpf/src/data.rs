@@ -27,12 +27,16 @@ fn arg(ctx: &TracePointContext, off: usize) -> u64 {
     unsafe { ctx.read_at::<u64>(off) }.unwrap_or(0)
 }
 
+/// The calling thread, when its process may be traced: checked before any argument is read,
+/// so a syscall of an unselected process costs one lookup and nothing more.
 #[inline(always)]
-fn save(buf: u64, count: u64, fd: u64, buf_kind: u32, direction: u32) {
+fn traced_thread() -> Option<u64> {
     let pid_tgid = bpf_get_current_pid_tgid();
-    if !process_traced((pid_tgid >> 32) as u32) {
-        return;
-    }
+    process_traced((pid_tgid >> 32) as u32).then_some(pid_tgid)
+}
+
+#[inline(always)]
+fn save(pid_tgid: u64, buf: u64, count: u64, fd: u64, buf_kind: u32, direction: u32) {
     let args = IoArgs {
         buf,
         count,
@@ -56,7 +60,11 @@ fn save(buf: u64, count: u64, fd: u64, buf_kind: u32, direction: u32) {
 /// `(fd, buf, count)`: read, write, recvfrom, sendto.
 #[inline(always)]
 fn enter_plain(ctx: &TracePointContext, direction: u32) -> u32 {
+    let Some(pid_tgid) = traced_thread() else {
+        return 0;
+    };
     save(
+        pid_tgid,
         arg(ctx, ARG1),
         arg(ctx, ARG2),
         arg(ctx, ARG0),
@@ -69,7 +77,11 @@ fn enter_plain(ctx: &TracePointContext, direction: u32) -> u32 {
 /// `(fd, iov, iovcnt)`: readv, writev.
 #[inline(always)]
 fn enter_iov(ctx: &TracePointContext, direction: u32) -> u32 {
+    let Some(pid_tgid) = traced_thread() else {
+        return 0;
+    };
     save(
+        pid_tgid,
         arg(ctx, ARG1),
         arg(ctx, ARG2),
         arg(ctx, ARG0),
@@ -83,11 +95,14 @@ fn enter_iov(ctx: &TracePointContext, direction: u32) -> u32 {
 /// `msg_iovlen` at 24 of `struct user_msghdr`.
 #[inline(always)]
 fn enter_msg(ctx: &TracePointContext, direction: u32) -> u32 {
+    let Some(pid_tgid) = traced_thread() else {
+        return 0;
+    };
     let msg = arg(ctx, ARG1);
     // SAFETY: user pointers are read with the fault-tolerant helper.
     let iov = unsafe { bpf_probe_read_user((msg + 16) as *const u64) }.unwrap_or(0);
     let iovlen = unsafe { bpf_probe_read_user((msg + 24) as *const u64) }.unwrap_or(0);
-    save(iov, iovlen, arg(ctx, ARG0), BUF_IOVEC, direction);
+    save(pid_tgid, iov, iovlen, arg(ctx, ARG0), BUF_IOVEC, direction);
     0
 }
 
