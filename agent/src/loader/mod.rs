@@ -219,11 +219,7 @@ fn attach_floor(ebpf: &mut Ebpf, stitch: bool) -> Result<(), LoadError> {
     prog.load().map_err(|source| attach_error(tp, source))?;
     for (name, category) in PROGRAMS {
         prog.attach(category, name)
-            .map_err(|source| LoadError::Attach {
-                name,
-                category,
-                source,
-            })?;
+            .map_err(tracepoint_error(name, category))?;
     }
     if stitch {
         let prog: &mut aya::programs::RawTracePoint = ebpf
@@ -242,6 +238,18 @@ fn attach_floor(ebpf: &mut Ebpf, stitch: bool) -> Result<(), LoadError> {
          filter; no event, no span"
     );
     Ok(())
+}
+
+/// The error of a load or attachment of the program for tracepoint `category:name`.
+fn tracepoint_error(
+    name: &'static str,
+    category: &'static str,
+) -> impl FnOnce(aya::programs::ProgramError) -> LoadError {
+    move |source| LoadError::Attach {
+        name,
+        category,
+        source,
+    }
 }
 
 fn attach_error(name: &'static str, source: aya::programs::ProgramError) -> LoadError {
@@ -415,11 +423,7 @@ pub fn load(s: &Settings) -> Result<Loaded, LoadError> {
         }
         let t = std::time::Instant::now();
         prog.attach(category, name)
-            .map_err(|source| LoadError::Attach {
-                name,
-                category,
-                source,
-            })?;
+            .map_err(tracepoint_error(name, category))?;
         attach += t.elapsed();
     }
     tracing::info!(
