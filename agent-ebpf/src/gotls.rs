@@ -114,10 +114,18 @@ unsafe fn netfd_socket(tcp: u64) -> Option<u32> {
 fn enter(ctx: &ProbeContext, dir: u32) -> u32 {
     if dir == DIR_HANDSHAKE {
         // SAFETY: as below.
-        let g = unsafe { (*ctx.regs).r14 };
+        let (conn, g) = unsafe { ((*ctx.regs).rax, (*ctx.regs).r14) };
         let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-        if GO_TLS_CALLS.get_ptr(&task_key(tgid, g)).is_some() {
-            return 0; // inside a `Read` or `Write` that runs the handshake: that call binds
+        // Inside a `Read` or `Write` of this `tls.Conn` that runs the handshake: that call
+        // binds. A note of the goroutine for another `tls.Conn` is one whose return was never
+        // seen (the `g` reused): this handshake replaces it, so that its syscalls bind.
+        // SAFETY: copied out of a live map value.
+        if GO_TLS_CALLS
+            .get_ptr(&task_key(tgid, g))
+            .map(|c| unsafe { (*c).ssl })
+            == Some(conn)
+        {
+            return 0;
         }
     }
     let pid_tgid = bpf_get_current_pid_tgid();

@@ -66,9 +66,11 @@ impl Agent {
             }
             None => Command::new(agent_bin()),
         };
-        cmd.args(args)
-            .args(["--metrics-addr", "off"])
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        cmd.args(args);
+        if !args.contains(&"--metrics-addr") {
+            cmd.args(["--metrics-addr", "off"]);
+        }
+        cmd.env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
             .env_remove("OTEL_EXPORTER_OTLP_PROTOCOL")
             .env("OTEL_BSP_SCHEDULE_DELAY", "200")
@@ -127,6 +129,24 @@ impl Agent {
             std::thread::sleep(Duration::from_millis(50));
         }
         agent
+    }
+
+    /// The value of counter `name` (its Prometheus name, such as
+    /// `agent_kernel_tls_unbound_total`) on the agent's metrics endpoint at `127.0.0.1:port`
+    /// (the agent started with `--metrics-addr 127.0.0.1:port`). Kernel counters there are
+    /// read from the kernel once a second.
+    pub fn metric(port: u16, name: &str) -> u64 {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
+            .expect("metrics request");
+        let mut text = String::new();
+        s.read_to_string(&mut text).expect("metrics response");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in the agent's metrics:\n{text}"))
     }
 
     pub fn stderr(&self) -> String {

@@ -154,8 +154,10 @@ pub fn go_newproc1_ret(ctx: ProbeContext) -> u32 {
             let _ = TASK_REQ.remove(&child);
         }
     }
-    // Nor does it inherit unseen TLS bytes of the goroutine that had its `g` (`gotls`).
+    // Nor does it inherit unseen TLS bytes, or a TLS call whose return was never seen, of the
+    // goroutine that had its `g` (`gotls`).
     let _ = crate::maps::GO_TLS_LOST.remove(&child);
+    let _ = crate::maps::GO_TLS_CALLS.remove(&child);
     0
 }
 
