@@ -186,10 +186,14 @@ pub const CNT_TLS_CLAIM_DROPPED: u32 = 45;
 /// number names another socket, or the call made no syscall of its own): the connection and
 /// its spans have ended, so nothing of the call is sent.
 pub const CNT_TLS_AFTER_CLOSE: u32 = 46;
+/// TLS writes whose syscalls sent bytes but whose return was never reached: the thread was
+/// ended (its process exited) in between, before the call's plaintext went out. A short-lived
+/// client preempted there loses its request this way, and its span with it.
+pub const CNT_TLS_WRITES_CUT_BY_EXIT: u32 = 47;
 /// Size of the kernel's counter array: room for counters yet to come without a layout change.
 pub const NUM_COUNTERS: u32 = 48;
 const _: () = assert!(COUNTER_NAMES.len() <= NUM_COUNTERS as usize);
-pub const COUNTER_NAMES: [&str; 47] = [
+pub const COUNTER_NAMES: [&str; 48] = [
     "kernel_ringbuf_full_events",
     "kernel_inflight_syscall_map_full",
     "kernel_close_ringbuf_full_events",
@@ -237,6 +241,7 @@ pub const COUNTER_NAMES: [&str; 47] = [
     "kernel_go_tls_unknown_conn",
     "kernel_tls_claims_dropped",
     "kernel_tls_after_close",
+    "kernel_tls_writes_cut_by_exit",
 ];
 /// An `exec` whose event did not fit in the ring buffer (the process is still classified by the
 /// next periodic sweep).

@@ -19,7 +19,7 @@ use aya_ebpf::{
 
 use crate::maps::{
     conn_key, count, process_traced, ACTIVE_CONNECT, BODY_LEFT, CONNECT_REFS, CONNS, EVENTS,
-    PROC_RUNTIME, SERVER_REQS, THREAD_REQS, TRACED_PIDS,
+    GO_TLS_CALLS, PROC_RUNTIME, SERVER_REQS, THREAD_REQS, TLS_CALLS, TRACED_PIDS,
 };
 
 const EINPROGRESS: i64 = -115;
@@ -185,6 +185,7 @@ pub fn close_pending(tgid: u32, fd: u32) {
 pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     lru_remove(&THREAD_REQS, LRU_THREAD_REQS, &(pid_tgid as u32));
+    tls_calls_cut(pid_tgid);
     // SAFETY: offset from the tracepoint format.
     let group_dead = unsafe { ctx.read_at::<u8>(32) }.unwrap_or(0) != 0;
     let tgid = (pid_tgid >> 32) as u32;
@@ -195,6 +196,46 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
         }
     }
     0
+}
+
+/// The exiting thread's TLS call, if one was under way: an OpenSSL call by thread, a Go call by
+/// the goroutine the thread ran (`r14` in its saved user registers). Its note goes (a thread's
+/// would otherwise stay until the thread id is reused). A write whose syscalls had sent bytes
+/// never reaches its return probe, so its plaintext is never sent: counted
+/// (`CNT_TLS_WRITES_CUT_BY_EXIT`). A close that waited for the call (`tls::settle`) happens.
+#[inline(always)]
+fn tls_calls_cut(pid_tgid: u64) {
+    let tgid = (pid_tgid >> 32) as u32;
+    let cut = |c: &agent_common::TlsCall| {
+        if c.dir == agent_common::DIR_EGRESS && c.ts_io != 0 {
+            count(agent_common::CNT_TLS_WRITES_CUT_BY_EXIT);
+        }
+        if c.state & agent_common::TLS_BUSY != 0 {
+            crate::tls::settle(tgid, c.fd, c.sk, c.dir);
+        }
+    };
+    // SAFETY: copied out of a live map value.
+    if let Some(c) = TLS_CALLS.get_ptr(&pid_tgid).map(|c| unsafe { *c }) {
+        let _ = TLS_CALLS.remove(&pid_tgid);
+        cut(&c);
+        return;
+    }
+    if crate::propagate::task::runtime_of(tgid) != Some(agent_common::RUNTIME_GO) {
+        return;
+    }
+    let Some(g) = crate::regs::user_r14() else {
+        return;
+    };
+    let key = agent_common::TaskKey {
+        ptr: g,
+        tgid,
+        _pad: 0,
+    };
+    // SAFETY: copied out of a live map value.
+    if let Some(c) = GO_TLS_CALLS.get_ptr(&key).map(|c| unsafe { *c }) {
+        let _ = GO_TLS_CALLS.remove(&key);
+        cut(&c);
+    }
 }
 
 /// A process replaced its program: what its threads were evidence of no longer holds (a shell

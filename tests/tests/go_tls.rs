@@ -562,6 +562,7 @@ fn etcd_and_etcdctl_grpc_over_go_tls() {
     std::thread::sleep(Duration::from_millis(1500));
     let warm_unbound = Agent::metric(metrics_port, "agent_kernel_tls_unbound_total");
     let warm_unknown = Agent::metric(metrics_port, "agent_kernel_go_tls_unknown_conn_total");
+    let warm_cut = Agent::metric(metrics_port, "agent_kernel_tls_writes_cut_by_exit_total");
     let t0 = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
@@ -606,11 +607,11 @@ fn etcd_and_etcdctl_grpc_over_go_tls() {
                 .iter()
                 .filter(|s| s.kind() == kind && s.span.name == name)
                 .collect();
-            // Known gap (README): about one run in five loses one etcdctl CLIENT span, with no
-            // counter saying so; every server span is there, and none is ever wrong.
+            // Every server span is there. An etcdctl CLIENT span can be lost on a busy machine,
+            // never silently: bounded below by what the kernel counted.
             let missing = rounds - got.len().min(rounds);
             assert!(
-                got.len() <= rounds && (missing == 0 || (kind == "client" && missing == 1)),
+                got.len() <= rounds && (missing == 0 || kind == "client"),
                 "{kind} {name}: {} of {rounds}; counters {counters:?}",
                 got.len()
             );
@@ -630,7 +631,18 @@ fn etcd_and_etcdctl_grpc_over_go_tls() {
             }
         }
     }
-    assert!(lost_clients <= 1, "{lost_clients} etcdctl spans lost");
+    // A lost CLIENT span has a counted cause: the request's `Write` sent its record, then
+    // etcdctl exited (it had its response) before that thread reached the return probe
+    // (`kernel_tls_writes_cut_by_exit`), or its `tls.Conn` did not lead to a known socket
+    // (`kernel_go_tls_unknown_conn`). Both also count calls that cost no span (a write cut
+    // after the response, etcd's gateway connection), so they bound the loss from above.
+    let get = |k: &str| counters.get(k).copied().unwrap_or(0);
+    let counted = (get("kernel_tls_writes_cut_by_exit") - warm_cut)
+        + (get("kernel_go_tls_unknown_conn") - warm_unknown);
+    assert!(
+        lost_clients as u64 <= counted,
+        "{lost_clients} etcdctl spans lost, {counted} counted: {counters:?}"
+    );
     assert_eq!(
         spans.len() + lost_clients,
         wanted,
@@ -661,7 +673,6 @@ fn etcd_and_etcdctl_grpc_over_go_tls() {
     // whose socket is not read from its `tls.Conn`); other calls of that connection never
     // bind, and may be counted in `kernel_tls_unbound` (`agent-ebpf/src/tls.rs`, `finish`).
     // Without one during the counted calls, every call of theirs binds.
-    let get = |k: &str| counters.get(k).copied().unwrap_or(0);
     if get("kernel_go_tls_unknown_conn") == warm_unknown {
         assert_eq!(
             get("kernel_tls_unbound") - warm_unbound,
