@@ -226,11 +226,7 @@ fn tls_calls_cut(pid_tgid: u64) {
     let Some(g) = crate::regs::user_r14() else {
         return;
     };
-    let key = agent_common::TaskKey {
-        ptr: g,
-        tgid,
-        _pad: 0,
-    };
+    let key = crate::tls::ssl_key(tgid, g);
     // SAFETY: copied out of a live map value.
     if let Some(c) = GO_TLS_CALLS.get_ptr(&key).map(|c| unsafe { *c }) {
         let _ = GO_TLS_CALLS.remove(&key);

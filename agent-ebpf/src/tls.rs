@@ -52,7 +52,7 @@ const MASK: usize = MAX_PAYLOAD - 1;
 const MAX_RECORDS: u32 = 8;
 
 #[inline(always)]
-fn ssl_key(tgid: u32, ssl: u64) -> TaskKey {
+pub(crate) fn ssl_key(tgid: u32, ssl: u64) -> TaskKey {
     TaskKey {
         ptr: ssl,
         tgid,

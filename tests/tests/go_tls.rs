@@ -608,7 +608,7 @@ fn etcd_and_etcdctl_grpc_over_go_tls() {
                 .filter(|s| s.kind() == kind && s.span.name == name)
                 .collect();
             // Every server span is there. An etcdctl CLIENT span can be lost on a busy machine,
-            // never silently: bounded below by what the kernel counted.
+            // never silently: no more are lost than the kernel counted (below).
             let missing = rounds - got.len().min(rounds);
             assert!(
                 got.len() <= rounds && (missing == 0 || kind == "client"),
